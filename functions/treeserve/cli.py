@@ -1,0 +1,109 @@
+"""The ``treeserve`` command line: publish, status, promote, rollback, monitor, invoke, local.
+
+This module only parses arguments and dispatches; each command lives in its own module and is
+imported when used, so ``treeserve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from treeserve import __version__
+from treeserve.errors import TreeserveError
+
+# command -> "module:function"; the function takes the parsed namespace and returns an exit code.
+COMMANDS = {
+    "publish": "treeserve.commands:publish",
+    "status": "treeserve.commands:status",
+    "promote": "treeserve.commands:promote",
+    "rollback": "treeserve.commands:rollback",
+    "monitor": "treeserve.monitoring_cli:monitor",
+    "invoke": "treeserve.invoke:invoke_command",
+    "local": "treeserve.local:local_command",
+}
+
+
+def _common(p: argparse.ArgumentParser, *, name: bool = True) -> None:
+    p.add_argument(
+        "--bucket",
+        help="model bucket (default: $MODEL_BUCKET); endpoints come from $AWS_ENDPOINT_URL",
+    )
+    if name:
+        p.add_argument("--name", help="model name (default: $MODEL_NAME or 'default')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="treeserve",
+        description="Put XGBoost models into production on AWS Lambda: serve, refresh, monitor.",
+    )
+    parser.add_argument("--version", action="version", version=f"treeserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "publish",
+        help="upload a model (or a package) to incoming/<name>/ for validation and promotion",
+        description="Pack MODEL (a .ubj/.json XGBoost model, or a .tar.gz package) with an "
+        "optional reference sample and holdout, and upload it to incoming/<name>/. The refresh "
+        "function validates, gates and promotes it (or rejects it with a reason).",
+    )
+    p.add_argument("model", metavar="MODEL", help="path to model.ubj, model.json or a .tar.gz package")
+    _common(p)
+    p.add_argument("--reference", metavar="CSV", help="training-feature sample with a header (drift baseline)")
+    p.add_argument("--holdout", metavar="CSV", help="features plus the label column (quality gate)")
+    p.add_argument("--label", metavar="COL", help="label column of --holdout (required with it)")
+    p.add_argument("--wait", action="store_true", help="wait for the verdict and print it")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+
+    p = sub.add_parser("status", help="version in service, versions, rejections")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("promote", help="put VERSION in service")
+    p.add_argument("version", metavar="VERSION", type=int)
+    _common(p)
+
+    p = sub.add_parser("rollback", help="move the pointer back to the previous (or a given) version")
+    p.add_argument("--to", metavar="VERSION", type=int, help="version to roll back to")
+    _common(p)
+
+    p = sub.add_parser("monitor", help="run monitoring now and write a report")
+    _common(p)
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    p.add_argument("--hours", type=float, default=24.0, help="window of captures to read (default 24)")
+
+    p = sub.add_parser(
+        "invoke",
+        help="invoke a function of template.yaml in-process, like `sam local invoke`",
+    )
+    p.add_argument("function", metavar="FUNCTION", help="logical id in template.yaml, e.g. InferenceFunction")
+    p.add_argument("--event", metavar="FILE", required=True, help="event JSON file ('-' for stdin)")
+    p.add_argument("--template", default="template.yaml", help="SAM template (default template.yaml)")
+    p.add_argument("--env-vars", metavar="FILE", help="JSON of environment overrides, as sam's --env-vars")
+
+    p = sub.add_parser("local", help="the local stack: moto server, refresh on upload, API on :3000")
+    p.add_argument("--port", type=int, default=3000, help="API port (default 3000)")
+    p.add_argument("--moto-port", type=int, default=5000, help="embedded AWS (moto) port (default 5000)")
+    p.add_argument("--template", default="template.yaml", help="SAM template (default template.yaml)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args))
+    except TreeserveError as exc:
+        sys.stderr.write(f"treeserve {args.command}: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The version manifest: what the registry knows about one immutable model version.
+
+Written once next to ``model.ubj`` as ``registry/<model>/versions/<n>/manifest.json`` and never
+changed. Every part reads it: the predictor (features, classes, threshold), the refresh gate
+(metrics), monitoring (reference statistics), the API (``GET /model`` shows :meth:`public`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import orjson
+
+Task = Literal["binary", "multiclass", "regression", "ranking", "other"]
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def task_of(objective: str, num_class: int) -> Task:
+    """The kind of answer an XGBoost objective gives."""
+    if objective.startswith("binary:"):
+        return "binary"
+    if objective.startswith("multi:") or num_class > 2:
+        return "multiclass"
+    if objective.startswith(("reg:", "count:", "survival:")):
+        return "regression"
+    if objective.startswith("rank:"):
+        return "ranking"
+    return "other"
+
+
+@dataclass(slots=True)
+class ModelManifest:
+    """Everything recorded about a model version. JSON-serialisable through :meth:`to_json`."""
+
+    name: str
+    sha256: str  # of the model file (model.ubj) as stored in the registry
+    model_size: int
+    xgboost_version: str
+    objective: str
+    task: Task
+    num_features: int
+    feature_names: list[str]
+    feature_types: list[str]  # XGBoost's: "float", "int", "i" (indicator), "q", "c" (categorical)
+    num_class: int = 0  # 0 or 1 for binary/regression, k for multi:* objectives
+    num_trees: int = 0
+    class_names: list[str] | None = None
+    threshold: float | None = None  # binary decision threshold (default 0.5)
+    label: str | None = None
+    description: str | None = None
+    version: int | None = None  # set by the registry when the version is allocated
+    metrics: dict[str, float] = field(default_factory=dict)  # as declared by the uploader
+    holdout_metrics: dict[str, float] = field(default_factory=dict)  # as measured by the gate
+    validation: dict[str, Any] = field(default_factory=dict)  # the validation report
+    reference: dict[str, Any] | None = None  # reference statistics (treeserve.reference)
+    reference_source: str | None = None  # "reference.csv" or "model"
+    source: dict[str, Any] = field(default_factory=dict)  # bucket, key, etag, upload sha256, size
+    created_at: str | None = None  # ISO 8601 UTC
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelManifest:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ModelManifest:
+        return cls.from_dict(orjson.loads(raw))
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /model`` shows: no reference statistics, no storage locations."""
+        data = self.to_dict()
+        data.pop("reference", None)
+        data.pop("source", None)
+        return data
