@@ -21,7 +21,7 @@ os.environ.setdefault("AWS_SECURITY_TOKEN", "testing")
 os.environ.setdefault("AWS_SESSION_TOKEN", "testing")
 os.environ.pop("AWS_ENDPOINT_URL", None)  # in-process moto must intercept; server tests set it
 
-import xgboost as xgb  # noqa: E402
+import xgboost as xgb
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ROOT / "events"
@@ -72,7 +72,9 @@ def train(
         y = (signal > 0).astype(float)
         params: dict[str, object] = {"objective": objective}
     elif objective.startswith("multi:"):
-        y = np.digitize(signal, np.quantile(signal, np.linspace(0, 1, num_class + 1)[1:-1])).astype(float)
+        y = np.digitize(signal, np.quantile(signal, np.linspace(0, 1, num_class + 1)[1:-1])).astype(
+            float
+        )
         params = {"objective": objective, "num_class": num_class}
     else:
         y = signal

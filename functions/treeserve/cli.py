@@ -50,13 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         "optional reference sample and holdout, and upload it to incoming/<name>/. The refresh "
         "function validates, gates and promotes it (or rejects it with a reason).",
     )
-    p.add_argument("model", metavar="MODEL", help="path to model.ubj, model.json or a .tar.gz package")
+    p.add_argument(
+        "model", metavar="MODEL", help="path to model.ubj, model.json or a .tar.gz package"
+    )
     _common(p)
-    p.add_argument("--reference", metavar="CSV", help="training-feature sample with a header (drift baseline)")
+    p.add_argument(
+        "--reference", metavar="CSV", help="training-feature sample with a header (drift baseline)"
+    )
     p.add_argument("--holdout", metavar="CSV", help="features plus the label column (quality gate)")
     p.add_argument("--label", metavar="COL", help="label column of --holdout (required with it)")
     p.add_argument("--wait", action="store_true", help="wait for the verdict and print it")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)"
+    )
 
     p = sub.add_parser("status", help="version in service, versions, rejections")
     _common(p)
@@ -66,28 +72,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION", type=int)
     _common(p)
 
-    p = sub.add_parser("rollback", help="move the pointer back to the previous (or a given) version")
+    p = sub.add_parser(
+        "rollback", help="move the pointer back to the previous (or a given) version"
+    )
     p.add_argument("--to", metavar="VERSION", type=int, help="version to roll back to")
     _common(p)
 
     p = sub.add_parser("monitor", help="run monitoring now and write a report")
     _common(p)
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
-    p.add_argument("--hours", type=float, default=24.0, help="window of captures to read (default 24)")
+    p.add_argument(
+        "--hours", type=float, default=24.0, help="window of captures to read (default 24)"
+    )
 
     p = sub.add_parser(
         "invoke",
         help="invoke a function of template.yaml in-process, like `sam local invoke`",
     )
-    p.add_argument("function", metavar="FUNCTION", help="logical id in template.yaml, e.g. InferenceFunction")
+    p.add_argument(
+        "function", metavar="FUNCTION", help="logical id in template.yaml, e.g. InferenceFunction"
+    )
     p.add_argument("--event", metavar="FILE", required=True, help="event JSON file ('-' for stdin)")
-    p.add_argument("--template", default="template.yaml", help="SAM template (default template.yaml)")
-    p.add_argument("--env-vars", metavar="FILE", help="JSON of environment overrides, as sam's --env-vars")
+    p.add_argument(
+        "--template", default="template.yaml", help="SAM template (default template.yaml)"
+    )
+    p.add_argument(
+        "--env-vars", metavar="FILE", help="JSON of environment overrides, as sam's --env-vars"
+    )
 
-    p = sub.add_parser("local", help="the local stack: moto server, refresh on upload, API on :3000")
+    p = sub.add_parser(
+        "local", help="the local stack: moto server, refresh on upload, API on :3000"
+    )
     p.add_argument("--port", type=int, default=3000, help="API port (default 3000)")
-    p.add_argument("--moto-port", type=int, default=5000, help="embedded AWS (moto) port (default 5000)")
-    p.add_argument("--template", default="template.yaml", help="SAM template (default template.yaml)")
+    p.add_argument(
+        "--moto-port", type=int, default=5000, help="embedded AWS (moto) port (default 5000)"
+    )
+    p.add_argument(
+        "--template", default="template.yaml", help="SAM template (default template.yaml)"
+    )
     return parser
 
 

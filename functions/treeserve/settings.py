@@ -33,9 +33,13 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number: set it to a value in [{lo}, {hi}]") from None
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a number: set it to a value in [{lo}, {hi}]"
+        ) from None
     if not lo <= value <= hi:
-        raise ConfigurationError(f"{name}={raw!r} is out of range: set it to a value in [{lo}, {hi}]")
+        raise ConfigurationError(
+            f"{name}={raw!r} is out of range: set it to a value in [{lo}, {hi}]"
+        )
     return value
 
 
@@ -57,7 +61,9 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, bucket: str | None = None) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, bucket: str | None = None
+    ) -> Settings:
         """Read the settings; a missing required value raises ConfigurationError naming it."""
         env = os.environ if env is None else env
         mode = _text(env, "PROMOTION_MODE", "auto").lower()
@@ -69,7 +75,9 @@ class Settings:
             model_refresh_seconds=_number(env, "MODEL_REFRESH_SECONDS", 60.0, 0.0, 86_400.0),
             max_rows=int(_number(env, "MAX_ROWS", 10_000, 1, 1_000_000)),
             max_body_bytes=int(
-                _number(env, "MAX_BODY_BYTES", MAX_LAMBDA_PAYLOAD_BYTES, 1, MAX_LAMBDA_PAYLOAD_BYTES)
+                _number(
+                    env, "MAX_BODY_BYTES", MAX_LAMBDA_PAYLOAD_BYTES, 1, MAX_LAMBDA_PAYLOAD_BYTES
+                )
             ),
             capture_sample_rate=_number(env, "CAPTURE_SAMPLE_RATE", 0.0, 0.0, 1.0),
             capture_max_rows=int(_number(env, "CAPTURE_MAX_ROWS", 1_000, 1, 1_000_000)),

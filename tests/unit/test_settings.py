@@ -1,0 +1,67 @@
+"""Settings come from the environment; a missing or malformed value names the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from treeserve.errors import ConfigurationError
+from treeserve.settings import MAX_LAMBDA_PAYLOAD_BYTES, Settings
+
+
+def test_defaults_follow_design() -> None:
+    s = Settings.from_env({"MODEL_BUCKET": "b"})
+    assert s.model_bucket == "b"
+    assert s.model_name == "default"
+    assert s.model_refresh_seconds == 60
+    assert s.max_rows == 10_000
+    assert s.capture_sample_rate == 0.0
+    assert s.promotion_mode == "auto"
+    assert s.max_body_bytes == MAX_LAMBDA_PAYLOAD_BYTES
+
+
+def test_values_are_parsed_and_typed() -> None:
+    s = Settings.from_env(
+        {
+            "MODEL_BUCKET": "b",
+            "MODEL_NAME": "churn",
+            "MODEL_REFRESH_SECONDS": "5",
+            "MAX_ROWS": "10",
+            "CAPTURE_SAMPLE_RATE": "0.25",
+            "PROMOTION_MODE": "MANUAL",
+            "PROMOTION_TOLERANCE": "0.01",
+            "NOTIFICATION_TOPIC_ARN": "arn:aws:sns:us-east-1:1:t",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert (s.model_name, s.model_refresh_seconds, s.max_rows) == ("churn", 5.0, 10)
+    assert (s.capture_sample_rate, s.promotion_mode, s.promotion_tolerance) == (
+        0.25,
+        "manual",
+        0.01,
+    )
+    assert s.notification_topic_arn == "arn:aws:sns:us-east-1:1:t"
+    assert s.log_level == "DEBUG"
+
+
+def test_missing_bucket_names_the_variable() -> None:
+    with pytest.raises(ConfigurationError, match="MODEL_BUCKET"):
+        Settings.from_env({})
+
+
+def test_bucket_argument_overrides_environment() -> None:
+    assert Settings.from_env({}, bucket="cli-bucket").model_bucket == "cli-bucket"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CAPTURE_SAMPLE_RATE", "1.5"),
+        ("CAPTURE_SAMPLE_RATE", "often"),
+        ("MAX_ROWS", "0"),
+        ("PROMOTION_MODE", "sometimes"),
+        ("MODEL_REFRESH_SECONDS", "-1"),
+    ],
+)
+def test_malformed_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError, match=name):
+        Settings.from_env({"MODEL_BUCKET": "b", name: value})
