@@ -1,0 +1,213 @@
+"""The parts of `treeserve local` on their own: ports, S3 notifications -> SQS -> handler, demo."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tarfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from treeserve import demo
+from treeserve.errors import ConfigurationError
+from treeserve.local import (
+    NotificationPoller,
+    PortInUse,
+    check_ports,
+    failed_message_ids,
+    reserve_port,
+    sqs_event,
+    start_moto,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- ports ---------------------------------------------------------------------------------------
+
+
+def test_a_port_in_use_is_named_with_its_option() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse, match=rf"port {port} \(API\) is already in use.*--port"):
+            check_ports(port, free_port())
+        with pytest.raises(PortInUse, match=rf"port {port} \(embedded AWS.*--moto-port"):
+            check_ports(free_port(), port)
+
+
+def test_the_api_port_stays_reserved_until_released() -> None:
+    api_port = free_port()
+    sock = check_ports(api_port, free_port())
+    sock.listen()  # as uvicorn does with the socket it is handed
+    try:
+        with pytest.raises(PortInUse):
+            reserve_port(api_port, "API", "--port")
+    finally:
+        sock.close()
+    reserve_port(api_port, "API", "--port").close()
+
+
+def test_same_port_twice_and_out_of_range_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="different ports"):
+        check_ports(4000, 4000)
+    with pytest.raises(ConfigurationError, match="1 to 65535"):
+        reserve_port(70000, "API", "--port")
+
+
+# --- S3 notifications through SQS to a handler, on a real moto server ---------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[str]:
+    port = free_port()
+    server = start_moto(port)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def clients(endpoint: str) -> tuple[Any, Any]:
+    kw: dict[str, Any] = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    return boto3.client("s3", **kw), boto3.client("sqs", **kw)
+
+
+def notified_queue(endpoint: str, bucket: str, visibility: int = 30) -> tuple[str, str]:
+    s3, sqs = clients(endpoint)
+    s3.create_bucket(Bucket=bucket)
+    url = sqs.create_queue(
+        QueueName=f"{bucket}-events", Attributes={"VisibilityTimeout": str(visibility)}
+    )["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": arn,
+                    "Events": ["s3:ObjectCreated:*"],
+                    "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "incoming/"}]}},
+                }
+            ]
+        },
+    )
+    return url, arn
+
+
+def s3_keys(event: dict[str, Any]) -> list[str]:
+    keys = []
+    for record in event["Records"]:
+        assert record["eventSource"] == "aws:sqs"
+        body = json.loads(record["body"])
+        for s3_record in body.get("Records", []):
+            keys.append(urllib.parse.unquote_plus(s3_record["s3"]["object"]["key"]))
+    return keys
+
+
+def drain(poller: NotificationPoller, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        poller.poll_once()
+
+
+def test_uploads_under_the_prefix_reach_the_handler_once(moto_server: str) -> None:
+    url, arn = notified_queue(moto_server, "treeserve-parts-ok")
+    s3, sqs = clients(moto_server)
+    seen: list[str] = []
+    poller = NotificationPoller(
+        url, arn, lambda e: seen.extend(s3_keys(e)), sqs=sqs, wait_seconds=0
+    )
+    s3.put_object(Bucket="treeserve-parts-ok", Key="incoming/default/a model.ubj", Body=b"1")
+    s3.put_object(Bucket="treeserve-parts-ok", Key="captures/default/x.jsonl.gz", Body=b"2")
+    drain(poller)
+    assert seen == ["incoming/default/a model.ubj"]  # the other prefix is not notified
+    assert poller.handled >= 1
+    drain(poller)  # deleted after success: never handed over twice
+    assert seen == ["incoming/default/a model.ubj"]
+
+
+def test_a_failing_invocation_is_retried_and_partial_failures_stay(moto_server: str) -> None:
+    url, arn = notified_queue(moto_server, "treeserve-parts-retry", visibility=1)
+    s3, sqs = clients(moto_server)
+    calls: list[list[str]] = []
+
+    def flaky(event: dict[str, Any]) -> Any:
+        calls.append(s3_keys(event))
+        if len(calls) == 1:
+            raise RuntimeError("first invocation fails")
+        return {"batchItemFailures": []}
+
+    poller = NotificationPoller(url, arn, flaky, sqs=sqs, wait_seconds=0)
+    s3.put_object(Bucket="treeserve-parts-retry", Key="incoming/default/m.ubj", Body=b"1")
+    deadline = time.monotonic() + 10
+    while len([c for c in calls if "incoming/default/m.ubj" in c]) < 2:
+        assert time.monotonic() < deadline, calls
+        poller.poll_once()
+        time.sleep(0.2)
+    assert poller.failed == 1
+    time.sleep(1.2)  # past the visibility timeout: a deleted message does not come back
+    before = len(calls)
+    drain(poller)
+    assert [c for c in calls[before:] if "incoming/default/m.ubj" in c] == []
+
+
+def test_sqs_event_shape_and_batch_item_failures() -> None:
+    event = sqs_event(
+        [{"MessageId": "m1", "ReceiptHandle": "r1", "Body": "{}", "MD5OfBody": "x"}],
+        "arn:aws:sqs:us-east-1:123456789012:q",
+    )
+    (record,) = event["Records"]
+    assert record["messageId"] == "m1"
+    assert record["eventSourceARN"].endswith(":q")
+    assert record["body"] == "{}"
+    assert failed_message_ids({"batchItemFailures": [{"itemIdentifier": "m1"}]}) == {"m1"}
+    assert failed_message_ids(None) is None
+
+
+# --- the demo dataset and model ------------------------------------------------------------------
+
+
+def test_demo_dataset_is_the_real_one() -> None:
+    data = demo.load_dataset()
+    assert data.X.shape == (569, 30)
+    assert int(data.y.sum()) == 212  # malignant, as UCI documents
+    assert data.feature_names[0] == "mean_radius"
+    assert np.isfinite(data.X).all()
+
+
+def test_demo_package_trains_a_good_model_and_packs_it(tmp_path: Path) -> None:
+    pkg = demo.write_demo_package(tmp_path)
+    with tarfile.open(pkg.package) as tar:
+        assert sorted(tar.getnames()) == [
+            "holdout.csv",
+            "manifest.json",
+            "model.ubj",
+            "reference.csv",
+        ]
+    booster = xgb.Booster(model_file=str(pkg.model))
+    assert booster.feature_names == pkg.feature_names
+    assert pkg.holdout_auc > 0.95
+    # the example rows are real holdout rows, one per class, with the model agreeing
+    preds = booster.inplace_predict(np.asarray(pkg.example_rows))
+    assert pkg.example_labels == [1, 0]
+    assert preds[0] > 0.5 > preds[1]
+    header = pkg.holdout.read_text().splitlines()[0].split(",")
+    assert header == [*pkg.feature_names, demo.LABEL]
+    # the same inputs give the same package (a fixed split and seed)
+    again = demo.write_demo_package(tmp_path / "again")
+    assert again.model.read_bytes() == pkg.model.read_bytes()
