@@ -1,0 +1,626 @@
+"""Load untrusted model bytes in a child process, never in the caller's.
+
+XGBoost's model loader is not hardened: an empty buffer aborts the process (xgboost-cpu 3.2) and
+crafted files can crash it or make it allocate without bound. :func:`inspect_model` therefore
+runs the load in a child Python (``sys.executable -I``) with an address-space and CPU limit, no
+core dumps, no file writes and no AWS credentials in its environment. The child loads the model,
+reads its facts, re-saves it as UBJ (the registry always stores UBJ) and predicts on the given
+rows (or on a small synthetic sample), then answers over stdout.
+
+Protocol (both directions): a frame is a 4-byte big-endian length and a JSON header, followed
+by the raw blobs whose sizes the header gives. The parent's first frame is its ``sys.path`` (in
+Lambda ``/var/task`` is on the path through a mechanism ``-I`` does not keep), the second the
+request. Arrays travel as ``.npy`` bytes and are read back with ``allow_pickle=False``.
+
+This module also holds :func:`decode_ubj` and :func:`model_facts`, a small pure-Python reader
+of XGBoost's UBJSON/JSON model documents: the parent uses it for cheap structural checks before
+a child is spawned, the child to read the facts of the model it re-saved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import IO, Any, Literal
+
+import numpy as np
+
+from treeserve.errors import UploadRejected
+
+ModelFormat = Literal["ubj", "json"]
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+DEFAULT_MEMORY_BYTES = 2 << 30
+MAX_UBJ_DEPTH = 64
+# How much of the child's stderr a rejection message quotes (XGBoost's own error line).
+_STDERR_TAIL = 400
+_RESAVE_HINT = (
+    "re-save it with Booster.save_model('model.ubj') (xgboost >= 2.0) and upload that file"
+)
+
+_BOOTSTRAP = (
+    "import sys,json,struct\n"
+    "n=struct.unpack('>I',sys.stdin.buffer.read(4))[0]\n"
+    "sys.path[:]=json.loads(sys.stdin.buffer.read(n))\n"
+    "from treeserve.sandbox import _child_main\n"
+    "sys.exit(_child_main())\n"
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model, as XGBoost (in the child) sees them."""
+
+    objective: str
+    num_class: int  # 0 for binary/regression, k for multi:* objectives
+    num_target: int
+    num_features: int
+    num_trees: int
+    booster: str  # gbtree, dart or gblinear
+    feature_names: list[str] | None
+    feature_types: list[str] | None
+    base_score: list[float]
+    xgboost_version: str  # the XGBoost that re-saved model_ubj
+    saved_with: str | None  # the XGBoost version recorded in the uploaded file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """What the child answered: the facts, the canonical UBJ bytes, the smoke predictions."""
+
+    info: ModelInfo
+    model_ubj: bytes
+    rows: np.ndarray  # the rows predicted on (the given rows or the synthetic sample)
+    predictions: np.ndarray  # output_margin=False
+    synthetic: bool  # True when no rows were given and the child made its own sample
+
+
+# --- UBJSON reader -----------------------------------------------------------------------------
+
+_INTS: dict[int, tuple[str, int]] = {
+    ord("i"): (">b", 1),
+    ord("U"): (">B", 1),
+    ord("I"): (">h", 2),
+    ord("l"): (">i", 4),
+    ord("L"): (">q", 8),
+}
+_FLOATS: dict[int, tuple[str, int]] = {ord("d"): (">f", 4), ord("D"): (">d", 8)}
+_NUMPY: dict[int, str] = {
+    ord("i"): "i1",
+    ord("U"): "u1",
+    ord("I"): ">i2",
+    ord("l"): ">i4",
+    ord("L"): ">i8",
+    ord("d"): ">f4",
+    ord("D"): ">f8",
+}
+# Elements of these types take no bytes; cap their count so a tiny file cannot ask for a huge list.
+_EMPTY_TYPES = frozenset(b"ZTFN")
+_MAX_EMPTY_COUNT = 1 << 16
+
+
+class UBJDecodeError(ValueError):
+    """The bytes are not one well-formed UBJSON document."""
+
+
+class _UBJReader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise UBJDecodeError(f"truncated at byte {self.pos}")
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise UBJDecodeError(f"truncated at byte {self.pos} (wants {n} more bytes)")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def integer(self, marker: int) -> int:
+        if marker not in _INTS:
+            raise UBJDecodeError(f"expected an integer marker at byte {self.pos - 1}")
+        fmt, size = _INTS[marker]
+        value: int = struct.unpack(fmt, self.take(size))[0]
+        return value
+
+    def count(self) -> int:
+        n = self.integer(self.byte())
+        if n < 0:
+            raise UBJDecodeError(f"negative length at byte {self.pos}")
+        return n
+
+    def string(self) -> str:
+        raw = self.take(self.count())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UBJDecodeError(f"invalid UTF-8 string before byte {self.pos}") from None
+
+    def value(self, marker: int, depth: int) -> Any:
+        while marker == ord("N"):  # no-op
+            marker = self.byte()
+        if marker in _INTS:
+            return self.integer(marker)
+        if marker in _FLOATS:
+            fmt, size = _FLOATS[marker]
+            return struct.unpack(fmt, self.take(size))[0]
+        if marker == ord("Z"):
+            return None
+        if marker == ord("T"):
+            return True
+        if marker == ord("F"):
+            return False
+        if marker in (ord("S"), ord("H")):
+            return self.string()
+        if marker == ord("C"):
+            return chr(self.byte())
+        if marker == ord("["):
+            return self.container(depth + 1, is_object=False)
+        if marker == ord("{"):
+            return self.container(depth + 1, is_object=True)
+        raise UBJDecodeError(f"unknown marker {marker:#04x} at byte {self.pos - 1}")
+
+    def container(self, depth: int, *, is_object: bool) -> Any:
+        if depth > MAX_UBJ_DEPTH:
+            raise UBJDecodeError(f"nesting deeper than {MAX_UBJ_DEPTH}")
+        elem_type: int | None = None
+        count: int | None = None
+        if self.pos < len(self.data) and self.data[self.pos] == ord("$"):
+            self.pos += 1
+            elem_type = self.byte()
+            if self.byte() != ord("#"):
+                raise UBJDecodeError(f"typed container without a count at byte {self.pos - 1}")
+            count = self.count()
+        elif self.pos < len(self.data) and self.data[self.pos] == ord("#"):
+            self.pos += 1
+            count = self.count()
+        if count is not None:
+            remaining = len(self.data) - self.pos
+            if elem_type in _EMPTY_TYPES:
+                if count > _MAX_EMPTY_COUNT:
+                    raise UBJDecodeError(f"implausible element count {count}")
+            elif count > remaining:
+                raise UBJDecodeError(f"truncated: {count} elements but {remaining} bytes left")
+        if not is_object and elem_type in _NUMPY and count is not None:
+            dtype = np.dtype(_NUMPY[elem_type])
+            raw = self.take(count * dtype.itemsize)
+            return np.frombuffer(raw, dtype=dtype)
+        if is_object:
+            obj: dict[str, Any] = {}
+            while True:
+                if count is None:
+                    if self.pos < len(self.data) and self.data[self.pos] == ord("}"):
+                        self.pos += 1
+                        return obj
+                elif len(obj) >= count:
+                    return obj
+                key = self.string()
+                marker = elem_type if elem_type is not None else self.byte()
+                obj[key] = self.value(marker, depth)
+        items: list[Any] = []
+        while True:
+            if count is None:
+                marker = self.byte()
+                if marker == ord("]"):
+                    return items
+            elif len(items) >= count:
+                return items
+            else:
+                marker = elem_type if elem_type is not None else self.byte()
+            items.append(self.value(marker, depth))
+
+
+def decode_ubj(data: bytes) -> tuple[Any, int]:
+    """Decode one UBJSON value from the start of ``data``: ``(value, end offset)``.
+
+    Typed numeric arrays become read-only numpy views (no per-element cost), so a large model
+    decodes quickly. Raises :class:`UBJDecodeError` on truncation or malformed structure.
+    """
+    reader = _UBJReader(data)
+    value = reader.value(reader.byte(), 0)
+    return value, reader.pos
+
+
+# --- model facts from the decoded document ----------------------------------------------------
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping) or key not in obj:
+            raise ValueError(f"the model has no {'.'.join(path)}")
+        obj = obj[key]
+    return obj
+
+
+def _as_int(value: Any, what: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ValueError(f"{what} is not an integer: {str(value)[:40]!r}") from None
+
+
+def _str_list(value: Any, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} is not a list of strings")
+    return list(value) or None
+
+
+def _base_score(value: Any) -> list[float]:
+    text = str(value).strip()
+    if text.startswith("["):
+        text = text[1:-1]
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"base_score is not numeric: {text[:40]!r}") from None
+
+
+def model_trees(doc: Mapping[str, Any]) -> list[Any]:
+    """The tree objects of a decoded model document (empty for gblinear)."""
+    gb = _get(doc, "learner", "gradient_booster")
+    name = _get(gb, "name")
+    if name == "gbtree":
+        trees = _get(gb, "model", "trees")
+    elif name == "dart":
+        trees = _get(gb, "gbtree", "model", "trees")
+    elif name == "gblinear":
+        return []
+    else:
+        raise ValueError(f"unknown booster {str(name)[:40]!r}")
+    if not isinstance(trees, list):
+        raise ValueError("the model's trees are not a list")
+    return trees
+
+
+def model_facts(doc: Any) -> dict[str, Any]:
+    """Objective, classes, features and trees of a decoded XGBoost model (UBJ or JSON).
+
+    Raises ValueError naming the first missing or malformed field.
+    """
+    if not isinstance(doc, Mapping):
+        raise ValueError("the document is not an object")
+    learner = _get(doc, "learner")
+    param = _get(learner, "learner_model_param")
+    version = doc.get("version")
+    saved_with = (
+        ".".join(str(int(v)) for v in version)
+        if isinstance(version, list | np.ndarray) and len(version) == 3
+        else None
+    )
+    return {
+        "objective": str(_get(learner, "objective", "name")),
+        "num_class": _as_int(param.get("num_class", 0), "num_class"),
+        "num_target": _as_int(param.get("num_target", 1), "num_target"),
+        "num_features": _as_int(_get(param, "num_feature"), "num_feature"),
+        "num_trees": len(model_trees(doc)),
+        "booster": str(_get(learner, "gradient_booster", "name")),
+        "feature_names": _str_list(learner.get("feature_names"), "feature_names"),
+        "feature_types": _str_list(learner.get("feature_types"), "feature_types"),
+        "base_score": _base_score(param.get("base_score", "0")),
+        "saved_with": saved_with,
+    }
+
+
+def split_thresholds(doc: Any, num_features: int) -> list[np.ndarray]:
+    """Per feature, the sorted numeric split thresholds used by the model's trees."""
+    feats: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    for tree in model_trees(doc):
+        left = np.asarray(_get(tree, "left_children"), dtype=np.int64)
+        idx = np.asarray(_get(tree, "split_indices"), dtype=np.int64)
+        cond = np.asarray(_get(tree, "split_conditions"), dtype=np.float64)
+        kind = np.asarray(tree.get("split_type", np.zeros_like(left)), dtype=np.int64)
+        if not (len(left) == len(idx) == len(cond) == len(kind)):
+            raise ValueError("a tree's node arrays differ in length")
+        inner = (left != -1) & (kind == 0) & (idx >= 0) & (idx < num_features)
+        feats.append(idx[inner])
+        values.append(cond[inner])
+    out: list[np.ndarray] = [np.empty(0) for _ in range(num_features)]
+    if feats:
+        f = np.concatenate(feats)
+        v = np.concatenate(values)
+        keep = np.isfinite(v)
+        f, v = f[keep], v[keep]
+        order = np.lexsort((v, f))
+        f, v = f[order], v[order]
+        bounds = np.searchsorted(f, np.arange(num_features + 1))
+        for j in range(num_features):
+            out[j] = v[bounds[j] : bounds[j + 1]]
+    return out
+
+
+SYNTHETIC_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def synthetic_rows(thresholds: list[np.ndarray]) -> np.ndarray:
+    """A small deterministic sample that exercises the model's splits.
+
+    One row of zeros, one all-missing row, and for each quantile of each feature's split
+    thresholds a row just below and a row just above it (zeros where a feature has no split).
+    """
+    n = len(thresholds)
+    rows = [np.zeros(n), np.full(n, np.nan)]
+    for q in SYNTHETIC_QUANTILES:
+        point = np.array([float(np.quantile(t, q)) if len(t) else 0.0 for t in thresholds])
+        eps = 1e-3 * (np.abs(point) + 1.0)
+        rows.append(point - eps)
+        rows.append(point + eps)
+    return np.vstack(rows).astype(np.float64) if n else np.zeros((len(rows), 0))
+
+
+# --- framing -----------------------------------------------------------------------------------
+
+
+def _write_frame(out: IO[bytes], header: dict[str, Any], *blobs: bytes) -> None:
+    head = json.dumps(header).encode()
+    out.write(struct.pack(">I", len(head)))
+    out.write(head)
+    for blob in blobs:
+        out.write(blob)
+    out.flush()
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
+    chunks: list[bytes] = []
+    left = n
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            raise EOFError(f"stream ended {left} bytes early")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(stream: IO[bytes]) -> dict[str, Any]:
+    (n,) = struct.unpack(">I", _read_exact(stream, 4))
+    header: dict[str, Any] = json.loads(_read_exact(stream, n))
+    return header
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(raw: bytes) -> np.ndarray:
+    array: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)
+    return array
+
+
+# --- the child -----------------------------------------------------------------------------------
+
+
+def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
+    import resource  # noqa: PLC0415 - POSIX only, and only the child needs it
+
+    limits = [
+        (resource.RLIMIT_AS, memory_bytes),
+        (resource.RLIMIT_CPU, cpu_seconds),
+        (resource.RLIMIT_CORE, 0),  # an abort must not write a core file
+        (resource.RLIMIT_FSIZE, 0),  # the child has no reason to write files
+    ]
+    for which, wanted in limits:
+        _, hard = resource.getrlimit(which)
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(which, (soft, hard))
+
+
+def _child_main() -> int:
+    """Child entry point (after the bootstrap has set sys.path): serve one request."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    request = _read_frame(stdin)
+    if hasattr(os, "fork"):  # POSIX: resource limits are available
+        _limit_resources(int(request["memory_bytes"]), int(request["cpu_seconds"]))
+    raw = bytearray(_read_exact(stdin, int(request["model_size"])))
+    rows_raw = _read_exact(stdin, int(request["rows_size"]))
+
+    import xgboost as xgb  # noqa: PLC0415 - imported after the limits are in place
+
+    def first_line(exc: BaseException) -> str:
+        # XGBoost prefixes "[hh:mm:ss] /path/file.cc:123: "; keep only what it says.
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", lines[0]) if lines else type(exc).__name__
+
+    def fail(code: str, message: str) -> int:
+        _write_frame(stdout, {"ok": False, "code": code, "message": message[:_STDERR_TAIL]})
+        return 0
+
+    try:
+        booster = xgb.Booster()
+        booster.load_model(raw)
+        booster.set_param({"nthread": 1})
+        model_ubj = bytes(booster.save_raw("ubj"))
+    except xgb.core.XGBoostError as exc:
+        return fail("load_failed", first_line(exc))
+    del raw
+    try:
+        doc, end = decode_ubj(model_ubj)
+        if end != len(model_ubj):
+            raise ValueError("the re-saved model has trailing bytes")
+        facts = model_facts(doc)
+        if booster.num_features() != facts["num_features"]:
+            raise ValueError("num_feature disagrees with the booster")
+    except ValueError as exc:
+        return fail("corrupt", f"the loaded model is inconsistent: {exc}")
+    synthetic = not rows_raw
+    try:
+        if synthetic:
+            rows = synthetic_rows(split_thresholds(doc, facts["num_features"]))
+        else:
+            rows = _npy_load(rows_raw).astype(np.float64, copy=False)
+        predictions = np.asarray(
+            booster.inplace_predict(rows, missing=np.nan, validate_features=False)
+        )
+    except (xgb.core.XGBoostError, ValueError) as exc:
+        return fail(
+            "predict_failed", f"XGBoost could not predict with the model: {first_line(exc)}"
+        )
+    facts["xgboost_version"] = xgb.__version__
+    rows_npy = b"" if not synthetic else _npy_bytes(rows)
+    pred_npy = _npy_bytes(predictions)
+    header = {
+        "ok": True,
+        "info": facts,
+        "model_size": len(model_ubj),
+        "rows_size": len(rows_npy),
+        "pred_size": len(pred_npy),
+    }
+    _write_frame(stdout, header, model_ubj, rows_npy, pred_npy)
+    return 0
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+_ENV_KEEP = ("PATH", "LD_LIBRARY_PATH", "TMPDIR", "LANG", "LC_ALL", "SYSTEMROOT")
+
+
+def _child_env() -> dict[str, str]:
+    # No AWS credentials or other secrets in the child that parses untrusted bytes.
+    env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _tail(stream: IO[bytes]) -> str:
+    stream.seek(0, os.SEEK_END)
+    size = stream.tell()
+    stream.seek(max(0, size - 4 * _STDERR_TAIL))
+    text = stream.read().decode("utf-8", "replace").strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[-_STDERR_TAIL:]
+
+
+def inspect_model(
+    raw: bytes,
+    fmt: ModelFormat,
+    rows: np.ndarray | None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> SandboxResult:
+    """Load ``raw`` in a child process; return its facts, UBJ bytes and predictions on ``rows``.
+
+    ``rows`` (float, NaN = missing, model feature order) or None for a synthetic sample.
+    Raises UploadRejected: ``load_failed`` (XGBoost refused or the loader crashed),
+    ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``.
+    """
+    rows_npy = b"" if rows is None else _npy_bytes(np.asarray(rows, dtype=np.float64))
+    request = {
+        "format": fmt,
+        "model_size": len(raw),
+        "rows_size": len(rows_npy),
+        "memory_bytes": int(memory_bytes),
+        "cpu_seconds": max(1, math.ceil(timeout)),
+    }
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
+            [sys.executable, "-I", "-c", _BOOTSTRAP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=_child_env(),
+            close_fds=True,
+        )
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.daemon = True
+        watchdog.start()
+        assert proc.stdin is not None  # noqa: S101 - stdin=PIPE
+        assert proc.stdout is not None  # noqa: S101 - stdout=PIPE
+        reply: dict[str, Any] | None = None
+        blobs: list[bytes] = []
+        try:
+            try:
+                path = json.dumps(sys.path).encode()
+                proc.stdin.write(struct.pack(">I", len(path)) + path)
+                _write_frame(proc.stdin, request, bytes(raw), rows_npy)
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass  # the child died or was killed; its exit status tells why
+            try:
+                reply = _read_frame(proc.stdout)
+                if reply.get("ok"):
+                    for key in ("model_size", "rows_size", "pred_size"):
+                        blobs.append(_read_exact(proc.stdout, int(reply[key])))
+            except (EOFError, ValueError, struct.error):
+                reply = None
+            returncode = proc.wait()
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        detail = _tail(stderr)
+
+    if timed_out.is_set():
+        raise UploadRejected(
+            "timeout",
+            f"loading and smoke-testing the model took longer than {timeout:g} s; "
+            "upload a smaller model (fewer or shallower trees)",
+        )
+    if returncode == -signal.SIGXCPU:
+        raise UploadRejected(
+            "timeout",
+            f"loading the model used more than {request['cpu_seconds']} s of CPU; "
+            "upload a smaller model (fewer or shallower trees)",
+        )
+    if reply is None or returncode != 0:
+        if returncode < 0:
+            why = f"the loader crashed ({signal.Signals(-returncode).name})"
+        else:
+            why = f"the loader exited with status {returncode}"
+        if detail:
+            why += f": {detail}"
+        if "bad_alloc" in detail or "MemoryError" in detail:
+            why += f" (memory limit {memory_bytes >> 20} MiB)"
+        raise UploadRejected(
+            "load_failed", f"XGBoost could not load the model: {why}; {_RESAVE_HINT}"
+        )
+    if not reply.get("ok"):
+        code = str(reply.get("code", "load_failed"))
+        message = str(reply.get("message", ""))
+        if code == "load_failed":
+            message = f"XGBoost could not load the model: {message}; {_RESAVE_HINT}"
+        raise UploadRejected(code, message)
+
+    model_ubj, rows_blob, pred_blob = blobs
+    info = ModelInfo(**reply["info"])
+    predictions = _npy_load(pred_blob)
+    used_rows = _npy_load(rows_blob) if rows_blob else np.asarray(rows, dtype=np.float64)
+    return SandboxResult(
+        info=info,
+        model_ubj=model_ubj,
+        rows=used_rows,
+        predictions=predictions,
+        synthetic=rows is None,
+    )

@@ -1,0 +1,162 @@
+"""treeserve.sandbox: untrusted model bytes are loaded in a child process, never in ours."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from tests.conftest import TrainedModel, train
+from treeserve.errors import UploadRejected
+from treeserve.sandbox import (
+    UBJDecodeError,
+    decode_ubj,
+    inspect_model,
+    model_facts,
+    split_thresholds,
+    synthetic_rows,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _load(raw: bytes) -> xgb.Booster:
+    booster = xgb.Booster()
+    booster.load_model(bytearray(raw))
+    return booster
+
+
+def test_good_model_round_trips_as_ubj(any_model: TrainedModel) -> None:
+    rows = any_model.X[:40]
+    result = inspect_model(any_model.ubj(), "ubj", rows)
+
+    again = _load(result.model_ubj)
+    assert result.model_ubj[:1] == b"{"
+    np.testing.assert_array_equal(
+        again.inplace_predict(rows), any_model.booster.inplace_predict(rows)
+    )
+    np.testing.assert_array_equal(result.predictions, any_model.booster.inplace_predict(rows))
+    assert result.synthetic is False
+    info = result.info
+    assert info.objective == any_model.objective
+    assert info.num_features == any_model.X.shape[1]
+    assert info.feature_names == any_model.feature_names
+    assert info.num_trees == len(any_model.booster.get_dump())
+    assert info.xgboost_version == xgb.__version__
+    assert info.num_class == (3 if any_model.objective.startswith("multi:") else 0)
+
+
+def test_json_model_is_resaved_as_ubj(binary_model: TrainedModel) -> None:
+    result = inspect_model(binary_model.json(), "json", None)
+
+    assert result.model_ubj != binary_model.json()
+    assert not result.model_ubj.lstrip().startswith(b'{"')  # UBJ, not JSON text
+    rows = binary_model.X[:25]
+    np.testing.assert_array_equal(
+        _load(result.model_ubj).inplace_predict(rows), binary_model.booster.inplace_predict(rows)
+    )
+    # No rows given: a synthetic sample (zeros, all-missing, around the split thresholds).
+    assert result.synthetic is True
+    assert result.rows.shape == (12, 6)
+    np.testing.assert_array_equal(result.rows[0], np.zeros(6))
+    assert np.isnan(result.rows[1]).all()
+    np.testing.assert_allclose(
+        result.predictions, binary_model.booster.inplace_predict(result.rows), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("empty", b""),  # aborts the process in xgboost-cpu 3.2
+        ("garbage", os.urandom(256)),
+        ("text", b"not a model at all\n"),
+    ],
+)
+def test_unloadable_bytes_are_refused_without_killing_us(name: str, raw: bytes) -> None:
+    with pytest.raises(UploadRejected) as caught:
+        inspect_model(raw, "ubj", None)
+    assert caught.value.code == "load_failed"
+    assert "save_model" in caught.value.message  # says what to do next
+    assert os.getpid() > 0  # still here
+
+
+def test_truncated_model_is_refused(binary_model: TrainedModel) -> None:
+    with pytest.raises(UploadRejected) as caught:
+        inspect_model(binary_model.ubj()[:700], "ubj", None)
+    assert caught.value.code == "load_failed"
+
+
+def test_timeout_is_enforced(binary_model: TrainedModel) -> None:
+    with pytest.raises(UploadRejected) as caught:
+        inspect_model(binary_model.ubj(), "ubj", None, timeout=0.05)
+    assert caught.value.code == "timeout"
+
+
+def test_wrong_width_rows_fail_prediction(binary_model: TrainedModel) -> None:
+    with pytest.raises(UploadRejected) as caught:
+        inspect_model(binary_model.ubj(), "ubj", np.zeros((3, 2)))
+    assert caught.value.code == "predict_failed"
+
+
+# --- the pure-Python UBJ reader (used before any child is spawned) ----------------------------
+
+
+def test_ubj_facts_equal_json_facts(multiclass_model: TrainedModel) -> None:
+    ubj_doc, end = decode_ubj(multiclass_model.ubj())
+    assert end == len(multiclass_model.ubj())
+    from_ubj = model_facts(ubj_doc)
+    from_json = model_facts(json.loads(multiclass_model.json()))
+    assert from_ubj == from_json
+    assert from_ubj["num_class"] == 3
+    assert from_ubj["num_trees"] == 30
+    assert from_ubj["feature_names"] == multiclass_model.feature_names
+
+
+def test_ubj_reader_reports_trailing_bytes(binary_model: TrainedModel) -> None:
+    raw = binary_model.ubj()
+    _, end = decode_ubj(raw + b"\x80\x04trailing")
+    assert end == len(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{",
+        b"[" * 500,  # nesting bomb
+        b"[$d#L\x7f\xff\xff\xff\xff\xff\xff\xff",  # huge typed array in a few bytes
+        b"[$Z#L\x00\x00\x00\x00\x7f\xff\xff\xff",  # huge zero-byte elements
+        b"SL\x00\x00\x00\x00\x00\x00\x10\x00abc",  # string longer than the data
+        b"{L\x00\x00\x00\x00\x00\x00\x00\x01aX",  # unknown marker
+    ],
+)
+def test_ubj_reader_refuses_malformed_documents(raw: bytes) -> None:
+    with pytest.raises(UBJDecodeError):
+        decode_ubj(raw)
+
+
+def _facts_of_prefix(raw: bytes) -> dict[str, object]:
+    doc, _ = decode_ubj(raw)
+    return model_facts(doc)  # a prefix that happens to decode still lacks the learner
+
+
+def test_truncation_anywhere_is_detected(regression_model: TrainedModel) -> None:
+    raw = regression_model.ubj()
+    for cut in range(1, len(raw), max(1, len(raw) // 97)):
+        with pytest.raises((UBJDecodeError, ValueError)):
+            _facts_of_prefix(raw[:cut])
+
+
+def test_synthetic_rows_straddle_split_thresholds() -> None:
+    model = train("reg:squarederror", d=3, rounds=4)
+    doc, _ = decode_ubj(model.ubj())
+    thresholds = split_thresholds(doc, 3)
+    rows = synthetic_rows(thresholds)
+    assert rows.shape == (12, 3)
+    for j, t in enumerate(thresholds):
+        if len(t):
+            lo, hi = rows[2, j], rows[3, j]  # around the smallest threshold
+            assert lo < t.min() < hi
