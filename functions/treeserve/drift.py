@@ -1,0 +1,378 @@
+"""Drift and data-quality statistics of current traffic against a version's reference.
+
+Current data is streamed in (:class:`FeatureAccumulator.add`, one float32 column per capture
+file, NaN missing); only counts are kept, so memory does not grow with the number of rows. Then
+:func:`compare_feature` gives one feature's statistics and :func:`assess` makes the decisions.
+
+Statistics (reference layout in :mod:`treeserve.reference`):
+
+- **PSI** over the reference bins (numeric: open-ended quantile bins; categorical: the reference
+  categories, plus one bin for new/other categories) plus one bin for missing values:
+  ``sum((c - r) * ln(c / r))`` on proportions, an empty bin's proportion replaced by
+  ``PSI_EPS`` (1e-4) so the sum stays finite.
+- **Jensen-Shannon distance** (base 2, in [0, 1]) over the same bins, as
+  ``scipy.spatial.distance.jensenshannon(r, c, base=2)``; it needs no epsilon.
+- **Kolmogorov-Smirnov** (numeric, non-missing values) two-sample test against the reference
+  sample stored in the reference (at most 1000 values, all of them for small references). The
+  statistic is computed exactly from counts of current values below and at each sample value
+  (the supremum of the ECDF difference is attained at those points), so it equals
+  ``scipy.stats.ks_2samp(sample, current).statistic`` without keeping the current values. The
+  p-value follows ``ks_2samp``'s ``method="auto"``: when the current sample has at most 10,000
+  values they are kept and ``ks_2samp`` itself computes the exact p-value; above that scipy
+  uses the asymptotic ``kstwo.sf(D, round(m n / (m + n)))`` and so does this module.
+- **Chi-squared** test of homogeneity (categorical) on the 2 x k table reference vs current over
+  categories (+ new/other, + missing), no continuity correction, empty columns dropped; equals
+  ``scipy.stats.chi2_contingency(table, correction=False)``.
+- **Missing-rate change**, **share out of the reference range** (numeric), **new categories**.
+
+Decisions (:func:`assess`): one p-value per feature (KS for numeric features, chi-squared for
+categorical ones and for numeric features without a usable sample) is adjusted with
+Benjamini-Hochberg across the features (and separately across prediction columns). A feature
+drifts when its adjusted p-value is below ``ALPHA`` (0.05) *and* its PSI is at least
+``PSI_MODERATE`` (0.1); ``PSI_MAJOR`` (0.25) marks it major. The test makes a small sample need a
+large effect (one row never drifts); the PSI floor keeps a huge sample from flagging a shift too
+small to matter. Data-quality flags (missing-rate increase, out of range) need both an absolute
+excess and a one-sided binomial test against the reference rate at ``ALPHA``, so they also
+account for sample size. Every number is finite; what cannot be computed is ``None``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+PSI_EPS = 1e-4
+PSI_MODERATE = 0.1
+PSI_MAJOR = 0.25
+ALPHA = 0.05
+EXACT_KS_MAX_N = 10_000  # scipy's ks_2samp(method="auto") is exact up to here
+MISSING_TOLERANCE = 0.05  # absolute increase of the missing rate worth a flag
+RANGE_TOLERANCE = 0.01  # share of values outside the reference range worth a flag
+MAX_LISTED_CATEGORIES = 20
+
+
+# --- statistics on binned counts ---------------------------------------------------------------
+
+
+def _proportions(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    return c / total if total > 0 else np.zeros_like(c)
+
+
+def psi(reference_counts: npt.ArrayLike, current_counts: npt.ArrayLike) -> float:
+    """Population stability index of two count vectors over the same bins."""
+    r = np.maximum(_proportions(reference_counts), PSI_EPS)
+    c = np.maximum(_proportions(current_counts), PSI_EPS)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def js_distance(reference_counts: npt.ArrayLike, current_counts: npt.ArrayLike) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) of two count vectors."""
+    p = _proportions(reference_counts)
+    q = _proportions(current_counts)
+    m = (p + q) / 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kp = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0) / np.where(m > 0, m, 1.0)), 0.0)
+        kq = np.where(q > 0, q * np.log2(np.where(q > 0, q, 1.0) / np.where(m > 0, m, 1.0)), 0.0)
+    js = (kp.sum() + kq.sum()) / 2.0
+    return float(math.sqrt(min(max(js, 0.0), 1.0)))
+
+
+def chi2_homogeneity(
+    reference_counts: npt.ArrayLike, current_counts: npt.ArrayLike
+) -> tuple[float, float, int]:
+    """Chi-squared test that two count vectors come from one distribution: (stat, p, dof)."""
+    table = np.vstack(
+        [np.asarray(reference_counts, np.float64), np.asarray(current_counts, np.float64)]
+    )
+    table = table[:, table.sum(axis=0) > 0]
+    rows = table.sum(axis=1)
+    if table.shape[1] < 2 or np.any(rows == 0):
+        return 0.0, 1.0, max(table.shape[1] - 1, 0)
+    expected = np.outer(rows, table.sum(axis=0)) / table.sum()
+    stat = float(np.sum((table - expected) ** 2 / expected))
+    dof = table.shape[1] - 1
+    return stat, float(np.clip(stats.chi2.sf(stat, dof), 0.0, 1.0)), dof
+
+
+def ks_asymptotic_pvalue(d: float, n1: int, n2: int) -> float:
+    """scipy's two-sided asymptotic KS p-value for sample sizes ``n1``, ``n2``."""
+    en = float(n1) * float(n2) / (float(n1) + float(n2))
+    return float(np.clip(stats.kstwo.sf(d, np.round(en)), 0.0, 1.0))
+
+
+def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (step-up, monotone, clipped to 1)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = p.size
+    if m == 0:
+        return []
+    order = np.argsort(p)
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted = np.minimum.accumulate(scaled[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.clip(adjusted, 0.0, 1.0)
+    return [float(v) for v in out]
+
+
+def binom_excess_pvalue(k: int, n: int, rate: float) -> float:
+    """One-sided p-value of seeing at least ``k`` of ``n`` when the true rate is ``rate``."""
+    if n <= 0 or k <= 0:
+        return 1.0
+    rate = min(max(rate, 1e-9), 1.0)
+    return float(np.clip(stats.binom.sf(k - 1, n, rate), 0.0, 1.0))
+
+
+def finite(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else ``None`` (JSON holds no NaN or infinity)."""
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+# --- streaming accumulators --------------------------------------------------------------------
+
+
+class FeatureAccumulator:
+    """Counts of one feature's current values against its reference FeatureStats."""
+
+    def __init__(self, reference: dict[str, Any]) -> None:
+        self.ref = reference
+        self.categorical = reference.get("kind") == "categorical"
+        self.n = 0
+        self.n_missing = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        if self.categorical:
+            self.categories = np.asarray(reference.get("categories") or [], dtype=np.float32)
+            self.cat_counts = np.zeros(self.categories.size + 1, dtype=np.int64)  # + new/other
+            self.new: dict[float, int] = {}
+            return
+        self.edges = np.asarray(reference.get("edges") or [], dtype=np.float32)
+        self.bins = np.zeros(self.edges.size + 1, dtype=np.int64)
+        sample = np.asarray(reference.get("sample") or [], dtype=np.float32)
+        self.sample_size = int(sample.size)
+        self.sample = np.sort(sample)
+        self.support, ref_le = np.unique(self.sample, return_counts=True)
+        self.ref_cdf = np.cumsum(ref_le) / max(self.sample_size, 1)
+        self.cnt_lt = np.zeros(self.support.size + 1, dtype=np.int64)  # by #support <= v
+        self.cnt_le = np.zeros(self.support.size + 1, dtype=np.int64)  # by #support < v
+        self.kept: list[F32] | None = []
+        self.kept_n = 0
+        lo, hi = reference.get("min"), reference.get("max")
+        self.ref_min = np.float32(lo) if lo is not None else None
+        self.ref_max = np.float32(hi) if hi is not None else None
+        self.out_of_range = 0
+
+    def add(self, column: F32) -> None:
+        """Account for a batch of current values (float32, NaN missing)."""
+        present = ~np.isnan(column)
+        values = column[present] if not present.all() else column
+        self.n += int(column.size)
+        self.n_missing += int(column.size - values.size)
+        if values.size == 0:
+            return
+        self.sum += float(values.sum(dtype=np.float64))
+        self.min = min(self.min, float(values.min()))
+        self.max = max(self.max, float(values.max()))
+        if self.categorical:
+            self._add_categories(values)
+            return
+        self.bins += np.bincount(
+            np.searchsorted(self.edges, values, side="left"), minlength=self.bins.size
+        )
+        if self.ref_min is not None and self.ref_max is not None:
+            self.out_of_range += int(
+                np.count_nonzero(values < self.ref_min) + np.count_nonzero(values > self.ref_max)
+            )
+        if self.support.size:
+            a = np.searchsorted(self.support, values, side="left")  # support values < v
+            tie = self.support[np.minimum(a, self.support.size - 1)] == values
+            b = a + tie  # support values <= v
+            self.cnt_le += np.bincount(a, minlength=self.cnt_le.size)
+            self.cnt_lt += np.bincount(b, minlength=self.cnt_lt.size)
+        if self.kept is not None:
+            self.kept_n += int(values.size)
+            if self.kept_n > EXACT_KS_MAX_N:
+                self.kept = None  # scipy is asymptotic above this size: counts suffice
+            else:
+                self.kept.append(values.copy())
+
+    def _add_categories(self, values: F32) -> None:
+        codes, counts = np.unique(values, return_counts=True)
+        pos = np.searchsorted(self.categories, codes)
+        pos_c = np.minimum(pos, max(self.categories.size - 1, 0))
+        known = (
+            (self.categories[pos_c] == codes)
+            if self.categories.size
+            else np.zeros(codes.size, bool)
+        )
+        np.add.at(self.cat_counts, pos[known], counts[known])
+        self.cat_counts[-1] += int(counts[~known].sum())
+        for code, count in zip(codes[~known].tolist(), counts[~known].tolist(), strict=True):
+            self.new[code] = self.new.get(code, 0) + count
+
+    # -- results ----------------------------------------------------------------------------
+
+    def ks(self) -> tuple[float, float, str] | None:
+        """(statistic, p-value, method) against the reference sample, or None."""
+        m, n = self.sample_size, self.n - self.n_missing
+        if m == 0 or n == 0:
+            return None
+        le = np.cumsum(self.cnt_le)[:-1] / n  # current ECDF at each support value
+        lt = np.cumsum(self.cnt_lt)[:-1] / n  # current ECDF just below each support value
+        prev = np.concatenate([[0.0], self.ref_cdf[:-1]])
+        d = max(float(np.max(np.abs(self.ref_cdf - le))), float(np.max(lt - prev)), 0.0)
+        if self.kept is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                res = stats.ks_2samp(self.sample, np.concatenate(self.kept), method="auto")
+            return float(res.statistic), float(np.clip(res.pvalue, 0.0, 1.0)), "exact"
+        return d, ks_asymptotic_pvalue(d, m, n), "asymp"
+
+
+def _current_summary(acc: FeatureAccumulator) -> dict[str, float | None]:
+    present = acc.n - acc.n_missing
+    return {
+        "min": finite(acc.min) if present else None,
+        "max": finite(acc.max) if present else None,
+        "mean": finite(acc.sum / present) if present else None,
+    }
+
+
+def compare_feature(acc: FeatureAccumulator) -> dict[str, Any]:
+    """One feature's statistics (no decisions yet; see :func:`assess`)."""
+    ref = acc.ref
+    n, n_missing = acc.n, acc.n_missing
+    missing_rate = n_missing / n if n else 0.0
+    ref_rate = ref.get("missing_rate")
+    out: dict[str, Any] = {
+        "name": ref.get("name"),
+        "kind": "categorical" if acc.categorical else "numeric",
+        "n": n,
+        "n_missing": n_missing,
+        "missing_rate": missing_rate,
+        "reference_missing_rate": finite(ref_rate),
+        "reference_present": (
+            int(ref["n"]) - int(ref.get("n_missing") or 0) if ref.get("n") is not None else None
+        ),
+        "missing_rate_change": finite(missing_rate - ref_rate) if ref_rate is not None else None,
+        "current": _current_summary(acc),
+        "psi": None,
+        "js_distance": None,
+        "test": None,
+        "p_value": None,
+        "statistic": None,
+    }
+    has_counts = (
+        ref.get("counts") if not acc.categorical else ref.get("category_counts")
+    ) is not None
+    ref_missing = int(ref.get("n_missing") or 0)
+    if acc.categorical:
+        cur = np.concatenate([acc.cat_counts, [n_missing]])
+        labels = [_label(c) for c in acc.categories.tolist()] + ["other/new", "missing"]
+        new = sorted(acc.new.items(), key=lambda kv: -kv[1])
+        other = int(ref.get("other_count") or 0)
+        out["new_categories"] = (
+            [_label(c) for c, _ in new[:MAX_LISTED_CATEGORIES]] if not other else []
+        )
+        out["new_category_share"] = (
+            sum(v for _, v in new) / (n - n_missing) if (n - n_missing) and not other else 0.0
+        )
+        refc = (
+            np.concatenate([ref["category_counts"], [other, ref_missing]]).astype(np.int64)
+            if has_counts
+            else None
+        )
+    else:
+        cur = np.concatenate([acc.bins, [n_missing]])
+        labels = [*_bin_labels(acc.edges), "missing"]
+        present = n - n_missing
+        out["out_of_range_share"] = (
+            acc.out_of_range / present if present and acc.ref_min is not None else None
+        )
+        refc = (
+            np.concatenate([ref["counts"], [ref_missing]]).astype(np.int64) if has_counts else None
+        )
+    out["chart"] = {
+        "labels": labels,
+        "current": [float(v) for v in _proportions(cur)],
+        "reference": [float(v) for v in _proportions(refc)] if refc is not None else None,
+    }
+    if refc is None or n == 0 or refc.sum() == 0:
+        return out
+    out["psi"] = finite(psi(refc, cur))
+    out["js_distance"] = finite(js_distance(refc, cur))
+    ks = None if acc.categorical else acc.ks()
+    if ks is not None:
+        out.update(test="ks", statistic=finite(ks[0]), p_value=finite(ks[1]), ks_method=ks[2])
+    else:
+        stat, p, dof = chi2_homogeneity(refc, cur)
+        out.update(test="chi2", statistic=finite(stat), p_value=finite(p), dof=dof)
+    return out
+
+
+def _label(code: float) -> str:
+    return str(int(code)) if float(code).is_integer() else repr(code)
+
+
+def _bin_labels(edges: F32) -> list[str]:
+    e = [f"{v:.4g}" for v in edges.tolist()]
+    if not e:
+        return ["all"]
+    return [f"<= {e[0]}"] + [f"({a}, {b}]" for a, b in itertools.pairwise(e)] + [f"> {e[-1]}"]
+
+
+def assess(results: list[dict[str, Any]], *, alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """Add ``p_adjusted``, ``drifted``, ``severity`` and quality ``flags`` to each result."""
+    tested = [i for i, r in enumerate(results) if r.get("p_value") is not None]
+    adjusted = benjamini_hochberg([results[i]["p_value"] for i in tested])
+    for r in results:
+        r["p_adjusted"] = None
+    for i, p in zip(tested, adjusted, strict=True):
+        results[i]["p_adjusted"] = p
+    for r in results:
+        value = r.get("psi")
+        significant = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
+        r["drifted"] = bool(significant and value is not None and value >= PSI_MODERATE)
+        r["severity"] = (
+            ("major" if value is not None and value >= PSI_MAJOR else "moderate")
+            if r["drifted"]
+            else "none"
+        )
+        r["flags"] = _quality_flags(r, alpha)
+    return results
+
+
+def _quality_flags(r: dict[str, Any], alpha: float) -> list[str]:
+    flags: list[str] = []
+    n, k = int(r["n"]), int(r["n_missing"])
+    ref_rate = r.get("reference_missing_rate")
+    if n and ref_rate is not None:
+        excess = k / n - ref_rate
+        if excess > MISSING_TOLERANCE and binom_excess_pvalue(k, n, max(ref_rate, 1e-3)) < alpha:
+            flags.append("missing_rate")
+    share = r.get("out_of_range_share")
+    present = n - k
+    if share is not None and share > RANGE_TOLERANCE and present:
+        outside = round(share * present)
+        # m reference values leave about 2 / (m + 1) of new draws outside their range
+        m = int(r.get("reference_present") or 0)
+        if binom_excess_pvalue(outside, present, 2.0 / (m + 1.0)) < alpha:
+            flags.append("out_of_range")
+    if r.get("new_categories"):
+        flags.append("new_categories")
+    return flags
