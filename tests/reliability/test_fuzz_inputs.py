@@ -68,8 +68,12 @@ def check(body: bytes, content_type: str | None) -> ParsedInput | None:
     try:
         parsed = parse_body(body, content_type, SCHEMA, max_rows=MAX_ROWS, max_bytes=MAX_BYTES)
     except InvalidInput as exc:
-        assert 400 <= exc.status < 500
-        assert exc.message
+        error = exc
+    else:
+        error = None
+    if error is not None:
+        assert 400 <= error.status < 500
+        assert error.message
         return None
     assert isinstance(parsed, ParsedInput)
     assert parsed.X.dtype == np.float32
