@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--template", default="template.yaml", help="SAM template (default template.yaml)"
     )
+    p.add_argument("--no-demo", action="store_true", help="start without publishing the demo model")
+    p.add_argument(
+        "--monitor-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="run the monitoring function every SECONDS (default 300; 0: only on demand)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="NAME=VALUE",
+        help="override a function environment variable (repeatable), e.g. "
+        "--env MODEL_REFRESH_SECONDS=1",
+    )
     return parser
 
 

@@ -1,0 +1,301 @@
+"""End to end: `treeserve local` started as a user would, driven over real HTTP and the CLI.
+
+One stack per module (started once, in a subprocess, on free ports): predict against the demo
+model, publish a better model and see it served, publish a pickle and see it refused while the
+champion keeps serving, roll back, run monitoring and read its report, and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from tests.conftest import ROOT
+from treeserve import demo
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+START_TIMEOUT = 90.0  # a cold venv on a busy 2-core machine; typically under 10 s
+REFRESH_SECONDS = 1  # MODEL_REFRESH_SECONDS of the stack under test
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a user's shell: no endpoint, no AWS settings from the test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MODEL_"))}
+    env.pop("POWERTOOLS_SERVICE_NAME", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    api: str
+    moto: str
+    cli_env: dict[str, str]  # as the banner's `export` line says
+    bucket: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "treeserve"), *args],
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def s3(self) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.moto,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+
+def exported_env(banner: str) -> dict[str, str]:
+    match = re.search(r"^\s*export (.+)$", banner, re.MULTILINE)
+    assert match, banner
+    return dict(pair.split("=", 1) for pair in shlex.split(match.group(1)))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    port, moto_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("stack") / "local.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "treeserve.cli",
+                "local",
+                "--port",
+                str(port),
+                "--moto-port",
+                str(moto_port),
+                "--monitor-every",
+                "0",
+                "--env",
+                f"MODEL_REFRESH_SECONDS={REFRESH_SECONDS}",
+                "--env",
+                "CAPTURE_SAMPLE_RATE=1",
+                "--env",
+                "CAPTURE_MAX_AGE_SECONDS=0",
+            ],
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    api = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"treeserve local exited {proc.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"treeserve local not healthy in {START_TIMEOUT} s:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        # the banner is printed just before uvicorn starts; wait for it to be complete
+        while "Ctrl-C stops everything" not in log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        banner = log.read_text()
+        env = {**clean_env(), **exported_env(banner)}
+        yield Stack(proc, log, api, f"http://127.0.0.1:{moto_port}", env, env["MODEL_BUCKET"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def served_booster(stack: Stack, version: int) -> xgb.Booster:
+    key = f"registry/default/versions/{version}/model.ubj"
+    raw = stack.s3().get_object(Bucket=stack.bucket, Key=key)["Body"].read()
+    booster = xgb.Booster()
+    booster.load_model(bytearray(raw))
+    return booster
+
+
+def current_version(stack: Stack) -> int:
+    raw = stack.s3().get_object(Bucket=stack.bucket, Key="registry/default/current.json")
+    return int(json.loads(raw["Body"].read())["version"])
+
+
+def predict(stack: Stack, rows: list[list[float]]) -> httpx.Response:
+    return httpx.post(f"{stack.api}/predict", json={"instances": rows}, timeout=10)
+
+
+def wait_for_version(stack: Stack, rows: list[list[float]], version: int) -> httpx.Response:
+    deadline = time.monotonic() + REFRESH_SECONDS + 15
+    while True:
+        answer = predict(stack, rows)
+        assert answer.status_code == 200, answer.text
+        if answer.json()["model"]["version"] == version:
+            return answer
+        assert time.monotonic() < deadline, f"version {version} not served: {answer.json()}"
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def holdout() -> np.ndarray:
+    _, hold = demo.split(demo.load_dataset())
+    return hold.X[:25]
+
+
+def test_the_demo_model_is_served_with_the_boosters_values(
+    stack: Stack, holdout: np.ndarray
+) -> None:
+    answer = predict(stack, holdout.tolist())
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == {"name": "default", "version": 1}
+    assert answer.headers["x-model-version"] == "1"
+    assert current_version(stack) == 1
+    expected = served_booster(stack, 1).inplace_predict(holdout)
+    np.testing.assert_allclose(body["predictions"], expected, rtol=1e-6, atol=1e-7)
+    assert body["labels"] == ["malignant" if p >= 0.5 else "benign" for p in expected]
+
+
+def test_the_printed_curl_examples_work_as_printed(stack: Stack) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    commands = [
+        line.strip()
+        for line in stack.output().splitlines()
+        if line.strip().startswith(("curl ", "head "))
+    ]
+    assert len(commands) >= 4, stack.output()
+    for command in commands:
+        done = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command} -w '\\n%{{http_code}}'"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, (command, done.stderr)
+        assert done.stdout.rstrip().endswith("200"), (command, done.stdout[-500:])
+
+
+def test_a_published_better_model_is_promoted_and_served(
+    stack: Stack, holdout: np.ndarray, tmp_path: Path
+) -> None:
+    better = demo.write_demo_package(tmp_path, rounds=80)
+    done = stack.cli("publish", str(better.package), "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert current_version(stack) == 2
+    answer = wait_for_version(stack, holdout.tolist(), 2)
+    assert answer.headers["x-model-version"] == "2"
+    expected = served_booster(stack, 2).inplace_predict(holdout)
+    np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-6, atol=1e-7)
+    v1 = served_booster(stack, 1).inplace_predict(holdout)
+    assert not np.allclose(expected, v1)  # a different model really is being served
+
+
+def test_a_pickle_is_refused_with_its_reason_and_the_champion_keeps_serving(
+    stack: Stack, holdout: np.ndarray, tmp_path: Path
+) -> None:
+    import pickle
+
+    bad = tmp_path / "model.pkl"
+    bad.write_bytes(pickle.dumps({"not": "a model"}))
+    done = stack.cli("publish", str(bad), "--wait")
+    assert done.returncode != 0, done.stdout
+    assert "pickle" in (done.stdout + done.stderr).lower()
+    status = stack.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert "pickle" in status.stdout
+    assert current_version(stack) == 2
+    answer = predict(stack, holdout.tolist())
+    assert answer.status_code == 200
+    assert answer.json()["model"]["version"] == 2
+
+
+def test_rollback_serves_the_previous_version(stack: Stack, holdout: np.ndarray) -> None:
+    done = stack.cli("rollback")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert current_version(stack) == 1
+    answer = wait_for_version(stack, holdout.tolist(), 1)
+    expected = served_booster(stack, 1).inplace_predict(holdout)
+    np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_monitoring_on_demand_writes_a_report(
+    stack: Stack, holdout: np.ndarray, tmp_path: Path
+) -> None:
+    assert predict(stack, holdout.tolist()).status_code == 200  # traffic to capture
+    html = tmp_path / "report.html"
+    done = stack.cli("monitor", "--html", str(html), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = stack.s3().list_objects_v2(Bucket=stack.bucket, Prefix="reports/default/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert keys, "no report under reports/default/"
+    report = json.loads(stack.s3().get_object(Bucket=stack.bucket, Key=keys[-1])["Body"].read())
+    assert report, keys
+    assert html.read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def test_a_port_in_use_is_a_clear_error(stack: Stack) -> None:
+    taken = stack.api.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [str(BIN / "treeserve"), "local", "--port", taken, "--moto-port", str(free_port())],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f"port {taken}" in done.stderr
+    assert "--port" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_stops_everything_with_exit_0(stack: Stack) -> None:
+    stack.proc.send_signal(signal.SIGINT)
+    code = stack.proc.wait(timeout=15)
+    assert code == 0, stack.output()[-3000:]
+    assert "treeserve local: stopped" in stack.output()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{stack.api}/health", timeout=2)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(stack.moto, timeout=2)
