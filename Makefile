@@ -50,8 +50,21 @@ test: lint typecheck cfn-lint checkov pytest
 bench: venv
 	$(BIN)/python -m infra.bench
 
+# Cross-platform Lambda artifacts in build/artifacts (ARCH=arm64 for Graviton), with sizes.
+ARCH ?= x86_64
 build: venv
-	$(BIN)/python -m infra.build
+	$(BIN)/python -m infra.build --arch $(ARCH) --zip
+
+# `sam build` (Metadata BuildMethod: makefile) runs these with ARTIFACTS_DIR set. They need only
+# python3 and pip (the project venv when present, for version pins); no Docker.
+BUILD_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+.PHONY: build-InferenceFunction build-RefreshFunction build-MonitoringFunction
+build-InferenceFunction:
+	$(BUILD_PYTHON) -m infra.build --function inference --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
+build-RefreshFunction:
+	$(BUILD_PYTHON) -m infra.build --function refresh --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
+build-MonitoringFunction:
+	$(BUILD_PYTHON) -m infra.build --function monitoring --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache
