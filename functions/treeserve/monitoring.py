@@ -1,0 +1,547 @@
+"""Monitoring: captured traffic of a time window against each serving version's reference.
+
+:func:`run_monitoring` lists ``captures/<model>/dt=YYYY-MM-DD/`` for the days of the window,
+downloads and decompresses the files on a few threads (zlib releases the GIL) while the caller's
+thread parses them one at a time, keeps rows whose ``ts`` falls in ``[start, end)``, groups them
+by model version and streams each version's columns into :class:`treeserve.drift`
+accumulators. Only counts stay in memory (plus, when labels exist, the predictions of labelled
+rows), so memory is bounded by a few capture files, not by the window.
+
+Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
+first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give performance over
+the window: AUC, accuracy and log loss (classification), RMSE and MAE (regression).
+
+The report is written to ``reports/<model>/dt=YYYY-MM-DD/<time>.json``; :func:`emit_metrics`
+turns it into EMF metrics through Powertools. Nothing in here knows Lambda event shapes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import uuid
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from treeserve import drift, gate
+from treeserve.aws import s3_client
+from treeserve.errors import RegistryError, TreeserveError
+from treeserve.manifest import ModelManifest
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools import Metrics
+    from mypy_boto3_s3 import S3Client
+
+logger = logging.getLogger(__name__)
+
+MAX_CAPTURE_FILE_BYTES = 256 * 1024 * 1024  # decompressed; larger files are skipped, counted
+MAX_LABEL_BYTES = 128 * 1024 * 1024
+MAX_LABELS = 5_000_000
+FETCH_THREADS = 4
+PREFETCH = 6  # files in flight: bounds memory to a few decompressed files
+METRIC_DRIFTED_FEATURES = "DriftedFeatures"
+METRIC_PREDICTION_DRIFT = "PredictionDrift"
+METRIC_ROWS_SEEN = "RowsSeen"
+METRIC_FEATURE_DRIFT = "FeatureDrift"
+
+
+class ManifestSource(Protocol):
+    """What monitoring needs of the registry (``treeserve.registry.ModelRegistry``)."""
+
+    def manifest(self, version: int) -> ModelManifest: ...
+
+
+# --- time window and keys ----------------------------------------------------------------------
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO-8601 time (``Z`` allowed); naive times are UTC."""
+    try:
+        return _utc(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+    except ValueError:
+        raise TreeserveError(f"not an ISO-8601 time: {text[:40]!r}") from None
+
+
+def _days(start: datetime, end: datetime) -> Iterator[date]:
+    day = start.date()
+    while day <= end.date():
+        yield day
+        day += timedelta(days=1)
+
+
+def _ts_key(moment: datetime) -> bytes:
+    # Capture times are "YYYY-MM-DDTHH:MM:SS.mmmZ": comparing their first 23 bytes is
+    # comparing times, without parsing a million strings.
+    return (
+        moment.strftime("%Y-%m-%dT%H:%M:%S.").encode()
+        + f"{moment.microsecond // 1000:03d}".encode()
+    )
+
+
+def report_key(model: str, now: datetime) -> str:
+    return (
+        f"reports/{model}/dt={now:%Y-%m-%d}/"
+        f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:8]}.json"
+    )
+
+
+# --- reading S3 --------------------------------------------------------------------------------
+
+
+def _list(s3: S3Client, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = s3.list_objects_v2(**kwargs)
+        for obj in page.get("Contents", []):
+            yield obj["Key"], int(obj.get("Size", 0))
+        if not page.get("IsTruncated"):
+            return
+        token = page.get("NextContinuationToken")
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=47)  # gzip or zlib header, auto-detected
+    out = d.decompress(data, limit + 1)
+    if len(out) > limit or d.unconsumed_tail:
+        raise ValueError(f"decompresses to more than {limit} bytes")
+    return out
+
+
+def _fetch(s3: S3Client, bucket: str, key: str, limit: int) -> bytes:
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return _gunzip(body, limit) if key.endswith(".gz") else body
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+
+def read_labels(s3: S3Client, bucket: str, model: str) -> dict[str, Any]:
+    """Every label under ``labels/<model>/`` by id (later files win), bounded in size."""
+    labels: dict[str, Any] = {}
+    budget = MAX_LABEL_BYTES
+    for key, size in sorted(_list(s3, bucket, f"labels/{model}/")):
+        if size > budget or len(labels) >= MAX_LABELS:
+            logger.warning("label budget exhausted", extra={"key": key})
+            break
+        budget -= size
+        raw = _fetch(s3, bucket, key, MAX_LABEL_BYTES)
+        if key.endswith((".jsonl", ".jsonl.gz", ".json")):
+            for line in raw.splitlines():
+                if line.strip():
+                    try:
+                        rec = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and "id" in rec and rec.get("label") is not None:
+                        labels[str(rec["id"])] = rec["label"]
+        elif key.endswith((".csv", ".csv.gz")):
+            reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
+            for row in reader:
+                if row.get("id") not in (None, "") and row.get("label") not in (None, ""):
+                    labels[str(row["id"])] = row["label"]
+    return labels
+
+
+def _label_value(label: Any, manifest: ModelManifest) -> float | None:
+    """A label as the number the metrics use (class index, 0/1, or the regression target)."""
+    if manifest.class_names and str(label) in manifest.class_names:
+        return float(manifest.class_names.index(str(label)))
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def performance(
+    task: str, y: npt.ArrayLike, predictions: npt.ArrayLike, threshold: float = 0.5
+) -> dict[str, Any]:
+    """Performance of predictions against labels (metrics from :mod:`treeserve.gate`)."""
+    y_arr = np.asarray(y, dtype=np.float64)
+    p = np.asarray(predictions, dtype=np.float64)
+    out: dict[str, Any] = {"rows": int(y_arr.size)}
+    if y_arr.size == 0:
+        return out
+    if task == "binary":
+        p = p.reshape(-1)
+        out["auc"] = drift.finite(gate.roc_auc(y_arr, p))
+        out["accuracy"] = float(np.mean((p >= threshold) == (y_arr == 1.0)))
+        out["log_loss"] = drift.finite(gate.log_loss(y_arr, p))
+    elif task == "multiclass":
+        p = p.reshape(y_arr.size, -1)
+        valid = (y_arr >= 0) & (y_arr < p.shape[1]) & (y_arr == np.round(y_arr))
+        y_arr, p = y_arr[valid], p[valid]
+        out["rows"] = int(y_arr.size)
+        if y_arr.size:
+            out["accuracy"] = float(np.mean(np.argmax(p, axis=1) == y_arr))
+            out["log_loss"] = drift.finite(gate.log_loss(y_arr, p))
+    else:
+        p = p.reshape(-1)
+        err = p - y_arr
+        out["rmse"] = drift.finite(float(np.sqrt(np.mean(err**2))))
+        out["mae"] = drift.finite(float(np.mean(np.abs(err))))
+    return out
+
+
+# --- per-version state -------------------------------------------------------------------------
+
+
+class VersionState:
+    """Accumulators of one model version's rows in the window."""
+
+    def __init__(
+        self, version: int, manifest: ModelManifest | None, error: str | None = None
+    ) -> None:
+        self.version = version
+        self.manifest = manifest
+        self.error = error
+        self.rows = 0
+        self.malformed = 0
+        ref = (manifest.reference if manifest else None) or None
+        self.reference = ref
+        self.features: list[drift.FeatureAccumulator] = []
+        self.predictions: list[drift.FeatureAccumulator] = []
+        self.width = manifest.num_features if manifest else 0
+        if ref:
+            self.features = [drift.FeatureAccumulator(f) for f in ref.get("features", [])]
+            preds = ref.get("predictions") or {}
+            self.predictions = [drift.FeatureAccumulator(c) for c in preds.get("columns", [])]
+        self.labelled_y: list[npt.NDArray[np.float64]] = []
+        self.labelled_p: list[npt.NDArray[np.float32]] = []
+
+    def add(self, X: npt.NDArray[np.float32], P: npt.NDArray[np.float32] | None) -> None:
+        self.rows += X.shape[0]
+        if self.features and X.shape[1] == len(self.features):
+            for j, acc in enumerate(self.features):
+                acc.add(np.ascontiguousarray(X[:, j]))
+        if P is not None and self.predictions and P.shape[1] == len(self.predictions):
+            for j, acc in enumerate(self.predictions):
+                acc.add(np.ascontiguousarray(P[:, j]))
+
+    def report(self) -> dict[str, Any]:
+        m = self.manifest
+        out: dict[str, Any] = {
+            "version": self.version,
+            "rows": self.rows,
+            "malformed_rows": self.malformed,
+            "task": m.task if m else None,
+            "reference_source": (self.reference or {}).get("source"),
+            "checks": (self.reference or {}).get("checks", []),
+        }
+        if self.error:
+            out["error"] = self.error
+        if not self.reference:
+            out.setdefault("error", "this version has no reference statistics")
+            out.update(features=[], predictions=[], drifted_features=[], prediction_drift=None)
+            return out
+        features = drift.assess([drift.compare_feature(a) for a in self.features])
+        predictions = drift.assess([drift.compare_feature(a) for a in self.predictions])
+        out["features"] = features
+        out["predictions"] = predictions
+        out["drifted_features"] = [f["name"] for f in features if f["drifted"]]
+        out["quality_flags"] = {f["name"]: f["flags"] for f in features if f["flags"]}
+        psis = [p["psi"] for p in predictions if p["psi"] is not None]
+        out["prediction_drift"] = {
+            "psi": max(psis) if psis else None,
+            "drifted": any(p["drifted"] for p in predictions),
+        }
+        if self.labelled_y and m is not None:
+            y = np.concatenate(self.labelled_y)
+            p = np.concatenate(self.labelled_p)
+            out["performance"] = performance(m.task, y, p, m.threshold or 0.5)
+        return out
+
+
+# --- parsing a capture file --------------------------------------------------------------------
+
+
+def _parse(raw: bytes) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    loads = orjson.loads
+    for line in raw.splitlines():
+        if not line:
+            continue
+        try:
+            rec = loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            rows.append(rec)
+    return rows
+
+
+def _matrix(values: list[Any], width: int | None = None) -> npt.NDArray[np.float32] | None:
+    """Rows of numbers (None missing) as float32; None when ragged or not numeric."""
+    try:
+        arr = np.array(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
+        return None
+    return arr
+
+
+class Monitor:
+    """One monitoring run: state shared by the files of the window."""
+
+    def __init__(
+        self,
+        model: str,
+        start: datetime,
+        end: datetime,
+        source: ManifestSource,
+        labels: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.start_key = _ts_key(start)
+        self.end_key = _ts_key(end)
+        self.source = source
+        self.labels = labels
+        self.versions: dict[int, VersionState] = {}
+        self.files = 0
+        self.skipped_files = 0
+        self.malformed = 0
+        self.out_of_window = 0
+
+    def state(self, version: int) -> VersionState:
+        st = self.versions.get(version)
+        if st is None:
+            try:
+                st = VersionState(version, self.source.manifest(version))
+            except RegistryError as exc:  # no manifest, or an unreadable one
+                st = VersionState(version, None, str(exc))
+            self.versions[version] = st
+        return st
+
+    def add_file(self, raw: bytes) -> None:
+        self.files += 1
+        rows = _parse(raw)
+        if not rows:
+            return
+        ts = np.array([str(r.get("ts", ""))[:23] for r in rows], dtype="S23")
+        inside = (ts >= self.start_key) & (ts < self.end_key)
+        self.out_of_window += int(inside.size - inside.sum())
+        versions = np.array(
+            [v if isinstance((v := r.get("version")), int) else -1 for r in rows], dtype=np.int64
+        )
+        versions[~inside] = -2
+        self.malformed += int((versions == -1).sum())
+        for version in np.unique(versions[versions >= 0]).tolist():
+            idx = np.flatnonzero(versions == version)
+            self._add_rows(self.state(version), [rows[i] for i in idx])
+
+    def _add_rows(self, st: VersionState, rows: list[dict[str, Any]]) -> None:
+        X = _matrix([r.get("features") for r in rows], st.width or None)
+        if X is None:  # ragged or non-numeric: keep the rows that fit, count the rest
+            good = [r for r in rows if _matrix([r.get("features")], st.width or None) is not None]
+            st.malformed += len(rows) - len(good)
+            self.malformed += len(rows) - len(good)
+            rows = good
+            if not rows:
+                return
+            X = _matrix([r.get("features") for r in rows], st.width or None)
+            assert X is not None  # noqa: S101 - every row fitted on its own
+        P = _matrix([r.get("prediction") for r in rows])
+        st.add(X, P)
+        if self.labels and P is not None and st.manifest is not None:
+            self._join(st, rows, P)
+
+    def _join(
+        self, st: VersionState, rows: list[dict[str, Any]], P: npt.NDArray[np.float32]
+    ) -> None:
+        assert st.manifest is not None  # noqa: S101
+        ys: list[float] = []
+        keep: list[int] = []
+        for i, r in enumerate(rows):
+            label = self.labels.get(str(r.get("id")))
+            if label is not None and (y := _label_value(label, st.manifest)) is not None:
+                ys.append(y)
+                keep.append(i)
+        if keep:
+            st.labelled_y.append(np.asarray(ys, dtype=np.float64))
+            st.labelled_p.append(P[keep])
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _default_registry(bucket: str, model: str, s3: S3Client) -> ManifestSource:
+    from treeserve.registry import ModelRegistry, S3RegistryStore  # noqa: PLC0415
+
+    return ModelRegistry(S3RegistryStore(bucket, s3=s3), model)
+
+
+def _files(
+    s3: S3Client, bucket: str, model: str, start: datetime, end: datetime
+) -> list[tuple[str, int]]:
+    keys: list[tuple[str, int]] = []
+    for day in _days(start, end):
+        keys.extend(_list(s3, bucket, f"captures/{model}/dt={day:%Y-%m-%d}/"))
+    return sorted(keys)
+
+
+def run_monitoring(
+    bucket: str,
+    model_name: str,
+    start: datetime,
+    end: datetime,
+    *,
+    s3: S3Client | None = None,
+    registry: ManifestSource | None = None,
+    now: datetime | None = None,
+    write: bool = True,
+    metrics: Metrics | None = None,
+) -> dict[str, Any]:
+    """Monitor ``model_name`` over ``[start, end)``; write and return the report."""
+    s3 = s3 or s3_client()
+    start, end = _utc(start), _utc(end)
+    if end <= start:
+        raise TreeserveError(
+            f"the window is empty: end {end.isoformat()} <= start {start.isoformat()}"
+        )
+    now = _utc(now or datetime.now(UTC))
+    source = registry or _default_registry(bucket, model_name, s3)
+    labels = read_labels(s3, bucket, model_name)
+    mon = Monitor(model_name, start, end, source, labels)
+    files = _files(s3, bucket, model_name, start, end)
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+        pending: list[tuple[str, Future[bytes]]] = []
+        queue = iter(files)
+
+        def submit() -> None:
+            for key, size in queue:
+                if size > MAX_CAPTURE_FILE_BYTES:
+                    mon.skipped_files += 1
+                    continue
+                pending.append((key, pool.submit(_fetch, s3, bucket, key, MAX_CAPTURE_FILE_BYTES)))
+                return
+
+        for _ in range(PREFETCH):
+            submit()
+        while pending:
+            key, fut = pending.pop(0)
+            submit()
+            try:
+                raw = fut.result()
+            except (ValueError, zlib.error, OSError) as exc:
+                mon.skipped_files += 1
+                logger.warning(
+                    "capture file skipped", extra={"key": key, "error": type(exc).__name__}
+                )
+                continue
+            mon.add_file(raw)
+            del raw
+    report = build_report(mon, start, end, now, labels_available=len(labels))
+    if write:
+        key = report_key(model_name, now)
+        report["report_key"] = key
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=orjson.dumps(report, option=orjson.OPT_INDENT_2),
+            ContentType="application/json",
+        )
+    if metrics is not None:
+        emit_metrics(report, metrics)
+    return report
+
+
+def build_report(
+    mon: Monitor, start: datetime, end: datetime, now: datetime, *, labels_available: int
+) -> dict[str, Any]:
+    """The JSON report of a run (every number finite; ``status`` "no data" without rows)."""
+    versions = [mon.versions[v].report() for v in sorted(mon.versions)]
+    rows = sum(v["rows"] for v in versions)
+    drifted = sorted({name for v in versions for name in v["drifted_features"]})
+    pred = [v["prediction_drift"] for v in versions if v.get("prediction_drift")]
+    psis = [p["psi"] for p in pred if p["psi"] is not None]
+    labelled_y = [y for st in mon.versions.values() for y in st.labelled_y]
+    overall_perf: dict[str, Any] | None = None
+    tasks = {st.manifest.task for st in mon.versions.values() if st.manifest and st.labelled_y}
+    if labelled_y and len(tasks) == 1:
+        task = tasks.pop()
+        sts = [st for st in mon.versions.values() if st.labelled_y and st.manifest]
+        widths = {st.labelled_p[0].shape[1] for st in sts}
+        if len(widths) == 1:
+            threshold = sts[0].manifest.threshold if sts[0].manifest else None
+            overall_perf = performance(
+                task,
+                np.concatenate(labelled_y),
+                np.concatenate([p for st in sts for p in st.labelled_p]),
+                threshold or 0.5,
+            )
+    return {
+        "model": mon.model,
+        "status": "ok" if rows else "no data",
+        "message": None if rows else "no captured rows in the window",
+        "window": {"start": start.isoformat(), "end": end.isoformat()},
+        "generated_at": now.isoformat(),
+        "files": mon.files,
+        "skipped_files": mon.skipped_files,
+        "rows": rows,
+        "malformed_rows": mon.malformed,
+        "rows_outside_window": mon.out_of_window,
+        "labels_available": labels_available,
+        "summary": {
+            "drifted_features": drifted,
+            "n_drifted": len(drifted),
+            "prediction_drift": max(psis) if psis else None,
+            "prediction_drifted": any(p["drifted"] for p in pred),
+            "performance": overall_perf,
+            "thresholds": {
+                "alpha": drift.ALPHA,
+                "correction": "benjamini-hochberg",
+                "psi_moderate": drift.PSI_MODERATE,
+                "psi_major": drift.PSI_MAJOR,
+            },
+        },
+        "versions": versions,
+    }
+
+
+def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
+    """EMF metrics of a report: totals on ``metrics``, one FeatureDrift (PSI) per feature."""
+    from aws_lambda_powertools.metrics import MetricUnit, single_metric  # noqa: PLC0415
+
+    summary = report["summary"]
+    metrics.add_metric(name=METRIC_ROWS_SEEN, unit=MetricUnit.Count, value=report["rows"])
+    metrics.add_metric(
+        name=METRIC_DRIFTED_FEATURES, unit=MetricUnit.Count, value=summary["n_drifted"]
+    )
+    if summary["prediction_drift"] is not None:
+        metrics.add_metric(
+            name=METRIC_PREDICTION_DRIFT, unit=MetricUnit.NoUnit, value=summary["prediction_drift"]
+        )
+    for name, value in (summary["performance"] or {}).items():
+        if name != "rows" and value is not None:
+            metrics.add_metric(name=f"Performance_{name}", unit=MetricUnit.NoUnit, value=value)
+    service = metrics.service or "treeserve-monitoring"
+    for version in report["versions"]:
+        for feature in version.get("features", []):
+            if feature.get("psi") is None:
+                continue
+            with single_metric(
+                name=METRIC_FEATURE_DRIFT,
+                unit=MetricUnit.NoUnit,
+                value=feature["psi"],
+                namespace=metrics.namespace,
+                default_dimensions={"service": service, "model": report["model"]},
+            ) as metric:
+                metric.add_dimension(name="feature", value=str(feature["name"]))
