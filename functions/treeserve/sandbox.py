@@ -2,15 +2,17 @@
 
 XGBoost's model loader is not hardened: an empty buffer aborts the process (xgboost-cpu 3.2) and
 crafted files can crash it or make it allocate without bound. :func:`inspect_model` therefore
-runs the load in a child Python (``sys.executable -I``) with an address-space and CPU limit, no
-core dumps, no file writes and no AWS credentials in its environment. The child loads the model,
-reads its facts, re-saves it as UBJ (the registry always stores UBJ) and predicts on the given
-rows (or on a small synthetic sample), then answers over stdout.
+runs the load in a child Python (``sys.executable -I -S``: no PYTHON* variables, no site hooks)
+with an address-space and CPU limit, no core dumps, no file writes and no AWS credentials in its
+environment. The child loads the model, reads its facts, re-saves it as UBJ (the registry always
+stores UBJ) and predicts on the given rows (or on a small synthetic sample), then answers over
+stdout.
 
 Protocol (both directions): a frame is a 4-byte big-endian length and a JSON header, followed
 by the raw blobs whose sizes the header gives. The parent's first frame is its ``sys.path`` (in
-Lambda ``/var/task`` is on the path through a mechanism ``-I`` does not keep), the second the
-request. Arrays travel as ``.npy`` bytes and are read back with ``allow_pickle=False``.
+Lambda ``/var/task`` is on the path through a mechanism ``-I`` does not keep); the child imports
+only from that list, so it sees exactly the parent's modules. The second frame is the request.
+Arrays travel as ``.npy`` bytes and are read back with ``allow_pickle=False``.
 
 This module also holds :func:`decode_ubj` and :func:`model_facts`, a small pure-Python reader
 of XGBoost's UBJSON/JSON model documents: the parent uses it for cheap structural checks before
@@ -538,7 +540,7 @@ def inspect_model(
     }
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
-            [sys.executable, "-I", "-c", _BOOTSTRAP],
+            [sys.executable, "-I", "-S", "-c", _BOOTSTRAP],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import xgboost as xgb
 
+import treeserve
 from tests.conftest import TrainedModel, train
 from treeserve.errors import UploadRejected
 from treeserve.sandbox import (
@@ -160,3 +165,34 @@ def test_synthetic_rows_straddle_split_thresholds() -> None:
         if len(t):
             lo, hi = rows[2, j], rows[3, j]  # around the smallest threshold
             assert lo < t.min() < hi
+
+
+def test_child_imports_from_the_parents_sys_path(
+    tmp_path: Path, binary_model: TrainedModel
+) -> None:
+    """As in Lambda: treeserve is importable only through an entry the parent put on sys.path."""
+    task = tmp_path / "task"
+    shutil.copytree(Path(treeserve.__file__).parent, task / "treeserve")
+    model = tmp_path / "model.ubj"
+    model.write_bytes(binary_model.ubj())
+    site_dirs = [
+        p for p in sys.path if p.endswith(("site-packages", "lib-dynload")) or "python3" in p
+    ]
+    script = (
+        "import sys\n"
+        f"sys.path[:] = [{str(task)!r}] + {site_dirs!r}\n"
+        "import treeserve.sandbox as s\n"
+        f"assert s.__file__.startswith({str(task)!r}), s.__file__\n"
+        "r = s.inspect_model(open(sys.argv[1], 'rb').read(), 'ubj', None)\n"
+        "print(r.info.num_features, r.info.objective)\n"
+    )
+    # -S: no site-packages hooks (the editable install's .pth) in the parent either.
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["6", "binary:logistic"]
