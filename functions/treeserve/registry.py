@@ -526,14 +526,17 @@ class ModelRegistry:
         manifest.created_at = manifest.created_at or _now()
         # The index entry goes before the commit marker: every committed version is indexed.
         self.store.put(f"{self._sha_prefix(digest)}{version}", orjson.dumps({"version": version}))
+        body = manifest.to_json()
         try:
-            self.store.put(self.manifest_key(version), manifest.to_json(), if_none_match=True)
+            self.store.put(self.manifest_key(version), body, if_none_match=True)
         except PreconditionFailed:
-            # Nobody else writes under a number we allocated; this is a broken invariant.
-            raise RegistryError(
-                f"{self.manifest_key(version)} already existed although this writer allocated "
-                f"version {version}"
-            ) from None
+            # Our own write, whose answer was lost and whose retry then found it (S3 retries
+            # a timed-out PUT); anything else breaks the invariant that n is ours alone.
+            if self.store.get(self.manifest_key(version)).body != body:
+                raise RegistryError(
+                    f"{self.manifest_key(version)} already existed although this writer "
+                    f"allocated version {version}"
+                ) from None
         return version
 
     def _allocate(self, model_ubj: bytes) -> int:
@@ -654,6 +657,11 @@ class ModelRegistry:
                     assert current.etag is not None  # noqa: S101 - read from the store
                     etag = self.store.put(self.current_key, new.to_json(), if_match=current.etag)
             except PreconditionFailed:
+                # A write whose answer was lost, retried by botocore, fails its own condition:
+                # if the pointer now is exactly ours, the swap happened (do not apply it twice).
+                mine = self.current()
+                if mine is not None and mine.to_dict() == new.to_dict():
+                    return mine
                 if attempts == 1:
                     raise
                 _backoff(attempt)
