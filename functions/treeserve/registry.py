@@ -61,6 +61,8 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
     PartialCredentialsError,
 )
 
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANY",
+    "MODEL_NAME_RE",
     "BucketNotFound",
     "InMemoryRegistryStore",
     "ModelRegistry",
@@ -98,6 +101,8 @@ CAS_ATTEMPTS: Final = 16
 # Upward probes per allocation pass; after that the registry lists versions/ again.
 PROBES_PER_PASS: Final = 64
 ALLOCATION_PASSES: Final = 8
+# Model names are S3 key segments and metric dimensions: keep them boring (as refresh does).
+MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_KEY_RE = re.compile(r"versions/(\d+)/(model\.ubj|manifest\.json)$")
 
@@ -265,6 +270,12 @@ def _translate(
             "no AWS credentials found: configure them (aws configure, AWS_PROFILE, or "
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
         ) from None
+    except NoRegionError:
+        raise ConfigurationError(
+            "no AWS region configured: set AWS_REGION or AWS_DEFAULT_REGION (e.g. us-east-1)"
+        ) from None
+    except ParamValidationError as exc:
+        raise ConfigurationError(f"S3 refused the request for s3://{bucket}/{key}: {exc}") from None
     except BotoCoreError as exc:
         # Connection refused or reset, timeouts, truncated bodies: all worth a retry.
         raise StorageUnavailable(
@@ -473,8 +484,11 @@ class ModelRegistry:
     """The registry of one model name on a :class:`RegistryStore` (see the module docstring)."""
 
     def __init__(self, store: RegistryStore, name: str) -> None:
-        if not name or "/" in name:
-            raise ConfigurationError(f"model name {name!r} must be non-empty and contain no '/'")
+        if not MODEL_NAME_RE.match(name):
+            raise ConfigurationError(
+                f"model name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
         self.store = store
         self.name = name
         self.prefix = f"registry/{name}/"

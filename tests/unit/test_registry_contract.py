@@ -16,6 +16,7 @@ import xgboost as xgb
 
 from tests.conftest import BUCKET, train
 from treeserve.errors import (
+    ConfigurationError,
     ModelLoadError,
     NoModelInService,
     NotFound,
@@ -360,6 +361,7 @@ def test_upload_id_is_stable_and_ignores_etag_quotes() -> None:
     assert uid != upload_id("incoming/m/b.ubj", '"0123abc"')
 
 
-def test_model_names_are_single_key_segments(store: RegistryStore) -> None:
-    with pytest.raises(Exception, match="model name"):
-        ModelRegistry(store, "a/b")
+@pytest.mark.parametrize("name", ["a/b", "", "../x", ".hidden", "x" * 65, "a b"])
+def test_model_names_are_single_safe_key_segments(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="model name"):
+        ModelRegistry(InMemoryRegistryStore(), name)
