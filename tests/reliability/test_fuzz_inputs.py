@@ -100,8 +100,12 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=6)
-    | st.dictionaries(st.sampled_from([*FEATURES, "instances", "ids", "zz"]), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(
+            st.sampled_from([*FEATURES, "instances", "ids", "zz"]), children, max_size=6
+        )
+    ),
     max_leaves=40,
 )
 
@@ -131,9 +135,7 @@ def test_any_instances(instances: list[Any], ids: list[Any] | None) -> None:
     check(json.dumps(document).encode(), "application/json")
 
 
-finite32 = st.floats(
-    allow_nan=False, allow_infinity=False, width=32
-)
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 rows_strategy = st.lists(
     st.lists(st.one_of(st.none(), finite32, st.integers(-(2**31), 2**31)), min_size=5, max_size=5),
     min_size=1,
