@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ from moto.server import ThreadedMotoServer
 from treeserve.aws import reset_clients, s3_client, sns_client, sqs_client
 from treeserve.demo import DemoPackage, write_demo_package
 from treeserve.errors import ConfigurationError, TreeserveError
+from treeserve.invoke import LambdaContext, environment, import_handler, runtime_environment
+from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+from treeserve.template import FunctionDef, Template, load_template
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -73,6 +77,14 @@ POLL_WAIT_SECONDS = 1  # SQS long poll: short enough that Ctrl-C stops the polle
 VISIBILITY_TIMEOUT_SECONDS = 10
 MAX_RECEIVES = 3
 DEMO_TIMEOUT_SECONDS = 120.0
+# A demo on a laptop, not production: a promotion is served within seconds, and every predicted
+# row is captured and written within seconds, so `treeserve monitor` has traffic to look at.
+# Printed at start-up; --env overrides each.
+LOCAL_ENV_DEFAULTS = {
+    "MODEL_REFRESH_SECONDS": "5",
+    "CAPTURE_SAMPLE_RATE": "1",
+    "CAPTURE_MAX_AGE_SECONDS": "5",
+}
 
 
 class PortInUse(ConfigurationError):
@@ -306,16 +318,6 @@ class LocalOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class FunctionSpec:
-    """A function of the template, resolved for this machine."""
-
-    logical_id: str
-    handler: str
-    code_uri: Path
-    environment: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
 class StackSpec:
     """What the local stack creates and runs, all of it read from template.yaml."""
 
@@ -326,9 +328,9 @@ class StackSpec:
     topics: list[str]  # SNS topic names
     queues: list[str]  # SQS queue names (the refresh function's on-failure destination, ...)
     refresh_failure_queue: str | None
-    inference: FunctionSpec
-    refresh: FunctionSpec
-    monitoring: FunctionSpec | None
+    inference: FunctionDef
+    refresh: FunctionDef
+    monitoring: FunctionDef | None
 
 
 @dataclass
@@ -344,6 +346,7 @@ class LocalStack:
     app: Any = None
     demo_dir: Path | None = None
     demo: DemoPackage | None = None
+    demo_version: int | None = None
 
     def stop(self) -> None:
         """Stop in reverse start order; every step runs even when an earlier one failed."""
@@ -352,6 +355,8 @@ class LocalStack:
             steps.append(("monitoring timer", self.timer.stop))
         if self.poller is not None:
             steps.append(("S3 notification poller", self.poller.stop))
+        if self.app is not None:
+            steps.append(("capture flush", self._flush_captures))
         if self.moto is not None:
             steps.append(("moto server", self.moto.stop))
         if self.demo_dir is not None:
@@ -362,6 +367,15 @@ class LocalStack:
                 step()
             except Exception:
                 logger.exception("stopping the %s failed", what)
+
+    def _flush_captures(self) -> None:
+        # Lambda may lose what an environment buffered (a documented bound); a local stop that
+        # the user asked for need not: write the sampled rows while moto is still up.
+        for handler in self.handlers.values():
+            capture = getattr(sys.modules.get(handler.__module__), "capture", None)
+            flush = getattr(capture, "flush", None)
+            if callable(flush):
+                flush()
 
 
 def start_moto(port: int) -> ThreadedMotoServer:
@@ -463,42 +477,29 @@ def create_resources(
 # --- functions ---------------------------------------------------------------------------------
 
 
-@dataclass
-class LocalContext:
-    """The Lambda context handed to handlers invoked by the local stack."""
+def context_for(fn: FunctionDef) -> LambdaContext:
+    """A fresh Lambda context for one invocation of ``fn`` (its name, memory and timeout)."""
+    return LambdaContext(
+        function_name=fn.function_name,
+        memory_limit_in_mb=fn.memory_size,
+        timeout_seconds=fn.timeout,
+    )
 
-    function_name: str
-    memory_limit_in_mb: int = 1024
-    function_version: str = "$LATEST"
-    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    timeout_seconds: float = 900.0
-    started: float = field(default_factory=time.monotonic)
 
-    @property
-    def invoked_function_arn(self) -> str:
-        return f"arn:aws:lambda:{REGION}:123456789012:function:{self.function_name}"
-
-    @property
-    def log_group_name(self) -> str:
-        return f"/aws/lambda/{self.function_name}"
-
-    @property
-    def log_stream_name(self) -> str:
-        return f"{time.strftime('%Y/%m/%d')}/[$LATEST]local"
-
-    def get_remaining_time_in_millis(self) -> int:
-        left = self.timeout_seconds - (time.monotonic() - self.started)
-        return max(0, int(left * 1000))
+def own_env(fn: FunctionDef, overrides: Mapping[str, str]) -> dict[str, str]:
+    """One function's environment: the template's, then the local defaults, then ``--env``."""
+    return {**fn.environment, **LOCAL_ENV_DEFAULTS, **overrides}
 
 
 def function_env(spec: StackSpec, overrides: Mapping[str, str]) -> dict[str, str]:
-    """One environment for the process: the functions' own (inference last, so it wins on a
-    clash) plus the user's ``--env`` overrides. The functions share this process, as they share
-    the bucket and settings in AWS."""
+    """One environment for the process: the functions' own from the template (inference last,
+    so it wins on a clash), then :data:`LOCAL_ENV_DEFAULTS`, then the user's ``--env``. The
+    functions share this process, as they share the bucket and settings in AWS."""
     env: dict[str, str] = {}
     for fn in (spec.monitoring, spec.refresh, spec.inference):
         if fn is not None:
             env.update(fn.environment)
+    env.update(LOCAL_ENV_DEFAULTS)
     env.update(overrides)
     return env
 
@@ -601,11 +602,15 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
     demo = stack.demo
     if demo is not None:
         lines.append(
-            f"  model in service     {model_name} (demo: XGBoost on Breast Cancer Wisconsin "
+            f"  model in service     {model_name} v{stack.demo_version} (demo: XGBoost on "
+            "Breast Cancer Wisconsin "
             f"(Diagnostic), holdout AUC {demo.holdout_auc:.4f}), package {demo.package}"
         )
     else:
         lines.append(f"  model in service     none yet: publish one ({treeserve} publish ...)")
+    settings = function_env(spec, opts.env)
+    local = " ".join(f"{k}={settings[k]}" for k in sorted({*LOCAL_ENV_DEFAULTS, *opts.env}))
+    lines.append(f"  local settings       {local} (change with --env NAME=VALUE)")
     lines += [
         "",
         "Try the API (another shell):",
@@ -618,7 +623,7 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             "  # two real rows of the holdout (a malignant and a benign mass), in feature order:",
             f"  curl -s {api}/predict -H 'content-type: application/json' -d '{_json(rows)}'",
             "  # records by feature name (absent features are missing values):",
-            f"  curl -s {api}/predict -d '"
+            f"  curl -s {api}/predict -H 'content-type: application/json' -d '"
             + _json(
                 {
                     "instances": [
@@ -686,23 +691,25 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
     """Start everything but the API server; on failure, stop what was started and raise."""
     stack = LocalStack(options)
     try:
+        spec = read_stack(load_template(options.template, region=REGION))
+        stack.spec = spec
         _say(out, f"treeserve local: embedded AWS (moto) on http://{HOST}:{options.moto_port}")
         point_at_moto(options.moto_port)
         stack.moto = start_moto(options.moto_port)
-        spec = read_stack(options.template)
-        stack.spec = spec
         resources = create_resources(spec)
-        os.environ.update(function_env(spec, options.env))
+        env = function_env(spec, options.env)
+        os.environ.update(env)
+        model_name = env.get("MODEL_NAME", "default")
         _say(
             out, f"treeserve local: created s3://{spec.bucket} and the template's topics and queues"
         )
 
-        refresh = load_handler(spec.refresh)
+        refresh = load_handler(spec.refresh, own_env(spec.refresh, options.env))
         stack.handlers[spec.refresh.logical_id] = refresh
         stack.poller = NotificationPoller(
             resources.notification_queue_url,
             resources.notification_queue_arn,
-            lambda event: refresh(event, LocalContext(spec.refresh.logical_id)),
+            lambda event: refresh(event, context_for(spec.refresh)),
         )
         stack.poller.start()
 
@@ -713,20 +720,24 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
             _say(
                 out, f"treeserve local: publishing it to s3://{spec.bucket}/{spec.incoming_prefix}"
             )
-            publish_demo(stack.demo.package, spec, out)
+            verdict = publish_demo(stack.demo.package, spec, model_name, out)
+            stack.demo_version = verdict.get("version")
+            _say(
+                out, f"treeserve local: the demo model is version {stack.demo_version}, in service"
+            )
 
-        inference = load_handler(spec.inference)
+        inference = load_handler(spec.inference, own_env(spec.inference, options.env))
         stack.handlers[spec.inference.logical_id] = inference
         stack.app = asgi_app(inference)
 
         if spec.monitoring is not None:
-            monitor = load_handler(spec.monitoring)
+            monitor = load_handler(spec.monitoring, own_env(spec.monitoring, options.env))
             stack.handlers[spec.monitoring.logical_id] = monitor
             if options.monitor_every > 0:
-                name = spec.monitoring.logical_id
+                monitoring_fn = spec.monitoring
                 stack.timer = Every(
                     options.monitor_every,
-                    lambda: monitor(scheduled_event(), LocalContext(name)),
+                    lambda: monitor(scheduled_event(), context_for(monitoring_fn)),
                     name="monitoring",
                 )
                 stack.timer.start()
@@ -775,21 +786,92 @@ def run(options: LocalOptions, out: TextIO = sys.stdout) -> int:
 def local_command(args: argparse.Namespace) -> int:
     """``treeserve local``: see the module docstring."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    # Powertools warns on every invocation that records no metric (an s3:TestEvent, say).
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
     return run(options_from_args(args))
 
 
 # --- the template, the handlers, the CLI: the parts other modules own --------------------------
 
 
-def read_stack(template: Path) -> StackSpec:
-    """The local stack's plan, read from template.yaml with intrinsics resolved locally."""
-    raise NotImplementedError("waiting for treeserve.template")
+def _events_of_type(fn: FunctionDef, kind: str) -> bool:
+    return any(e.get("Type") == kind for e in fn.events.values())
 
 
-def load_handler(fn: FunctionSpec) -> Callable[..., Any]:
-    """Import ``fn``'s handler from its own source folder, under its environment."""
-    raise NotImplementedError("waiting for treeserve.invoke")
+def _one(functions: list[FunctionDef], what: str) -> FunctionDef:
+    if len(functions) != 1:
+        names = ", ".join(f.logical_id for f in functions) or "none"
+        raise ConfigurationError(f"template: expected one {what}, found {names}")
+    return functions[0]
+
+
+def _arn_name(arn: str) -> str:
+    return arn.rsplit(":", 1)[-1]
+
+
+def read_stack(template: Template) -> StackSpec:
+    """The local stack's plan, read from template.yaml (intrinsics resolved locally).
+
+    The refresh function is the one the bucket notifies (its S3 event), the inference function
+    the one behind the API (an HttpApi/Api event), monitoring the one on a schedule.
+    """
+    functions = list(template.functions().values())
+    notifications = template.bucket_notifications()
+    if len(notifications) != 1:
+        raise ConfigurationError(
+            "template: expected one function with an S3 event on the model bucket, "
+            f"found {len(notifications)}"
+        )
+    notification = notifications[0]
+    by_id = {fn.logical_id: fn for fn in functions}
+    refresh = by_id[notification.function]
+    inference = _one(
+        [f for f in functions if _events_of_type(f, "HttpApi") or _events_of_type(f, "Api")],
+        "function behind the API (an HttpApi or Api event)",
+    )
+    scheduled = [f for f in functions if _events_of_type(f, "Schedule")]
+    monitoring = _one(scheduled, "scheduled function") if scheduled else None
+
+    buckets = template.resources_of_type("AWS::S3::Bucket")
+    bucket = template.bucket_name()
+    if notification.bucket != bucket:
+        raise ConfigurationError(
+            f"template: {refresh.logical_id} is notified by bucket {notification.bucket!r}, "
+            f"not by the model bucket {bucket!r}"
+        )
+    versioned = any(
+        (props.get("VersioningConfiguration") or {}).get("Status") == "Enabled"
+        for props in buckets.values()
+    )
+    on_failure = (
+        ((refresh.properties.get("EventInvokeConfig") or {}).get("DestinationConfig") or {})
+        .get("OnFailure", {})
+        .get("Destination")
+    )
+    queues = sorted(template.queues().values())
+    failure_queue = _arn_name(str(on_failure)) if on_failure else None
+    return StackSpec(
+        bucket=bucket,
+        versioned=versioned,
+        incoming_prefix=notification.prefix,
+        incoming_events=list(notification.events),
+        topics=sorted(_arn_name(arn) for arn in template.topics().values()),
+        queues=queues,
+        refresh_failure_queue=failure_queue if failure_queue in queues else None,
+        inference=inference,
+        refresh=refresh,
+        monitoring=monitoring,
+    )
+
+
+def load_handler(fn: FunctionDef, env: Mapping[str, str]) -> Callable[..., Any]:
+    """Import ``fn``'s handler from its own folder (:mod:`treeserve.invoke`), with the function's
+    environment set while it imports: module-level objects (Powertools' service name, settings)
+    see what they would in their own Lambda execution environment."""
+    with environment(runtime_environment(fn, env)):
+        return import_handler(fn.source_dir, fn.handler)
 
 
 def asgi_app(handler: Callable[..., Any]) -> Any:
@@ -805,6 +887,22 @@ def asgi_app(handler: Callable[..., Any]) -> Any:
     return app
 
 
-def publish_demo(package: Path, spec: StackSpec, out: TextIO) -> None:
-    """Publish the demo package as ``treeserve publish PACKAGE --wait`` would, and check it."""
-    raise NotImplementedError("waiting for treeserve.commands")
+def publish_demo(package: Path, spec: StackSpec, model_name: str, out: TextIO) -> dict[str, Any]:
+    """Upload the demo package to ``incoming/<model>/`` and wait for the refresh verdict."""
+    key = f"{spec.incoming_prefix}{model_name}/{package.name}"
+    s3 = s3_client()
+    s3.upload_file(str(package), spec.bucket, key)
+    etag = s3.head_object(Bucket=spec.bucket, Key=key)["ETag"]
+    registry = ModelRegistry(S3RegistryStore(spec.bucket), model_name)
+    uid = upload_id(key, etag)
+    deadline = time.monotonic() + DEMO_TIMEOUT_SECONDS
+    while (outcome := registry.outcome(uid)) is None:
+        if time.monotonic() > deadline:
+            raise TreeserveError(
+                f"the demo model uploaded to s3://{spec.bucket}/{key} got no verdict in "
+                f"{DEMO_TIMEOUT_SECONDS:g} s (see the refresh function's log above)"
+            )
+        time.sleep(0.2)
+    if outcome.get("status") != "promoted":
+        raise TreeserveError(f"the demo model was not promoted: {json.dumps(outcome)}")
+    return outcome
