@@ -211,3 +211,58 @@ def test_demo_package_trains_a_good_model_and_packs_it(tmp_path: Path) -> None:
     # the same inputs give the same package (a fixed split and seed)
     again = demo.write_demo_package(tmp_path / "again")
     assert again.model.read_bytes() == pkg.model.read_bytes()
+
+
+# --- the plan read from template.yaml, and the resources it creates ------------------------------
+
+
+def test_the_stack_plan_comes_from_the_template() -> None:
+    from tests.conftest import ROOT
+    from treeserve.local import read_stack
+    from treeserve.template import load_template
+
+    spec = read_stack(load_template(ROOT / "template.yaml", region="us-east-1"))
+    assert spec.bucket == "treeserve-us-east-1-123456789012"  # the template's !Sub, resolved
+    assert spec.versioned
+    assert spec.incoming_prefix == "incoming/"
+    assert spec.incoming_events == ["s3:ObjectCreated:*"]
+    assert spec.refresh.logical_id == "RefreshFunction"
+    assert spec.inference.logical_id == "InferenceFunction"
+    assert spec.monitoring is not None
+    assert spec.monitoring.logical_id == "MonitoringFunction"
+    assert spec.refresh_failure_queue in spec.queues
+    assert spec.inference.environment["MODEL_BUCKET"] == spec.bucket
+    assert spec.topics  # the alarm topic the refresh function notifies
+    assert spec.refresh.environment["NOTIFICATION_TOPIC_ARN"].endswith(":" + spec.topics[0])
+
+
+def test_resources_are_created_and_uploads_notify_the_queue(moto_server: str) -> None:
+    from tests.conftest import ROOT
+    from treeserve.local import create_resources, read_stack
+    from treeserve.template import load_template
+
+    spec = read_stack(load_template(ROOT / "template.yaml", region="us-east-1"))
+    kw: dict[str, Any] = {"endpoint_url": moto_server, "region_name": "us-east-1"}
+    s3, sqs, sns = (boto3.client(name, **kw) for name in ("s3", "sqs", "sns"))
+    made = create_resources(spec, s3=s3, sqs=sqs, sns=sns)
+    assert s3.get_bucket_versioning(Bucket=spec.bucket)["Status"] == "Enabled"
+    topics = [t["TopicArn"] for t in sns.list_topics()["Topics"]]
+    assert set(made.topic_arns.values()) <= set(topics)
+    assert spec.refresh.environment["NOTIFICATION_TOPIC_ARN"] in topics  # the env points at it
+    redrive = json.loads(
+        sqs.get_queue_attributes(
+            QueueUrl=made.notification_queue_url, AttributeNames=["RedrivePolicy"]
+        )["Attributes"]["RedrivePolicy"]
+    )
+    assert redrive["deadLetterTargetArn"].endswith(":" + str(spec.refresh_failure_queue))
+    seen: list[str] = []
+    poller = NotificationPoller(
+        made.notification_queue_url,
+        made.notification_queue_arn,
+        lambda e: seen.extend(s3_keys(e)),
+        sqs=sqs,
+        wait_seconds=0,
+    )
+    s3.put_object(Bucket=spec.bucket, Key="incoming/default/m.ubj", Body=b"x")
+    drain(poller)
+    assert seen == ["incoming/default/m.ubj"]
