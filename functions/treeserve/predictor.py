@@ -131,7 +131,7 @@ class Predictor:
 
     def raw_predict(self, X: np.ndarray) -> np.ndarray:
         """XGBoost's own output for the rows (float32)."""
-        return self.booster.inplace_predict(X, validate_features=False)  # type: ignore[no-any-return]
+        return self.booster.inplace_predict(X, validate_features=False)
 
     def predict(self, X: np.ndarray) -> Prediction:
         """Predict a float matrix in the model's feature order (NaN = missing)."""
@@ -160,6 +160,14 @@ class Predictor:
         contribs = self.booster.predict(dmatrix, pred_contribs=True, validate_features=False)
         if contribs.ndim == 3:  # multiclass: (n, k, d + 1)
             return Explanation(
-                contribs[:, :, :-1], contribs[:, :, -1], self.feature_names, self._label_table
+                np.ascontiguousarray(contribs[:, :, :-1]),
+                np.ascontiguousarray(contribs[:, :, -1]),
+                self.feature_names,
+                self._label_table,
             )
-        return Explanation(contribs[:, :-1], contribs[:, -1], self.feature_names, None)
+        return Explanation(
+            np.ascontiguousarray(contribs[:, :-1]),
+            np.ascontiguousarray(contribs[:, -1]),
+            self.feature_names,
+            None,
+        )

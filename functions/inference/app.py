@@ -1,0 +1,98 @@
+"""Inference function: API Gateway (HTTP API 2.0, REST 1.0) or Function URL -> FastAPI.
+
+Everything is built once per execution environment, at import: settings, the registry client,
+the model in service (read from S3 and loaded now, so with SnapStart it is in the snapshot),
+the capture buffer and the FastAPI app behind Mangum (``lifespan="off"``: ``"auto"`` would run
+the app's startup on every invocation). The handler only translates the event.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from mangum import Mangum
+
+from treeserve.api import create_app
+from treeserve.aws import reset_clients
+from treeserve.capture import CaptureBuffer
+from treeserve.registry import ModelRegistry, S3RegistryStore
+from treeserve.serving import ModelService
+from treeserve.settings import Settings
+
+# GET routes add no metrics; an empty flush is expected, not worth a warning per request.
+warnings.filterwarnings("ignore", message="No application metrics to publish")
+
+logger = Logger()
+metrics = Metrics()
+tracer = Tracer()
+# The library logs through stdlib loggers; give them Powertools' JSON format and correlation id.
+copy_config_to_registered_loggers(source_logger=logger, include={"treeserve"})
+
+settings = Settings.from_env()
+service = ModelService(
+    ModelRegistry(S3RegistryStore(settings.model_bucket), settings.model_name),
+    settings,
+    metrics=metrics,
+)
+capture = CaptureBuffer(
+    settings.model_bucket,
+    settings.model_name,
+    settings.capture_sample_rate,
+    settings.capture_max_rows,
+    settings.capture_max_age_seconds,
+    metrics=metrics,
+)
+if capture.enabled:
+    capture.install_sigterm_flush()
+app = create_app(service, settings, capture, metrics=metrics)
+asgi = Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("API_BASE_PATH", "/"))
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics(capture_cold_start_metric=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Lambda entry point: the event through Mangum to the FastAPI app."""
+    response: dict[str, Any] = asgi(event, context)  # type: ignore[arg-type]
+    loaded = service.loaded
+    metrics.add_metadata("model_version", None if loaded is None else loaded.version)
+    return response
+
+
+def warm() -> None:
+    """Exercise the hot path once (imports, caches) without capturing anything."""
+    loaded = service.loaded
+    if loaded is None:
+        return
+    row = b"[" + b",".join([b"null"] * loaded.schema.width) + b"]"
+    capture_state, app.endpoints.capture = app.endpoints.capture, None  # type: ignore[attr-defined]
+    try:
+        app.endpoints.handle("predict", b'{"instances": [' + row + b"]}", None, None, "warm")  # type: ignore[attr-defined]
+    finally:
+        app.endpoints.capture = capture_state  # type: ignore[attr-defined]
+
+
+def after_restore() -> None:
+    """A restored snapshot may run much later, elsewhere: new clients, a fresh pointer check."""
+    reset_clients()
+    service.registry = ModelRegistry(S3RegistryStore(settings.model_bucket), settings.model_name)
+    capture.reseed()
+    service.refresh()
+
+
+try:  # only present in the Lambda Python runtime with SnapStart
+    from snapshot_restore_py import (  # type: ignore[import-not-found]
+        register_after_restore,
+        register_before_snapshot,
+    )
+except ImportError:  # pragma: no cover - outside Lambda
+    pass
+else:  # pragma: no cover - inside Lambda
+    register_before_snapshot(warm)
+    register_after_restore(after_restore)

@@ -1,0 +1,360 @@
+"""The inference handler invoked with API Gateway events (HTTP API v2, REST v1, Function URL)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import xgboost as xgb
+
+from tests.conftest import LambdaContext, TrainedModel
+from tests.inference_support import (
+    REQUEST_ID,
+    http_api_event,
+    response_body,
+    response_headers,
+    rest_api_event,
+)
+from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
+    function_fixture,
+    publish,
+    registry_fixture,
+)
+from treeserve.registry import ModelRegistry
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[[], ModuleType]
+
+
+def invoke(module: ModuleType, event: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    response = module.handler(event, LambdaContext())
+    return response["statusCode"], response_headers(response), response_body(response)
+
+
+def booster_predict(model: TrainedModel, X: np.ndarray) -> np.ndarray:
+    return model.booster.predict(xgb.DMatrix(X, feature_names=model.feature_names))
+
+
+EVENT_KINDS = ["v2", "v1", "url"]
+
+
+def event_for(
+    kind: str, method: str, path: str, body: Any = None, headers: Any = None, **kw: Any
+) -> dict[str, Any]:
+    if kind == "v1":
+        return rest_api_event(method, path, body, headers, **kw)
+    return http_api_event(method, path, body, headers, function_url=kind == "url", **kw)
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_predict_binary_rows_equal_booster(
+    kind: str, registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model, class_names=["no", "yes"])
+    module = function()
+    X = binary_model.X[:25]
+    body = orjson.dumps({"instances": X.tolist()})
+    status, headers, raw = invoke(
+        module, event_for(kind, "POST", "/predict", body, {"Content-Type": "application/json"})
+    )
+    assert status == 200, raw
+    assert headers["x-model-version"] == "1"
+    assert headers["content-type"].startswith("application/json")
+    answer = orjson.loads(raw)
+    expected = booster_predict(binary_model, X)
+    np.testing.assert_array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
+    assert answer["labels"] == ["yes" if p >= 0.5 else "no" for p in expected]
+    assert answer["model"] == {"name": "default", "version": 1}
+    assert answer["ids"] == [f"{REQUEST_ID}-{i}" for i in range(25)]
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_base64_body_without_content_type(
+    kind: str, registry: ModelRegistry, function: Start, regression_model: TrainedModel
+) -> None:
+    # As `sam local generate-event apigateway http-api-proxy` writes it: base64, no Content-Type.
+    publish(registry, regression_model)
+    module = function()
+    X = regression_model.X[:3]
+    body = orjson.dumps({"instances": X.tolist(), "ids": ["a", "b", "c"]})
+    event = event_for(kind, "POST", "/predict", body, base64_body=True)
+    assert "content-type" not in {k.lower() for k in event["headers"]}
+    status, headers, raw = invoke(module, event)
+    assert status == 200, raw
+    assert headers["x-model-version"] == "1"
+    answer = orjson.loads(raw)
+    np.testing.assert_array_equal(
+        np.asarray(answer["predictions"], dtype=np.float32), booster_predict(regression_model, X)
+    )
+    assert "labels" not in answer
+    assert answer["ids"] == ["a", "b", "c"]
+
+
+def test_multiclass_records_by_name(
+    registry: ModelRegistry, function: Start, multiclass_model: TrainedModel
+) -> None:
+    names = ["low", "mid", "high"]
+    publish(registry, multiclass_model, class_names=names)
+    module = function()
+    X = multiclass_model.X[:30]
+    records = [
+        dict(zip(multiclass_model.feature_names[::-1], row[::-1], strict=True))
+        for row in X.tolist()
+    ]
+    status, _, raw = invoke(
+        module, http_api_event("POST", "/predict", orjson.dumps({"instances": records}))
+    )
+    assert status == 200, raw
+    answer = orjson.loads(raw)
+    expected = booster_predict(multiclass_model, X)
+    np.testing.assert_array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
+    assert answer["labels"] == [names[i] for i in expected.argmax(axis=1)]
+
+
+def test_csv_in_csv_out_function_url(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    X = binary_model.X[:4].copy()
+    X[1, 2] = np.nan
+    lines = [",".join(binary_model.feature_names)] + [
+        ",".join("" if np.isnan(v) else repr(float(v)) for v in row) for row in X
+    ]
+    event = http_api_event(
+        "POST",
+        "/predict",
+        "\n".join(lines) + "\n",
+        {"Content-Type": "text/csv", "Accept": "text/csv"},
+        function_url=True,
+    )
+    status, headers, raw = invoke(module, event)
+    assert status == 200, raw
+    assert headers["content-type"].startswith("text/csv")
+    assert headers["x-model-version"] == "1"
+    rows = list(csv.reader(io.StringIO(raw.decode())))
+    assert rows[0] == ["id", "prediction", "label"]
+    expected = booster_predict(binary_model, X)
+    np.testing.assert_array_equal(
+        np.array([float(r[1]) for r in rows[1:]], dtype=np.float32), expected
+    )
+    assert [int(r[2]) for r in rows[1:]] == [int(p >= 0.5) for p in expected]
+
+
+@pytest.mark.parametrize("fixture", ["binary_model", "multiclass_model", "regression_model"])
+def test_explain_matches_pred_contribs(
+    fixture: str, registry: ModelRegistry, function: Start, request: pytest.FixtureRequest
+) -> None:
+    model: TrainedModel = request.getfixturevalue(fixture)
+    publish(registry, model)
+    module = function()
+    X = model.X[:5]
+    status, headers, raw = invoke(
+        module, http_api_event("POST", "/explain", orjson.dumps({"instances": X.tolist()}))
+    )
+    assert status == 200, raw
+    assert headers["x-model-version"] == "1"
+    answer = orjson.loads(raw)
+    contribs = model.booster.predict(
+        xgb.DMatrix(X, feature_names=model.feature_names), pred_contribs=True
+    )
+    assert answer["feature_names"] == model.feature_names
+    np.testing.assert_allclose(
+        np.asarray(answer["contributions"]), contribs[..., :-1], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(answer["bias"]), contribs[..., -1], rtol=1e-5, atol=1e-6)
+
+
+def test_health_model_docs_openapi(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model, class_names=["no", "yes"])
+    module = function()
+    status, headers, raw = invoke(module, http_api_event("GET", "/health"))
+    assert (status, headers["x-model-version"]) == (200, "1")
+    assert orjson.loads(raw)["model"] == {"name": "default", "version": 1}
+    status, headers, raw = invoke(module, rest_api_event("GET", "/model"))
+    manifest = orjson.loads(raw)
+    assert status == 200
+    assert manifest["version"] == 1
+    assert manifest["feature_names"] == binary_model.feature_names
+    assert "reference" not in manifest
+    assert "source" not in manifest
+    status, headers, raw = invoke(module, http_api_event("GET", "/openapi.json"))
+    assert status == 200
+    assert headers["x-model-version"] == "1"
+    spec = orjson.loads(raw)
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"application/json", "text/csv"} <= set(body)
+    assert "instances" in body["application/json"]["schema"]["properties"]
+    assert "422" in spec["paths"]["/predict"]["post"]["responses"]
+    status, headers, raw = invoke(module, http_api_event("GET", "/docs"))
+    assert status == 200
+    assert b"swagger" in raw.lower()
+
+
+def test_no_model_is_503_everywhere(registry: ModelRegistry, function: Start) -> None:
+    module = function()
+    for event in (
+        http_api_event("GET", "/health"),
+        http_api_event("GET", "/model"),
+        http_api_event("POST", "/predict", b'{"instances": [[1]]}'),
+    ):
+        status, headers, raw = invoke(module, event)
+        assert status == 503
+        assert headers["x-model-version"] == "none"
+        assert orjson.loads(raw)["error"]["type"] == "no_model"
+
+
+BAD_REQUESTS = [
+    (b"", {}, 400, "malformed_body"),
+    (b"{", {}, 400, "malformed_body"),
+    (b'{"instances": [[1, 2, "\xff\xfe"]]}', {}, 400, "malformed_body"),
+    (b'{"instances": [[NaN, 1, 2, 3, 4, 5]]}', {}, 400, "malformed_body"),
+    (b"[" * 100_000, {}, 400, "malformed_body"),
+    (b'{"instances": [[1e999, 1, 2, 3, 4, 5]]}', {}, 400, "malformed_body"),
+    (
+        b'{"instances": [[1, 2, 3, 4, 5, 6]], "instances": [[1, 2, 3, 4, 5, 6]]}',
+        {},
+        400,
+        "malformed_body",
+    ),
+    (b'{"instances": [[1, 2, 3]]}', {}, 422, "input_mismatch"),
+    (b'{"instances": [{"nope": 1}]}', {}, 422, "input_mismatch"),
+    (b'{"instances": [[1, 2, 3, 4, 5, "x"]]}', {}, 422, "input_mismatch"),
+    (b'{"instances": [[1, 2, 3, 4, 5, false]]}', {}, 422, "input_mismatch"),
+    (b'{"instances": [[1, 2, 3, 4, 5, [6]]]}', {}, 422, "input_mismatch"),
+    (b'{"instances": [[1, 2, 3, 4, 5, 1e300]]}', {}, 422, "input_mismatch"),
+    (b"1,2,3,4,5,x\n1,2,3,4,5,6\n", {"Content-Type": "text/csv"}, 422, "input_mismatch"),
+    (
+        b'{"instances": [[1, 2, 3, 4, 5, 6]]}',
+        {"Content-Type": "application/xml"},
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        b'{"instances": [[1, 2, 3, 4, 5, 6]]}',
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        415,
+        "unsupported_media_type",
+    ),
+    (orjson.dumps({"instances": [[1, 2, 3, 4, 5, 6]] * 11}), {}, 413, "payload_too_large"),
+]
+
+
+def test_client_errors(
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every bad request, on both routes, is its 4xx with the error shape and the version."""
+    monkeypatch.setenv("MAX_ROWS", "10")
+    publish(registry, binary_model)
+    module = function()
+    for route in ("/predict", "/explain"):
+        for body, headers, status, kind in BAD_REQUESTS:
+            event = http_api_event("POST", route, body, headers, base64_body=True)
+            got, got_headers, raw = invoke(module, event)
+            case = (route, body[:60], headers)
+            assert got == status, (case, raw)
+            assert got_headers["x-model-version"] == "1", case
+            assert got_headers["content-type"].startswith("application/json"), case
+            error = orjson.loads(raw)["error"]
+            assert error["type"] == kind, case
+            assert error["message"], case
+    # and the environment still serves good requests afterwards
+    good = orjson.dumps({"instances": binary_model.X[:2].tolist()})
+    assert invoke(module, http_api_event("POST", "/predict", good))[0] == 200
+
+
+def test_body_over_byte_limit_is_413(
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAX_BODY_BYTES", "1000")
+    publish(registry, binary_model)
+    module = function()
+    body = orjson.dumps({"instances": binary_model.X[:40].tolist()})
+    status, _, raw = invoke(module, http_api_event("POST", "/predict", body))
+    assert status == 413
+    assert orjson.loads(raw)["error"]["type"] == "payload_too_large"
+
+
+def test_unknown_route_and_method(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    status, headers, raw = invoke(module, http_api_event("GET", "/nope"))
+    assert (status, headers["x-model-version"]) == (404, "1")
+    assert orjson.loads(raw)["error"]["type"] == "not_found"
+    status, headers, raw = invoke(module, http_api_event("GET", "/predict"))
+    assert status == 405
+    assert orjson.loads(raw)["error"]["type"] == "method_not_allowed"
+
+
+def test_fast_path_and_fastapi_routes_answer_alike(
+    registry: ModelRegistry, function: Start, multiclass_model: TrainedModel
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from treeserve.api import create_app
+
+    publish(registry, multiclass_model, class_names=["a", "b", "c"])
+    module = function()
+    body = orjson.dumps({"instances": multiclass_model.X[:7].tolist(), "ids": list(range(7))})
+    answers = []
+    for fast in (True, False):
+        app = create_app(module.service, module.settings, fast_path=fast)
+        with TestClient(app) as client:
+            for path, extra in (
+                ("/predict", {}),
+                ("/explain", {}),
+                ("/predict", {"accept": "text/csv"}),
+            ):
+                r = client.post(
+                    path, content=body, headers={"content-type": "application/json", **extra}
+                )
+                answers.append((r.status_code, r.headers["x-model-version"], r.content))
+            bad = client.post(
+                "/predict", content=b"{", headers={"content-type": "application/json"}
+            )
+            answers.append((bad.status_code, bad.headers["x-model-version"], bad.content))
+    half = len(answers) // 2
+    assert answers[:half] == answers[half:]
+    assert [a[0] for a in answers[:half]] == [200, 200, 200, 400]
+
+
+def test_metrics_and_logs_are_emitted(
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    capsys.readouterr()
+    invoke(
+        module,
+        http_api_event(
+            "POST", "/predict", orjson.dumps({"instances": binary_model.X[:3].tolist()})
+        ),
+    )
+    out = capsys.readouterr().out
+    blobs = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+    emf = [b for b in blobs if "_aws" in b]
+    names = {m["Name"] for b in emf for d in b["_aws"]["CloudWatchMetrics"] for m in d["Metrics"]}
+    assert {"ColdStart", "PredictLatency", "PredictedRows"} <= names
+    rows = next(b for b in emf if "PredictedRows" in b)
+    assert rows["PredictedRows"] == [3.0]
+    assert rows["model_version"] == 1
