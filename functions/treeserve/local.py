@@ -45,10 +45,12 @@ import uvicorn
 from moto.server import ThreadedMotoServer
 
 from treeserve.aws import reset_clients, s3_client, sns_client, sqs_client
+from treeserve.cli import build_parser
+from treeserve.commands import publish
 from treeserve.demo import DemoPackage, write_demo_package
 from treeserve.errors import ConfigurationError, TreeserveError
 from treeserve.invoke import LambdaContext, environment, import_handler, runtime_environment
-from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+from treeserve.registry import ModelRegistry, S3RegistryStore
 from treeserve.template import FunctionDef, Template, load_template
 
 if TYPE_CHECKING:
@@ -720,8 +722,7 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
             _say(
                 out, f"treeserve local: publishing it to s3://{spec.bucket}/{spec.incoming_prefix}"
             )
-            verdict = publish_demo(stack.demo.package, spec, model_name, out)
-            stack.demo_version = verdict.get("version")
+            stack.demo_version = publish_demo(stack.demo.package, spec, model_name)
             _say(
                 out, f"treeserve local: the demo model is version {stack.demo_version}, in service"
             )
@@ -887,22 +888,26 @@ def asgi_app(handler: Callable[..., Any]) -> Any:
     return app
 
 
-def publish_demo(package: Path, spec: StackSpec, model_name: str, out: TextIO) -> dict[str, Any]:
-    """Upload the demo package to ``incoming/<model>/`` and wait for the refresh verdict."""
-    key = f"{spec.incoming_prefix}{model_name}/{package.name}"
-    s3 = s3_client()
-    s3.upload_file(str(package), spec.bucket, key)
-    etag = s3.head_object(Bucket=spec.bucket, Key=key)["ETag"]
-    registry = ModelRegistry(S3RegistryStore(spec.bucket), model_name)
-    uid = upload_id(key, etag)
-    deadline = time.monotonic() + DEMO_TIMEOUT_SECONDS
-    while (outcome := registry.outcome(uid)) is None:
-        if time.monotonic() > deadline:
-            raise TreeserveError(
-                f"the demo model uploaded to s3://{spec.bucket}/{key} got no verdict in "
-                f"{DEMO_TIMEOUT_SECONDS:g} s (see the refresh function's log above)"
-            )
-        time.sleep(0.2)
-    if outcome.get("status") != "promoted":
-        raise TreeserveError(f"the demo model was not promoted: {json.dumps(outcome)}")
-    return outcome
+def publish_demo(package: Path, spec: StackSpec, model_name: str) -> int:
+    """``treeserve publish PACKAGE --wait``, as a user would run it; the version promoted."""
+    args = build_parser().parse_args(
+        [
+            "publish",
+            str(package),
+            "--bucket",
+            spec.bucket,
+            "--name",
+            model_name,
+            "--wait",
+            "--timeout",
+            f"{DEMO_TIMEOUT_SECONDS:g}",
+        ]
+    )
+    code = publish(args)
+    pointer = ModelRegistry(S3RegistryStore(spec.bucket), model_name).current()
+    if code != 0 or pointer is None:
+        raise TreeserveError(
+            f"the demo model was not promoted (publish exit code {code}): see the refresh "
+            "function's log above"
+        )
+    return pointer.version
