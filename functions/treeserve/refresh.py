@@ -1,0 +1,760 @@
+"""RefreshService: an uploaded object -> validated, gated, registered, promoted or rejected.
+
+One call of :meth:`RefreshService.process` handles one ``ObjectCreated`` notification for
+``incoming/<model>/<file>``. The steps, and what a crash between any two of them leaves behind:
+
+1. **Redelivery?** The outcome record ``upload_id(key, etag)`` exists -> return it, do nothing.
+2. **Read** the object (refused unread above ``Limits.max_upload_bytes``), pinned to the event's
+   version (``VersionId``) or ETag (``If-Match``): an object overwritten since its event is not
+   this event's business (``ignored/superseded``; the newer object has its own event).
+3. **Validate** through :func:`treeserve.package.read_upload` (sandboxed load + smoke test).
+   A refusal is recorded with :meth:`ModelRegistry.reject`; the upload stays where it is.
+4. **Same bytes already registered?** (sha256 of the canonical ``model.ubj``.) If that version
+   came from this very upload, an earlier attempt crashed after registering it: carry on with
+   promotion. Otherwise the upload is a ``duplicate`` of that version; nothing new is written.
+5. **Reference statistics** (``reference.csv`` + smoke predictions, or what the model records)
+   and **holdout metrics**, then **register**: the version exists whole or not at all.
+6. **Promote** by compare-and-swap on ``current.json`` (auto mode), re-deciding on a lost race,
+   or leave it registered: manual mode, gate held, or stale upload (below).
+7. **Record the outcome** (create-only), then emit EMF metrics and an SNS notification.
+
+A retry after a crash in 1-7 reruns the pure steps and finds the durable ones done (the version
+by sha256, the pointer already at it, the rejection record), so it completes without a duplicate.
+
+**What "newer" means.** Versions are numbered in registration order, and events may be processed
+out of order, so a version number alone does not say which upload is newer. An upload U is newer
+than the upload C whose version is in service when:
+
+- same key, both with an S3 ``sequencer``: U's sequencer is greater (hex strings left-padded with
+  zeros to equal length, then compared, as S3 documents; sequencers of different keys are not
+  comparable);
+- otherwise, both with an upload time (the event's ``eventTime``, else the object's
+  ``Last-Modified``): U's time is not earlier than C's;
+- and in every case U's version is greater than C's: automatic promotion never moves the pointer
+  back to an older version (that is ``treeserve rollback``'s job).
+
+An upload that is not newer is registered but not promoted (``code="stale"``), so a late or
+redelivered event never overrides a newer promotion.
+
+**Outcome record** (``ModelRegistry.record_outcome``; what ``treeserve publish --wait`` reads)::
+
+    {"upload_id", "status": "promoted"|"registered"|"duplicate"|"rejected"|"ignored",
+     "model", "version", "code", "message", "bucket", "key", "etag", "sequencer",
+     "event_time", "gate": {...} | null, "decided_at", "attempt"}
+
+``code`` says why: the rejection reason for ``rejected``; ``manual``, ``gate``, ``stale`` for a
+version ``registered`` but not promoted; ``superseded``, ``gone`` for ``ignored``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import orjson
+from aws_lambda_powertools import Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import BotoCoreError, ClientError
+
+from treeserve import gate, reference
+from treeserve.aws import s3_client, sns_client
+from treeserve.errors import (
+    NotFound,
+    PreconditionFailed,
+    StorageUnavailable,
+    UploadRejected,
+)
+from treeserve.package import Limits, ModelUpload, read_upload
+from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sns import SNSClient
+
+    from treeserve.manifest import ModelManifest
+    from treeserve.registry import Pointer, RegistryStore
+    from treeserve.settings import Settings
+
+logger = logging.getLogger(__name__)
+metrics = Metrics()
+
+INCOMING_PREFIX = "incoming/"
+# Model names become S3 key segments and metric/log values: keep them boring.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+READ_CHUNK_BYTES = 1024 * 1024
+# A promotion that keeps losing the compare-and-swap race gives up and lets Lambda retry.
+PROMOTE_ATTEMPTS = 5
+
+Status = Literal["promoted", "registered", "duplicate", "rejected", "ignored"]
+
+
+# --- events and outcomes -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UploadEvent:
+    """One ``ObjectCreated`` notification, whatever envelope it came in."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int | None = None
+    sequencer: str | None = None
+    event_time: str | None = None
+    version_id: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one upload. Recorded once per ``upload_id``; redeliveries return it."""
+
+    status: Status
+    key: str
+    etag: str
+    model: str | None = None
+    upload_id: str | None = None
+    version: int | None = None
+    code: str | None = None
+    message: str = ""
+    bucket: str | None = None
+    sequencer: str | None = None
+    event_time: str | None = None
+    gate: dict[str, Any] | None = None
+    decided_at: str = field(default_factory=_now)
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Not recorded: True when this call found the outcome already recorded.
+    redelivered: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("redelivered")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        known = set(cls.__dataclass_fields__) - {"redelivered"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def parse_incoming_key(key: str) -> tuple[str, str] | None:
+    """``incoming/<model>/<...>/<file>`` -> (model, file name); None for any other key."""
+    if not key.startswith(INCOMING_PREFIX) or key.endswith("/"):
+        return None
+    parts = key[len(INCOMING_PREFIX) :].split("/")
+    if len(parts) < 2 or not parts[0] or not parts[-1]:
+        return None
+    return parts[0], parts[-1]
+
+
+def valid_model_name(name: str) -> bool:
+    """Letters, digits, ``.``, ``_``, ``-``; starting with a letter or digit; 1-64 characters."""
+    return MODEL_NAME_RE.fullmatch(name) is not None
+
+
+def compare_sequencers(a: str, b: str) -> int:
+    """-1, 0 or 1 as S3 sequencer ``a`` is before, equal to or after ``b`` (same key only)."""
+    width = max(len(a), len(b))
+    left, right = a.upper().rjust(width, "0"), b.upper().rjust(width, "0")
+    return (left > right) - (left < right)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def is_newer(upload: dict[str, Any], champion: dict[str, Any]) -> bool:
+    """Whether ``upload`` happened after ``champion`` (both ``manifest.source`` records).
+
+    Unknown order (no sequencer or time to compare) counts as newer: the version-number rule
+    in the caller still keeps the pointer from going backwards.
+    """
+    if upload.get("key") == champion.get("key"):
+        mine, theirs = upload.get("sequencer"), champion.get("sequencer")
+        if isinstance(mine, str) and isinstance(theirs, str) and mine and theirs:
+            return compare_sequencers(mine, theirs) > 0
+    mine_t, theirs_t = (
+        _parse_time(upload.get("event_time")),
+        _parse_time(champion.get("event_time")),
+    )
+    if mine_t is not None and theirs_t is not None:
+        return mine_t >= theirs_t
+    return True
+
+
+# --- reading the uploaded object ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UploadObject:
+    data: bytes
+    last_modified: str | None
+
+
+class UploadSource(Protocol):
+    """Where uploads are read from (S3; tests may inject faults)."""
+
+    def read(self, event: UploadEvent, max_bytes: int) -> UploadObject:
+        """The object's bytes. Raises NotFound (gone), PreconditionFailed (overwritten since the
+        event), UploadRejected ``too_large``, StorageUnavailable."""
+        ...
+
+
+class S3UploadSource:
+    """Reads ``incoming/`` objects from S3, bounded, pinned to the event's version or ETag."""
+
+    def __init__(self, s3: S3Client | None = None) -> None:
+        self._s3 = s3
+
+    @property
+    def s3(self) -> S3Client:
+        if self._s3 is None:
+            self._s3 = s3_client()
+        return self._s3
+
+    def read(self, event: UploadEvent, max_bytes: int) -> UploadObject:
+        kwargs: dict[str, Any] = {"Bucket": event.bucket, "Key": event.key}
+        if event.version_id:
+            kwargs["VersionId"] = event.version_id
+        elif event.etag:
+            kwargs["IfMatch"] = f'"{event.etag}"'
+        with _s3_errors():
+            response = self.s3.get_object(**kwargs)
+            body = response["Body"]
+            try:
+                length = response.get("ContentLength")
+                if length is not None and length > max_bytes:
+                    raise _too_large(length, max_bytes)
+                chunks: list[bytes] = []
+                total = 0
+                while True:
+                    chunk = body.read(READ_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > max_bytes:  # the header lied or was absent: stop reading anyway
+                        raise _too_large(total, max_bytes)
+                    chunks.append(chunk)
+            finally:
+                body.close()
+        modified = response.get("LastModified")
+        return UploadObject(
+            b"".join(chunks),
+            modified.astimezone(UTC).isoformat().replace("+00:00", "Z") if modified else None,
+        )
+
+
+def _too_large(size: int, max_bytes: int) -> UploadRejected:
+    return UploadRejected(
+        "too_large", f"the upload is {size} bytes or more; the limit is {max_bytes} bytes"
+    )
+
+
+class _s3_errors:  # noqa: N801 - used as a context manager, reads like one
+    """Turn botocore errors into domain errors (the one adapter for reads of uploads)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "NoSuchVersion", "404", "NotFound") or status == 404:
+                raise NotFound(f"the upload is gone: {code}") from exc
+            if code in ("PreconditionFailed", "412") or status == 412:
+                raise PreconditionFailed("the upload was overwritten since its event") from exc
+            raise StorageUnavailable(f"S3 failed reading the upload: {code or status}") from exc
+        if isinstance(exc, BotoCoreError):
+            raise StorageUnavailable(f"S3 failed reading the upload: {type(exc).__name__}") from exc
+
+
+# --- reference statistics (treeserve.reference) ------------------------------------------------
+
+
+def reference_statistics(upload: ModelUpload) -> tuple[dict[str, Any] | None, str]:
+    """The monitoring baseline and where it came from: ``reference.csv`` or the model itself."""
+    if upload.reference is not None and upload.reference.size:
+        predictions = np.asarray(upload.smoke_predictions)
+        stats = reference.compute_reference(
+            upload.reference, upload.feature_names, upload.feature_types, predictions
+        )
+        return stats, "reference.csv"
+    return reference.reference_from_model(
+        upload.model_ubj, upload.feature_names, upload.feature_types
+    ), "model"
+
+
+# --- the service -------------------------------------------------------------------------------
+
+
+class RefreshService:
+    """Turns ``incoming/`` uploads into registry versions (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry_factory: Callable[[str], ModelRegistry] | None = None,
+        *,
+        store: RegistryStore | None = None,
+        s3: S3Client | None = None,
+        sns: SNSClient | None = None,
+        source: UploadSource | None = None,
+        limits: Limits | None = None,
+        metrics_sink: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.limits = limits or Limits()
+        self._s3 = s3
+        self._sns = sns
+        self._store = store
+        self._registry_factory = registry_factory
+        self.source: UploadSource = source or S3UploadSource(s3)
+        self.metrics = metrics_sink or metrics
+
+    # -- wiring
+
+    def registry(self, model: str) -> ModelRegistry:
+        if self._registry_factory is not None:
+            return self._registry_factory(model)
+        if self._store is None:
+            self._store = S3RegistryStore(self.settings.model_bucket, self._s3)
+        return ModelRegistry(self._store, model)
+
+    @property
+    def sns(self) -> SNSClient:
+        if self._sns is None:
+            self._sns = sns_client()
+        return self._sns
+
+    # -- entry point
+
+    def process(
+        self,
+        bucket: str,
+        key: str,
+        etag: str,
+        size: int | None = None,
+        sequencer: str | None = None,
+        *,
+        event_time: str | None = None,
+        version_id: str | None = None,
+    ) -> Outcome:
+        """Handle one ObjectCreated notification; idempotent. Raises StorageUnavailable."""
+        event = UploadEvent(
+            bucket, key, etag.strip('"'), size, sequencer or None, event_time, version_id
+        )
+        parsed = parse_incoming_key(key)
+        if parsed is None:
+            logger.info("ignored: not an incoming/<model>/<file> key", extra={"key": key})
+            return self._ignored(event, None, "not_incoming", "not an incoming/<model>/<file> key")
+        model, filename = parsed
+        if not valid_model_name(model):
+            logger.warning("ignored: invalid model name in key", extra={"key": key})
+            return self._ignored(
+                event,
+                None,
+                "bad_name",
+                "model names are 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit",
+            )
+        if bucket != self.settings.model_bucket:
+            logger.warning("ignored: not the model bucket", extra={"bucket": bucket, "key": key})
+            return self._ignored(event, model, "other_bucket", f"not the model bucket {bucket}")
+
+        registry = self.registry(model)
+        uid = upload_id(key, event.etag)
+        recorded = registry.outcome(uid)
+        if recorded is not None:
+            outcome = Outcome.from_dict(recorded)
+            outcome.redelivered = True
+            logger.info(
+                "redelivered: outcome already recorded",
+                extra={"upload_id": uid, "status": outcome.status, "version": outcome.version},
+            )
+            return outcome
+
+        started = time.perf_counter()
+        outcome = self._decide(registry, event, model, filename, uid)
+        return self._finish(registry, outcome, time.perf_counter() - started)
+
+    # -- the steps
+
+    def _decide(
+        self, registry: ModelRegistry, event: UploadEvent, model: str, filename: str, uid: str
+    ) -> Outcome:
+        base = {"model": model, "upload_id": uid}
+        try:
+            if event.size is not None and event.size > self.limits.max_upload_bytes:
+                raise _too_large(event.size, self.limits.max_upload_bytes)
+            try:
+                obj = self.source.read(event, self.limits.max_upload_bytes)
+            except NotFound:
+                return self._ignored(event, model, "gone", "the upload no longer exists", uid)
+            except PreconditionFailed:
+                return self._ignored(
+                    event,
+                    model,
+                    "superseded",
+                    "the object was overwritten since this event; its own event handles it",
+                    uid,
+                )
+            upload = read_upload(obj.data, filename, limits=self.limits)
+            source = self._source(event, obj, upload)
+            existing = registry.find_version_by_sha256(upload.sha256)
+            if existing is not None:
+                existing_manifest = registry.manifest(existing)
+                if not _same_upload(existing_manifest.source, source):
+                    return self._duplicate(event, existing, base)
+                # An earlier attempt at this very upload registered it, then stopped: finish.
+                version, manifest = existing, existing_manifest
+                gates = _Gates(self, registry, upload, manifest)
+            else:
+                manifest = upload.to_manifest(model)
+                gates = _Gates(self, registry, upload, manifest)
+                verdict = gates.against(registry.current())
+                manifest.holdout_metrics = dict(gates.challenger_metrics)
+                manifest.validation = {**(manifest.validation or {}), "gate": verdict.to_dict()}
+                manifest.reference, manifest.reference_source = reference_statistics(upload)
+                manifest.source = source
+                manifest.created_at = manifest.created_at or _now()
+                version = registry.register(upload.model_ubj, manifest)
+                logger.info("registered", extra={"model": model, "version": version})
+                self._count("ModelsRegistered")
+                # Two deliveries racing through registration can both write a version of the
+                # same bytes. The lowest one is canonical: only it is ever promoted.
+                first = registry.find_version_by_sha256(upload.sha256)
+                if first is not None and first != version:
+                    first_manifest = registry.manifest(first)
+                    if not _same_upload(first_manifest.source, source):
+                        return self._duplicate(event, first, base)
+                    logger.warning(
+                        "a concurrent delivery registered this upload first",
+                        extra={"model": model, "version": first, "orphan": version},
+                    )
+                    version, manifest = first, first_manifest
+        except UploadRejected as rejected:
+            return self._reject(registry, event, model, uid, rejected)
+        return self._promote_or_hold(
+            registry=registry,
+            event=event,
+            version=version,
+            manifest=manifest,
+            gates=gates,
+            base=base,
+        )
+
+    def _promote_or_hold(
+        self,
+        *,
+        registry: ModelRegistry,
+        event: UploadEvent,
+        version: int,
+        manifest: ModelManifest,
+        gates: _Gates,
+        base: dict[str, Any],
+    ) -> Outcome:
+        fields = {**self._event_fields(event), **base, "version": version}
+
+        def held(code: str, message: str, result: gate.GateResult | None = None) -> Outcome:
+            return Outcome(
+                "registered",
+                event.key,
+                event.etag,
+                code=code,
+                message=message,
+                gate=result.to_dict() if result else None,
+                **fields,
+            )
+
+        if self.settings.promotion_mode == "manual":
+            return held("manual", f"registered as version {version}; PROMOTION_MODE=manual")
+        for _ in range(PROMOTE_ATTEMPTS):
+            current = registry.current()
+            if current is not None and current.version == version:
+                # A previous attempt promoted it and stopped before recording the outcome.
+                return Outcome(
+                    "promoted",
+                    event.key,
+                    event.etag,
+                    message=f"version {version} is in service",
+                    **fields,
+                )
+            if current is not None:
+                if version < current.version:
+                    return held(
+                        "stale",
+                        f"registered as version {version}; version {current.version} is in "
+                        "service and automatic promotion never goes back to an older version",
+                    )
+                champion_source = registry.manifest(current.version).source
+                if not is_newer(manifest.source, champion_source):
+                    return held(
+                        "stale",
+                        f"registered as version {version}; the upload in service "
+                        f"(version {current.version}) is newer than this one",
+                    )
+            result = gates.against(current)
+            if not result.passed:
+                return held("gate", f"registered as version {version}; {result.reason}", result)
+            try:
+                registry.promote(version, expected_etag=current.etag if current else None)
+            except PreconditionFailed:
+                logger.info("pointer moved while promoting; deciding again", extra=fields)
+                continue
+            logger.info("promoted", extra={"model": base["model"], "version": version})
+            return Outcome(
+                "promoted",
+                event.key,
+                event.etag,
+                message=f"version {version} promoted: {result.reason}",
+                gate=result.to_dict(),
+                **fields,
+            )
+        raise StorageUnavailable(
+            f"current.json kept changing during {PROMOTE_ATTEMPTS} promotion attempts; retry"
+        )
+
+    def _reject(
+        self,
+        registry: ModelRegistry,
+        event: UploadEvent,
+        model: str,
+        uid: str,
+        rejected: UploadRejected,
+    ) -> Outcome:
+        logger.info("rejected", extra={"model": model, "key": event.key, "code": rejected.code})
+        source = {
+            "bucket": event.bucket,
+            "key": event.key,
+            "etag": event.etag,
+            "size": event.size,
+            "version_id": event.version_id,
+            "sequencer": event.sequencer,
+            "event_time": event.event_time,
+        }
+        registry.reject(uid, rejected.code, rejected.message, source)
+        return Outcome(
+            "rejected",
+            event.key,
+            event.etag,
+            model=model,
+            upload_id=uid,
+            code=rejected.code,
+            message=rejected.message,
+            **self._event_fields(event),
+        )
+
+    def _finish(self, registry: ModelRegistry, outcome: Outcome, seconds: float) -> Outcome:
+        assert outcome.upload_id is not None  # noqa: S101 - only recorded outcomes get here
+        recorded = registry.record_outcome(outcome.upload_id, outcome.to_dict())
+        if recorded.get("attempt") != outcome.attempt:
+            # A concurrent delivery of the same event recorded first; its word is final.
+            winner = Outcome.from_dict(recorded)
+            winner.redelivered = True
+            return winner
+        if outcome.status == "rejected":
+            self._count("ModelsRejected")
+        elif outcome.status == "promoted":
+            self._count("ModelsPromoted")
+        self.metrics.add_metric(name="RefreshSeconds", unit=MetricUnit.Seconds, value=seconds)
+        if outcome.status in ("rejected", "promoted", "registered"):
+            self._notify(outcome)
+        return outcome
+
+    # -- helpers
+
+    def _duplicate(self, event: UploadEvent, version: int, base: dict[str, Any]) -> Outcome:
+        return Outcome(
+            "duplicate",
+            event.key,
+            event.etag,
+            version=version,
+            code="duplicate",
+            message=f"the same model bytes are already version {version}; nothing new was "
+            f"registered (put it in service with `treeserve promote {version}`)",
+            **self._event_fields(event),
+            **base,
+        )
+
+    def _ignored(
+        self,
+        event: UploadEvent,
+        model: str | None,
+        code: str,
+        message: str,
+        uid: str | None = None,
+    ) -> Outcome:
+        return Outcome(
+            "ignored",
+            event.key,
+            event.etag,
+            model=model,
+            upload_id=uid,
+            code=code,
+            message=message,
+            **self._event_fields(event),
+        )
+
+    @staticmethod
+    def _event_fields(event: UploadEvent) -> dict[str, Any]:
+        return {
+            "bucket": event.bucket,
+            "sequencer": event.sequencer,
+            "event_time": event.event_time,
+        }
+
+    @staticmethod
+    def _source(event: UploadEvent, obj: UploadObject, upload: ModelUpload) -> dict[str, Any]:
+        return {
+            "bucket": event.bucket,
+            "key": event.key,
+            "etag": event.etag,
+            "version_id": event.version_id,
+            "sequencer": event.sequencer,
+            # Upload time: the event's, else the object's Last-Modified (direct invocations).
+            "event_time": event.event_time or obj.last_modified,
+            "upload_sha256": upload.upload_sha256,
+            "upload_size": upload.upload_size,
+        }
+
+    def _count(self, name: str) -> None:
+        self.metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+
+    def _notify(self, outcome: Outcome) -> None:
+        """Tell the topic; best effort: the registry already holds the truth."""
+        topic = self.settings.notification_topic_arn
+        if not topic:
+            return
+        subject = f"treeserve {outcome.model}: {outcome.status}"
+        if outcome.version is not None:
+            subject += f" v{outcome.version}"
+        try:
+            self.sns.publish(
+                TopicArn=topic,
+                Subject=subject[:100],
+                Message=orjson.dumps(outcome.to_dict()).decode(),
+                MessageAttributes={
+                    "status": {"DataType": "String", "StringValue": outcome.status},
+                    "model": {"DataType": "String", "StringValue": outcome.model or "-"},
+                },
+            )
+        except (ClientError, BotoCoreError) as exc:
+            # The outcome is recorded and the metrics are out; a lost notification must not
+            # fail the invocation and send a finished upload to the retry queue.
+            logger.error("SNS notification failed", extra={"error": type(exc).__name__})
+            self._count("NotificationsFailed")
+
+
+def _same_upload(registered: dict[str, Any], upload: dict[str, Any]) -> bool:
+    return bool(registered) and all(
+        registered.get(k) == upload.get(k) for k in ("bucket", "key", "etag")
+    )
+
+
+class _Gates:
+    """The quality gate for one upload, scored once per champion version."""
+
+    def __init__(
+        self,
+        service: RefreshService,
+        registry: ModelRegistry,
+        upload: ModelUpload,
+        manifest: ModelManifest,
+    ) -> None:
+        self.service = service
+        self.registry = registry
+        self.upload = upload
+        self.manifest = manifest
+        self._results: dict[int | None, gate.GateResult] = {}
+        self._challenger: dict[str, float] | None = None
+        self._y: np.ndarray | None = None
+
+    @property
+    def has_holdout(self) -> bool:
+        return self.upload.holdout_X is not None and self.upload.holdout_y is not None
+
+    @property
+    def challenger_metrics(self) -> dict[str, float]:
+        """The challenger's own holdout metrics ({} without a holdout or an ungated task)."""
+        if self._challenger is None:
+            self._challenger = {}
+            task = self.manifest.task
+            if self.upload.holdout_y is not None and task in gate.GATED_TASKS:
+                self._y = gate.check_labels(task, self.upload.holdout_y, self.manifest.num_class)
+                outputs = gate.model_outputs(self.upload.model_ubj, self._holdout, task)
+                if not np.all(np.isfinite(outputs)):
+                    raise UploadRejected(
+                        "non_finite", "the model predicts non-finite values on the holdout"
+                    )
+                self._challenger = gate.score(task, self._y, outputs)
+        return self._challenger
+
+    @property
+    def _holdout(self) -> np.ndarray:
+        return np.asarray(self.upload.holdout_X, dtype=np.float64)
+
+    def against(self, current: Pointer | None) -> gate.GateResult:
+        champion_version = current.version if current is not None else None
+        cached = self._results.get(champion_version)
+        if cached is None:
+            cached = self._score(champion_version)
+            self._results[champion_version] = cached
+        return cached
+
+    def _score(self, champion_version: int | None) -> gate.GateResult:
+        tolerance = self.service.settings.promotion_tolerance
+        challenger = self.challenger_metrics
+        task = self.manifest.task
+        if not self.has_holdout:
+            return gate.GateResult("skip", "no holdout to gate on", tolerance=tolerance)
+        if task not in gate.GATED_TASKS:
+            return gate.GateResult(
+                "skip", f"no quality metric for a {task} model", tolerance=tolerance
+            )
+        if champion_version is None:
+            return gate.GateResult(
+                "skip", "no champion in service", tolerance=tolerance, challenger=challenger
+            )
+        champion = self.registry.manifest(champion_version)
+        columns = gate.champion_columns(self.manifest.feature_names, champion.feature_names)
+        comparable = (
+            champion.task == task
+            and columns is not None
+            and (task != "multiclass" or champion.num_class == self.manifest.num_class)
+        )
+        if not comparable or columns is None or self._y is None:
+            # Fail closed: a gate that cannot compare must not wave a schema change through.
+            return gate.GateResult(
+                "hold",
+                f"the champion (v{champion_version}, {champion.task}, "
+                f"{len(champion.feature_names)} features) cannot be scored on this holdout; "
+                "promote by hand if the change is intended",
+                tolerance=tolerance,
+                challenger=challenger,
+                champion_version=champion_version,
+            )
+        champion_outputs = gate.model_outputs(
+            self.registry.model_bytes(champion_version), self._holdout[:, columns], task
+        )
+        champion_metrics = gate.score(task, self._y, champion_outputs)
+        return gate.compare(
+            task, challenger, champion_metrics, tolerance, champion_version=champion_version
+        )
