@@ -1,0 +1,321 @@
+"""Every event in events/ through the template's own wiring (`treeserve invoke`'s path), on moto.
+
+The folder is enumerated: an event file without an expectation here fails the suite. The model
+the events are written for is tests/conftest.py's ``train()`` default (6 features f0..f5), as
+events/README.md says. The bucket is the one template.yaml names, resolved locally.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import EVENTS, ROOT, TrainedModel, train
+from treeserve.invoke import InvokeResult, invoke
+from treeserve.template import Template, load_template
+
+pytestmark = pytest.mark.integration
+
+N_ROWS = 2  # rows in the predict events
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(result: InvokeResult) -> Response:
+    assert result.ok, result.error
+    payload = result.payload
+    body = payload.get("body") or ""
+    raw = base64.b64decode(body) if payload.get("isBase64Encoded") else body.encode()
+    headers = {k.lower(): v for k, v in (payload.get("headers") or {}).items()}
+    for k, values in (payload.get("multiValueHeaders") or {}).items():
+        headers.setdefault(k.lower(), values[0])
+    return Response(int(payload["statusCode"]), headers, raw)
+
+
+def predicted(n: int) -> Callable[[Response], None]:
+    def check(r: Response) -> None:
+        assert r.status == 200, r.body
+        body = r.json()
+        assert body["model"] == {"name": "default", "version": 1}
+        assert len(body["predictions"]) == n
+        assert all(0.0 <= p <= 1.0 for p in body["predictions"])  # binary: probabilities
+        assert len(body["labels"]) == n
+        assert r.headers["x-model-version"] == "1"
+
+    return check
+
+
+def csv_predicted(r: Response) -> None:
+    assert r.status == 200, r.body
+    assert r.headers["content-type"].startswith("text/csv")
+    lines = [line for line in r.body.decode().splitlines() if line]
+    assert len(lines) == N_ROWS + 1  # header + rows
+
+
+def explained(r: Response) -> None:
+    assert r.status == 200, r.body
+    text = json.dumps(r.json())
+    for name in ("f0", "f5"):
+        assert name in text
+
+
+def healthy(r: Response) -> None:
+    assert r.status == 200, r.body
+    assert r.headers["x-model-version"] == "1"
+
+
+def model_card(r: Response) -> None:
+    assert r.status == 200, r.body
+    text = json.dumps(r.json())
+    assert all(f"f{i}" in text for i in range(6))
+    assert "sha256" in text
+
+
+def docs(r: Response) -> None:
+    assert r.status == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert b"openapi.json" in r.body
+
+
+def openapi(r: Response) -> None:
+    assert r.status == 200
+    spec = r.json()
+    assert spec["openapi"].startswith("3.")
+    assert {"/predict", "/explain", "/health", "/model"} <= set(spec["paths"])
+
+
+def error(status: int, kind: str | None = None) -> Callable[[Response], None]:
+    def check(r: Response) -> None:
+        assert r.status == status, r.body
+        err = r.json()["error"]
+        assert err["message"]
+        if kind is not None:
+            assert err["type"] == kind
+
+    return check
+
+
+API: dict[str, Callable[[Response], None]] = {
+    "apigw-v2-predict-rows.json": predicted(N_ROWS),
+    "apigw-v2-predict-records.json": predicted(N_ROWS),
+    "apigw-v2-predict-csv.json": predicted(N_ROWS),
+    "apigw-v2-predict-accept-csv.json": csv_predicted,
+    "apigw-v2-predict-base64-no-content-type.json": predicted(N_ROWS),
+    "apigw-v2-explain.json": explained,
+    "apigw-v2-health.json": healthy,
+    "apigw-v2-model.json": model_card,
+    "apigw-v2-docs.json": docs,
+    "apigw-v2-openapi.json": openapi,
+    "apigw-v2-predict-malformed-body.json": error(400, "malformed_body"),
+    "apigw-v2-predict-too-many-columns.json": error(422, "input_mismatch"),
+    "apigw-v2-predict-unsupported-media.json": error(415, "unsupported_media_type"),
+    "apigw-v1-rest-predict.json": predicted(N_ROWS),
+    "function-url-predict.json": predicted(N_ROWS),
+}
+
+# Refresh events: the key each one names (uploaded before invoking) and the expected answer.
+REFRESH: dict[str, str | None] = {
+    "s3-put-incoming.json": "incoming/default/model.ubj",
+    "sqs-s3-put-incoming.json": "incoming/default/model-sqs.ubj",
+    "eventbridge-object-created.json": "incoming/default/model-eventbridge.ubj",
+    "s3-test-event.json": None,
+}
+
+MONITORING = ("monitoring-scheduled.json", "monitoring-direct.json")
+
+
+def test_every_event_file_has_an_expectation() -> None:
+    files = {p.name for p in EVENTS.glob("*.json")}
+    expected = set(API) | set(REFRESH) | set(MONITORING)
+    assert files == expected, (
+        f"without expectation: {sorted(files - expected)}; missing: {sorted(expected - files)}"
+    )
+
+
+def test_events_readme_documents_the_model() -> None:
+    readme = (EVENTS / "README.md").read_text()
+    assert "f0" in readme
+    assert "f5" in readme
+    for name in API | REFRESH:
+        assert name in readme, name
+    for name in MONITORING:
+        assert name in readme, name
+
+
+# --- the stack: moto with the template's bucket, a model promoted through refresh -------------
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return load_template(ROOT / "template.yaml")
+
+
+@pytest.fixture(scope="module")
+def model() -> TrainedModel:
+    return train("binary:logistic")
+
+
+def load_event(name: str) -> Any:
+    return json.loads((EVENTS / name).read_text())
+
+
+def upload(s3: Any, bucket: str, key: str, data: bytes) -> tuple[str, int]:
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    head = s3.head_object(Bucket=bucket, Key=key)
+    return head["ETag"].strip('"'), int(head["ContentLength"])
+
+
+def with_real_object(event: Any, key: str, etag: str, size: int) -> Any:
+    """The event as S3 would send it for the object the test uploaded (real eTag and size)."""
+    text = json.dumps(event)
+    if "Records" in event and "body" in event["Records"][0]:
+        body = json.loads(event["Records"][0]["body"])
+        body["Records"][0]["s3"]["object"].update({"eTag": etag, "size": size})
+        event["Records"][0]["body"] = json.dumps(body)
+        return event
+    if "detail" in event:
+        event["detail"]["object"].update({"etag": etag, "size": size})
+        return event
+    event = json.loads(text)
+    event["Records"][0]["s3"]["object"].update({"eTag": etag, "size": size})
+    return event
+
+
+@pytest.fixture
+def stack(aws: None, template: Template) -> Any:
+    from treeserve.aws import s3_client
+
+    s3 = s3_client()
+    s3.create_bucket(Bucket=template.bucket_name())
+    return s3
+
+
+def promote_through_refresh(template: Template, s3: Any, model: TrainedModel) -> dict[str, Any]:
+    bucket = template.bucket_name()
+    key = REFRESH["s3-put-incoming.json"]
+    assert key is not None
+    etag, size = upload(s3, bucket, key, model.ubj())
+    event = with_real_object(load_event("s3-put-incoming.json"), key, etag, size)
+    result = invoke(template, "RefreshFunction", event, fresh=True)
+    assert result.ok, result.error
+    return result.payload  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="class")
+def promoted(template: Template, model: TrainedModel) -> Iterator[Any]:
+    """One moto world for the API events: the template's bucket, a model promoted by refresh."""
+    from moto import mock_aws
+
+    from treeserve.aws import reset_clients, s3_client
+
+    reset_clients()
+    with mock_aws():
+        s3 = s3_client()
+        s3.create_bucket(Bucket=template.bucket_name())
+        promote_through_refresh(template, s3, model)
+        yield s3
+    reset_clients()
+
+
+class TestApiEvents:
+    @pytest.mark.parametrize("name", sorted(API))
+    def test_api_event(self, name: str, promoted: Any, template: Template) -> None:
+        # A cold start (fresh import) after the promotion: the model loads at import, as in Lambda.
+        result = invoke(template, "InferenceFunction", load_event(name), fresh=True)
+        API[name](http(result))
+
+
+def test_health_is_503_before_any_model(stack: Any, template: Template) -> None:
+    result = invoke(template, "InferenceFunction", load_event("apigw-v2-health.json"), fresh=True)
+    response = http(result)
+    assert response.status == 503
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", sorted(REFRESH))
+def test_refresh_event(name: str, stack: Any, template: Template, model: TrainedModel) -> None:
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    bucket = template.bucket_name()
+    key = REFRESH[name]
+    event = load_event(name)
+    if key is not None:
+        etag, size = upload(stack, bucket, key, model.ubj())
+        event = with_real_object(event, key, etag, size)
+    result = invoke(template, "RefreshFunction", event, fresh=True)
+    assert result.ok, result.error
+    registry = ModelRegistry(S3RegistryStore(bucket, stack), "default")
+    if key is None:  # s3:TestEvent: nothing to do, nothing registered
+        assert result.payload == {"outcomes": []}
+        assert registry.current() is None
+        return
+    if name.startswith("sqs-"):
+        assert result.payload == {"batchItemFailures": []}
+    else:
+        (outcome,) = result.payload["outcomes"]
+        assert outcome["status"] == "promoted"
+        assert outcome["key"] == key
+        assert outcome["version"] == 1
+    pointer = registry.current()
+    assert pointer is not None
+    assert pointer.version == 1
+    # Redelivery (S3 delivers at least once) gives the same outcome, no second version.
+    again = invoke(template, "RefreshFunction", event)
+    assert again.ok, again.error
+    assert registry.versions() == [1]
+
+
+def test_refresh_event_for_a_missing_object_fails_the_invocation(
+    stack: Any, template: Template
+) -> None:
+    """An event whose object is not there: the invocation fails (Lambda retries), no version."""
+    event = with_real_object(
+        load_event("s3-put-incoming.json"), "incoming/default/model.ubj", "0" * 32, 10
+    )
+    result = invoke(template, "RefreshFunction", event, fresh=True)
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    registry = ModelRegistry(S3RegistryStore(template.bucket_name(), stack), "default")
+    assert registry.current() is None
+    if result.ok:  # a vanished upload may also be recorded as rejected/ignored, never promoted
+        assert all(o["status"] != "promoted" for o in result.payload["outcomes"])
+    else:
+        assert result.error is not None
+        assert result.error["errorType"]
+
+
+MONITORING_APP = ROOT / "functions" / "monitoring" / "app.py"
+
+
+@pytest.mark.parametrize("name", MONITORING)
+def test_monitoring_event(name: str, stack: Any, template: Template, model: TrainedModel) -> None:
+    if not MONITORING_APP.exists():
+        pytest.skip("functions/monitoring/app.py is not written yet")
+    promote_through_refresh(template, stack, model)
+    # Some traffic first, so the run has captures to compare (capture every row).
+    predict = invoke(
+        template,
+        "InferenceFunction",
+        load_event("apigw-v2-predict-rows.json"),
+        env_overrides={"Parameters": {"CAPTURE_SAMPLE_RATE": "1", "CAPTURE_MAX_ROWS": "1"}},
+        fresh=True,
+    )
+    assert http(predict).status == 200
+    result = invoke(template, "MonitoringFunction", load_event(name), fresh=True)
+    assert result.ok, result.error
+    assert isinstance(result.payload, dict)
+    reports = stack.list_objects_v2(Bucket=template.bucket_name(), Prefix="reports/default/")
+    assert reports.get("KeyCount", 0) >= 1
