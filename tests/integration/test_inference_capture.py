@@ -1,0 +1,96 @@
+"""Capture through the handler: sampled rows land in S3 as gzipped JSON Lines, in batches."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import xgboost as xgb
+
+from tests.conftest import BUCKET, LambdaContext, TrainedModel
+from tests.inference_support import http_api_event
+from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
+    function_fixture,
+    publish,
+    registry_fixture,
+)
+from treeserve.registry import ModelRegistry
+
+pytestmark = pytest.mark.integration
+
+
+def test_captured_in_batches_with_schema(
+    registry: ModelRegistry,
+    function: Callable[[], ModuleType],
+    binary_model: TrainedModel,
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPTURE_SAMPLE_RATE", "1")
+    monkeypatch.setenv("CAPTURE_MAX_ROWS", "10")
+    publish(registry, binary_model, class_names=["no", "yes"])
+    module = function()
+    puts: list[str] = []
+    s3.meta.events.register(
+        "provide-client-params.s3.PutObject", lambda params, **_: puts.append(params["Key"])
+    )
+    X = binary_model.X[:4].copy()
+    X[0, 0] = np.nan
+    for k in range(6):  # 24 rows: two batches of 12, not six writes
+        body = orjson.dumps({"instances": X.tolist(), "ids": [f"q{k}-{i}" for i in range(4)]})
+        response = module.handler(http_api_event("POST", "/predict", body), LambdaContext())
+        assert response["statusCode"] == 200
+    assert len(puts) == 2
+    keys = sorted(
+        o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/default/")["Contents"]
+    )
+    assert keys == sorted(puts)
+    assert all(k.startswith("captures/default/dt=") and k.endswith(".jsonl.gz") for k in keys)
+    rows = [
+        orjson.loads(line)
+        for key in keys
+        for line in gzip.decompress(
+            s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        ).splitlines()
+    ]
+    assert len(rows) == 24
+    assert {r["id"] for r in rows} == {f"q{k}-{i}" for k in range(6) for i in range(4)}
+    first = next(r for r in rows if r["id"] == "q0-0")
+    p = binary_model.booster.predict(xgb.DMatrix(X[:1], feature_names=binary_model.feature_names))[
+        0
+    ]
+    assert first["features"][0] is None
+    assert first["features"][1:] == pytest.approx(X[0, 1:].tolist(), rel=1e-6)
+    assert first["prediction"] == pytest.approx(float(p), rel=1e-6)
+    assert first["label"] == ("yes" if p >= 0.5 else "no")
+    assert first["version"] == 1
+    assert first["ts"].endswith("Z")
+
+
+def test_capture_failure_never_fails_requests(
+    registry: ModelRegistry,
+    function: Callable[[], ModuleType],
+    binary_model: TrainedModel,
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPTURE_SAMPLE_RATE", "1")
+    monkeypatch.setenv("CAPTURE_MAX_ROWS", "2")
+    publish(registry, binary_model)
+    module = function()
+
+    def boom(**_: Any) -> None:
+        raise ConnectionError("S3 is down")
+
+    s3.meta.events.register("before-call.s3.PutObject", boom)
+    body = orjson.dumps({"instances": binary_model.X[:3].tolist()})
+    for _ in range(3):
+        response = module.handler(http_api_event("POST", "/predict", body), LambdaContext())
+        assert response["statusCode"] == 200
+    assert module.capture.flush_failures == 3
+    assert module.capture.buffered_rows == 0
