@@ -117,7 +117,7 @@ def _bad_versions(registry: ModelRegistry, s3: Any, good: TrainedModel) -> list[
     return [v2, v3, v4]
 
 
-def test_corrupt_new_versions_are_never_served(
+def test_corrupt_new_versions_are_never_served(  # noqa: PLR0917 -- fixtures
     registry: ModelRegistry,
     function: Start,
     binary_model: TrainedModel,
