@@ -1,0 +1,466 @@
+"""CLI commands: ``treeserve publish``, ``status``, ``promote``, ``rollback``.
+
+Each takes the parsed ``argparse`` namespace (see :mod:`treeserve.cli`) and returns an exit code.
+Results go to stdout; progress, spinners and errors to stderr. Expected failures raise
+:class:`~treeserve.errors.TreeserveError` with a message that says what to do; ``cli.main``
+prints it on one line and exits 1.
+
+``publish`` exit codes: 0 uploaded (or, with ``--wait``, promoted, registered or a duplicate of
+an existing version), 2 rejected, 3 no verdict before ``--timeout``, 1 any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import re
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Final, TextIO
+
+from treeserve.errors import StorageUnavailable, TreeserveError
+from treeserve.registry import (
+    MODEL_NAME_RE,
+    ModelRegistry,
+    Pointer,
+    S3RegistryStore,
+    upload_id,
+)
+from treeserve.settings import Settings
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_REJECTED: Final = 2
+EXIT_TIMEOUT: Final = 3
+
+# Seconds between two looks at the outcome record while --wait waits (tests shorten it).
+POLL_SECONDS = 1.0
+PROGRESS_MIN_BYTES: Final = 1 << 20  # smaller uploads finish before a progress line helps
+# The refresh function refuses larger uploads (treeserve.package.Limits.max_upload_bytes).
+MAX_UPLOAD_BYTES: Final = 256 << 20
+STATUS_VERSIONS: Final = 20
+STATUS_REJECTIONS: Final = 10
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_GZIP_MAGIC = b"\x1f\x8b"
+_SAVE_HINT = "save the model with booster.save_model('model.ubj') (or 'model.json')"
+
+
+class UsageError(TreeserveError):
+    """Local input the command cannot use (a file, an option); the message says the fix."""
+
+
+# --- shared plumbing -----------------------------------------------------------------------------
+
+
+def _target(args: argparse.Namespace) -> tuple[Settings, str, S3RegistryStore, ModelRegistry]:
+    settings = Settings.from_env(bucket=getattr(args, "bucket", None))
+    name = getattr(args, "name", None) or settings.model_name
+    if not MODEL_NAME_RE.match(name):
+        raise UsageError(
+            f"model name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (--name or MODEL_NAME)"
+        )
+    store = S3RegistryStore(settings.model_bucket)
+    return settings, name, store, ModelRegistry(store, name)
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def _mb(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MB"
+
+
+def _pointer_line(name: str, pointer: Pointer) -> str:
+    previous = f"previous: {pointer.previous}" if pointer.previous is not None else "first"
+    return (
+        f"version {pointer.version} of {name} is in service "
+        f"({previous}; promoted {pointer.promoted_at}; sha256 {pointer.sha256[:12]})"
+    )
+
+
+# --- publish: local checks and packing -----------------------------------------------------------
+
+
+def _readable(path_text: str, what: str) -> Path:
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise UsageError(f"{what} {path_text!r} does not exist: check the path")
+    if not path.is_file():
+        raise UsageError(f"{what} {path_text!r} is not a file")
+    try:
+        with path.open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise UsageError(f"{what} {path_text!r} cannot be read: {exc.strerror}") from None
+    return path
+
+
+def _model_kind(path: Path) -> str:
+    """``ubj``, ``json`` or ``targz``, from the name, checked against the first bytes."""
+    name = path.name.lower()
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise UsageError(f"{path} is empty: {_SAVE_HINT}")
+    if head.startswith(_PICKLE_MAGIC):
+        raise UsageError(
+            f"{path} is a pickle/joblib file, which treeserve never loads (unpickling runs "
+            f"code): {_SAVE_HINT}"
+        )
+    if name.endswith((".tar.gz", ".tgz")):
+        if not head.startswith(_GZIP_MAGIC):
+            raise UsageError(f"{path} is not gzip-compressed: pack it with `tar czf`")
+        return "targz"
+    if name.endswith(".ubj"):
+        return "ubj"
+    if name.endswith(".json"):
+        return "json"
+    raise UsageError(
+        f"{path.name}: MODEL must be a .ubj or .json XGBoost model or a .tar.gz package; "
+        f"{_SAVE_HINT}"
+    )
+
+
+def _csv_header(path: Path, what: str) -> list[str]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8 text: save it as a UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise UsageError(f"{what} {path} is not a readable CSV: {exc}") from None
+    header = [h.strip() for h in header]
+    if not any(header):
+        raise UsageError(
+            f"{what} {path} is empty or has an empty first line: its first line must be a "
+            "header of feature names"
+        )
+    if all(_is_number(h) for h in header):
+        raise UsageError(
+            f"{what} {path} has no header (its first line is numbers): add a first line with "
+            "the feature names, e.g. df.to_csv(path, index=False)"
+        )
+    return header
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _pack(
+    model: Path, kind: str, reference: Path | None, holdout: Path | None, label: str | None
+) -> IO[bytes]:
+    """A gzip tarball of the model and its CSVs, in a temporary file (no links, no owners)."""
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - returned open; the caller closes it
+    members: list[tuple[str, Path | bytes]] = [(f"model.{kind}", model)]
+    if reference is not None:
+        members.append(("reference.csv", reference))
+    if holdout is not None:
+        members.append(("holdout.csv", holdout))
+        members.append(("manifest.json", json.dumps({"label": label}).encode()))
+    now = int(time.time())
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for arcname, source in members:
+            info = tarfile.TarInfo(arcname)
+            info.mtime, info.mode = now, 0o644
+            if isinstance(source, bytes):
+                info.size = len(source)
+                tar.addfile(info, io.BytesIO(source))
+            else:
+                # Read through the path so a symlinked input is packed as a regular file.
+                info.size = source.stat().st_size
+                with source.open("rb") as fh:
+                    tar.addfile(info, fh)
+    out.seek(0)
+    return out
+
+
+def _key_for(name: str, filename: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", filename).strip("-.") or "model"
+    return f"incoming/{name}/{stamp}-{safe}"
+
+
+class _Progress:
+    """``upload_fileobj`` callback (called from several threads): one line on stderr."""
+
+    def __init__(self, label: str, total: int, stream: TextIO) -> None:
+        self.label, self.total, self.stream = label, total, stream
+        self.done = 0
+        self.tty = stream.isatty()
+        self._lock = threading.Lock()
+        self._shown = -1
+
+    def __call__(self, chunk: int) -> None:
+        with self._lock:
+            self.done += chunk
+            percent = min(100, self.done * 100 // max(1, self.total))
+            # A terminal gets a live line; a log gets a line every 25%.
+            step = percent if self.tty else percent // 25 * 25
+            if step == self._shown:
+                return
+            self._shown = step
+            line = f"uploading {self.label}  {_mb(self.done)} / {_mb(self.total)}  {percent:3d}%"
+            self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
+            if self.tty and percent >= 100:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def publish(args: argparse.Namespace) -> int:
+    """Pack and upload a model to ``incoming/<name>/``; with ``--wait``, print the verdict."""
+    model = _readable(args.model, "MODEL")
+    kind = _model_kind(model)
+    if args.label and not args.holdout:
+        raise UsageError("--label names the label column of --holdout: pass --holdout CSV too")
+    if args.holdout and not args.label:
+        raise UsageError("--holdout needs --label COL: the name of its label column")
+    reference = _readable(args.reference, "--reference") if args.reference else None
+    holdout = _readable(args.holdout, "--holdout") if args.holdout else None
+    if kind == "targz" and (reference or holdout):
+        raise UsageError(
+            f"{model.name} is already a package: put reference.csv/holdout.csv (and a "
+            "manifest.json with the label) inside it, or publish the bare model.ubj with "
+            "--reference/--holdout"
+        )
+    if reference is not None:
+        _csv_header(reference, "--reference")
+    if holdout is not None:
+        header = _csv_header(holdout, "--holdout")
+        if args.label not in header:
+            raise UsageError(
+                f"--label {args.label!r} is not a column of {holdout}: its columns are "
+                f"{', '.join(header[:20])}{' ...' if len(header) > 20 else ''}"
+            )
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+
+    settings, name, store, registry = _target(args)
+    if reference is not None or holdout is not None:
+        body: IO[bytes] = _pack(model, kind, reference, holdout, args.label)
+        filename = re.sub(r"\.(ubj|json)$", "", model.name, flags=re.IGNORECASE) + ".tar.gz"
+    else:
+        body, filename = model.open("rb"), model.name
+    with body:
+        size = body.seek(0, io.SEEK_END)
+        body.seek(0)
+        if size > MAX_UPLOAD_BYTES:
+            raise UsageError(
+                f"the upload is {_mb(size)}, more than the {_mb(MAX_UPLOAD_BYTES)} the refresh "
+                "function accepts: publish a smaller reference/holdout sample"
+            )
+        store.check_bucket()
+        key = _key_for(name, filename)
+        progress = _Progress(filename, size, sys.stderr) if size >= PROGRESS_MIN_BYTES else None
+        etag = store.upload(key, body, callback=progress)
+    uid = upload_id(key, etag)
+    _out(f"uploaded s3://{settings.model_bucket}/{key}")
+    _out(f"etag {etag}")
+    _out(f"upload id {uid}")
+    if not args.wait:
+        _out(
+            f"the refresh function validates it now; see the verdict with "
+            f"`treeserve status --name {name}` (or publish with --wait)"
+        )
+        return EXIT_OK
+    return _wait(
+        registry, uid, bucket=settings.model_bucket, key=key, name=name, timeout=args.timeout
+    )
+
+
+# --- publish --wait ------------------------------------------------------------------------------
+
+
+def _wait(
+    registry: ModelRegistry, uid: str, *, bucket: str, key: str, name: str, timeout: float
+) -> int:
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+    spinner = itertools.cycle("|/-\\")
+    if not tty:
+        _err(f"waiting up to {timeout:.0f}s for the verdict of the refresh function ...")
+    try:
+        while True:
+            verdict = _verdict(registry, uid)
+            elapsed = time.monotonic() - started
+            if verdict is not None:
+                break
+            if elapsed >= timeout:
+                if tty:
+                    sys.stderr.write("\r\033[K")
+                _err(
+                    f"no verdict after {timeout:.0f}s: the refresh function may still be working, "
+                    f"or did not run (is s3://{bucket}/incoming/ wired to it?). Check "
+                    f"`treeserve status --name {name}` or the function's logs"
+                )
+                return EXIT_TIMEOUT
+            if tty:
+                sys.stderr.write(f"\r{next(spinner)} waiting for the verdict  {elapsed:4.0f}s")
+                sys.stderr.flush()
+            time.sleep(min(POLL_SECONDS, max(0.0, timeout - elapsed)))
+    finally:
+        if tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+    return _print_verdict(verdict, bucket, key, name)
+
+
+def _verdict(registry: ModelRegistry, uid: str) -> dict[str, Any] | None:
+    try:
+        outcome = registry.outcome(uid)
+        if outcome is not None:
+            return outcome
+        # A rejection record alone is a verdict too (the outcome record follows it).
+        rejection = registry.rejection(uid)
+    except StorageUnavailable:
+        return None  # transient: look again at the next tick
+    if rejection is None:
+        return None
+    return {"status": "rejected", "code": rejection.get("code"), "message": rejection.get("reason")}
+
+
+def _print_verdict(verdict: dict[str, Any], bucket: str, key: str, name: str) -> int:
+    status = verdict.get("status")
+    version = verdict.get("version")
+    code = verdict.get("code")
+    message = verdict.get("message") or verdict.get("reason") or ""
+    if status == "promoted":
+        _out(f"promoted: version {version} of {name} is in service")
+        if message:
+            _out(f"  {message}")
+        return EXIT_OK
+    if status == "registered":
+        _out(f"registered: version {version} of {name}, not promoted ({code}): {message}")
+        _out(f"  put it in service with: treeserve promote {version} --name {name}")
+        return EXIT_OK
+    if status == "duplicate":
+        _out(f"duplicate: the same model is already version {version} of {name}; {message}")
+        return EXIT_OK
+    if status == "rejected":
+        _out(f"rejected: {code}: {message}")
+        _out(f"  the upload is kept at s3://{bucket}/{key}")
+        return EXIT_REJECTED
+    _out(f"{status}: {code}: {message}")
+    return EXIT_ERROR
+
+
+# --- status, promote, rollback -------------------------------------------------------------------
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    parts = []
+    for k, v in sorted(metrics.items()):
+        parts.append(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}")
+    return " ".join(parts) or "-"
+
+
+def status(args: argparse.Namespace) -> int:
+    """The version in service, the versions, and recent rejections with their reasons."""
+    settings, name, store, registry = _target(args)
+    store.check_bucket()
+    pointer = registry.current()
+    versions = registry.versions()
+    shown = list(reversed(versions))[:STATUS_VERSIONS]
+    rows: list[dict[str, Any]] = []
+    for v in shown:
+        m = registry.manifest(v)
+        rows.append(
+            {
+                "version": v,
+                "created_at": m.created_at,
+                "objective": m.objective,
+                "task": m.task,
+                "sha256": m.sha256,
+                "num_features": m.num_features,
+                "holdout_metrics": m.holdout_metrics,
+                "metrics": m.metrics,
+                "source_key": (m.source or {}).get("key"),
+            }
+        )
+    rejections = registry.rejections(limit=STATUS_REJECTIONS)
+    if args.json:
+        _out(
+            json.dumps(
+                {
+                    "model": name,
+                    "bucket": settings.model_bucket,
+                    "current": pointer.to_dict() if pointer else None,
+                    "versions_total": len(versions),
+                    "versions": rows,
+                    "rejections": rejections,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return EXIT_OK
+
+    _out(f"model {name} in s3://{settings.model_bucket}/registry/{name}/")
+    if pointer is None:
+        _out("in service: none (put a version in service with `treeserve promote VERSION`)")
+    else:
+        previous = "" if pointer.previous is None else f"; previous {pointer.previous}"
+        _out(
+            f"in service: version {pointer.version} (promoted {pointer.promoted_at}{previous}; "
+            f"sha256 {pointer.sha256[:12]})"
+        )
+    _out("")
+    if not versions:
+        _out(f"versions: none yet (publish one with `treeserve publish MODEL --name {name}`)")
+    else:
+        more = len(versions) - len(shown)
+        _out(f"versions ({len(versions)}{f', newest {len(shown)} shown' if more else ''}):")
+        _out(f"    {'VERSION':<8} {'CREATED':<28} {'OBJECTIVE':<18} {'SHA256':<12}  HOLDOUT")
+        for row in rows:
+            mark = "*" if pointer is not None and row["version"] == pointer.version else " "
+            _out(
+                f"  {mark} {row['version']:<8} {row['created_at'] or '-':<28} "
+                f"{row['objective']:<18} {row['sha256'][:12]:<12}  "
+                f"{_metrics_text(row['holdout_metrics'])}"
+            )
+    _out("")
+    if not rejections:
+        _out("rejections: none")
+    else:
+        _out(f"recent rejections ({len(rejections)}):")
+        for r in rejections:
+            source = r.get("source") or {}
+            _out(f"  {r.get('rejected_at', '-')}  {r.get('code')}  {source.get('key', '-')}")
+            _out(f"      {r.get('reason', '')}")
+    return EXIT_OK
+
+
+def promote(args: argparse.Namespace) -> int:
+    """Put a version in service (compare-and-swap on current.json)."""
+    _, name, _, registry = _target(args)
+    if args.version < 1:
+        raise UsageError("VERSION is a positive integer (see `treeserve status`)")
+    pointer = registry.promote(args.version)
+    _out(f"promoted: {_pointer_line(name, pointer)}")
+    return EXIT_OK
+
+
+def rollback(args: argparse.Namespace) -> int:
+    """Move the pointer back to the previous version, or to ``--to VERSION``."""
+    _, name, _, registry = _target(args)
+    pointer = registry.rollback(to=args.to)
+    _out(f"rolled back: {_pointer_line(name, pointer)}")
+    return EXIT_OK
