@@ -7,8 +7,10 @@ champion keeps serving, roll back, run monitoring and read its report, and Ctrl-
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,20 +236,32 @@ def test_a_published_better_model_is_promoted_and_served(
 def test_a_pickle_is_refused_with_its_reason_and_the_champion_keeps_serving(
     stack: Stack, holdout: np.ndarray, tmp_path: Path
 ) -> None:
-    import pickle
-
-    bad = tmp_path / "model.pkl"
-    bad.write_bytes(pickle.dumps({"not": "a model"}))
-    done = stack.cli("publish", str(bad), "--wait")
-    assert done.returncode != 0, done.stdout
-    assert "pickle" in (done.stdout + done.stderr).lower()
+    payload = pickle.dumps({"not": "a model"})
+    bare = tmp_path / "model.pkl"
+    bare.write_bytes(payload)
+    # The CLI refuses a bare pickle before uploading anything ...
+    done = stack.cli("publish", str(bare), "--wait")
+    assert done.returncode != 0
+    assert "pickle" in done.stderr.lower(), done.stderr
+    # ... and the refresh function refuses one hidden in a package, keeping it with its reason.
+    package = tmp_path / "sneaky.tar.gz"
+    with tarfile.open(package, "w:gz") as tar:
+        info = tarfile.TarInfo("model.ubj")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    done = stack.cli("publish", str(package), "--wait")
+    assert done.returncode == 2, done.stdout + done.stderr  # 2: rejected
+    assert "rejected: pickle" in done.stdout, done.stdout
     status = stack.cli("status", "--json")
     assert status.returncode == 0, status.stderr
-    assert "pickle" in status.stdout
+    rejections = json.loads(status.stdout)["rejections"]
+    assert any(r.get("code") == "pickle" for r in rejections), rejections
     assert current_version(stack) == 2
-    answer = predict(stack, holdout.tolist())
-    assert answer.status_code == 200
-    assert answer.json()["model"]["version"] == 2
+    for _ in range(3):  # across refresh intervals, still the champion
+        answer = predict(stack, holdout.tolist())
+        assert answer.status_code == 200
+        assert answer.json()["model"]["version"] == 2
+        time.sleep(REFRESH_SECONDS)
 
 
 def test_rollback_serves_the_previous_version(stack: Stack, holdout: np.ndarray) -> None:
