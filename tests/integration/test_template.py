@@ -1,0 +1,289 @@
+"""template.yaml as `treeserve invoke` and `treeserve local` read it, and the handlers it names."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+from treeserve.cli import main
+from treeserve.errors import ConfigurationError
+from treeserve.invoke import (
+    environment,
+    function_environment,
+    import_handler,
+    module_name,
+    runtime_environment,
+)
+from treeserve.template import Template, load_template, parse_template
+
+pytestmark = pytest.mark.integration
+
+TEMPLATE = ROOT / "template.yaml"
+FUNCTIONS = ("InferenceFunction", "RefreshFunction", "MonitoringFunction")
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return load_template(TEMPLATE)
+
+
+# --- the template as read locally --------------------------------------------------------------
+
+
+def test_functions_have_globals_merged_and_environment_resolved(template: Template) -> None:
+    functions = template.functions()
+    assert set(functions) == set(FUNCTIONS)
+    bucket = template.bucket_name()
+    assert bucket == "treeserve-us-east-1-123456789012"
+    for fn in functions.values():
+        assert fn.runtime == "python3.12"
+        assert fn.handler == "app.handler"
+        assert fn.code_uri == ROOT
+        assert fn.source_dir == ROOT / "functions" / fn.logical_id.removesuffix("Function").lower()
+        assert fn.environment["MODEL_BUCKET"] == bucket  # Globals, !Sub with pseudo parameters
+        assert fn.environment["MODEL_NAME"] == "default"  # Globals, !Ref parameter default
+        assert fn.environment["POWERTOOLS_SERVICE_NAME"].startswith("treeserve-")  # the function's
+        assert all(isinstance(v, str) for v in fn.environment.values())
+        assert not any(v.startswith("<unresolved") for v in fn.environment.values())
+    inference = functions["InferenceFunction"]
+    assert inference.environment["MAX_ROWS"] == "10000"  # a Number parameter, as text
+    assert inference.timeout < 30
+    refresh = functions["RefreshFunction"]
+    assert refresh.environment["NOTIFICATION_TOPIC_ARN"] == template.topics()["AlarmTopic"]
+
+
+def test_parameter_overrides_change_the_environment() -> None:
+    t = load_template(
+        TEMPLATE,
+        parameter_overrides={"ModelName": "churn", "PromotionMode": "manual", "MaxRows": "5"},
+    )
+    assert t.function("RefreshFunction").environment["MODEL_NAME"] == "churn"
+    assert t.function("refresh").environment["PROMOTION_MODE"] == "manual"
+    assert t.function("inference").environment["MAX_ROWS"] == "5"
+    with pytest.raises(ConfigurationError, match="not one of"):
+        load_template(TEMPLATE, parameter_overrides={"PromotionMode": "sometimes"})
+    with pytest.raises(ConfigurationError, match="unknown parameters"):
+        load_template(TEMPLATE, parameter_overrides={"NoSuchParameter": "x"})
+
+
+def test_resources_the_local_stack_creates(template: Template) -> None:
+    (notification,) = template.bucket_notifications()
+    assert notification.function == "RefreshFunction"
+    assert notification.bucket == template.bucket_name()
+    assert notification.prefix == "incoming/"
+    assert notification.matches("s3:ObjectCreated:Put", "incoming/default/model.ubj")
+    assert not notification.matches("s3:ObjectCreated:Put", "registry/default/current.json")
+    assert not notification.matches("s3:ObjectRemoved:Delete", "incoming/default/model.ubj")
+    assert template.topics() == {
+        "AlarmTopic": "arn:aws:sns:us-east-1:123456789012:treeserve-AlarmTopic"
+    }
+    assert template.queues() == {"RefreshFailureQueue": "treeserve-RefreshFailureQueue"}
+    destination = template.function("RefreshFunction").properties["EventInvokeConfig"]
+    assert destination["DestinationConfig"]["OnFailure"]["Destination"] == (
+        "arn:aws:sqs:us-east-1:123456789012:treeserve-RefreshFailureQueue"
+    )
+    schedule = template.function("MonitoringFunction").events["Schedule"]
+    assert schedule["Properties"]["Schedule"] == "rate(1 hour)"
+
+
+def test_short_form_intrinsics_resolve() -> None:
+    text = """
+Parameters:
+  Env: {Type: String, Default: dev}
+  Names: {Type: CommaDelimitedList, Default: "a,b"}
+Conditions:
+  IsProd: !Equals [!Ref Env, prod]
+Mappings:
+  Sizes: {dev: {Memory: 512}}
+Resources:
+  Queue: {Type: AWS::SQS::Queue, Properties: {QueueName: !Sub "${Env}-q"}}
+  Other:
+    Type: AWS::Custom::Thing
+    Properties:
+      Sub: !Sub "${AWS::Region}/${Queue.Arn}/${!Literal}"
+      SubVars: !Sub ["${X}-${Env}", {X: !Select [1, !Ref Names]}]
+      Join: !Join ["-", [!Ref Env, !GetAtt Queue.QueueName]]
+      If: !If [IsProd, big, small]
+      Not: !Not [!Condition IsProd]
+      Map: !FindInMap [Sizes, !Ref Env, Memory]
+      Split: !Split [",", "x,y"]
+      Gone: !If [IsProd, here, !Ref AWS::NoValue]
+      Unknown: !GetAtt Nowhere.Arn
+"""
+    t = Template(parse_template(text), ROOT)
+    props = t.resolve(t.resources["Other"]["Properties"])
+    assert props["Sub"] == "us-east-1/arn:aws:sqs:us-east-1:123456789012:dev-q/${Literal}"
+    assert props["SubVars"] == "b-dev"
+    assert props["Join"] == "dev-dev-q"
+    assert props["If"] == "small"
+    assert props["Not"] is True
+    assert props["Map"] == 512
+    assert props["Split"] == ["x", "y"]
+    assert "Gone" not in props
+    assert props["Unknown"].startswith("<unresolved")
+
+
+def test_unknown_function_names_the_ones_that_exist(template: Template) -> None:
+    with pytest.raises(ConfigurationError, match="InferenceFunction"):
+        template.function("Nope")
+
+
+def test_parse_rejects_what_is_not_a_template() -> None:
+    with pytest.raises(ConfigurationError):
+        parse_template("just: text\n")
+    with pytest.raises(ConfigurationError, match="not found"):
+        load_template(ROOT / "no-such-template.yaml")
+
+
+# --- every handler resolves --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("logical_id", FUNCTIONS)
+def test_every_handler_resolves_to_a_function_in_its_own_folder(
+    logical_id: str, template: Template, aws: None
+) -> None:
+    from treeserve.aws import s3_client
+
+    fn = template.function(logical_id)
+    if not fn.module_file.exists() and logical_id == "MonitoringFunction":
+        pytest.skip("functions/monitoring/app.py is not written yet")
+    assert fn.module_file.is_file(), fn.module_file
+    assert fn.module_file.parent == fn.source_dir
+    s3_client().create_bucket(Bucket=template.bucket_name())  # inference reads S3 at import
+    env = runtime_environment(fn, function_environment(fn))
+    with environment(env):
+        handler = import_handler(fn.source_dir, fn.handler, fresh=True)
+    assert callable(handler)
+    module = sys.modules[module_name(fn.source_dir, "app")]
+    assert Path(str(module.__file__)).resolve() == fn.module_file.resolve()
+    assert module.handler is handler
+
+
+def test_handlers_of_different_functions_are_different_modules(
+    template: Template, aws: None
+) -> None:
+    from treeserve.aws import s3_client
+
+    s3_client().create_bucket(Bucket=template.bucket_name())
+    handlers = []
+    for logical_id in ("InferenceFunction", "RefreshFunction"):
+        fn = template.function(logical_id)
+        with environment(runtime_environment(fn, function_environment(fn))):
+            handlers.append(import_handler(fn.source_dir, fn.handler, fresh=True))
+    assert handlers[0] is not handlers[1]
+    names = {module_name(template.function(f).source_dir, "app") for f in FUNCTIONS}
+    assert len(names) == len(FUNCTIONS)
+
+
+def test_import_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"module\.function"):
+        import_handler(tmp_path, "handler")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        import_handler(tmp_path, "app.handler")
+    (tmp_path / "app.py").write_text("value = 1\n")
+    with pytest.raises(ConfigurationError, match="no callable"):
+        import_handler(tmp_path, "app.handler", fresh=True)
+
+
+# --- environment handling ----------------------------------------------------------------------
+
+
+def test_env_vars_overrides_follow_sams_format(template: Template) -> None:
+    fn = template.function("RefreshFunction")
+    env = function_environment(
+        fn,
+        {
+            "Parameters": {"LOG_LEVEL": "DEBUG"},
+            "RefreshFunction": {"PROMOTION_MODE": "manual"},
+            "InferenceFunction": {"PROMOTION_MODE": "never-applied"},
+        },
+    )
+    assert env["LOG_LEVEL"] == "DEBUG"
+    assert env["PROMOTION_MODE"] == "manual"
+    assert function_environment(fn, {"MODEL_NAME": "flat"})["MODEL_NAME"] == "flat"
+
+
+def test_the_shells_endpoint_and_credentials_are_never_overridden(
+    template: Template, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fn = template.function("InferenceFunction")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
+    env = runtime_environment(
+        fn, function_environment(fn, {"AWS_ENDPOINT_URL": "https://elsewhere", "X": "1"})
+    )
+    assert "AWS_ENDPOINT_URL" not in env
+    assert "AWS_ACCESS_KEY_ID" not in env
+    assert env["X"] == "1"
+    assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == str(fn.memory_size)
+    with environment(env):
+        assert os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:5000"
+        assert os.environ["MODEL_BUCKET"] == template.bucket_name()
+    assert "MODEL_BUCKET" not in os.environ or os.environ["MODEL_BUCKET"] != env["MODEL_BUCKET"]
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_the_result_alone_on_stdout(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    code, out, _err = run_cli(
+        ["invoke", "RefreshFunction", "--event", "events/s3-test-event.json"], capfd
+    )
+    assert code == 0
+    assert json.loads(out) == {"outcomes": []}
+
+
+def test_cli_reports_a_failed_invocation_like_the_runtime(
+    capfd: pytest.CaptureFixture[str], aws: None, tmp_path: Path
+) -> None:
+    # No bucket in this moto world: the refresh handler cannot read the upload and raises.
+    event = json.loads((ROOT / "events" / "s3-put-incoming.json").read_text())
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event))
+    code, out, err = run_cli(
+        ["invoke", "refresh", "--event", str(path), "--template", str(TEMPLATE)], capfd
+    )
+    assert code == 1
+    error: dict[str, Any] = json.loads(out)
+    assert set(error) >= {"errorMessage", "errorType", "requestId", "stackTrace"}
+    assert error["errorType"]
+    assert "raised" in err
+
+
+def test_cli_errors_for_a_bad_event_or_function(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _out, err = run_cli(
+        ["invoke", "RefreshFunction", "--event", str(bad), "--template", str(TEMPLATE)], capfd
+    )
+    assert code == 1
+    assert "not JSON" in err
+    code, _out, err = run_cli(
+        [
+            "invoke",
+            "Nope",
+            "--event",
+            str(ROOT / "events" / "s3-test-event.json"),
+            "--template",
+            str(TEMPLATE),
+        ],
+        capfd,
+    )
+    assert code == 1
+    assert "RefreshFunction" in err
