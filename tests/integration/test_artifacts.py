@@ -1,0 +1,265 @@
+"""Artifacts as the build makes them: each handler imports and answers from its artifact alone.
+
+``infra.build --platform local`` assembles each function's artifact for this interpreter (the
+same requirement lists and pruning as the Lambda build, from the installed distributions), then
+every handler runs in a clean ``python -I -S`` subprocess whose only import path besides the
+standard library is the artifact, against a moto server on loopback: refresh promotes an
+uploaded model (its sandbox child included), inference answers /health and /predict, monitoring
+runs. The cross-platform Lambda artifacts are built by ``make build`` (sizes in its output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from infra import build
+
+from tests.conftest import EVENTS, ROOT, train
+from treeserve.invoke import function_environment, runtime_environment
+from treeserve.template import Template, load_template
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    artifact, event_file, out_file = sys.argv[1:4]
+    sys.path.insert(0, artifact)
+    assert not [p for p in sys.path if "site-packages" in p], sys.path
+
+    class Context:
+        function_name = "treeserve-artifact"
+        function_version = "$LATEST"
+        invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:treeserve-artifact"
+        memory_limit_in_mb = 1024
+        aws_request_id = "00000000-0000-4000-8000-000000000001"
+        log_group_name = "/aws/lambda/treeserve-artifact"
+        log_stream_name = "local"
+        def get_remaining_time_in_millis(self):
+            return 20000
+
+    import app
+    with open(event_file) as fh:
+        result = app.handler(json.load(fh), Context())
+    foreign = sorted(
+        name for name, module in list(sys.modules.items())
+        if getattr(module, "__file__", None)
+        and "site-packages" in module.__file__
+    )
+    with open(out_file, "w") as fh:
+        json.dump({
+            "result": result,
+            "foreign_modules": foreign,
+            "xgboost": getattr(sys.modules.get("xgboost"), "__file__", None),
+            "pandas": "pandas" in sys.modules,
+            "sklearn": "sklearn" in sys.modules,
+        }, fh)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    built = {}
+    for name in build.FUNCTIONS:
+        if not (ROOT / "functions" / name / "app.py").exists():
+            continue  # reported by the test for that function
+        result = build.build(name, root / name, platform="local")
+        assert not result.over_budget, (name, result.unzipped)
+        built[name] = result.path
+    return built
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    try:
+        yield endpoint
+    finally:
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")  # noqa: S310
+        urllib.request.urlopen(reset).close()  # noqa: S310 - the loopback URL built above
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return load_template(ROOT / "template.yaml")
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_endpoint: str, template: Template) -> Any:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=template.bucket_name())
+    return s3
+
+
+def run_handler(
+    artifact: Path,
+    logical_id: str,
+    event: Any,
+    *,
+    tmp_path: Path,
+    template: Template,
+    endpoint: str,
+) -> dict[str, Any]:
+    fn = template.function(logical_id)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        **runtime_environment(fn, function_environment(fn)),
+        "LAMBDA_TASK_ROOT": str(artifact),
+    }
+    event_file = tmp_path / f"{logical_id}-event.json"
+    event_file.write_text(json.dumps(event))
+    out_file = tmp_path / f"{logical_id}-out.json"
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", RUNNER, str(artifact), str(event_file), str(out_file)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report: dict[str, Any] = json.loads(out_file.read_text())
+    assert report["foreign_modules"] == []
+    assert report["xgboost"] is None or report["xgboost"].startswith(str(artifact))
+    assert not report["pandas"]
+    assert not report["sklearn"]
+    return report
+
+
+def s3_event(template: Template, s3: Any, key: str) -> Any:
+    head = s3.head_object(Bucket=template.bucket_name(), Key=key)
+    event = json.loads((EVENTS / "s3-put-incoming.json").read_text())
+    event["Records"][0]["s3"]["object"].update(
+        {"key": key, "eTag": head["ETag"].strip('"'), "size": head["ContentLength"]}
+    )
+    return event
+
+
+def http_event(name: str) -> Any:
+    return json.loads((EVENTS / name).read_text())
+
+
+def test_artifacts_hold_what_each_function_needs_and_nothing_forbidden(
+    artifacts: dict[str, Path],
+) -> None:
+    for name, path in artifacts.items():
+        assert (path / "app.py").is_file()
+        assert (path / "treeserve" / "__init__.py").is_file()
+        assert not (path / "treeserve" / "data").exists()  # the demo dataset stays home
+        assert not list(path.rglob("__pycache__"))
+        assert not list(path.rglob("tests"))
+        assert not (path / "pandas").exists()
+        assert not (path / "sklearn").exists()
+        assert (path / "xgboost").is_dir(), name
+        data = path / "botocore" / "data"
+        assert {p.name for p in data.iterdir() if p.is_dir()} <= build.BOTOCORE_SERVICES
+        assert (data / "s3").is_dir()
+    if "inference" in artifacts:
+        assert (artifacts["inference"] / "fastapi").is_dir()
+        assert (artifacts["inference"] / "mangum").is_dir()
+    if "refresh" in artifacts:
+        assert not (artifacts["refresh"] / "fastapi").exists()
+
+
+def test_handlers_answer_from_their_artifacts_alone(
+    artifacts: dict[str, Path],
+    bucket: Any,
+    template: Template,
+    moto_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    for name in ("inference", "refresh"):
+        assert name in artifacts, f"functions/{name}/app.py is missing"
+
+    # No model yet: inference answers 503 from its artifact.
+    report = run_handler(
+        artifacts["inference"],
+        "InferenceFunction",
+        http_event("apigw-v2-health.json"),
+        tmp_path=tmp_path,
+        template=template,
+        endpoint=moto_endpoint,
+    )
+    assert report["result"]["statusCode"] == 503
+
+    # Refresh, from its artifact, validates (in its sandbox child) and promotes an upload.
+    key = "incoming/default/model.ubj"
+    bucket.put_object(Bucket=template.bucket_name(), Key=key, Body=train("binary:logistic").ubj())
+    report = run_handler(
+        artifacts["refresh"],
+        "RefreshFunction",
+        s3_event(template, bucket, key),
+        tmp_path=tmp_path,
+        template=template,
+        endpoint=moto_endpoint,
+    )
+    (outcome,) = report["result"]["outcomes"]
+    assert outcome["status"] == "promoted", outcome
+
+    # Inference, cold again, serves it.
+    report = run_handler(
+        artifacts["inference"],
+        "InferenceFunction",
+        http_event("apigw-v2-predict-rows.json"),
+        tmp_path=tmp_path,
+        template=template,
+        endpoint=moto_endpoint,
+    )
+    assert report["result"]["statusCode"] == 200, report["result"]
+    body = json.loads(report["result"]["body"])
+    assert len(body["predictions"]) == 2
+    assert report["xgboost"].startswith(str(artifacts["inference"]))
+
+    if "monitoring" not in artifacts:
+        pytest.skip("functions/monitoring/app.py is not written yet")
+    report = run_handler(
+        artifacts["monitoring"],
+        "MonitoringFunction",
+        json.loads((EVENTS / "monitoring-scheduled.json").read_text()),
+        tmp_path=tmp_path,
+        template=template,
+        endpoint=moto_endpoint,
+    )
+    assert isinstance(report["result"], dict)
+
+
+def test_build_fails_over_budget_and_with_forbidden_distributions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(
+        build.FUNCTIONS, "refresh", build.FunctionSpec(build.FUNCTIONS["refresh"].requirements, 1)
+    )
+    code = build.main(["--function", "refresh", "--platform", "local", "--out", str(tmp_path)])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert "over its 1 MB budget" in err
+    assert "refresh" in out  # the size table
+    (tmp_path / "pandas").mkdir()
+    with pytest.raises(SystemExit, match="forbidden"):
+        build.check_forbidden(tmp_path)
