@@ -168,8 +168,9 @@ class FeatureAccumulator:
         self.sample = np.sort(sample)
         self.support, ref_le = np.unique(self.sample, return_counts=True)
         self.ref_cdf = np.cumsum(ref_le) / max(self.sample_size, 1)
-        self.cnt_lt = np.zeros(self.support.size + 1, dtype=np.int64)  # by #support <= v
-        self.cnt_le = np.zeros(self.support.size + 1, dtype=np.int64)  # by #support < v
+        # Per support value u: current values <= u and < u (cumulative, so batches add up).
+        self.cum_le = np.zeros(self.support.size, dtype=np.int64)
+        self.cum_lt = np.zeros(self.support.size, dtype=np.int64)
         self.kept: list[F32] | None = []
         self.kept_n = 0
         lo, hi = reference.get("min"), reference.get("max")
@@ -179,33 +180,38 @@ class FeatureAccumulator:
 
     def add(self, column: F32) -> None:
         """Account for a batch of current values (float32, NaN missing)."""
-        present = ~np.isnan(column)
-        values = column[present] if not present.all() else column
+        self.add_sorted(np.sort(column))
+
+    def add_sorted(self, column: F32) -> None:
+        """:meth:`add` for a batch already sorted ascending (NaN last, as ``np.sort`` puts it).
+
+        Sorting once lets every count be a search of the few reference points (edges, sample
+        values) in the batch, instead of a search of every value among them.
+        """
+        present = int(np.searchsorted(column, np.float32(np.nan), side="left"))
+        values = column[:present]
         self.n += int(column.size)
-        self.n_missing += int(column.size - values.size)
-        if values.size == 0:
+        self.n_missing += int(column.size - present)
+        if present == 0:
             return
         self.sum += float(values.sum(dtype=np.float64))
-        self.min = min(self.min, float(values.min()))
-        self.max = max(self.max, float(values.max()))
+        self.min = min(self.min, float(values[0]))
+        self.max = max(self.max, float(values[-1]))
         if self.categorical:
             self._add_categories(values)
             return
-        self.bins += np.bincount(
-            np.searchsorted(self.edges, values, side="left"), minlength=self.bins.size
-        )
+        # Bin i is (e[i-1], e[i]]: the values <= e[i] less those <= e[i-1].
+        at_or_below = np.searchsorted(values, self.edges, side="right")
+        self.bins += np.diff(at_or_below, prepend=0, append=present)
         if self.ref_min is not None and self.ref_max is not None:
-            self.out_of_range += int(
-                np.count_nonzero(values < self.ref_min) + np.count_nonzero(values > self.ref_max)
-            )
+            below = int(np.searchsorted(values, self.ref_min, side="left"))
+            above = present - int(np.searchsorted(values, self.ref_max, side="right"))
+            self.out_of_range += below + above
         if self.support.size:
-            a = np.searchsorted(self.support, values, side="left")  # support values < v
-            tie = self.support[np.minimum(a, self.support.size - 1)] == values
-            b = a + tie  # support values <= v
-            self.cnt_le += np.bincount(a, minlength=self.cnt_le.size)
-            self.cnt_lt += np.bincount(b, minlength=self.cnt_lt.size)
+            self.cum_le += np.searchsorted(values, self.support, side="right")
+            self.cum_lt += np.searchsorted(values, self.support, side="left")
         if self.kept is not None:
-            self.kept_n += int(values.size)
+            self.kept_n += present
             if self.kept_n > EXACT_KS_MAX_N:
                 self.kept = None  # scipy is asymptotic above this size: counts suffice
             else:
@@ -232,8 +238,8 @@ class FeatureAccumulator:
         m, n = self.sample_size, self.n - self.n_missing
         if m == 0 or n == 0:
             return None
-        le = np.cumsum(self.cnt_le)[:-1] / n  # current ECDF at each support value
-        lt = np.cumsum(self.cnt_lt)[:-1] / n  # current ECDF just below each support value
+        le = self.cum_le / n  # current ECDF at each support value
+        lt = self.cum_lt / n  # current ECDF just below each support value
         prev = np.concatenate([[0.0], self.ref_cdf[:-1]])
         d = max(float(np.max(np.abs(self.ref_cdf - le))), float(np.max(lt - prev)), 0.0)
         if self.kept is not None:

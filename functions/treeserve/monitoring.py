@@ -20,11 +20,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import uuid
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -227,11 +229,13 @@ class VersionState:
     def add(self, X: npt.NDArray[np.float32], P: npt.NDArray[np.float32] | None) -> None:
         self.rows += X.shape[0]
         if self.features and X.shape[1] == len(self.features):
+            columns = np.sort(X.T, axis=1)  # one sort per column, NaN last
             for j, acc in enumerate(self.features):
-                acc.add(np.ascontiguousarray(X[:, j]))
+                acc.add_sorted(columns[j])
         if P is not None and self.predictions and P.shape[1] == len(self.predictions):
+            columns = np.sort(P.T, axis=1)
             for j, acc in enumerate(self.predictions):
-                acc.add(np.ascontiguousarray(P[:, j]))
+                acc.add_sorted(columns[j])
 
     def report(self) -> dict[str, Any]:
         m = self.manifest
@@ -285,6 +289,77 @@ def _parse(raw: bytes) -> list[dict[str, Any]]:
     return rows
 
 
+# The inference function writes every line with the same keys in the same order (see
+# treeserve.capture), so each field can be cut out of the whole file with one regular expression
+# and the numbers of all rows parsed by one orjson call: about twice as fast as one orjson.loads
+# per line, whose cost is mostly building a dict per row. Any file where a field does not occur
+# exactly once per line, or where rows differ in width, takes the general per-line path.
+_FEATURES = re.compile(rb'"features":\[([^\]]*)\]')
+_TS = re.compile(rb'"ts":"([^"\\]{0,64})"')
+_VERSION = re.compile(rb'"version":(\d{1,9})[,}]')
+_PREDICTION = re.compile(rb'"prediction":(\[[^\]]*\]|[-+0-9.eE]+)[,}]')
+_ID = re.compile(rb'"id":("(?:[^"\\]|\\.)*"|-?\d+)[,}]')
+
+
+class FastBatch:
+    """The columns of a capture file parsed by the fast path."""
+
+    def __init__(
+        self,
+        raw: bytes,
+        ts: npt.NDArray[np.bytes_],
+        versions: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float32],
+        P: npt.NDArray[np.float32] | None,
+    ) -> None:
+        self.raw = raw
+        self.ts = ts
+        self.versions = versions
+        self.X = X
+        self.P = P
+
+    def ids(self) -> list[Any]:
+        """Row ids (parsed only when labels need them)."""
+        found = _ID.findall(self.raw)
+        if len(found) == self.versions.size:
+            ids: list[Any] = orjson.loads(b"[" + b",".join(found) + b"]")
+            return ids
+        return [rec.get("id") for rec in _parse(self.raw)]
+
+
+def _fast_parse(raw: bytes) -> FastBatch | None:
+    """Parse a capture file by the fast path, or None when it must take the per-line one."""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    if not body or b"\n\n" in body or body.startswith(b"\n"):
+        return None
+    n = body.count(b"\n") + 1
+    feats = _FEATURES.findall(body)
+    ts = _TS.findall(body)
+    versions = _VERSION.findall(body)
+    preds = _PREDICTION.findall(body)
+    if not (len(feats) == len(ts) == len(versions) == len(preds) == n):
+        return None
+    if body.count(b'"features":') != n or body.count(b'"version":') != n:
+        return None
+    width = feats[0].count(b",") + 1
+    if not feats[0] or len(set(map(bytes.count, feats, repeat(b",", n)))) != 1:
+        return None
+    try:
+        X = np.array(orjson.loads(b"[" + b",".join(feats) + b"]"), dtype=np.float32)
+        P = _matrix(orjson.loads(b"[" + b",".join(preds) + b"]"))
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    if X.size != n * width:
+        return None
+    return FastBatch(
+        raw,
+        np.array(ts, dtype="S23"),
+        np.array(versions, dtype=np.int64),
+        X.reshape(n, width),
+        P if P is not None and P.shape[0] == n else None,
+    )
+
+
 def _matrix(values: list[Any], width: int | None = None) -> npt.NDArray[np.float32] | None:
     """Rows of numbers (None missing) as float32; None when ragged or not numeric."""
     try:
@@ -332,6 +407,10 @@ class Monitor:
 
     def add_file(self, raw: bytes) -> None:
         self.files += 1
+        fast = _fast_parse(raw)
+        if fast is not None:
+            self._add_fast(fast)
+            return
         rows = _parse(raw)
         if not rows:
             return
@@ -346,6 +425,31 @@ class Monitor:
         for version in np.unique(versions[versions >= 0]).tolist():
             idx = np.flatnonzero(versions == version)
             self._add_rows(self.state(version), [rows[i] for i in idx])
+
+    def _add_fast(self, batch: FastBatch) -> None:
+        inside = (batch.ts >= self.start_key) & (batch.ts < self.end_key)
+        self.out_of_window += int(inside.size - inside.sum())
+        versions = np.where(inside, batch.versions, -2)
+        ids: list[Any] | None = None
+        for version in np.unique(versions[versions >= 0]).tolist():
+            st = self.state(version)
+            everything = bool(inside.all()) and versions.size and versions[0] == version
+            idx = (
+                slice(None)
+                if everything and np.all(versions == version)
+                else np.flatnonzero(versions == version)
+            )
+            X = batch.X[idx]
+            if st.width and X.shape[1] != st.width:
+                st.malformed += X.shape[0]
+                self.malformed += X.shape[0]
+                continue
+            P = batch.P[idx] if batch.P is not None else None
+            st.add(X, P)
+            if self.labels and P is not None and st.manifest is not None:
+                ids = ids if ids is not None else batch.ids()
+                rows = np.arange(len(ids))[idx].tolist()
+                self._join_ids(st, [ids[i] for i in rows], P)
 
     def _add_rows(self, st: VersionState, rows: list[dict[str, Any]]) -> None:
         X = _matrix([r.get("features") for r in rows], st.width or None)
@@ -366,11 +470,14 @@ class Monitor:
     def _join(
         self, st: VersionState, rows: list[dict[str, Any]], P: npt.NDArray[np.float32]
     ) -> None:
+        self._join_ids(st, [r.get("id") for r in rows], P)
+
+    def _join_ids(self, st: VersionState, ids: list[Any], P: npt.NDArray[np.float32]) -> None:
         assert st.manifest is not None  # noqa: S101
         ys: list[float] = []
         keep: list[int] = []
-        for i, r in enumerate(rows):
-            label = self.labels.get(str(r.get("id")))
+        for i, row_id in enumerate(ids):
+            label = self.labels.get(str(row_id))
             if label is not None and (y := _label_value(label, st.manifest)) is not None:
                 ys.append(y)
                 keep.append(i)

@@ -1,0 +1,245 @@
+"""Monitoring throughput: a full report over 1,000,000 captured rows x 30 features.
+
+Setup (not timed): a moto server on loopback (the same S3 API the function talks to, over
+HTTP), a real XGBoost model with 30 features registered with its reference statistics, and
+1,000,000 capture rows written in the inference function's exact line format as gzipped JSON
+Lines files of ``ROWS_PER_FILE`` rows under ``captures/<model>/dt=<today>/``, plus labels for a
+tenth of the rows. Feature values carry 6 significant digits, as tabular data sent by clients
+usually does (captures keep the client's digits).
+
+Timed, each in a fresh child process so peak RSS (``ru_maxrss``) is the run's own:
+
+- ``treeserve``: :func:`treeserve.monitoring.run_monitoring` over the window, from listing the
+  captures to writing the report (the function's code path, S3 through the moto server);
+- ``numpy``: numpy alone reading the same numbers: the same features and predictions as
+  gzipped CSV text of the same digits, fetched from the same server, gunzipped and parsed with
+  ``np.loadtxt`` (the baseline a hand-written job would start from), and, as the floor, the
+  same matrix as raw float32 bytes through ``np.frombuffer``.
+
+Targets: the treeserve run under 10 s and under 1 GB.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+
+ROWS = 1_000_000
+FEATURES = 30
+ROWS_PER_FILE = 10_000
+MODEL = "bench"
+BUCKET = "treeserve-bench"
+SEED = 7
+
+
+def _child(code: str, endpoint: str) -> dict[str, Any]:
+    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# ru_maxrss survives fork+exec on Linux (a child would report the parent's peak); VmHWM is per
+# address space, so it is the child's own peak resident set.
+PEAK = """
+import os as _os
+def cpu_s():
+    t = _os.times()
+    return t.user + t.system
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+"""
+
+TREESERVE_RUN = (
+    PEAK
+    + f"""
+import json, time
+from datetime import datetime, timedelta, UTC
+t0 = time.perf_counter()
+from treeserve.monitoring import run_monitoring
+imported = time.perf_counter() - t0
+end = datetime.now(UTC) + timedelta(minutes=1)
+t, c = time.perf_counter(), cpu_s()
+report = run_monitoring({BUCKET!r}, {MODEL!r}, end - timedelta(hours=24), end)
+wall, cpu = time.perf_counter() - t, cpu_s() - c
+print(json.dumps({{"wall": wall, "cpu": cpu, "import": imported, "rows": report["rows"],
+    "files": report["files"], "drifted": report["summary"]["drifted_features"],
+    "performance": report["summary"]["performance"], "key": report.get("report_key"),
+    "maxrss_mb": peak_mb()}}))
+"""
+)
+
+NUMPY_RUN = (
+    PEAK
+    + f"""
+import io, json, time, zlib
+import numpy as np
+from treeserve.aws import s3_client
+s3 = s3_client()
+t, c = time.perf_counter(), cpu_s()
+body = s3.get_object(Bucket={BUCKET!r}, Key="baseline/data.csv.gz")["Body"].read()
+text = zlib.decompress(body, 47)
+M = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.float32)
+loadtxt, loadtxt_cpu = time.perf_counter() - t, cpu_s() - c
+t = time.perf_counter()
+raw = s3.get_object(Bucket={BUCKET!r}, Key="baseline/data.f32")["Body"].read()
+B = np.frombuffer(raw, dtype=np.float32).reshape(M.shape)
+frombuffer = time.perf_counter() - t
+print(json.dumps({{"loadtxt": loadtxt, "loadtxt_cpu": loadtxt_cpu, "frombuffer": frombuffer, "shape": list(M.shape),
+    "same": bool(np.array_equal(M, B, equal_nan=True)),
+    "maxrss_mb": peak_mb()}}))
+"""
+)
+
+
+def _setup(s3: Any) -> tuple[int, int]:
+    """Register a model and write the captures; returns (capture bytes, csv bytes)."""
+    import xgboost as xgb
+
+    from treeserve.manifest import ModelManifest
+    from treeserve.reference import compute_reference
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    rng = np.random.default_rng(SEED)
+    names = [f"f{i}" for i in range(FEATURES)]
+    Xtr = rng.normal(size=(5000, FEATURES))
+    ytr = (Xtr[:, 0] + Xtr[:, 1] > 0).astype(float)
+    booster = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1},
+        xgb.DMatrix(Xtr, label=ytr, feature_names=names),
+        num_boost_round=20,
+    )
+    ubj = bytes(booster.save_raw("ubj"))
+    import hashlib
+
+    manifest = ModelManifest(
+        name=MODEL,
+        sha256=hashlib.sha256(ubj).hexdigest(),
+        model_size=len(ubj),
+        xgboost_version=xgb.__version__,
+        objective="binary:logistic",
+        task="binary",
+        num_features=FEATURES,
+        feature_names=names,
+        feature_types=["float"] * FEATURES,
+        reference=compute_reference(Xtr, names, ["float"] * FEATURES, booster.inplace_predict(Xtr)),
+        reference_source="reference.csv",
+    )
+    version = ModelRegistry(S3RegistryStore(BUCKET, s3=s3), MODEL).register(ubj, manifest)
+
+    X = rng.normal(size=(ROWS, FEATURES)).astype(np.float64)
+    X[:, 3] += 0.5  # one drifted feature, so the report has something to say
+    X[rng.random((ROWS, FEATURES)) < 0.01] = np.nan
+    X = np.round(X, 5)  # ~6 significant digits, as clients send
+    P = booster.inplace_predict(X).astype(np.float64)
+    P_list = P.tolist()
+    y = (X[:, 0] + X[:, 1] + rng.normal(scale=0.5, size=ROWS) > 0).astype(int)
+    now = datetime.now(UTC)
+    day = now.strftime("%Y-%m-%d")
+    capture_bytes = 0
+    labels = ["id,label"]
+    for start in range(0, ROWS, ROWS_PER_FILE):
+        ts = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        lines = []
+        for i in range(start, min(start + ROWS_PER_FILE, ROWS)):
+            rid = f"req-{i:08d}"
+            lines.append(
+                orjson.dumps(
+                    {
+                        "id": rid,
+                        "ts": ts,
+                        "version": version,
+                        "features": X[i].tolist(),
+                        "prediction": P_list[i],
+                        "label": int(P_list[i] >= 0.5),
+                    }
+                )
+            )
+            if i % 10 == 0:
+                labels.append(f"{rid},{y[i]}")
+        body = gzip.compress(b"\n".join(lines) + b"\n", 5)
+        capture_bytes += len(body)
+        s3.put_object(
+            Bucket=BUCKET, Key=f"captures/{MODEL}/dt={day}/{start:08d}.jsonl.gz", Body=body
+        )
+    s3.put_object(Bucket=BUCKET, Key=f"labels/{MODEL}/labels.csv", Body="\n".join(labels).encode())
+    # The baseline's data: the same numbers (same digits) as CSV text, and as raw float32.
+    M = np.column_stack([X, P]).astype(np.float32)
+    # orjson writes the same digits the captures hold; rows become CSV lines.
+    buf = orjson.dumps(np.column_stack([X, P]).tolist())[2:-2]
+    buf = buf.replace(b"],[", b"\n").replace(b"null", b"nan")
+    csv_gz = gzip.compress(buf, 5)
+    s3.put_object(Bucket=BUCKET, Key="baseline/data.csv.gz", Body=csv_gz)
+    s3.put_object(Bucket=BUCKET, Key="baseline/data.f32", Body=M.tobytes())
+    return capture_bytes, len(csv_gz)
+
+
+def main() -> None:
+    """Run the benchmark and print its figures."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "treeserve-monitoring")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket=BUCKET)
+        t = time.perf_counter()
+        capture_bytes, _ = _setup(s3)
+        print(
+            f"setup: {ROWS:,} rows x {FEATURES} features in {ROWS // ROWS_PER_FILE} files, "
+            f"{capture_bytes / 1e6:.0f} MB gzipped captures ({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
+        ts = _child(TREESERVE_RUN, endpoint)
+        base = _child(NUMPY_RUN, endpoint)
+    finally:
+        server.stop()
+    rate = ts["rows"] / ts["wall"]
+    print(f"{'run':<40}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>13}")
+    print(
+        f"{'treeserve run_monitoring (full report)':<40}{ts['wall']:>8.2f}{ts['cpu']:>8.2f}"
+        f"{ts['maxrss_mb']:>13.0f}"
+    )
+    print(
+        f"{'numpy: gunzip CSV + np.loadtxt':<40}{base['loadtxt']:>8.2f}"
+        f"{base['loadtxt_cpu']:>8.2f}{base['maxrss_mb']:>13.0f}"
+    )
+    print(f"{'numpy: np.frombuffer raw float32':<40}{base['frombuffer']:>8.2f}")
+    print(
+        f"rows {ts['rows']:,} in {ts['files']} files, {rate:,.0f} rows/s; "
+        f"ratio treeserve / np.loadtxt = {ts['wall'] / base['loadtxt']:.2f}; "
+        f"drifted {ts['drifted']}; performance {ts['performance']}"
+    )
+    # CPU time counts the fetch threads too; with 2 cores shared, wall time also shows waits.
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    ok = ts["wall"] < 10 and ts["maxrss_mb"] < 1024
+    print(f"target < 10 s and < 1 GB: {'met' if ok else 'NOT met'} (report {ts['key']})")
+
+
+if __name__ == "__main__":
+    main()
