@@ -130,6 +130,24 @@ def _edited_json_model(model: TrainedModel, leaf_value: float, trees: int | None
     return json.dumps(doc).encode()  # json writes NaN/Infinity literals, as XGBoost does
 
 
+def crafted_ubj(ubj: bytes, key: str, value: int, *, tree: int = 0) -> bytes:
+    """The UBJ model with every entry of tree ``tree``'s int32 array ``key`` set to ``value``.
+
+    A structurally valid file that XGBoost trusts: out-of-range split indices or child ids make
+    xgboost-cpu 3.2 read out of bounds (SIGSEGV).
+    """
+    needle = struct.pack(">BQ", ord("L"), len(key)) + key.encode() + b"[$l#L"
+    out = bytearray(ubj)
+    start = -1
+    for _ in range(tree + 1):
+        start = ubj.index(needle, start + 1)
+    count_at = start + len(needle)
+    (count,) = struct.unpack(">q", ubj[count_at : count_at + 8])
+    data_at = count_at + 8
+    out[data_at : data_at + 4 * count] = struct.pack(">i", value) * count
+    return bytes(out)
+
+
 @functools.cache
 def _wide_model_ubj(num_features: int) -> bytes:
     """A real model trained on more features than the default cap allows."""
@@ -335,6 +353,23 @@ def bad_uploads(good: TrainedModel) -> list[BadUpload]:
         "missing_model",
     )
     add("empty_model_member", "model.tar.gz", tar_gz([file_member("model.ubj", b"")]), "empty")
+
+    # Crafted trees XGBoost would trust and read out of bounds with (a segfault when loaded).
+    add(
+        "split_on_missing_feature", "model.ubj", crafted_ubj(ubj, "split_indices", 10**9), "corrupt"
+    )
+    add("negative_split_index", "model.ubj", crafted_ubj(ubj, "split_indices", -5), "corrupt")
+    add("child_outside_tree", "model.ubj", crafted_ubj(ubj, "left_children", 10**6), "corrupt")
+    add(
+        "cyclic_tree",
+        "model.ubj",
+        crafted_ubj(crafted_ubj(ubj, "left_children", 1), "right_children", 2),
+        "corrupt",
+    )
+    info_at = ubj.index(b"tree_info[#L") + len(b"tree_info[#L") + 8
+    assert ubj[info_at : info_at + 2] == b"i\x00"  # the first tree's output group
+    wrong_group = ubj[:info_at] + b"i\x07" + ubj[info_at + 2 :]
+    add("tree_in_missing_output", "model.ubj", wrong_group, "corrupt")
 
     # Models that load but must not serve.
     add("huge_feature_count", "model.ubj", _wide_model_ubj(10_001), "too_many_features")

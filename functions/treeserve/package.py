@@ -46,6 +46,7 @@ from treeserve.sandbox import (
     ModelFormat,
     ModelInfo,
     UBJDecodeError,
+    check_trees,
     decode_ubj,
     inspect_model,
     model_facts,
@@ -323,6 +324,14 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
     except ValueError as exc:
         raise UploadRejected(
             "corrupt", f"{what} is not an XGBoost model ({exc}): {_PACKAGE_HINT}"
+        ) from None
+    try:
+        check_trees(doc, facts["num_features"], max(facts["num_class"], facts["num_target"]))
+    except (ValueError, TypeError) as exc:
+        raise UploadRejected(
+            "corrupt",
+            f"{what} has malformed trees ({exc}): XGBoost would read out of bounds with it; "
+            "re-save the model with Booster.save_model",
         ) from None
     names = facts["feature_names"]
     if names is not None and len(names) != facts["num_features"]:

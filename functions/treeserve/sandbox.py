@@ -325,6 +325,87 @@ def model_facts(doc: Any) -> dict[str, Any]:
     }
 
 
+def _int_array(tree: Mapping[str, Any], key: str, i: int) -> np.ndarray:
+    try:
+        return np.asarray(_get(tree, key), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"tree {i}: {key} is not an integer array") from None
+
+
+def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
+    """Refuse trees whose indices point outside their arrays or the features.
+
+    XGBoost trusts these indices: a crafted split index or child id makes it read out of bounds
+    (a segfault in xgboost-cpu 3.2), possibly only for some inputs, so a model that survived the
+    smoke test could still crash the serving process later. Raises ValueError naming the defect.
+    """
+    trees = model_trees(doc)
+    gb = _get(doc, "learner", "gradient_booster")
+    model = gb.get("model") if gb.get("name") != "dart" else gb.get("gbtree", {}).get("model")
+    if isinstance(model, Mapping) and len(trees):
+        info = model.get("tree_info")
+        if info is not None:
+            groups = np.asarray(info, dtype=np.int64)
+            if groups.shape != (len(trees),):
+                raise ValueError(f"tree_info has {groups.size} entries for {len(trees)} trees")
+            if groups.size and (groups.min() < 0 or groups.max() >= max(1, num_groups)):
+                raise ValueError("tree_info assigns a tree to an output that does not exist")
+    for i, tree in enumerate(trees):
+        if not isinstance(tree, Mapping):
+            raise ValueError(f"tree {i} is not an object")
+        left = _int_array(tree, "left_children", i)
+        right = _int_array(tree, "right_children", i)
+        index = _int_array(tree, "split_indices", i)
+        n = len(left)
+        param = tree.get("tree_param")
+        if (
+            isinstance(param, Mapping)
+            and "num_nodes" in param
+            and _as_int(param["num_nodes"], "num_nodes") != n
+        ):
+            raise ValueError(f"tree {i}: num_nodes disagrees with its arrays")
+        if n == 0 or len(right) != n or len(index) != n:
+            raise ValueError(f"tree {i}: node arrays are empty or differ in length")
+        for key in ("parents", "split_conditions", "default_left", "split_type"):
+            if key in tree and len(np.atleast_1d(np.asarray(tree[key]))) != n:
+                raise ValueError(f"tree {i}: {key} has the wrong length")
+        leaf = left == -1
+        if ((right == -1) != leaf).any():
+            raise ValueError(f"tree {i}: a node has only one child")
+        inner = ~leaf
+        kids = np.concatenate([left[inner], right[inner]])
+        if kids.size and (kids.min() < 1 or kids.max() >= n):
+            raise ValueError(f"tree {i}: a child id points outside the tree")
+        if (np.bincount(kids, minlength=n) > 1).any():
+            raise ValueError(f"tree {i}: a node has two parents")  # cycles and shared nodes
+        split_on = index[inner]
+        if split_on.size and (split_on.min() < 0 or split_on.max() >= num_features):
+            bad = int(split_on[(split_on < 0) | (split_on >= num_features)][0])
+            raise ValueError(
+                f"tree {i} splits on feature {bad} but the model has {num_features} features"
+            )
+        if "split_type" in tree:
+            kind = _int_array(tree, "split_type", i)
+            categorical = np.flatnonzero(inner & (kind == 1))
+            if categorical.size:
+                _check_categories(tree, i, categorical, n)
+
+
+def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int) -> None:
+    cats = len(np.atleast_1d(np.asarray(_get(tree, "categories"))))
+    where = _int_array(tree, "categories_nodes", i)
+    start = _int_array(tree, "categories_segments", i)
+    size = _int_array(tree, "categories_sizes", i)
+    if not (len(where) == len(start) == len(size)):
+        raise ValueError(f"tree {i}: category arrays differ in length")
+    if where.size and (where.min() < 0 or where.max() >= n):
+        raise ValueError(f"tree {i}: a categorical split names a node outside the tree")
+    if start.size and ((start < 0).any() or (size < 0).any() or (start + size > cats).any()):
+        raise ValueError(f"tree {i}: a categorical split points outside its category list")
+    if not np.isin(nodes, where).all():
+        raise ValueError(f"tree {i}: a categorical split has no categories")
+
+
 def split_thresholds(doc: Any, num_features: int) -> list[np.ndarray]:
     """Per feature, the sorted numeric split thresholds used by the model's trees."""
     feats: list[np.ndarray] = []

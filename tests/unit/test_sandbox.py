@@ -15,6 +15,7 @@ import xgboost as xgb
 
 import treeserve
 from tests.conftest import TrainedModel, train
+from tests.corpus import crafted_ubj
 from treeserve.errors import UploadRejected
 from treeserve.sandbox import (
     UBJDecodeError,
@@ -196,3 +197,15 @@ def test_child_imports_from_the_parents_sys_path(
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["6", "binary:logistic"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("split_indices", 10**9), ("left_children", 10**6)])
+def test_a_model_that_segfaults_xgboost_is_contained(
+    binary_model: TrainedModel, key: str, value: int
+) -> None:
+    # Structurally valid UBJ whose tree indices XGBoost trusts: it crashes the process that
+    # loads it. (treeserve.package refuses these before loading; here we load them anyway.)
+    with pytest.raises(UploadRejected) as caught:
+        inspect_model(crafted_ubj(binary_model.ubj(), key, value), "ubj", None)
+    assert caught.value.code == "load_failed"
+    assert "crashed" in caught.value.message

@@ -1,0 +1,117 @@
+"""Property tests: any bytes give a verdict (a ModelUpload or UploadRejected), never a crash."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import TrainedModel, train
+from tests.corpus import make_package
+from treeserve.errors import UploadRejected
+from treeserve.package import (
+    Limits,
+    parse_manifest,
+    parse_model_document,
+    read_package,
+    read_upload,
+    sniff,
+)
+from treeserve.sandbox import UBJDecodeError, decode_ubj
+
+pytestmark = pytest.mark.unit
+
+MODEL = train("binary:logistic", n=120, rounds=3)
+UBJ = MODEL.ubj()
+JSON = MODEL.json()
+PACKAGE = make_package(MODEL, holdout=False)
+SMALL = Limits(max_decompressed_bytes=1 << 20, max_member_bytes=1 << 20)
+
+
+def _verdict(check: Callable[[], object]) -> str | None:
+    """The rejection code, or None when accepted. Any other exception fails the test."""
+    try:
+        check()
+    except UploadRejected as exc:
+        return exc.code
+    return None
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for pos, value in edits:
+        out[pos % len(out)] = value
+    return bytes(out)
+
+
+edits = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8)
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_ubj_reader_on_any_bytes(data: bytes) -> None:
+    with contextlib.suppress(UBJDecodeError):
+        decode_ubj(data)
+
+
+@FAST
+@given(edits)
+def test_mutated_ubj_model_gets_a_verdict_without_xgboost(changes: list[tuple[int, int]]) -> None:
+    code = _verdict(lambda: parse_model_document(_mutate(UBJ, changes), "ubj", "model.ubj"))
+    assert code in {None, "corrupt", "pickle"}
+
+
+@FAST
+@given(edits)
+def test_mutated_json_model_gets_a_verdict_without_xgboost(changes: list[tuple[int, int]]) -> None:
+    code = _verdict(lambda: parse_model_document(_mutate(JSON, changes), "json", "model.json"))
+    assert code in {None, "corrupt", "pickle"}
+
+
+@FAST
+@given(st.binary(max_size=4096), st.sampled_from(["model.ubj", "model.json", "m.tar.gz", "x"]))
+def test_sniff_on_any_bytes(data: bytes, filename: str) -> None:
+    assert _verdict(lambda: sniff(data, filename)) in {
+        None,
+        "empty",
+        "pickle",
+        "unknown_format",
+        "corrupt",
+    }
+
+
+@FAST
+@given(edits)
+def test_mutated_package_gets_a_verdict(changes: list[tuple[int, int]]) -> None:
+    members: dict[str, bytes] = {}
+    code = _verdict(lambda: members.update(read_package(_mutate(PACKAGE, changes), SMALL)))
+    assert code is not None or set(members) <= {"model.ubj", "reference.csv"}
+
+
+@FAST
+@given(st.binary(max_size=512) | st.text(max_size=256).map(str.encode))
+def test_manifest_parser_on_any_bytes(data: bytes) -> None:
+    assert _verdict(lambda: parse_manifest(data)) in {None, "manifest_invalid"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mutated_models_through_xgboost_never_crash_us(
+    seed: int, binary_model: TrainedModel
+) -> None:
+    """Mutations that pass the structural checks reach XGBoost, in the child only."""
+    rng = np.random.default_rng(seed)
+    raw = bytearray(binary_model.ubj())
+    # Mutate only inside typed-array payloads and numbers: the structure stays parseable,
+    # so the bytes really reach XGBoost's loader.
+    for _ in range(20):
+        pos = int(rng.integers(len(raw) // 4, len(raw)))
+        raw[pos] = int(rng.integers(0, 256))
+    accepted: list[np.ndarray] = []
+    code = _verdict(lambda: accepted.append(read_upload(bytes(raw), "model.ubj").smoke_predictions))
+    assert code in {None, "corrupt", "load_failed", "predict_failed", "non_finite", "bad_shape"}
+    assert code is not None or np.isfinite(accepted[0]).all()
