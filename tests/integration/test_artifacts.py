@@ -17,6 +17,7 @@ import sys
 import textwrap
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +68,39 @@ RUNNER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+# Opt-in: run the Lambda artifacts `make build` wrote (CPython 3.12, manylinux) with a Python 3.12
+# interpreter of this machine, e.g.
+#   make build && TREESERVE_LAMBDA_PYTHON=~/.pyenv/versions/3.12.1/bin/python3.12 \
+#     .venv/bin/python -m pytest tests/integration/test_artifacts.py
+LAMBDA_PYTHON = os.environ.get("TREESERVE_LAMBDA_PYTHON", "")
+LAMBDA_ARTIFACTS = build.DEFAULT_OUT
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    python: str
+    paths: dict[str, Path]
+
+
+@pytest.fixture(scope="module", params=["local", "lambda"])
+def artifacts(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Artifacts:
+    present = [n for n in build.FUNCTIONS if (ROOT / "functions" / n / "app.py").exists()]
+    if request.param == "lambda":
+        if not LAMBDA_PYTHON:
+            pytest.skip("set TREESERVE_LAMBDA_PYTHON to a Python 3.12 to run the Lambda artifacts")
+        paths = {n: LAMBDA_ARTIFACTS / n for n in present if (LAMBDA_ARTIFACTS / n).is_dir()}
+        if not paths:
+            pytest.skip("no Lambda artifacts: run `make build` first")
+        return Artifacts(LAMBDA_PYTHON, paths)
     root = tmp_path_factory.mktemp("artifacts")
     built = {}
-    for name in build.FUNCTIONS:
-        if not (ROOT / "functions" / name / "app.py").exists():
-            continue  # reported by the test for that function
+    for name in present:  # a missing handler is reported by the test for that function
         result = build.build(name, root / name, platform="local")
         assert not result.over_budget, (name, result.unzipped)
         built[name] = result.path
-    return built
+    return Artifacts(sys.executable, built)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +134,7 @@ def bucket(moto_endpoint: str, template: Template) -> Any:
 
 
 def run_handler(
+    python: str,
     artifact: Path,
     logical_id: str,
     event: Any,
@@ -135,7 +159,7 @@ def run_handler(
     event_file.write_text(json.dumps(event))
     out_file = tmp_path / f"{logical_id}-out.json"
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", RUNNER, str(artifact), str(event_file), str(out_file)],
+        [python, "-I", "-S", "-c", RUNNER, str(artifact), str(event_file), str(out_file)],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -166,9 +190,10 @@ def http_event(name: str) -> Any:
 
 
 def test_artifacts_hold_what_each_function_needs_and_nothing_forbidden(
-    artifacts: dict[str, Path],
+    artifacts: Artifacts,
 ) -> None:
-    for name, path in artifacts.items():
+    paths = artifacts.paths
+    for name, path in paths.items():
         assert (path / "app.py").is_file()
         assert (path / "treeserve" / "__init__.py").is_file()
         assert not (path / "treeserve" / "data").exists()  # the demo dataset stays home
@@ -180,26 +205,32 @@ def test_artifacts_hold_what_each_function_needs_and_nothing_forbidden(
         data = path / "botocore" / "data"
         assert {p.name for p in data.iterdir() if p.is_dir()} <= build.BOTOCORE_SERVICES
         assert (data / "s3").is_dir()
-    if "inference" in artifacts:
-        assert (artifacts["inference"] / "fastapi").is_dir()
-        assert (artifacts["inference"] / "mangum").is_dir()
-    if "refresh" in artifacts:
-        assert not (artifacts["refresh"] / "fastapi").exists()
+    if "inference" in paths:
+        assert (paths["inference"] / "fastapi").is_dir()
+        assert (paths["inference"] / "mangum").is_dir()
+    if "refresh" in paths:
+        assert not (paths["refresh"] / "fastapi").exists()
 
 
 def test_handlers_answer_from_their_artifacts_alone(
-    artifacts: dict[str, Path],
+    artifacts: Artifacts,
     bucket: Any,
     template: Template,
     moto_endpoint: str,
     tmp_path: Path,
 ) -> None:
+    paths, python = artifacts.paths, artifacts.python
     for name in ("inference", "refresh"):
-        assert name in artifacts, f"functions/{name}/app.py is missing"
+        assert name in paths, f"functions/{name}/app.py is missing"
+    # Each variant (local, lambda) starts from an empty bucket.
+    listing = bucket.list_objects_v2(Bucket=template.bucket_name())
+    for obj in listing.get("Contents", []):
+        bucket.delete_object(Bucket=template.bucket_name(), Key=obj["Key"])
 
     # No model yet: inference answers 503 from its artifact.
     report = run_handler(
-        artifacts["inference"],
+        python,
+        paths["inference"],
         "InferenceFunction",
         http_event("apigw-v2-health.json"),
         tmp_path=tmp_path,
@@ -212,7 +243,8 @@ def test_handlers_answer_from_their_artifacts_alone(
     key = "incoming/default/model.ubj"
     bucket.put_object(Bucket=template.bucket_name(), Key=key, Body=train("binary:logistic").ubj())
     report = run_handler(
-        artifacts["refresh"],
+        python,
+        paths["refresh"],
         "RefreshFunction",
         s3_event(template, bucket, key),
         tmp_path=tmp_path,
@@ -224,7 +256,8 @@ def test_handlers_answer_from_their_artifacts_alone(
 
     # Inference, cold again, serves it.
     report = run_handler(
-        artifacts["inference"],
+        python,
+        paths["inference"],
         "InferenceFunction",
         http_event("apigw-v2-predict-rows.json"),
         tmp_path=tmp_path,
@@ -234,12 +267,13 @@ def test_handlers_answer_from_their_artifacts_alone(
     assert report["result"]["statusCode"] == 200, report["result"]
     body = json.loads(report["result"]["body"])
     assert len(body["predictions"]) == 2
-    assert report["xgboost"].startswith(str(artifacts["inference"]))
+    assert report["xgboost"].startswith(str(paths["inference"]))
 
-    if "monitoring" not in artifacts:
+    if "monitoring" not in paths:
         pytest.skip("functions/monitoring/app.py is not written yet")
     report = run_handler(
-        artifacts["monitoring"],
+        python,
+        paths["monitoring"],
         "MonitoringFunction",
         json.loads((EVENTS / "monitoring-scheduled.json").read_text()),
         tmp_path=tmp_path,
