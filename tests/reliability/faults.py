@@ -57,15 +57,34 @@ class Fault:
     key_contains: str | None = None  # substring of the object key; None: any key
     times: int | None = None
     methods: frozenset[str] | None = None  # e.g. {"PUT"}
+    # Fail only the call-th matching API call (0-based), every attempt of it (botocore marks
+    # the attempts of one call with the same amz-sdk-invocation-id).
+    call: int | None = None
+    _calls_seen: int = 0
+    _failing: str | None = None
 
-    def matches(self, operation: str, key: str, method: str) -> bool:
-        if self.times is not None and self.times <= 0:
-            return False
+    def filters(self, operation: str, key: str, method: str) -> bool:
         if self.operations is not None and operation not in self.operations:
             return False
         if self.methods is not None and method not in self.methods:
             return False
         return self.key_contains is None or self.key_contains in key
+
+    def matches(self, operation: str, key: str, method: str, invocation: str) -> bool:
+        if self.times is not None and self.times <= 0:
+            return False
+        if not self.filters(operation, key, method):
+            return False
+        if self.call is None:
+            return True
+        if self._failing is not None:
+            return invocation == self._failing
+        index = self._calls_seen
+        self._calls_seen += 1
+        if index == self.call:
+            self._failing = invocation
+            return True
+        return False
 
 
 @dataclass
@@ -76,6 +95,7 @@ class S3Faults:
     faults: list[Fault] = field(default_factory=list)
     injected: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, operation)
     sent: Counter[str] = field(default_factory=Counter)  # operation -> attempts
+    log: list[tuple[str, str]] = field(default_factory=list)  # (operation, key) per attempt
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -89,6 +109,7 @@ class S3Faults:
         key_contains: str | None = None,
         times: int | None = None,
         methods: set[str] | None = None,
+        call: int | None = None,
     ) -> Fault:
         fault = Fault(
             kind,
@@ -96,6 +117,7 @@ class S3Faults:
             key_contains,
             times,
             frozenset(methods) if methods else None,
+            call,
         )
         with self._lock:
             self.faults.append(fault)
@@ -119,10 +141,15 @@ class S3Faults:
         operation = event_name.rsplit(".", 1)[-1]
         parts = urlsplit(request.url)
         key = unquote(parts.path)
+        if parts.query:
+            key += "?" + unquote(parts.query)  # ListObjectsV2: the prefix is in the query
+        invocation = str(request.headers.get("amz-sdk-invocation-id", ""))
         with self._lock:
             self.sent[operation] += 1
+            self.log.append((operation, key))
             fault = next(
-                (f for f in self.faults if f.matches(operation, key, request.method)), None
+                (f for f in self.faults if f.matches(operation, key, request.method, invocation)),
+                None,
             )
             if fault is None:
                 return None

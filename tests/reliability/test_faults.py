@@ -8,11 +8,20 @@ only within the documented bound. Every test counts the faults it injected (``S3
 
 from __future__ import annotations
 
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from tests.conftest import BUCKET
-from tests.reliability.faults import S3Faults, no_backoff
+from tests.conftest import BUCKET, TrainedModel, train
+from tests.corpus import make_package
+from tests.inference_support import manifest_for
+from tests.reliability import stack
+from tests.reliability.faults import FaultKind, S3Faults, no_backoff
+from treeserve.registry import ModelRegistry, S3RegistryStore
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
@@ -62,3 +71,154 @@ def test_injected_5xx_is_not_applied_but_a_lost_response_is(
     assert info.value.response["Error"]["Code"] == "PreconditionFailed"
     assert s3.get_object(Bucket=BUCKET, Key="once")["Body"].read() == b"x"
     faults.detach()
+
+
+def test_a_fault_can_target_one_call_and_all_its_retries(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_backoff(monkeypatch)
+    for key in ("a", "b", "c"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=key.encode())
+    faults = S3Faults(s3)
+    faults.add("internal", operations={"GetObject"}, call=1)
+    assert s3.get_object(Bucket=BUCKET, Key="a")["Body"].read() == b"a"
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=BUCKET, Key="b")
+    assert s3.get_object(Bucket=BUCKET, Key="c")["Body"].read() == b"c"
+    assert faults.injected[("internal", "GetObject")] == 5
+    faults.detach()
+
+
+# --- refresh: a fault at every S3 call of a promotion ------------------------------------------
+
+SWEEP_KINDS: tuple[FaultKind, ...] = ("slowdown", "internal", "timeout", "connect")
+FULL_SWEEP = os.environ.get("TREESERVE_FAULT_SWEEP", "") == "full"
+
+
+def _check_registry(registry: ModelRegistry, s3: Any) -> list[str]:
+    """Invariants that must hold after any failure: returns what is broken."""
+    broken = []
+    for version in registry.versions():
+        manifest = registry.manifest(version)
+        try:
+            body = s3.get_object(Bucket=BUCKET, Key=registry.model_key(version))["Body"].read()
+        except ClientError:
+            broken.append(f"version {version} has a manifest but no model.ubj")
+            continue
+        if hashlib.sha256(body).hexdigest() != manifest.sha256:
+            broken.append(f"version {version}: model.ubj does not match its manifest")
+    pointer = registry.current()
+    if pointer is None:
+        broken.append("current.json lost")
+    elif pointer.version not in registry.versions():
+        broken.append(f"current.json names version {pointer.version}, which is not committed")
+    elif registry.manifest(pointer.version).sha256 != pointer.sha256:
+        broken.append("current.json sha256 differs from its version's manifest")
+    return broken
+
+
+@dataclass
+class SweepPoint:
+    call: int
+    operation: str
+    key: str
+    kind: FaultKind
+    injected: int = 0
+    first: str = ""  # what the faulted invocation did
+    retry: str = ""  # what the retry did
+    broken: list[str] = field(default_factory=list)
+
+
+def _calls_of_one_promotion(
+    refresh: Any, s3: Any, champion: TrainedModel, challenger: bytes
+) -> list[tuple[str, str]]:
+    """The S3 calls (operation, key) one refresh makes to promote a challenger."""
+    name = "dryrun"
+    registry = ModelRegistry(S3RegistryStore(BUCKET), name)
+    registry.promote(registry.register(champion.ubj(), manifest_for(champion, name=name)))
+    record = stack.upload(s3, f"incoming/{name}/challenger.tar.gz", challenger)
+    faults = S3Faults(s3)
+    outcome = stack.invoke(refresh, stack.s3_event(record))["outcomes"][0]
+    faults.detach()
+    assert outcome["status"] == "promoted", outcome
+    return faults.log
+
+
+def test_refresh_survives_a_fault_at_every_s3_call(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, reliability_report: Any
+) -> None:
+    """For each S3 call a promotion makes: fail that call (every retry of it) with a throttle,
+    a 500, a timeout or a connection error (in turn). The invocation must raise (so Lambda
+    retries it), leave no half-written version and no lost pointer; the retry, with S3 healthy,
+    must promote the upload exactly once."""
+    no_backoff(monkeypatch)
+    stack.set_env(monkeypatch)
+    refresh = stack.load_handler("refresh")
+    champion = train("binary:logistic", rounds=1, seed=3)
+    challenger = make_package(train("binary:logistic", rounds=10, seed=4))
+    calls = _calls_of_one_promotion(refresh, s3, champion, challenger)
+    points = [
+        SweepPoint(k, calls[k][0], calls[k][1].replace("dryrun", "<model>"), kind)
+        for k, kind in _sweep_plan(calls)
+    ]
+    for n, point in enumerate(points):
+        k = point.call
+        name = f"sweep{n}"
+        registry = ModelRegistry(S3RegistryStore(BUCKET), name)
+        registry.promote(registry.register(champion.ubj(), manifest_for(champion, name=name)))
+        record = stack.upload(s3, f"incoming/{name}/challenger.tar.gz", challenger)
+        faults = S3Faults(s3)
+        faults.add(point.kind, call=k)
+        if point.kind == "lost_response":
+            # Applied, answer lost: the retry inside botocore meets its own conditional write.
+            faults.faults[-1].times = 1
+        try:
+            result = stack.invoke(refresh, stack.s3_event(record))
+            point.first = "returned " + result["outcomes"][0]["status"]
+        except Exception as exc:  # the handler must raise for a Lambda retry
+            point.first = f"raised {type(exc).__name__}"
+        finally:
+            faults.detach()
+        point.injected = faults.total_injected
+        point.broken += _check_registry(registry, s3)
+        outcome = stack.invoke(refresh, stack.s3_event(record))["outcomes"][0]
+        point.retry = outcome["status"]
+        point.broken += _check_registry(registry, s3)
+        upload_sha = hashlib.sha256(
+            registry.model_bytes(outcome["version"]) if outcome.get("version") else b""
+        ).hexdigest()
+        holders = [v for v in registry.versions() if registry.manifest(v).sha256 == upload_sha]
+        current = registry.current()
+        if outcome["status"] != "promoted" or len(holders) != 1:
+            point.broken.append(f"retry: {outcome['status']}, versions holding it: {holders}")
+        elif current is None or current.version != holders[0]:
+            point.broken.append("retry: the promoted version is not in service")
+        if not point.first.startswith("raised") and point.first != "returned promoted":
+            point.broken.append(f"faulted invocation {point.first}")
+
+    reliability_report(
+        "refresh fault sweep",
+        [
+            f"call {p.call:2d} {p.operation:13s} {p.key[:60]:60s} {p.kind:9s} x{p.injected}: "
+            f"{p.first}; retry {p.retry}"
+            for p in points
+        ],
+    )
+    assert all(p.injected > 0 for p in points)
+    assert {p.call: p.broken for p in points if p.broken} == {}
+
+
+def _sweep_plan(calls: list[tuple[str, str]]) -> list[tuple[int, FaultKind]]:
+    """Which call fails how. Full sweep (``make fuzz``): every call, the four kinds in turn,
+    plus a lost response at every write. ``make test``: the read of the upload and every write
+    (kinds in turn), plus a lost response at the model, manifest and pointer writes."""
+    plan: list[tuple[int, FaultKind]] = []
+    for k, (operation, key) in enumerate(calls):
+        write = operation == "PutObject"
+        if FULL_SWEEP or write or (operation == "GetObject" and "/incoming/" in key):
+            plan.append((k, SWEEP_KINDS[len(plan) % len(SWEEP_KINDS)]))
+        if write and (
+            FULL_SWEEP or key.endswith(("/model.ubj", "/manifest.json", "/current.json"))
+        ):
+            plan.append((k, "lost_response"))
+    return plan
