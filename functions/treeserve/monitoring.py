@@ -32,15 +32,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 
 from treeserve import drift, gate
-from treeserve.aws import s3_client
+from treeserve.aws import s3_client, sns_client
 from treeserve.errors import RegistryError, TreeserveError
 from treeserve.manifest import ModelManifest
 
 if TYPE_CHECKING:
     from aws_lambda_powertools import Metrics
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sns import SNSClient
 
 logger = logging.getLogger(__name__)
 
@@ -652,3 +654,33 @@ def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
                 default_dimensions={"service": service, "model": report["model"]},
             ) as metric:
                 metric.add_dimension(name="feature", value=str(feature["name"]))
+
+
+def notify_drift(
+    report: dict[str, Any], topic_arn: str | None, *, sns: SNSClient | None = None
+) -> bool:
+    """Publish a short drift notice (model, window, drifted features, report key) to SNS.
+
+    Best effort: the report and the DriftedFeatures alarm are the record; a failed publish is
+    logged and returns False.
+    """
+    if not topic_arn:
+        return False
+    summary = report["summary"]
+    message = {
+        "model": report["model"],
+        "window": report["window"],
+        "drifted_features": summary["drifted_features"],
+        "prediction_drift": summary["prediction_drift"],
+        "report_key": report.get("report_key"),
+    }
+    try:
+        (sns or sns_client()).publish(
+            TopicArn=topic_arn,
+            Subject=f"treeserve: drift in {report['model']}"[:100],
+            Message=orjson.dumps(message).decode(),
+        )
+    except (BotoCoreError, ClientError) as exc:
+        logger.warning("drift notice not sent", extra={"error": type(exc).__name__})
+        return False
+    return True

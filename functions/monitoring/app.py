@@ -1,0 +1,111 @@
+"""Monitoring function: EventBridge schedule (or direct invoke) -> treeserve.monitoring.
+
+- Scheduled event (``"detail-type": "Scheduled Event"``): ``MODEL_NAME`` over the last
+  ``MONITORING_WINDOW_HOURS`` hours (default 24), ending now.
+- Direct invoke: ``{"model": "name", "start": iso, "end": iso}`` or ``{"hours": n}`` (either
+  form may name the model; ``end`` defaults to now).
+
+Returns a summary (report key, status, rows, drifted features, prediction drift). An event it
+cannot read returns ``{"error": {...}}`` instead of raising, since retrying it cannot help; a
+storage failure raises so Lambda's retry and the on-failure destination take over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from treeserve.errors import ConfigurationError, TreeserveError
+from treeserve.monitoring import notify_drift, parse_time, run_monitoring
+from treeserve.settings import Settings
+
+logger = Logger()
+metrics = Metrics()
+tracer = Tracer()
+copy_config_to_registered_loggers(source_logger=logger, include={"treeserve"})
+
+DEFAULT_WINDOW_HOURS = 24.0
+MAX_WINDOW_HOURS = 24.0 * 31
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class BadEvent(TreeserveError):
+    """An invocation event this function cannot act on."""
+
+
+def _hours(value: Any, what: str) -> float:
+    try:
+        hours = float(value)
+    except (TypeError, ValueError):
+        raise BadEvent(f"{what} must be a number of hours, not {str(value)[:40]!r}") from None
+    if not 0 < hours <= MAX_WINDOW_HOURS:
+        raise BadEvent(f"{what} must be in (0, {MAX_WINDOW_HOURS:g}] hours")
+    return hours
+
+
+def window(event: Any, settings: Settings, now: datetime) -> tuple[str, datetime, datetime]:
+    """(model, start, end) of an invocation event."""
+    if not isinstance(event, dict):
+        raise BadEvent("the event must be a JSON object")
+    default_hours = _hours(
+        os.environ.get("MONITORING_WINDOW_HOURS") or DEFAULT_WINDOW_HOURS, "MONITORING_WINDOW_HOURS"
+    )
+    if event.get("detail-type") == "Scheduled Event":
+        return settings.model_name, now - timedelta(hours=default_hours), now
+    model = str(event.get("model") or settings.model_name)
+    if not MODEL_NAME_RE.match(model):
+        raise BadEvent(f"model {model[:40]!r} is not a valid model name")
+    try:
+        end = parse_time(str(event["end"])) if event.get("end") else now
+        if event.get("start"):
+            start = parse_time(str(event["start"]))
+        else:
+            start = end - timedelta(hours=_hours(event.get("hours", default_hours), "hours"))
+    except TreeserveError as exc:
+        raise BadEvent(str(exc)) from None
+    if end <= start:
+        raise BadEvent("end must be after start")
+    return model, start, end
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Run monitoring for the event's window; return the report's summary."""
+    settings = Settings.from_env()
+    try:
+        model, start, end = window(event, settings, datetime.now(UTC))
+    except (BadEvent, ConfigurationError) as exc:
+        logger.warning("event refused", extra={"reason": str(exc)})
+        return {"error": {"type": "bad_event", "message": str(exc)}}
+    metrics.add_metadata(key="model", value=model)
+    report = run_monitoring(settings.model_bucket, model, start, end, metrics=metrics)
+    summary = report["summary"]
+    if summary["n_drifted"] or summary["prediction_drifted"]:
+        notify_drift(report, settings.notification_topic_arn)
+    logger.info(
+        "monitoring report written",
+        extra={
+            "key": report.get("report_key"),
+            "rows": report["rows"],
+            "drifted": summary["n_drifted"],
+        },
+    )
+    return {
+        "model": model,
+        "status": report["status"],
+        "report_key": report.get("report_key"),
+        "window": report["window"],
+        "rows": report["rows"],
+        "drifted_features": summary["drifted_features"],
+        "prediction_drift": summary["prediction_drift"],
+        "prediction_drifted": summary["prediction_drifted"],
+        "performance": summary["performance"],
+    }
