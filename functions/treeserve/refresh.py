@@ -422,7 +422,7 @@ class RefreshService:
             if existing is not None:
                 existing_manifest = registry.manifest(existing)
                 if not _same_upload(existing_manifest.source, source):
-                    return self._duplicate(event, existing, base)
+                    return self._duplicate(event, existing, existing_manifest, base)
                 # An earlier attempt at this very upload registered it, then stopped: finish.
                 version, manifest = existing, existing_manifest
                 gates = _Gates(self, registry, upload, manifest)
@@ -444,7 +444,7 @@ class RefreshService:
                 if first is not None and first != version:
                     first_manifest = registry.manifest(first)
                     if not _same_upload(first_manifest.source, source):
-                        return self._duplicate(event, first, base)
+                        return self._duplicate(event, first, first_manifest, base)
                     logger.warning(
                         "a concurrent delivery registered this upload first",
                         extra={"model": model, "version": first, "orphan": version},
@@ -581,15 +581,18 @@ class RefreshService:
 
     # -- helpers
 
-    def _duplicate(self, event: UploadEvent, version: int, base: dict[str, Any]) -> Outcome:
+    def _duplicate(
+        self, event: UploadEvent, version: int, original: ModelManifest, base: dict[str, Any]
+    ) -> Outcome:
         return Outcome(
             "duplicate",
             event.key,
             event.etag,
             version=version,
             code="duplicate",
-            message=f"the same model bytes are already version {version}; nothing new was "
-            f"registered (put it in service with `treeserve promote {version}`)",
+            message=f"nothing new was registered (version {version} came from "
+            f"{original.source.get('key') or 'another upload'}); put it in service with "
+            f"`treeserve promote {version}`",
             **self._event_fields(event),
             **base,
         )
