@@ -71,11 +71,7 @@ def test_every_bad_upload_is_refused_and_the_champion_keeps_serving(
 ) -> None:
     marker = tmp_path / "unpickled-marker"
     corpus = [(c.name, c.filename, c.data, frozenset({c.code})) for c in bad_uploads(binary_model)]
-    extra = [
-        (c.name, c.filename, c.data, c.codes)
-        for c in hostile_uploads(binary_model, marker)
-        if not c.name.startswith("latent_crash")  # its own test below: a known open bug
-    ]
+    extra = [(c.name, c.filename, c.data, c.codes) for c in hostile_uploads(binary_model, marker)]
     cases = corpus + extra
     assert len(corpus) >= 25
     registry = _registry()
