@@ -29,9 +29,10 @@ Decisions (:func:`assess`): one p-value per feature (KS for numeric features, ch
 categorical ones and for numeric features without a usable sample) is adjusted with
 Benjamini-Hochberg across the features (and separately across prediction columns). A feature
 drifts when its adjusted p-value is below ``ALPHA`` (0.05) *and* its PSI is at least
-``PSI_MODERATE`` (0.1); ``PSI_MAJOR`` (0.25) marks it major. The test makes a small sample need a
-large effect (one row never drifts); the PSI floor keeps a huge sample from flagging a shift too
-small to matter. Data-quality flags (missing-rate increase, out of range) need both an absolute
+``PSI_MODERATE`` (0.1), with at least ``MIN_ROWS`` (30) current rows; ``PSI_MAJOR`` (0.25)
+marks it major. The test makes a small sample need a large effect, and a handful of rows (an
+outlier or two) never makes a verdict; the PSI floor keeps a huge sample from flagging a shift
+too small to matter. Data-quality flags (missing-rate increase, out of range) need both an absolute
 excess and a one-sided binomial test against the reference rate at ``ALPHA``, so they also
 account for sample size. Every number is finite; what cannot be computed is ``None``.
 """
@@ -56,6 +57,7 @@ PSI_MODERATE = 0.1
 PSI_MAJOR = 0.25
 ALPHA = 0.05
 EXACT_KS_MAX_N = 10_000  # scipy's ks_2samp(method="auto") is exact up to here
+MIN_ROWS = 30  # fewer current rows than this never make a drift verdict
 MISSING_TOLERANCE = 0.05  # absolute increase of the missing rate worth a flag
 RANGE_TOLERANCE = 0.01  # share of values outside the reference range worth a flag
 MAX_LISTED_CATEGORIES = 20
@@ -353,7 +355,8 @@ def assess(results: list[dict[str, Any]], *, alpha: float = ALPHA) -> list[dict[
     for r in results:
         value = r.get("psi")
         significant = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
-        r["drifted"] = bool(significant and value is not None and value >= PSI_MODERATE)
+        enough = int(r["n"]) >= MIN_ROWS
+        r["drifted"] = bool(enough and significant and value is not None and value >= PSI_MODERATE)
         r["severity"] = (
             ("major" if value is not None and value >= PSI_MAJOR else "moderate")
             if r["drifted"]

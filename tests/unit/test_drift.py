@@ -1,0 +1,223 @@
+"""Drift statistics against scipy and independent computations; decisions; edge cases."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from tests.unit.test_reference import walk_numbers
+from treeserve import drift
+from treeserve.reference import categorical_stats, compute_reference, numeric_stats
+
+pytestmark = pytest.mark.unit
+
+TOL = 1e-9
+
+
+def independent_psi(ref_counts: np.ndarray, cur_counts: np.ndarray, eps: float = 1e-4) -> float:
+    """PSI written out term by term, no vectorisation shared with the module."""
+    total_r, total_c = float(sum(ref_counts)), float(sum(cur_counts))
+    out = 0.0
+    for r, c in zip(ref_counts, cur_counts, strict=True):
+        pr = r / total_r if r else eps
+        pc = c / total_c if c else eps
+        pr, pc = max(pr, eps), max(pc, eps)
+        out += (pc - pr) * math.log(pc / pr)
+    return out
+
+
+def run(reference: dict[str, Any], current: np.ndarray, batches: int = 3) -> dict[str, Any]:
+    acc = drift.FeatureAccumulator(reference)
+    for part in np.array_split(np.asarray(current, dtype=np.float32), batches):
+        acc.add(part)
+    return drift.compare_feature(acc)
+
+
+def binned(reference: dict[str, Any], current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference and current counts per bin (+ missing), computed without the module."""
+    edges = np.asarray(reference["edges"], dtype=np.float32)
+    cur = np.asarray(current, dtype=np.float32)
+    present = cur[~np.isnan(cur)]
+    bounds = [-np.inf, *edges.tolist(), np.inf]
+    counts = [
+        int(np.sum((present > lo) & (present <= hi)))
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return (
+        np.array([*reference["counts"], reference["n_missing"]]),
+        np.array([*counts, int(np.isnan(cur).sum())]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "method"), [(7, "exact"), (800, "exact"), (9_000, "exact"), (25_000, "asymp")]
+)
+def test_numeric_statistics_agree_with_scipy_and_independent_psi_js(n: int, method: str) -> None:
+    rng = np.random.default_rng(n)
+    ref_values = rng.normal(size=3000).round(2)  # rounded: ties inside and across samples
+    ref_values[::17] = np.nan
+    reference = numeric_stats("x", "float", ref_values)
+    current = (rng.normal(0.1, 1.1, size=n)).round(2)
+    current[::13] = np.nan
+    result = run(reference, current)
+    sample = np.asarray(reference["sample"], dtype=np.float32)
+    present = current[~np.isnan(current)].astype(np.float32)
+    expected = stats.ks_2samp(sample, present)
+    assert result["test"] == "ks"
+    assert result["ks_method"] == method
+    assert abs(result["statistic"] - expected.statistic) < TOL
+    assert abs(result["p_value"] - expected.pvalue) < TOL
+    ref_counts, cur_counts = binned(reference, current)
+    assert abs(result["psi"] - independent_psi(ref_counts, cur_counts)) < TOL
+    assert abs(result["js_distance"] - jensenshannon(ref_counts, cur_counts, base=2)) < TOL
+
+
+def test_streamed_ks_statistic_equals_scipy_without_keeping_values() -> None:
+    rng = np.random.default_rng(5)
+    reference = numeric_stats("x", "float", rng.normal(size=500).round(1))
+    current = rng.normal(0.3, size=4000).round(1).astype(np.float32)
+    acc = drift.FeatureAccumulator(reference)
+    for part in np.array_split(current, 7):
+        acc.add(part)
+    acc.kept = None  # force the count-based path on a size scipy would still do exactly
+    d, p, method = acc.ks() or (0.0, 0.0, "")
+    expected = stats.ks_2samp(np.asarray(reference["sample"], dtype=np.float32), current)
+    assert method == "asymp"
+    assert abs(d - expected.statistic) < TOL
+    assert abs(p - drift.ks_asymptotic_pvalue(expected.statistic, 500, 4000)) < TOL
+    assert abs(p - stats.ks_2samp(reference["sample"], current, method="asymp").pvalue) < TOL
+
+
+def test_categorical_chi2_psi_js_and_new_categories() -> None:
+    rng = np.random.default_rng(2)
+    ref_codes = rng.choice([0, 1, 2, 3], p=[0.4, 0.3, 0.2, 0.1], size=2000).astype(float)
+    ref_codes[:40] = np.nan
+    reference = categorical_stats("colour", ref_codes)
+    current = rng.choice([0, 1, 2, 3, 7], p=[0.3, 0.3, 0.2, 0.1, 0.1], size=900).astype(float)
+    current[:5] = np.nan
+    result = run(reference, current)
+    assert result["kind"] == "categorical"
+    assert result["new_categories"] == ["7"]
+    present = current[~np.isnan(current)]
+    assert result["new_category_share"] == pytest.approx(np.mean(present == 7))
+    # columns: categories 0..3, other/new, missing
+    ref_counts = np.array([*reference["category_counts"], 0, reference["n_missing"]])
+    new = int(np.sum(present == 7))
+    cur_counts = np.array([*(int(np.sum(present == c)) for c in range(4)), new, 5])
+    table = np.vstack([ref_counts, cur_counts])
+    table = table[:, table.sum(axis=0) > 0]
+    chi2, p, dof, _ = stats.chi2_contingency(table, correction=False)
+    assert result["test"] == "chi2"
+    assert abs(result["statistic"] - chi2) < TOL
+    assert abs(result["p_value"] - p) < TOL
+    assert result["dof"] == dof
+    assert abs(result["psi"] - independent_psi(ref_counts, cur_counts)) < TOL
+    assert abs(result["js_distance"] - jensenshannon(ref_counts, cur_counts, base=2)) < TOL
+    assessed = drift.assess([result])[0]
+    assert "new_categories" in assessed["flags"]
+
+
+def test_benjamini_hochberg_agrees_with_scipy() -> None:
+    p = np.random.default_rng(0).uniform(size=40) ** 3
+    ours = drift.benjamini_hochberg(p.tolist())
+    assert np.allclose(ours, stats.false_discovery_control(p, method="bh"), atol=TOL, rtol=0)
+    assert drift.benjamini_hochberg([]) == []
+
+
+def _features(X: np.ndarray, Y: np.ndarray, types: list[str] | None = None) -> list[dict[str, Any]]:
+    names = [f"f{j}" for j in range(X.shape[1])]
+    ref = compute_reference(X, names, types, None)
+    results = []
+    for j, feature in enumerate(ref["features"]):
+        acc = drift.FeatureAccumulator(feature)
+        acc.add(np.asarray(Y[:, j], dtype=np.float32))
+        results.append(drift.compare_feature(acc))
+    return drift.assess(results)
+
+
+def test_planted_shift_in_one_feature_is_flagged_and_only_that_one() -> None:
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(4000, 8))
+    Y = rng.normal(size=(3000, 8))
+    Y[:, 5] += 0.8  # the planted shift
+    results = _features(X, Y)
+    assert [r["name"] for r in results if r["drifted"]] == ["f5"]
+    shifted = results[5]
+    assert shifted["psi"] >= drift.PSI_MAJOR
+    assert shifted["severity"] == "major"
+    assert shifted["p_adjusted"] < drift.ALPHA
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_shift_is_not_flagged_at_default_thresholds(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(4000, 10))
+    X[:, 9] = rng.integers(0, 5, size=4000)
+    Y = rng.normal(size=(2000, 10))
+    Y[:, 9] = rng.integers(0, 5, size=2000)
+    results = _features(X, Y, ["float"] * 9 + ["c"])
+    assert not any(r["drifted"] for r in results)
+    assert all(r["flags"] == [] for r in results)
+    assert all(r["psi"] < drift.PSI_MODERATE for r in results)
+
+
+def assert_finite(result: dict[str, Any]) -> None:
+    assert all(math.isfinite(v) for v in walk_numbers(result))
+
+
+@pytest.mark.parametrize(
+    ("name", "ref_col", "cur_col"),
+    [
+        ("constant both", np.full(100, 3.0), np.full(50, 3.0)),
+        ("constant reference, moved current", np.full(100, 3.0), np.full(50, 4.0)),
+        ("empty bins", np.arange(100.0), np.full(30, 5.0)),
+        ("all missing current", np.arange(100.0), np.full(20, np.nan)),
+        ("all missing reference", np.full(100, np.nan), np.arange(20.0)),
+        ("all missing both", np.full(10, np.nan), np.full(10, np.nan)),
+        ("one row", np.arange(100.0), np.array([42.0])),
+        ("one reference row", np.array([1.0]), np.arange(20.0)),
+        ("huge values", np.array([1e30, -1e30, 0.0]), np.array([3e38, -3e38])),
+    ],
+)
+def test_edge_cases_never_nan_or_inf(name: str, ref_col: np.ndarray, cur_col: np.ndarray) -> None:
+    for stats_of in (lambda c: numeric_stats("x", "float", c), lambda c: categorical_stats("x", c)):
+        reference = stats_of(ref_col)
+        result = drift.assess([run(reference, cur_col, batches=1)])[0]
+        assert_finite(result)
+        assert isinstance(result["drifted"], bool)
+
+
+def test_edge_case_decisions() -> None:
+    ref = numeric_stats("x", "float", np.random.default_rng(0).normal(size=500))
+    one = drift.assess([run(ref, np.array([40.0]), batches=1)])[0]
+    assert not one["drifted"], "one row is never enough evidence of drift"
+    gone = drift.assess([run(ref, np.full(200, np.nan))])[0]
+    assert gone["psi"] > drift.PSI_MAJOR
+    assert "missing_rate" in gone["flags"]
+    assert gone["statistic"] is not None  # chi-squared over bins + missing when KS cannot run
+    assert gone["test"] == "chi2"
+    assert gone["drifted"]
+    outside = drift.assess([run(ref, np.full(300, 99.0))])[0]
+    assert outside["out_of_range_share"] == 1.0
+    assert "out_of_range" in outside["flags"]
+    assert outside["drifted"]
+    empty = drift.compare_feature(drift.FeatureAccumulator(ref))
+    assert empty["n"] == 0
+    assert empty["psi"] is None
+    assert empty["p_value"] is None
+    assert not drift.assess([empty])[0]["drifted"]
+
+
+def test_model_only_reference_reports_shares_without_statistics() -> None:
+    reference = {"name": "x", "kind": "numeric", "edges": [0.0, 1.0], "counts": None}
+    result = run(reference, np.array([-1.0, 0.5, 0.7, 2.0, np.nan]), batches=2)
+    assert result["psi"] is None
+    assert result["p_value"] is None
+    assert result["chart"]["reference"] is None
+    assert result["chart"]["current"] == pytest.approx([0.2, 0.4, 0.2, 0.2])
+    assert not drift.assess([result])[0]["drifted"]
