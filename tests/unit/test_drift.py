@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -45,8 +46,7 @@ def binned(reference: dict[str, Any], current: np.ndarray) -> tuple[np.ndarray, 
     present = cur[~np.isnan(cur)]
     bounds = [-np.inf, *edges.tolist(), np.inf]
     counts = [
-        int(np.sum((present > lo) & (present <= hi)))
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        int(np.sum((present > lo) & (present <= hi))) for lo, hi in itertools.pairwise(bounds)
     ]
     return (
         np.array([*reference["counts"], reference["n_missing"]]),
