@@ -9,7 +9,9 @@ only within the documented bound. Every test counts the faults it injected (``S3
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ from botocore.exceptions import ClientError, ReadTimeoutError
 
 from tests.conftest import BUCKET, TrainedModel, train
 from tests.corpus import make_package
-from tests.inference_support import manifest_for
+from tests.inference_support import http_api_event, manifest_for
 from tests.reliability import stack
 from tests.reliability.faults import FaultKind, S3Faults, no_backoff
 from treeserve.registry import ModelRegistry, S3RegistryStore
@@ -222,3 +224,72 @@ def _sweep_plan(calls: list[tuple[str, str]]) -> list[tuple[int, FaultKind]]:
         ):
             plan.append((k, "lost_response"))
     return plan
+
+
+# --- inference: cold start, reload, capture flush ----------------------------------------------
+
+
+def _request(
+    function: Any, method: str, path: str, rows: list[list[float]] | None = None
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    body = None if rows is None else json.dumps({"instances": rows})
+    headers = {} if rows is None else {"content-type": "application/json"}
+    answer = stack.invoke(function, http_api_event(method, path, body, headers))
+    got = {k.lower(): v for k, v in answer.get("headers", {}).items()}
+    return answer["statusCode"], got, json.loads(answer["body"])
+
+
+def _start_inference() -> Any:
+    from aws_lambda_powertools.metrics.provider import cold_start
+
+    cold_start.is_cold_start = True
+    function = stack.load_handler("inference")
+    function.metrics.clear_metrics()
+    return function
+
+
+RECOVERY_SECONDS = 2.0
+
+
+@pytest.mark.parametrize("kind", SWEEP_KINDS)
+def test_cold_start_with_s3_down_answers_503_then_recovers(
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    binary_model: TrainedModel,
+    kind: FaultKind,
+    reliability_report: Any,
+) -> None:
+    """S3 failing during init: the environment starts anyway (no crash loop), answers 503
+    with the JSON error shape, and serves the model once S3 answers again."""
+    no_backoff(monkeypatch)
+    stack.set_env(monkeypatch, MODEL_REFRESH_SECONDS="60")
+    registry = ModelRegistry(S3RegistryStore(BUCKET), stack.MODEL)
+    version = registry.register(binary_model.ubj(), manifest_for(binary_model))
+    registry.promote(version)
+    faults = S3Faults(s3)
+    faults.add(kind, operations={"GetObject", "HeadObject"})
+    function = _start_inference()
+    health, _, body = _request(function, "GET", "/health")
+    predict, headers, error = _request(function, "POST", "/predict", binary_model.X[:2].tolist())
+    faults.detach()
+    assert (health, predict) == (503, 503)
+    assert body["error"]["type"]
+    assert error["error"]["message"]
+    assert headers["x-model-version"] == "none"
+
+    # S3 is back. An environment with no model must not wait MODEL_REFRESH_SECONDS (60 s) to
+    # look again: allow a short retry backoff (RECOVERY_SECONDS), no more.
+    deadline = time.monotonic() + RECOVERY_SECONDS
+    while True:
+        status, headers, answer = _request(
+            function, "POST", "/predict", binary_model.X[:2].tolist()
+        )
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    reliability_report(
+        f"inference cold start, S3 GetObject {kind} x{faults.total_injected}",
+        [f"during: /health {health}, /predict {predict}; after S3 recovers: /predict {status}"],
+    )
+    assert status == 200, answer
+    assert headers["x-model-version"] == str(version)
