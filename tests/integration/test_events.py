@@ -97,6 +97,11 @@ def openapi(r: Response) -> None:
     assert {"/predict", "/explain", "/health", "/model"} <= set(spec["paths"])
 
 
+def not_found(r: Response) -> None:
+    assert r.status == 404, r.body
+    assert r.status < 500
+
+
 def error(status: int, kind: str | None = None) -> Callable[[Response], None]:
     def check(r: Response) -> None:
         assert r.status == status, r.body
@@ -122,6 +127,7 @@ API: dict[str, Callable[[Response], None]] = {
     "apigw-v2-predict-malformed-body.json": error(400, "malformed_body"),
     "apigw-v2-predict-too-many-columns.json": error(422, "input_mismatch"),
     "apigw-v2-predict-unsupported-media.json": error(415, "unsupported_media_type"),
+    "apigw-v2-unknown-route.json": not_found,
     "apigw-v1-rest-predict.json": predicted(N_ROWS),
     "function-url-predict.json": predicted(N_ROWS),
 }
@@ -132,9 +138,16 @@ REFRESH: dict[str, str | None] = {
     "sqs-s3-put-incoming.json": "incoming/default/model-sqs.ubj",
     "eventbridge-object-created.json": "incoming/default/model-eventbridge.ubj",
     "s3-test-event.json": None,
+    "s3-put-incoming-pickle.json": "incoming/default/model.pkl",
 }
+# Uploads that must be refused (the object uploaded is a pickle), by event file.
+REFUSED = {"s3-put-incoming-pickle.json": "pickle"}
 
-MONITORING = ("monitoring-scheduled.json", "monitoring-direct.json")
+MONITORING = (
+    "monitoring-scheduled.json",
+    "monitoring-direct.json",
+    "monitoring-direct-bad-window.json",
+)
 
 
 def test_every_event_file_has_an_expectation() -> None:
@@ -253,7 +266,13 @@ def test_refresh_event(name: str, stack: Any, template: Template, model: Trained
     key = REFRESH[name]
     event = load_event(name)
     if key is not None:
-        etag, size = upload(stack, bucket, key, model.ubj())
+        # A pickle (protocol 4 header and opcodes) for the refused case: never unpickled.
+        data = (
+            b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94."
+            if name in REFUSED
+            else model.ubj()
+        )
+        etag, size = upload(stack, bucket, key, data)
         event = with_real_object(event, key, etag, size)
     result = invoke(template, "RefreshFunction", event, fresh=True)
     assert result.ok, result.error
@@ -261,6 +280,14 @@ def test_refresh_event(name: str, stack: Any, template: Template, model: Trained
     if key is None:  # s3:TestEvent: nothing to do, nothing registered
         assert result.payload == {"outcomes": []}
         assert registry.current() is None
+        return
+    if name in REFUSED:
+        (outcome,) = result.payload["outcomes"]
+        assert outcome["status"] == "rejected"
+        assert outcome["code"] == REFUSED[name]
+        assert registry.current() is None
+        assert registry.versions() == []
+        assert stack.head_object(Bucket=bucket, Key=key)  # the upload is kept
         return
     if name.startswith("sqs-"):
         assert result.payload == {"batchItemFailures": []}
@@ -316,6 +343,14 @@ def test_monitoring_event(name: str, stack: Any, template: Template, model: Trai
     assert http(predict).status == 200
     result = invoke(template, "MonitoringFunction", load_event(name), fresh=True)
     assert result.ok, result.error
-    assert isinstance(result.payload, dict)
     reports = stack.list_objects_v2(Bucket=template.bucket_name(), Prefix="reports/default/")
-    assert reports.get("KeyCount", 0) >= 1
+    if name.endswith("-bad-window.json"):  # refused without a retry: retrying cannot help
+        assert result.payload["error"]["type"] == "bad_event"
+        assert reports.get("KeyCount", 0) == 0
+        return
+    payload = result.payload
+    assert "error" not in payload
+    assert payload["model"] == "default"
+    assert payload["rows"] == N_ROWS  # the rows the predict event captured
+    assert payload["report_key"].startswith("reports/default/dt=")
+    assert [o["Key"] for o in reports.get("Contents", [])] == [payload["report_key"]]
