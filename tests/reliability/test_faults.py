@@ -8,6 +8,7 @@ only within the documented bound. Every test counts the faults it injected (``S3
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 
@@ -293,3 +295,109 @@ def test_cold_start_with_s3_down_answers_503_then_recovers(
     )
     assert status == 200, answer
     assert headers["x-model-version"] == str(version)
+
+
+RELOAD_POINTS = [
+    ("pointer check", "GetObject", "/current.json"),
+    ("new manifest", "GetObject", "/versions/2/manifest.json"),
+    ("new model bytes", "GetObject", "/versions/2/model.ubj"),
+]
+
+
+@pytest.mark.parametrize("point", RELOAD_POINTS, ids=[p[0] for p in RELOAD_POINTS])
+def test_reload_failure_keeps_the_old_model_serving(
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    binary_model: TrainedModel,
+    point: tuple[str, str, str],
+    reliability_report: Any,
+) -> None:
+    """A promotion while warm, with S3 failing during the reload: v1 keeps answering, the
+    failure is counted, and v2 is served once S3 answers again."""
+    _, operation, key = point
+    no_backoff(monkeypatch)
+    stack.set_env(monkeypatch, MODEL_REFRESH_SECONDS="0")
+    registry = ModelRegistry(S3RegistryStore(BUCKET), stack.MODEL)
+    registry.promote(registry.register(binary_model.ubj(), manifest_for(binary_model)))
+    function = _start_inference()
+    rows = binary_model.X[:3].tolist()
+    assert _request(function, "POST", "/predict", rows)[1]["x-model-version"] == "1"
+
+    newer = train("binary:logistic", seed=9)
+    registry.promote(registry.register(newer.ubj(), manifest_for(newer)))
+    outcomes = []
+    for n, kind in enumerate(SWEEP_KINDS):
+        faults = S3Faults(s3)
+        faults.add(kind, operations={operation}, key_contains=key)
+        status, headers, body = _request(function, "POST", "/predict", rows)
+        faults.detach()
+        outcomes.append(f"{kind} x{faults.total_injected}: {status} v{headers['x-model-version']}")
+        assert status == 200, body
+        assert headers["x-model-version"] == "1"
+        assert faults.total_injected > 0
+        assert function.service.reload_failures == n + 1
+        np.testing.assert_allclose(
+            body["predictions"],
+            binary_model.booster.inplace_predict(np.asarray(rows, dtype=np.float32)),
+            rtol=1e-6,
+        )
+    status, headers, _ = _request(function, "POST", "/predict", rows)
+    reliability_report(
+        f"inference reload, S3 {operation} {key} failing",
+        [*outcomes, f"after S3 recovers: {status} v{headers['x-model-version']}"],
+    )
+    assert (status, headers["x-model-version"]) == (200, "2")
+
+
+def _captured_rows(s3: Any) -> int:
+    rows = 0
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"captures/{stack.MODEL}/")
+    for item in listing.get("Contents", []):
+        body = s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+        rows += sum(1 for line in gzip.decompress(body).splitlines() if line.strip())
+    return rows
+
+
+def test_capture_flush_failures_lose_at_most_the_documented_bound(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, binary_model: TrainedModel, reliability_report: Any
+) -> None:
+    """Capture every row, write every 20: fail two of the writes (all retries of each, a
+    throttle and a timeout). Every request still answers 200; what is lost is exactly the two
+    failed batches, each under CAPTURE_MAX_ROWS + one request's rows; the rest is in S3."""
+    no_backoff(monkeypatch)
+    max_rows, per_request, requests = 20, 5, 40
+    stack.set_env(
+        monkeypatch,
+        CAPTURE_SAMPLE_RATE="1",
+        CAPTURE_MAX_ROWS=str(max_rows),
+        CAPTURE_MAX_AGE_SECONDS="3600",
+        MODEL_REFRESH_SECONDS="3600",
+    )
+    registry = ModelRegistry(S3RegistryStore(BUCKET), stack.MODEL)
+    registry.promote(registry.register(binary_model.ubj(), manifest_for(binary_model)))
+    function = _start_inference()
+    faults = S3Faults(s3)
+    faults.add("slowdown", operations={"PutObject"}, key_contains="/captures/", call=1)
+    faults.add("timeout", operations={"PutObject"}, key_contains="/captures/", call=4)
+    statuses = []
+    for i in range(requests):
+        rows = binary_model.X[i * per_request : (i + 1) * per_request].tolist()
+        statuses.append(_request(function, "POST", "/predict", rows)[0])
+    faults.detach()
+    capture = function.capture
+    stored, buffered = _captured_rows(s3), capture.buffered_rows
+    lost = requests * per_request - stored - buffered
+    reliability_report(
+        "capture flush under S3 faults",
+        [
+            f"{requests} requests x {per_request} rows, sample rate 1, write every {max_rows} rows",
+            f"faults injected {faults.total_injected} (2 writes, every retry), "
+            f"writes ok {capture.flushes}, failed {capture.flush_failures}",
+            f"rows stored {stored}, buffered {buffered}, lost {lost} "
+            f"(bound {2 * (max_rows + per_request - 1)})",
+        ],
+    )
+    assert statuses == [200] * requests
+    assert capture.flush_failures == 2
+    assert lost == capture.dropped_rows
+    assert 0 < lost <= 2 * (max_rows + per_request - 1)
