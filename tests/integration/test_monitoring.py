@@ -1,0 +1,276 @@
+"""run_monitoring on moto: captures in the inference function's format, registry manifests,
+labels, reports in S3."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import xgboost as xgb
+
+from tests.conftest import BUCKET, TrainedModel, train
+from tests.unit.test_reference import walk_numbers
+from treeserve import monitoring
+from treeserve.manifest import ModelManifest, task_of
+from treeserve.reference import compute_reference
+from treeserve.registry import ModelRegistry, S3RegistryStore
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
+START = NOW - timedelta(hours=24)
+
+
+# --- helpers: register a model, write captures exactly as the inference function does ---------
+
+
+def register(s3: Any, model: TrainedModel, name: str = "m", X_ref: np.ndarray | None = None) -> int:
+    booster = model.booster
+    ubj = model.ubj()
+    X_ref = model.X if X_ref is None else X_ref
+    num_class = int(booster.attr("num_class") or 0) or (
+        3 if model.objective.startswith("multi:") else 0
+    )
+    manifest = ModelManifest(
+        name=name,
+        sha256=hashlib.sha256(ubj).hexdigest(),
+        model_size=len(ubj),
+        xgboost_version=xgb.__version__,
+        objective=model.objective,
+        task=task_of(model.objective, num_class),
+        num_features=len(model.feature_names),
+        feature_names=model.feature_names,
+        feature_types=["float"] * len(model.feature_names),
+        num_class=num_class,
+        threshold=0.5 if model.objective.startswith("binary:") else None,
+        reference=compute_reference(
+            X_ref, model.feature_names, None, booster.inplace_predict(X_ref)
+        ),
+        reference_source="reference.csv",
+    )
+    return ModelRegistry(S3RegistryStore(BUCKET, s3=s3), name).register(ubj, manifest)
+
+
+def capture_lines(
+    version: int | None,
+    X: np.ndarray,
+    predictions: np.ndarray,
+    ids: list[str],
+    ts: datetime,
+) -> list[bytes]:
+    """One JSON object per row: id, ts, version, features (null missing), prediction, label."""
+    stamp = ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    out = []
+    for row_id, row, pred in zip(ids, X.tolist(), predictions.tolist(), strict=True):
+        features = [None if isinstance(v, float) and math.isnan(v) else v for v in row]
+        label = int(np.argmax(pred)) if isinstance(pred, list) else None
+        out.append(
+            orjson.dumps(
+                {
+                    "id": row_id,
+                    "ts": stamp,
+                    "version": version,
+                    "features": features,
+                    "prediction": pred,
+                    "label": label,
+                }
+            )
+        )
+    return out
+
+
+def put_captures(s3: Any, name: str, lines: list[bytes], ts: datetime, tag: str) -> str:
+    key = f"captures/{name}/dt={ts:%Y-%m-%d}/{ts:%Y%m%dT%H%M%S}000Z-{tag}.jsonl.gz"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=gzip.compress(b"\n".join([*lines, b""])))
+    return key
+
+
+def traffic(
+    s3: Any,
+    model: TrainedModel,
+    version: int,
+    X: np.ndarray,
+    *,
+    name: str = "m",
+    prefix: str = "r",
+    ts: datetime = NOW - timedelta(hours=1),
+    files: int = 2,
+) -> tuple[list[str], np.ndarray]:
+    preds = model.booster.inplace_predict(X)
+    ids = [f"{prefix}-{i}" for i in range(X.shape[0])]
+    lines = capture_lines(version, X, preds, ids, ts)
+    for f, part in enumerate(np.array_split(np.arange(len(lines)), files)):
+        put_captures(s3, name, [lines[i] for i in part], ts, f"{prefix}{f}")
+    return ids, preds
+
+
+def independent_auc(y: np.ndarray, s: np.ndarray) -> float:
+    pos, neg = s[y == 1], s[y == 0]
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+
+
+def run(s3: Any, name: str = "m", **kwargs: Any) -> dict[str, Any]:
+    return monitoring.run_monitoring(BUCKET, name, START, NOW, s3=s3, now=NOW, **kwargs)
+
+
+def stored_report(s3: Any, report: dict[str, Any]) -> dict[str, Any]:
+    body = s3.get_object(Bucket=BUCKET, Key=report["report_key"])["Body"].read()
+    return dict(orjson.loads(body))
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_binary_report_drift_and_labelled_performance(s3: Any) -> None:
+    model = train("binary:logistic", n=1500)
+    version = register(s3, model)
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(1200, 6))
+    X[:, 2] += 1.0  # planted shift in f2 only
+    X[::50, 4] = np.nan
+    ids, preds = traffic(s3, model, version, X, files=3)
+    # Labels arrive later for half the rows, as CSV.
+    y_all = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
+    labelled = np.arange(0, 1200, 2)
+    body = "id,label\n" + "".join(f"{ids[i]},{y_all[i]}\n" for i in labelled)
+    s3.put_object(Bucket=BUCKET, Key="labels/m/day1.csv", Body=body.encode())
+
+    report = run(s3)
+    assert report["report_key"].startswith("reports/m/dt=2026-11-29/")
+    assert stored_report(s3, report) == orjson.loads(orjson.dumps(report))
+    assert report["status"] == "ok"
+    assert report["rows"] == 1200
+    assert report["files"] == 3
+    assert report["summary"]["drifted_features"] == ["f2"]
+    (v,) = report["versions"]
+    assert v["version"] == version
+    assert v["features"][4]["n_missing"] == 24
+    assert all(math.isfinite(x) for x in walk_numbers(report))
+
+    perf = report["summary"]["performance"]
+    y = y_all[labelled].astype(float)
+    s = preds[labelled].astype(np.float32).astype(np.float64)  # captures are read as float32
+    assert perf["rows"] == labelled.size
+    assert abs(perf["auc"] - independent_auc(y, s)) < 1e-9
+    assert abs(perf["accuracy"] - np.mean((s >= 0.5) == (y == 1))) < 1e-9
+    p = np.clip(s, 1e-15, 1 - 1e-15)
+    assert abs(perf["log_loss"] - float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))) < 1e-9
+    assert v["performance"] == perf
+
+
+def test_regression_labels_jsonl_give_rmse_mae(s3: Any) -> None:
+    model = train("reg:squarederror", n=600)
+    version = register(s3, model, "reg")
+    X = np.random.default_rng(1).normal(size=(300, 6))
+    ids, preds = traffic(s3, model, version, X, name="reg")
+    target = X[:, 0] + 0.5 * X[:, 1]
+    lines = [orjson.dumps({"id": ids[i], "label": float(target[i])}) for i in range(0, 300, 3)]
+    s3.put_object(Bucket=BUCKET, Key="labels/reg/batch.jsonl", Body=b"\n".join(lines))
+    report = run(s3, "reg")
+    perf = report["summary"]["performance"]
+    err = preds[::3].astype(np.float32).astype(np.float64) - target[::3]
+    assert perf["rows"] == 100
+    assert abs(perf["rmse"] - math.sqrt(float(np.mean(err**2)))) < 1e-9
+    assert abs(perf["mae"] - float(np.mean(np.abs(err)))) < 1e-9
+    assert report["summary"]["drifted_features"] == []
+
+
+def test_multiclass_prediction_drift_per_class(s3: Any) -> None:
+    model = train("multi:softprob", n=600)
+    version = register(s3, model, "mc")
+    X = np.random.default_rng(2).normal(size=(400, 6))
+    X[:, 0] += 2.0  # moves the predicted classes
+    ids, preds = traffic(s3, model, version, X, name="mc")
+    body = "id,label\n" + "".join(f"{ids[i]},{int(np.argmax(preds[i]))}\n" for i in range(400))
+    s3.put_object(Bucket=BUCKET, Key="labels/mc/l.csv", Body=body.encode())
+    report = run(s3, "mc")
+    (v,) = report["versions"]
+    assert [p["name"] for p in v["predictions"]] == [
+        "prediction[0]",
+        "prediction[1]",
+        "prediction[2]",
+    ]
+    assert report["summary"]["prediction_drifted"] is True
+    assert report["summary"]["prediction_drift"] >= 0.25
+    assert "f0" in report["summary"]["drifted_features"]
+    assert report["summary"]["performance"]["accuracy"] == 1.0
+
+
+def test_no_captures_reports_no_data(s3: Any) -> None:
+    model = train("binary:logistic")
+    register(s3, model)
+    report = run(s3)
+    assert report["status"] == "no data"
+    assert report["rows"] == 0
+    assert report["versions"] == []
+    assert report["summary"]["n_drifted"] == 0
+    assert stored_report(s3, report)["status"] == "no data"
+
+
+def test_window_and_versions(s3: Any) -> None:
+    old = train("binary:logistic", seed=0)
+    new = train("binary:logistic", seed=1, shift=0.5)
+    v1 = register(s3, old)
+    v2 = register(s3, new, X_ref=new.X + np.array([0, 0, 0, 3.0, 0, 0]))
+    rng = np.random.default_rng(9)
+    traffic(s3, old, v1, rng.normal(size=(200, 6)), prefix="a")
+    traffic(s3, new, v2, rng.normal(size=(150, 6)), prefix="b")
+    # Outside the window: an older partition (not even listed) and rows late on the end day.
+    traffic(s3, old, v1, rng.normal(size=(50, 6)), prefix="c", ts=START - timedelta(days=2))
+    traffic(s3, old, v1, rng.normal(size=(40, 6)), prefix="d", ts=NOW + timedelta(minutes=5))
+    report = run(s3)
+    assert report["rows"] == 350
+    assert report["rows_outside_window"] == 40
+    assert report["files"] == 6  # two per day-partition of the window: a, b, d
+    by_version = {v["version"]: v for v in report["versions"]}
+    assert by_version[v1]["rows"] == 200
+    assert by_version[v2]["rows"] == 150
+    # v2's reference has f3 shifted by +3: its traffic drifts against it, v1's does not.
+    assert by_version[v1]["drifted_features"] == []
+    assert by_version[v2]["drifted_features"] == ["f3"]
+
+
+def test_fast_and_general_parsers_agree_and_bad_lines_are_counted(s3: Any) -> None:
+    model = train("binary:logistic")
+    version = register(s3, model)
+    X = np.random.default_rng(3).normal(size=(300, 6))
+    X[::7, 1] = np.nan
+    preds = model.booster.inplace_predict(X)
+    ts = NOW - timedelta(hours=2)
+    lines = capture_lines(version, X, preds, [f"x{i}" for i in range(300)], ts)
+    put_captures(s3, "m", lines, ts, "fast")
+    fast = run(s3, write=False)
+    assert monitoring._fast_parse(b"\n".join(lines)) is not None
+    # A blank line, a broken line and a row of the wrong width send the file the general way.
+    bad_width = orjson.loads(lines[0])
+    bad_width["features"] = [1.0, 2.0]
+    s3.delete_object(
+        Bucket=BUCKET, Key=f"captures/m/dt={ts:%Y-%m-%d}/{ts:%Y%m%dT%H%M%S}000Z-fast.jsonl.gz"
+    )
+    put_captures(s3, "m", [*lines, b"", b"{not json", orjson.dumps(bad_width)], ts, "slow")
+    slow = run(s3, write=False)
+    assert slow["rows"] == fast["rows"] == 300
+    assert slow["malformed_rows"] == 1
+    strip = ("p_value", "statistic", "psi", "js_distance", "chart", "current")
+    for a, b in zip(fast["versions"][0]["features"], slow["versions"][0]["features"], strict=True):
+        for k in strip:
+            assert a[k] == b[k]
+
+
+def test_version_without_manifest_is_reported_not_fatal(s3: Any) -> None:
+    model = train("binary:logistic")
+    register(s3, model)
+    traffic(s3, model, 99, np.zeros((5, 6)))
+    report = run(s3)
+    (v,) = report["versions"]
+    assert v["version"] == 99
+    assert "no version 99" in v["error"]
+    assert report["rows"] == 5
