@@ -785,7 +785,8 @@ def read_upload(
     """Check an uploaded object completely; raise UploadRejected with a stable code if refused.
 
     ``label`` names the holdout's label column (default: the manifest's ``label``, else
-    ``"label"``).
+    ``"label"``). :class:`treeserve.sandbox.SandboxUnavailable` (the child could not start)
+    is not a verdict on the upload and propagates: fail the invocation so it is retried.
     """
     limits = limits or Limits()
     checks: list[str] = []

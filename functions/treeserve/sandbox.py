@@ -21,6 +21,7 @@ a child is spawned, the child to read the facts of the model it re-saved.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -30,7 +31,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -38,12 +38,15 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from treeserve.errors import UploadRejected
+from treeserve.errors import TreeserveError, UploadRejected
 
 ModelFormat = Literal["ubj", "json"]
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 DEFAULT_MEMORY_BYTES = 2 << 30
+# Starting the child (Python + numpy + xgboost imports) is not the model's time: it gets its own
+# allowance, and the load timeout starts once the child says it is ready.
+STARTUP_TIMEOUT_SECONDS = 30.0
 MAX_UBJ_DEPTH = 64
 # How much of the child's stderr a rejection message quotes (XGBoost's own error line).
 _STDERR_TAIL = 400
@@ -54,10 +57,18 @@ _RESAVE_HINT = (
 _BOOTSTRAP = (
     "import sys,json,struct\n"
     "n=struct.unpack('>I',sys.stdin.buffer.read(4))[0]\n"
-    "sys.path[:]=json.loads(sys.stdin.buffer.read(n))\n"
+    "setup=json.loads(sys.stdin.buffer.read(n))\n"
+    "sys.path[:]=setup['sys_path']\n"
     "from treeserve.sandbox import _child_main\n"
-    "sys.exit(_child_main())\n"
+    "sys.exit(_child_main(setup))\n"
 )
+
+
+class SandboxUnavailable(TreeserveError):
+    """The child process could not start (environment, memory limit): not the model's fault.
+
+    Let it propagate so the invocation fails and is retried; never record it as a rejection.
+    """
 
 
 @dataclass(frozen=True)
@@ -512,16 +523,18 @@ def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
-def _child_main() -> int:
+def _child_main(setup: dict[str, Any]) -> int:
     """Child entry point (after the bootstrap has set sys.path): serve one request."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    request = _read_frame(stdin)
     if hasattr(os, "fork"):  # POSIX: resource limits are available
-        _limit_resources(int(request["memory_bytes"]), int(request["cpu_seconds"]))
-    raw = bytearray(_read_exact(stdin, int(request["model_size"])))
-    rows_raw = _read_exact(stdin, int(request["rows_size"]))
+        _limit_resources(int(setup["memory_bytes"]), int(setup["cpu_seconds"]))
 
     import xgboost as xgb  # noqa: PLC0415 - imported after the limits are in place
+
+    _write_frame(stdout, {"ready": True})  # from here on, failures are the model's
+    request = _read_frame(stdin)
+    raw = bytearray(_read_exact(stdin, int(request["model_size"])))
+    rows_raw = _read_exact(stdin, int(request["rows_size"]))
 
     def first_line(exc: BaseException) -> str:
         # XGBoost prefixes "[hh:mm:ss] /path/file.cc:123: "; keep only what it says.
@@ -588,13 +601,30 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _tail(stream: IO[bytes]) -> str:
-    stream.seek(0, os.SEEK_END)
-    size = stream.tell()
-    stream.seek(max(0, size - 4 * _STDERR_TAIL))
-    text = stream.read().decode("utf-8", "replace").strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return (lines[-1] if lines else "")[-_STDERR_TAIL:]
+class _StderrTail(threading.Thread):
+    """Drains the child's stderr (a pipe, so the no-file-writes limit does not apply), keeping
+    only its end: a chatty child can neither block on a full pipe nor fill our memory."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.tail = b""
+
+    def run(self) -> None:
+        while chunk := self.stream.read(4096):
+            self.tail = (self.tail + chunk)[-4 * _STDERR_TAIL :]
+
+    def last_line(self) -> str:
+        text = self.tail.decode("utf-8", "replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return (lines[-1] if lines else "")[-_STDERR_TAIL:]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def inspect_model(
@@ -612,42 +642,53 @@ def inspect_model(
     ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``.
     """
     rows_npy = b"" if rows is None else _npy_bytes(np.asarray(rows, dtype=np.float64))
-    request = {
-        "format": fmt,
-        "model_size": len(raw),
-        "rows_size": len(rows_npy),
+    setup = {
+        "sys_path": sys.path,
         "memory_bytes": int(memory_bytes),
-        "cpu_seconds": max(1, math.ceil(timeout)),
+        "cpu_seconds": math.ceil(STARTUP_TIMEOUT_SECONDS + timeout),
     }
-    with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
-            [sys.executable, "-I", "-S", "-c", _BOOTSTRAP],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=_child_env(),
-            close_fds=True,
-        )
-        timed_out = threading.Event()
+    request = {"format": fmt, "model_size": len(raw), "rows_size": len(rows_npy)}
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
+        [sys.executable, "-I", "-S", "-c", _BOOTSTRAP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_child_env(),
+        close_fds=True,
+    )
+    assert proc.stdin is not None  # noqa: S101 - stdin=PIPE
+    assert proc.stdout is not None  # noqa: S101 - stdout=PIPE
+    assert proc.stderr is not None  # noqa: S101 - stderr=PIPE
+    stderr = _StderrTail(proc.stderr)
+    stderr.start()
+    timed_out = threading.Event()
 
-        def kill() -> None:
-            timed_out.set()
-            proc.kill()
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
 
-        watchdog = threading.Timer(timeout, kill)
-        watchdog.daemon = True
-        watchdog.start()
-        assert proc.stdin is not None  # noqa: S101 - stdin=PIPE
-        assert proc.stdout is not None  # noqa: S101 - stdout=PIPE
-        reply: dict[str, Any] | None = None
-        blobs: list[bytes] = []
+    ready = False
+    reply: dict[str, Any] | None = None
+    blobs: list[bytes] = []
+    watchdog = threading.Timer(STARTUP_TIMEOUT_SECONDS, kill)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
         try:
+            _write_frame(proc.stdin, setup)
+            ready = _read_frame(proc.stdout).get("ready") is True
+        except (OSError, EOFError, ValueError, struct.error):
+            ready = False
+        watchdog.cancel()
+        if ready:
+            timed_out.clear()
+            watchdog = threading.Timer(timeout, kill)
+            watchdog.daemon = True
+            watchdog.start()
             try:
-                path = json.dumps(sys.path).encode()
-                proc.stdin.write(struct.pack(">I", len(path)) + path)
                 _write_frame(proc.stdin, request, bytes(raw), rows_npy)
                 proc.stdin.close()
-            except (BrokenPipeError, OSError):
+            except OSError:  # BrokenPipeError included
                 pass  # the child died or was killed; its exit status tells why
             try:
                 reply = _read_frame(proc.stdout)
@@ -656,15 +697,29 @@ def inspect_model(
                         blobs.append(_read_exact(proc.stdout, int(reply[key])))
             except (EOFError, ValueError, struct.error):
                 reply = None
-            returncode = proc.wait()
-        finally:
-            watchdog.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-        detail = _tail(stderr)
+        else:
+            proc.kill()
+        returncode = proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr.join(timeout=5)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+    detail = stderr.last_line()
 
+    if not ready:
+        why = (
+            f"it did not start within {STARTUP_TIMEOUT_SECONDS:g} s"
+            if timed_out.is_set()
+            else f"it exited with status {returncode}: {detail or 'no message'}"
+        )
+        raise SandboxUnavailable(
+            f"the model sandbox could not start ({why}); memory limit {memory_bytes >> 20} MiB"
+        )
     if timed_out.is_set():
         raise UploadRejected(
             "timeout",
@@ -674,17 +729,17 @@ def inspect_model(
     if returncode == -signal.SIGXCPU:
         raise UploadRejected(
             "timeout",
-            f"loading the model used more than {request['cpu_seconds']} s of CPU; "
+            f"loading the model used more than {setup['cpu_seconds']} s of CPU; "
             "upload a smaller model (fewer or shallower trees)",
         )
     if reply is None or returncode != 0:
         if returncode < 0:
-            why = f"the loader crashed ({signal.Signals(-returncode).name})"
+            why = f"the loader crashed ({_signal_name(-returncode)})"
         else:
             why = f"the loader exited with status {returncode}"
         if detail:
             why += f": {detail}"
-        if "bad_alloc" in detail or "MemoryError" in detail:
+        if any(w in detail for w in ("bad_alloc", "MemoryError", "Cannot allocate", "map")):
             why += f" (memory limit {memory_bytes >> 20} MiB)"
         raise UploadRejected(
             "load_failed", f"XGBoost could not load the model: {why}; {_RESAVE_HINT}"

@@ -18,6 +18,7 @@ from tests.conftest import TrainedModel, train
 from tests.corpus import crafted_ubj
 from treeserve.errors import UploadRejected
 from treeserve.sandbox import (
+    SandboxUnavailable,
     UBJDecodeError,
     decode_ubj,
     inspect_model,
@@ -96,10 +97,34 @@ def test_truncated_model_is_refused(binary_model: TrainedModel) -> None:
     assert caught.value.code == "load_failed"
 
 
+def _many_trees_json(model: TrainedModel, copies: int) -> bytes:
+    """The model's JSON with its trees repeated ``copies`` times (a model slow to load)."""
+    doc = json.loads(model.json())
+    gb = doc["learner"]["gradient_booster"]["model"]
+    trees = [dict(t) for _ in range(copies) for t in gb["trees"]]
+    for i, tree in enumerate(trees):
+        tree["id"] = i
+    gb["trees"] = trees
+    gb["tree_info"] = [0] * len(trees)
+    gb["iteration_indptr"] = list(range(len(trees) + 1))
+    gb["gbtree_model_param"]["num_trees"] = str(len(trees))
+    return json.dumps(doc).encode()
+
+
 def test_timeout_is_enforced(binary_model: TrainedModel) -> None:
+    slow = _many_trees_json(binary_model, 300)  # 3000 trees
     with pytest.raises(UploadRejected) as caught:
-        inspect_model(binary_model.ubj(), "ubj", None, timeout=0.05)
+        inspect_model(slow, "json", None, timeout=0.1)
     assert caught.value.code == "timeout"
+    # The same model within a generous timeout loads: the limit, not the model, refused it.
+    assert inspect_model(slow, "json", None, timeout=120).info.num_trees == 3000
+
+
+def test_a_memory_limit_too_small_to_start_is_not_the_models_fault(
+    binary_model: TrainedModel,
+) -> None:
+    with pytest.raises(SandboxUnavailable, match="memory limit 48 MiB"):
+        inspect_model(binary_model.ubj(), "ubj", None, memory_bytes=48 << 20)
 
 
 def test_wrong_width_rows_fail_prediction(binary_model: TrainedModel) -> None:
