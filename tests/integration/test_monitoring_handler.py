@@ -1,0 +1,135 @@
+"""The monitoring handler: scheduled and direct events, report in S3, EMF on stdout."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import BUCKET, EVENTS, ROOT, LambdaContext, train
+from tests.integration.test_monitoring import register, traffic
+
+pytestmark = pytest.mark.integration
+
+APP = ROOT / "functions" / "monitoring" / "app.py"
+_counter = itertools.count()
+
+
+def load_app() -> ModuleType:
+    name = f"monitoring_app_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(name, APP)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    module.metrics.clear_metrics()
+    return module
+
+
+def emf_blobs(stdout: str) -> list[dict[str, Any]]:
+    blobs = []
+    for raw in stdout.splitlines():
+        line = raw.strip()
+        if line.startswith("{") and '"_aws"' in line:
+            blobs.append(json.loads(line))
+    return blobs
+
+
+def metric_values(blobs: list[dict[str, Any]], name: str) -> list[tuple[dict[str, Any], Any]]:
+    """(dimensions, value) of every EMF blob that declares metric ``name``."""
+    out = []
+    for blob in blobs:
+        for directive in blob["_aws"]["CloudWatchMetrics"]:
+            if any(m["Name"] == name for m in directive["Metrics"]):
+                dims = {d: blob[d] for group in directive["Dimensions"] for d in group}
+                value = blob[name]
+                # Powertools writes a list when a metric was added more than once in a flush.
+                out.append(
+                    (dims, value[0] if isinstance(value, list) and len(value) == 1 else value)
+                )
+    return out
+
+
+@pytest.fixture
+def env(s3: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("MODEL_BUCKET", BUCKET)
+    monkeypatch.setenv("MODEL_NAME", "m")
+    monkeypatch.setenv("MONITORING_WINDOW_HOURS", "6")
+    monkeypatch.delenv("POWERTOOLS_DEV", raising=False)
+    monkeypatch.delenv("NOTIFICATION_TOPIC_ARN", raising=False)
+    return s3
+
+
+def test_scheduled_event_writes_report_and_emits_emf(
+    env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = train("binary:logistic", n=1000)
+    version = register(env, model)
+    X = np.random.default_rng(0).normal(size=(600, 6))
+    X[:, 1] += 1.5
+    now = datetime.now(UTC)
+    traffic(env, model, version, X, ts=now - timedelta(hours=1))
+    traffic(env, model, version, X[:50], ts=now - timedelta(hours=8), prefix="old")  # outside 6 h
+    app = load_app()
+    event = json.loads((EVENTS / "monitoring-scheduled.json").read_text())
+    capsys.readouterr()
+    result = app.handler(event, LambdaContext())
+    out = capsys.readouterr().out
+
+    assert result["model"] == "m"
+    assert result["rows"] == 600
+    assert result["drifted_features"] == ["f1"]
+    start = datetime.fromisoformat(result["window"]["start"])
+    end = datetime.fromisoformat(result["window"]["end"])
+    assert end - start == timedelta(hours=6)
+    stored = json.loads(env.get_object(Bucket=BUCKET, Key=result["report_key"])["Body"].read())
+    assert stored["summary"]["drifted_features"] == ["f1"]
+
+    blobs = emf_blobs(out)
+    assert blobs, "the handler printed EMF to stdout"
+    ((dims, drifted),) = metric_values(blobs, "DriftedFeatures")
+    # The DriftAlarm in template.yaml watches exactly this metric and dimension set.
+    assert dims == {"service": "treeserve-test"}
+    assert drifted == 1.0
+    assert blobs[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "TreeserveTest"
+    ((_, rows),) = metric_values(blobs, "RowsSeen")
+    assert rows == 600.0
+    assert metric_values(blobs, "PredictionDrift")
+    per_feature = {d["feature"]: v for d, v in metric_values(blobs, "FeatureDrift")}
+    assert sorted(per_feature) == [f"f{i}" for i in range(6)]
+    assert per_feature["f1"] == pytest.approx(
+        stored["versions"][0]["features"][1]["psi"], rel=1e-12
+    )
+    assert max(per_feature, key=per_feature.__getitem__) == "f1"
+
+
+def test_direct_invoke_window_and_bad_events(env: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    model = train("reg:squarederror")
+    version = register(env, model, "other")
+    ts = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+    traffic(env, model, version, np.zeros((10, 6)), name="other", ts=ts)
+    app = load_app()
+    result = app.handler(
+        {"model": "other", "start": "2026-11-20T00:00:00Z", "end": "2026-11-21T00:00:00Z"},
+        LambdaContext(),
+    )
+    assert result["rows"] == 10
+    assert result["report_key"].startswith("reports/other/dt=")
+    for bad in (
+        {"hours": -1},
+        {"hours": "soon"},
+        {"model": "../etc"},
+        {"start": "yesterday"},
+        {"start": "2026-11-21T00:00:00Z", "end": "2026-11-20T00:00:00Z"},
+    ):
+        answer = app.handler(bad, LambdaContext())
+        assert answer["error"]["type"] == "bad_event", bad
+    capsys.readouterr()
