@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from mangum import Mangum
@@ -30,7 +30,18 @@ warnings.filterwarnings("ignore", message="No application metrics to publish")
 
 logger = Logger()
 metrics = Metrics()
-tracer = Tracer()
+
+
+def _tracing_enabled(env: Mapping[str, str] = os.environ) -> bool:
+    # Powertools' own rule (Tracer._is_tracer_disabled): on in Lambda unless disabled or under
+    # SAM local. Tracer() imports the X-Ray SDK, which builds an X-Ray client (about 0.4 s of
+    # cold start on the bench machine) even when it then disables itself; skip it when off.
+    disabled = env.get("POWERTOOLS_TRACE_DISABLED", "false").strip().lower()
+    in_lambda = bool(env.get("LAMBDA_TASK_ROOT")) and not env.get("AWS_SAM_LOCAL")
+    return in_lambda and disabled not in ("1", "true", "yes", "on", "y", "t")
+
+
+tracer = Tracer() if _tracing_enabled() else None
 # The library logs through stdlib loggers; give them Powertools' JSON format and correlation id.
 copy_config_to_registered_loggers(source_logger=logger, include={"treeserve"})
 
@@ -54,15 +65,31 @@ app = create_app(service, settings, capture, metrics=metrics)
 asgi = Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("API_BASE_PATH", "/"))
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
-@tracer.capture_lambda_handler(capture_response=False)
-@metrics.log_metrics(capture_cold_start_metric=True)
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Lambda entry point: the event through Mangum to the FastAPI app."""
+def _request_id(event: dict[str, Any]) -> str | None:
+    # requestContext.requestId in HTTP API, REST API and Function URL events alike
+    # (correlation_paths.API_GATEWAY_HTTP); read directly, a JMESPath query per request costs
+    # more than the rest of the logger decorator.
+    context = event.get("requestContext")
+    return context.get("requestId") if isinstance(context, dict) else None
+
+
+def _serve(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    logger.set_correlation_id(_request_id(event))
     response: dict[str, Any] = asgi(event, context)  # type: ignore[arg-type]
     loaded = service.loaded
     metrics.add_metadata("model_version", None if loaded is None else loaded.version)
     return response
+
+
+if tracer is not None:
+    _serve = tracer.capture_lambda_handler(capture_response=False)(_serve)
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics(capture_cold_start_metric=True)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Lambda entry point: the event through Mangum to the FastAPI app."""
+    return _serve(event, context)
 
 
 def warm() -> None:

@@ -17,6 +17,7 @@ tuned for the common case (rows of numbers): orjson, one C-level type scan, ``np
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -78,6 +79,7 @@ class FeatureSchema:
         return [record.get(name) for name in self.names]
 
 
+@functools.lru_cache(maxsize=64)
 def media_type(content_type: str | None) -> str:
     """``"json"`` or ``"csv"`` for a Content-Type header; raises UnsupportedMediaType."""
     if not content_type or not content_type.strip():
@@ -158,6 +160,9 @@ def _parse_json(
     first = type(instances[0])
     pairs = len(document)
     if first is list:
+        fast = _fast_rows(body, document, instances, ids, schema)
+        if fast is not None:
+            return fast, ids
         if set(map(type, instances)) != {list}:
             raise InputMismatch("mix of rows and records: every instance must be a list")
         rows: Sequence[Sequence[Any]] = instances
@@ -173,6 +178,52 @@ def _parse_json(
         )
     _check_duplicate_keys(body, document, instances if first is dict else None, ids, pairs)
     return _rows_to_matrix(rows, schema), ids
+
+
+# Bytes that can appear in a body of numeric rows outside strings: numbers, null, structure.
+_ROW_BYTES = b"0123456789.-+eE,[]{} \t\r\nnul"
+
+
+def _fast_rows(
+    body: bytes,
+    document: dict[str, Any],
+    rows: list[Any],
+    ids: list[Any] | None,
+    schema: FeatureSchema,
+) -> np.ndarray | None:
+    """Rows of numbers/null without a per-value type scan, or None to take the exact path.
+
+    orjson already proved the body is valid JSON, so outside strings it holds only numbers,
+    ``null``, ``true``/``false`` and structure. Deleting the bytes numbers, null and structure
+    use leaves the strings' bytes plus ``t``/``f``/``a``/``r``/``s`` of booleans, quotes and
+    colons. Without backslashes (escapes), every string's raw bytes are its decoded text, so
+    comparing what is left with the keys and ids we parsed proves, exactly, that the rows hold
+    no strings or booleans and that no key was repeated (one colon per key). Lists or objects
+    nested in a row make ``np.fromiter`` fail. Anything unusual returns None.
+    """
+    rest = body.translate(None, _ROW_BYTES)
+    if b"\\" in rest:
+        return None
+    strings = [str(k) for k in document]
+    if ids:
+        strings.extend(v for v in ids if type(v) is str)
+    text = "".join(strings)
+    if (
+        rest.count(b'"') != 2 * len(strings)
+        or rest.count(b":") != len(document) + text.count(":")
+        or rest.count(b"t") != text.count("t")
+        or rest.count(b"f") != text.count("f")
+    ):
+        return None
+    width = schema.width
+    if set(map(len, rows)) != {width}:
+        return None
+    n = len(rows)
+    try:
+        values = np.fromiter(_chain(rows), dtype=np.float64, count=n * width)
+    except (TypeError, ValueError):
+        return None
+    return _as_float32(values.reshape(n, width), schema)
 
 
 def _records_to_rows(records: list[dict[str, Any]], schema: FeatureSchema) -> list[Sequence[Any]]:

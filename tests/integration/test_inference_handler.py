@@ -358,3 +358,17 @@ def test_metrics_and_logs_are_emitted(
     rows = next(b for b in emf if "PredictedRows" in b)
     assert rows["PredictedRows"] == [3.0]
     assert rows["model_version"] == 1
+
+
+def test_tracing_follows_powertools_rule(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    assert module.tracer is None  # POWERTOOLS_TRACE_DISABLED in tests: no X-Ray SDK loaded
+    assert module._tracing_enabled({"LAMBDA_TASK_ROOT": "/var/task"})
+    assert not module._tracing_enabled(
+        {"LAMBDA_TASK_ROOT": "/var/task", "POWERTOOLS_TRACE_DISABLED": "true"}
+    )
+    assert not module._tracing_enabled({"LAMBDA_TASK_ROOT": "/var/task", "AWS_SAM_LOCAL": "true"})
+    assert not module._tracing_enabled({})

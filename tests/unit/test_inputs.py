@@ -193,3 +193,26 @@ def test_colon_inside_strings_is_not_a_duplicate() -> None:
 def test_null_everywhere_is_all_missing() -> None:
     parsed = parse('{"instances": [[null, null, null]]}')
     assert all(math.isnan(v) for v in parsed.X[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "fast"),
+    [
+        ('{"instances": [[1, 2.5, null], [3, 4, 5e-3]]}', True),
+        ('{"ids": ["t:f", "x"], "instances": [[1, 2, 3], [4, 5, 6]]}', True),
+        ('{"instances": [[1, 2, true]]}', False),
+        ('{"instances": [[1, 2, false]]}', False),
+        ('{"instances": [[1, 2, "3"]]}', False),
+        ('{"instances": [[1, 2, [3]]]}', False),
+        ('{"instances": [[1, 2, {"a": 3}]]}', False),
+        ('{"instances": [[1, 2, 3]], "instances": [[1, 2, 3]]}', False),
+        ('{"ids": ["a\\"b"], "instances": [[1, 2, 3]]}', False),
+    ],
+)
+def test_fast_row_path_only_for_plain_numbers(body: str, fast: bool) -> None:
+    from treeserve.inputs import _fast_rows
+
+    raw = body.encode()
+    document = orjson.loads(raw)
+    got = _fast_rows(raw, document, document["instances"], document.get("ids"), SCHEMA)
+    assert (got is not None) == fast

@@ -1,0 +1,383 @@
+"""Inference benchmark: the whole handler against XGBoost alone, and cold start.
+
+Warm: ``handler(event, context)`` of functions/inference/app.py with an HTTP API (2.0) event,
+for 1 row and 1000 rows x 30 features, against ``Booster.inplace_predict`` on the same model
+and rows (what any serving layer must at least spend). The two are timed alternately in one
+loop so machine noise hits both; the table shows medians and their ratio.
+
+Cold start: a fresh Python process until its first answer. treeserve imports the function
+module (reads ``current.json``, the manifest and the model from S3 on a moto server over HTTP,
+verifies, loads, smoke-tests) and answers one event; the baseline is a bare FastAPI + Mangum
+handler that loads the same model from a local file and answers the same event. Runs alternate;
+medians.
+
+Targets (medians): 1 row <= 1.5x, 1000 rows <= 1.75x, cold start <= 1.1x.
+"""
+
+# Heavy modules (moto, xgboost, treeserve) are imported where used: `make bench` imports every
+# section module up front.
+# ruff: noqa: PLC0415
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "functions" / "inference" / "app.py"
+BUCKET = "treeserve-bench"
+FEATURES = 30
+TARGETS = {"1 row": 1.5, "1000 rows": 1.75, "cold start": 1.1}
+
+_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "POWERTOOLS_SERVICE_NAME": "treeserve-bench",
+    "POWERTOOLS_METRICS_NAMESPACE": "TreeserveBench",
+    "MODEL_BUCKET": BUCKET,
+    "MODEL_NAME": "bench",
+    "CAPTURE_SAMPLE_RATE": "0",
+}
+
+
+class Context:
+    function_name = "treeserve-bench"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:treeserve-bench"
+    memory_limit_in_mb = 1769
+    aws_request_id = "00000000-0000-4000-8000-000000000000"
+    log_group_name = "/aws/lambda/treeserve-bench"
+    log_stream_name = "bench"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+def train_model(trees: int, depth: int, seed: int = 0) -> tuple[Any, np.ndarray]:
+    import xgboost as xgb
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(5000, FEATURES))
+    signal = X[:, 0] + 0.5 * X[:, 1] * X[:, 2] - 0.25 * X[:, 3] + rng.normal(scale=0.5, size=5000)
+    names = [f"f{i}" for i in range(FEATURES)]
+    dtrain = xgb.DMatrix(X, label=(signal > 0).astype(float), feature_names=names)
+    params = {"objective": "binary:logistic", "max_depth": depth, "eta": 0.1, "nthread": 1}
+    booster = xgb.train(params, dtrain, num_boost_round=trees)
+    booster.set_param({"nthread": 1})
+    return booster, np.round(rng.normal(size=(1000, FEATURES)), 4)
+
+
+def manifest_for(booster: Any, raw: bytes, name: str) -> Any:
+    import xgboost as xgb
+
+    from treeserve.manifest import ModelManifest
+
+    return ModelManifest(
+        name=name,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        model_size=len(raw),
+        xgboost_version=xgb.__version__,
+        objective="binary:logistic",
+        task="binary",
+        num_features=FEATURES,
+        feature_names=[f"f{i}" for i in range(FEATURES)],
+        feature_types=["float"] * FEATURES,
+        num_trees=booster.num_boosted_rounds(),
+    )
+
+
+def http_event(body: bytes) -> dict[str, Any]:
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/predict",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "bench.execute-api"},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "bench",
+            "domainName": "bench.execute-api.us-east-1.amazonaws.com",
+            "domainPrefix": "bench",
+            "http": {
+                "method": "POST",
+                "path": "/predict",
+                "protocol": "HTTP/1.1",
+                "sourceIp": "192.0.2.1",
+                "userAgent": "bench",
+            },
+            "requestId": "bench-request",
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "29/Nov/2026:04:40:50 +0000",
+            "timeEpoch": 1795927250000,
+        },
+        "body": body.decode(),
+        "isBase64Encoded": False,
+    }
+
+
+@contextlib.contextmanager
+def environment(extra: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def load_function() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_inference_app", APP)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {APP}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """Median seconds of a and of b, timed alternately."""
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+# --- warm -----------------------------------------------------------------------------------
+
+
+def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, float]]:
+    from moto import mock_aws
+
+    from treeserve.aws import reset_clients, s3_client
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    booster, rows = train_model(trees, depth)
+    raw = bytes(booster.save_raw("ubj"))
+    results = []
+    env = {**_ENV, "MODEL_NAME": "bench"}
+    env.pop("AWS_ENDPOINT_URL", None)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    with environment(env), mock_aws():
+        reset_clients()
+        s3_client().create_bucket(Bucket=BUCKET)
+        registry = ModelRegistry(S3RegistryStore(BUCKET), "bench")
+        registry.promote(registry.register(raw, manifest_for(booster, raw, "bench")))
+        module = load_function()
+        context = Context()
+        cases = [
+            ("1 row", rows[:1]),
+            ("1000 rows", rows),
+            ("1000 rows, 17-digit floats", rows + 1e-9),
+        ]
+        sink = io.StringIO()
+        for label, X in cases:
+            event = http_event(orjson.dumps({"instances": X.tolist()}))
+            X32 = X.astype(np.float32)
+            response = module.handler(event, context)
+            if response["statusCode"] != 200:
+                raise RuntimeError(f"handler answered {response['body'][:300]}")
+            served = np.asarray(orjson.loads(response["body"])["predictions"], dtype=np.float32)
+            if not np.array_equal(served, booster.inplace_predict(X32)):
+                raise RuntimeError("the handler's predictions differ from inplace_predict")
+            n = rounds if len(X) == 1 else max(15, rounds // 40)
+            with contextlib.redirect_stdout(sink):  # EMF lines: written, as on Lambda
+                for _ in range(min(50, n)):  # warm-up
+                    module.handler(event, context)
+                    booster.inplace_predict(X32)
+                whole, bare = alternate(
+                    lambda e=event: module.handler(e, context),
+                    lambda x=X32: booster.inplace_predict(x),
+                    n,
+                )
+            sink.seek(0)
+            sink.truncate()
+            results.append((label, whole, bare))
+        reset_clients()
+    return results
+
+
+# --- cold start -----------------------------------------------------------------------------
+
+TREESERVE_CHILD = """
+import sys, time, json
+import importlib.util
+spec = importlib.util.spec_from_file_location("app", {app!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+event = json.loads(sys.stdin.read())
+
+class Context:
+    function_name = "bench"; function_version = "$LATEST"; memory_limit_in_mb = 1769
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench"
+    aws_request_id = "cold"; log_group_name = "g"; log_stream_name = "s"
+    def get_remaining_time_in_millis(self): return 30000
+
+response = module.handler(event, Context())
+sys.stderr.write("ANSWER " + str(response["statusCode"]) + " " + response["body"][:80] + "\\n")
+"""
+
+BARE_CHILD = """
+import sys, json
+import numpy as np
+import orjson
+import xgboost as xgb
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from mangum import Mangum
+
+booster = xgb.Booster(params={{"nthread": 1}})
+booster.load_model({model!r})
+app = FastAPI()
+
+@app.post("/predict")
+async def predict(request: Request) -> Response:
+    rows = orjson.loads(await request.body())["instances"]
+    values = booster.inplace_predict(np.asarray(rows, dtype=np.float32))
+    return Response(orjson.dumps({{"predictions": values.tolist()}}), media_type="application/json")
+
+handler = Mangum(app, lifespan="off")
+event = json.loads(sys.stdin.read())
+
+class Context:
+    function_name = "bench"; function_version = "$LATEST"; memory_limit_in_mb = 1769
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:bench"
+    aws_request_id = "cold"; log_group_name = "g"; log_stream_name = "s"
+    def get_remaining_time_in_millis(self): return 30000
+
+response = handler(event, Context())
+sys.stderr.write("ANSWER " + str(response["statusCode"]) + " " + response["body"][:80] + "\\n")
+"""
+
+
+def _run_child(code: str, env: dict[str, str], event: bytes) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        input=event,
+        env=env,
+        capture_output=True,
+        check=False,
+        cwd=str(ROOT),
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0 or b"ANSWER 200" not in proc.stderr:
+        raise RuntimeError(f"cold start child failed: {proc.stderr.decode()[-2000:]}")
+    return elapsed
+
+
+def bench_cold(trees: int, depth: int, runs: int) -> tuple[float, float]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    booster, rows = train_model(trees, depth)
+    raw = bytes(booster.save_raw("ubj"))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",  # noqa: S106 -- moto
+        )
+        s3.create_bucket(Bucket=BUCKET)
+        registry = ModelRegistry(S3RegistryStore(BUCKET, s3), "bench")
+        registry.promote(registry.register(raw, manifest_for(booster, raw, "bench")))
+        event = orjson.dumps(http_event(orjson.dumps({"instances": rows[:1].tolist()})))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model.ubj"
+            local.write_bytes(raw)
+            base_env = {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("AWS_", "POWERTOOLS_", "MODEL_"))
+            }
+            base_env["PYTHONPATH"] = os.pathsep.join(
+                [str(ROOT / "functions"), str(ROOT), base_env.get("PYTHONPATH", "")]
+            )
+            tree_env = {**base_env, **_ENV, "AWS_ENDPOINT_URL": endpoint}
+            tree_code = TREESERVE_CHILD.format(app=str(APP))
+            bare_code = BARE_CHILD.format(model=str(local))
+            # one untimed run each: page cache, .pyc files
+            _run_child(tree_code, tree_env, event)
+            _run_child(bare_code, base_env, event)
+            tree_times, bare_times = [], []
+            for _ in range(runs):
+                tree_times.append(_run_child(tree_code, tree_env, event))
+                bare_times.append(_run_child(bare_code, base_env, event))
+    finally:
+        server.stop()
+    return statistics.median(tree_times), statistics.median(bare_times)
+
+
+def _row(label: str, ours: float, base: float, unit: str, scale: float) -> str:
+    ratio = ours / base
+    target = TARGETS.get(label.split(",", maxsplit=1)[0])
+    verdict = "" if target is None else ("ok" if ratio <= target else "MISSED") + f" (<= {target}x)"
+    return (
+        f"{label:<30} {ours * scale:>12.3f} {base * scale:>12.3f} {unit:<3} "
+        f"{ratio:>6.2f}x  {verdict}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_inference", description=__doc__)
+    parser.add_argument("--trees", type=int, default=300)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2000, help="1-row iterations")
+    parser.add_argument("--cold-runs", type=int, default=7)
+    parser.add_argument("--skip-cold", action="store_true")
+    args = parser.parse_args(argv)
+
+    print(
+        f"model: binary:logistic, {args.trees} trees, depth {args.depth}, {FEATURES} features; "
+        "rows: 4-decimal values unless noted"
+    )
+    warm = bench_warm(args.trees, args.depth, args.rounds)
+    cold = None if args.skip_cold else bench_cold(args.trees, args.depth, args.cold_runs)
+    print(f"{'case':<30} {'treeserve':>12} {'baseline':>12}     {'ratio':>7}")
+    print("warm: whole handler vs Booster.inplace_predict (medians)")
+    for label, whole, bare in warm:
+        print(_row(label, whole, bare, "ms", 1e3))
+    if cold is not None:
+        print(f"cold start: fresh process -> first answer, {args.cold_runs} alternating runs")
+        print(_row("cold start", cold[0], cold[1], "s", 1.0))
+        print("  (treeserve reads the model from S3 on a moto server; baseline: local file)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
