@@ -648,8 +648,9 @@ def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
 
 def _feature_matrix(table: _Table, names: list[str], what: str, label: str | None) -> np.ndarray:
     columns = [h for h in table.header if h != label]
-    missing = [n for n in names if n not in table.header]
-    extra = [c for c in columns if c not in names]
+    have, want = set(table.header), set(names)
+    missing = [n for n in names if n not in have]
+    extra = [c for c in columns if c not in want]
     if missing or extra:
         parts = []
         if missing:
@@ -823,6 +824,7 @@ def read_upload(
         model_raw = members[model_name]
         if not model_raw:
             raise UploadRejected("empty", f"{model_name} in the package is empty")
+        model_raw = model_raw.removeprefix(b"\xef\xbb\xbf")
         if model_raw.lstrip()[:1] != b"{":
             raise UploadRejected(
                 "unknown_format", f"{model_name} in the package is not an XGBoost model"
@@ -831,7 +833,7 @@ def read_upload(
     else:
         members = {}
         model_name = filename
-        model_raw = data
+        model_raw = data.removeprefix(b"\xef\xbb\xbf")
         fmt = kind
     if len(model_raw) > limits.max_member_bytes:
         raise UploadRejected(
