@@ -88,7 +88,7 @@ def _feature_row(f: dict[str, Any]) -> str:
         f"<tr{cls}><td class=l>{escape(str(f.get('name')))}</td><td class=l>{f.get('kind')}</td>"
         f"<td>{_num(f.get('n'))}</td><td>{_num(f.get('missing_rate'), 3)}</td>"
         f"<td>{_num(f.get('psi'))}</td><td>{_num(f.get('js_distance'))}</td>"
-        f"<td class=l>{escape(str(f.get('test') or '&ndash;'))}</td><td>{_num(f.get('statistic'))}</td>"
+        f"<td class=l>{escape(str(f['test'])) if f.get('test') else '&ndash;'}</td><td>{_num(f.get('statistic'))}</td>"
         f"<td>{_num(f.get('p_adjusted'), 3)}</td><td>{_num(f.get('out_of_range_share'), 3)}</td>"
         f"<td class=l>{escape(f.get('severity', 'none'))}</td>"
         f"<td class=l>{escape(', '.join(f.get('flags') or []))}</td></tr>"
