@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final, TextIO
@@ -32,6 +33,7 @@ from treeserve.registry import (
     ModelRegistry,
     Pointer,
     S3RegistryStore,
+    StorageAccessDenied,
     upload_id,
 )
 from treeserve.settings import Settings
@@ -267,7 +269,10 @@ def publish(args: argparse.Namespace) -> int:
                 f"the upload is {_mb(size)}, more than the {_mb(MAX_UPLOAD_BYTES)} the refresh "
                 "function accepts: publish a smaller reference/holdout sample"
             )
-        store.check_bucket()
+        with suppress(StorageAccessDenied):
+            # A publisher may be allowed to write incoming/ without s3:ListBucket: let the
+            # upload itself say whether access is denied.
+            store.check_bucket()
         key = _key_for(name, filename)
         progress = _Progress(filename, size, sys.stderr) if size >= PROGRESS_MIN_BYTES else None
         etag = store.upload(key, body, callback=progress)

@@ -16,8 +16,9 @@ in use, then probes upward: the first ``model.ubj`` it creates with ``If-None-Ma
 version, so two writers never share a number and nothing is ever overwritten. It then writes the
 sha256 index entry and finally ``manifest.json``. A version exists only once its manifest exists:
 a writer that dies before the manifest leaves an orphan ``model.ubj`` (and maybe an index entry)
-that readers ignore and later allocators skip (its number is taken). Version objects are never
-deleted or rewritten by treeserve.
+that readers ignore and later allocators skip (its number is taken); so does an allocating
+write whose answer was lost (botocore's retry then fails If-None-Match and the writer moves on).
+Version objects are never deleted or rewritten by treeserve.
 
 **Pointer.** ``current.json`` names the version in service. ``previous`` is the version it
 replaced; ``history`` (most recent first, at most :data:`HISTORY_LIMIT`) is the rollback stack,

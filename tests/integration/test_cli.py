@@ -267,6 +267,13 @@ def fake_refresh(
     """Wait for the upload, then record a verdict the way the refresh function does."""
 
     def work() -> None:
+        try:
+            watch()
+        except Exception as exc:  # shown by the test that failed
+            thread.error = exc  # type: ignore[attr-defined]
+            raise
+
+    def watch() -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             objs = uploaded(s3)
@@ -378,7 +385,7 @@ def test_wait_with_the_real_refresh_function(
         service.process(BUCKET, key, etag)  # records the outcome itself
 
     thread = fake_refresh(env, refresh)
-    code, out, _ = run(
+    code, out, err = run(
         capsys,
         "publish",
         str(files["model"]),
@@ -393,7 +400,7 @@ def test_wait_with_the_real_refresh_function(
         "60",
     )
     thread.join(10)
-    assert code == 0, out
+    assert code == 0, (out, err, getattr(thread, "error", None))
     assert "promoted: version 1 of churn is in service" in out
 
 
