@@ -94,6 +94,9 @@ class Limits:
     max_member_bytes: int = 256 * MiB
     max_csv_rows: int = 200_000
     max_features: int = 10_000
+    # JSON models are parsed into Python objects (about 10x their size in memory); UBJ is read
+    # as zero-copy array views, so only JSON gets this tighter cap.
+    max_json_model_bytes: int = 64 * MiB
     load_timeout_seconds: float = 60.0
     load_memory_bytes: int = 2 << 30
 
@@ -840,6 +843,13 @@ def read_upload(
             "too_large", f"the model is {len(model_raw)} bytes, more than {limits.max_member_bytes}"
         )
 
+    if fmt == "json" and len(model_raw) > limits.max_json_model_bytes:
+        raise UploadRejected(
+            "too_large",
+            f"the JSON model is {len(model_raw)} bytes, more than the "
+            f"{limits.max_json_model_bytes} allowed for JSON: save it as UBJ "
+            "(Booster.save_model('model.ubj')), which is smaller and faster to check",
+        )
     facts = parse_model_document(model_raw, fmt, model_name)
     checks.append("model_document")
     if facts["num_features"] > limits.max_features:

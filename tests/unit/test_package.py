@@ -341,6 +341,13 @@ def test_limits_are_enforced(binary_model: TrainedModel, limits: Limits, code: s
     assert _refused(make_package(binary_model), "model.tar.gz", limits) == code
 
 
+def test_json_models_have_a_tighter_cap(binary_model: TrainedModel) -> None:
+    limits = Limits(max_json_model_bytes=len(binary_model.json()) - 1)
+    assert _refused(binary_model.json(), "model.json", limits) == "too_large"
+    package = make_package(binary_model, fmt="json", reference=False, holdout=False)
+    assert _refused(package, "model.tar.gz", limits) == "too_large"
+
+
 def test_gzip_bomb_is_refused_without_inflating(binary_model: TrainedModel) -> None:
     bomb = gzip_bomb(binary_model.ubj())
     tracemalloc.start()
