@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import xgboost as xgb
-from scipy.stats import rankdata
 
 DATASET_FILE = "breast_cancer.csv"
 LABEL = "malignant"
@@ -113,8 +112,17 @@ def auc(y: np.ndarray, scores: np.ndarray) -> float:
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(scores)
+    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (scipy's rankdata, without scipy)."""
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
 
 
 def write_csv(path: Path, names: Sequence[str], X: np.ndarray, y: np.ndarray | None = None) -> None:

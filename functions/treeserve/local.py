@@ -41,22 +41,20 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
-import uvicorn
-from moto.server import ThreadedMotoServer
-
-from treeserve.aws import reset_clients, s3_client, sns_client, sqs_client
-from treeserve.cli import build_parser
-from treeserve.commands import publish
-from treeserve.demo import DemoPackage, write_demo_package
 from treeserve.errors import ConfigurationError, TreeserveError
 from treeserve.invoke import LambdaContext, environment, import_handler, runtime_environment
-from treeserve.registry import ModelRegistry, S3RegistryStore
 from treeserve.template import FunctionDef, Template, load_template
 
+# boto3, moto, uvicorn, xgboost and the command modules are imported where they are used (and
+# PLC0415 is silenced there): `treeserve local` reports a port in use or a bad option at once,
+# before seconds of imports.
 if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
+
+    from treeserve.demo import DemoPackage
 
 logger = logging.getLogger("treeserve.local")
 
@@ -150,6 +148,8 @@ def local_aws_env(moto_port: int) -> dict[str, str]:
 
 def point_at_moto(moto_port: int) -> None:
     """Point every AWS client of this process at the moto server (before any client exists)."""
+    from treeserve.aws import reset_clients  # noqa: PLC0415
+
     for name in DROPPED_AWS_ENV:
         os.environ.pop(name, None)
     os.environ.update(local_aws_env(moto_port))
@@ -220,6 +220,8 @@ class NotificationPoller:
     @property
     def sqs(self) -> SQSClient:
         if self._sqs is None:
+            from treeserve.aws import sqs_client  # noqa: PLC0415
+
             self._sqs = sqs_client()
         return self._sqs
 
@@ -382,6 +384,8 @@ class LocalStack:
 
 def start_moto(port: int) -> ThreadedMotoServer:
     """The embedded AWS: moto's threaded server on loopback (its request log silenced)."""
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address=HOST, port=port, verbose=False)
     server.start()
@@ -439,6 +443,8 @@ def create_resources(
     to notify, so the bucket notifies an SQS queue on the moto server (moto sends the real
     notification records) and :class:`NotificationPoller` invokes the handler with them.
     """
+    from treeserve.aws import s3_client, sns_client, sqs_client  # noqa: PLC0415
+
     s3 = s3 or s3_client()
     sqs = sqs or sqs_client()
     sns = sns or sns_client()
@@ -516,6 +522,8 @@ def make_server(app: Any, port: int) -> Any:
     like an interrupted process); the local stack has its own shutdown to run after the server
     stops, and ends with exit 0, so it keeps the signal handled.
     """
+
+    import uvicorn  # noqa: PLC0415
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -716,6 +724,8 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
         stack.poller.start()
 
         if options.demo:
+            from treeserve.demo import write_demo_package  # noqa: PLC0415
+
             stack.demo_dir = Path(tempfile.mkdtemp(prefix="treeserve-demo-"))
             _say(out, "treeserve local: training the demo model (Breast Cancer Wisconsin)")
             stack.demo = write_demo_package(stack.demo_dir)
@@ -890,6 +900,10 @@ def asgi_app(handler: Callable[..., Any]) -> Any:
 
 def publish_demo(package: Path, spec: StackSpec, model_name: str) -> int:
     """``treeserve publish PACKAGE --wait``, as a user would run it; the version promoted."""
+    from treeserve.cli import build_parser  # noqa: PLC0415
+    from treeserve.commands import publish  # noqa: PLC0415
+    from treeserve.registry import ModelRegistry, S3RegistryStore  # noqa: PLC0415
+
     args = build_parser().parse_args(
         [
             "publish",

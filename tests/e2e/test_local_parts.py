@@ -266,3 +266,14 @@ def test_resources_are_created_and_uploads_notify_the_queue(moto_server: str) ->
     s3.put_object(Bucket=spec.bucket, Key="incoming/default/m.ubj", Body=b"x")
     drain(poller)
     assert seen == ["incoming/default/m.ubj"]
+
+
+def test_demo_auc_is_the_pairwise_definition() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.integers(0, 2, size=40).astype(float)
+        y[:2] = [0, 1]
+        scores = rng.integers(0, 6, size=40).astype(float)  # many ties
+        pos, neg = scores[y == 1], scores[y == 0]
+        pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        assert demo.auc(y, scores) == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
