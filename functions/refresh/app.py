@@ -147,7 +147,14 @@ def _answer(outcome: Outcome) -> dict[str, Any]:
 
 def record_handler(record: SQSRecord) -> list[dict[str, Any]]:
     """One SQS message: every upload it notifies about. Raising marks the message failed."""
-    return [_answer(_process(e)) for e in upload_events(json.loads(record.body))]
+    try:
+        return [_answer(_process(e)) for e in upload_events(json.loads(record.body))]
+    except Exception:
+        logger.exception(
+            "refresh failed; the message returns to the queue",
+            extra={"message_id": record.message_id},
+        )
+        raise
 
 
 # --- the handler -------------------------------------------------------------------------------

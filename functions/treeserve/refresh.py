@@ -511,7 +511,10 @@ class RefreshService:
                         f"registered as version {version}; the upload in service "
                         f"(version {current.version}) is newer than this one",
                     )
-            result = gates.against(current)
+            try:
+                result = gates.against(current)
+            except UploadRejected as unusable:  # only a holdout gone bad after registering
+                return held("gate", f"registered as version {version}; {unusable.message}")
             if not result.passed:
                 return held("gate", f"registered as version {version}; {result.reason}", result)
             try:
