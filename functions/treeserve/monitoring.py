@@ -296,11 +296,15 @@ def _parse(raw: bytes) -> list[dict[str, Any]]:
 # and the numbers of all rows parsed by one orjson call: about twice as fast as one orjson.loads
 # per line, whose cost is mostly building a dict per row. Any file where a field does not occur
 # exactly once per line, or where rows differ in width, takes the general per-line path.
-_FEATURES = re.compile(rb'"features":\[([^\]]*)\]')
-_TS = re.compile(rb'"ts":"([^"\\]{0,64})"')
-_VERSION = re.compile(rb'"version":(\d{1,9})[,}]')
-_PREDICTION = re.compile(rb'"prediction":(\[[^\]]*\]|[-+0-9.eE]+)[,}]')
+_FEATURES_PREDICTION = re.compile(
+    rb'"features":\[([^\]]*)\],"prediction":(\[[^\]]*\]|[-+0-9.eE]+)[,}]'
+)
+_TS_VERSION = re.compile(rb'"ts":"([^"\\]{0,64})","version":(\d{1,9})[,}]')
 _ID = re.compile(rb'"id":("(?:[^"\\]|\\.)*"|-?\d+)[,}]')
+# orjson has no NaN literal: missing values (null) are parsed as a number no float32 can hold,
+# which becomes inf in the float32 matrix and then NaN. Values beyond float32's range (which
+# XGBoost could not read either) are thereby treated as missing too.
+_MISSING_SENTINEL = b"1e300"
 
 
 class FastBatch:
@@ -309,8 +313,8 @@ class FastBatch:
     def __init__(
         self,
         raw: bytes,
-        ts: npt.NDArray[np.bytes_],
-        versions: npt.NDArray[np.int64],
+        ts: list[bytes],
+        versions: list[bytes],
         X: npt.NDArray[np.float32],
         P: npt.NDArray[np.float32] | None,
     ) -> None:
@@ -323,40 +327,42 @@ class FastBatch:
     def ids(self) -> list[Any]:
         """Row ids (parsed only when labels need them)."""
         found = _ID.findall(self.raw)
-        if len(found) == self.versions.size:
+        if len(found) == len(self.versions):
             ids: list[Any] = orjson.loads(b"[" + b",".join(found) + b"]")
             return ids
         return [rec.get("id") for rec in _parse(self.raw)]
 
 
 def _fast_parse(raw: bytes) -> FastBatch | None:
-    """Parse a capture file by the fast path, or None when it must take the per-line one."""
+    """Parse a capture file by the fast path, or None when it must take the per-line one.
+
+    Each pattern must match exactly once per line (a string value cannot fake a key: JSON
+    escapes its quotes), every row must have the same width and every number must parse.
+    """
     body = raw[:-1] if raw.endswith(b"\n") else raw
     if not body or b"\n\n" in body or body.startswith(b"\n"):
         return None
     n = body.count(b"\n") + 1
-    feats = _FEATURES.findall(body)
-    ts = _TS.findall(body)
-    versions = _VERSION.findall(body)
-    preds = _PREDICTION.findall(body)
-    if not (len(feats) == len(ts) == len(versions) == len(preds) == n):
+    fp = _FEATURES_PREDICTION.findall(body)
+    tv = _TS_VERSION.findall(body)
+    if not (len(fp) == len(tv) == n):
         return None
-    if body.count(b'"features":') != n or body.count(b'"version":') != n:
-        return None
+    feats = [f for f, _ in fp]
     width = feats[0].count(b",") + 1
     if not feats[0] or len(set(map(bytes.count, feats, repeat(b",", n)))) != 1:
         return None
     try:
-        X = np.array(orjson.loads(b"[" + b",".join(feats) + b"]"), dtype=np.float32)
-        P = _matrix(orjson.loads(b"[" + b",".join(preds) + b"]"))
+        numbers = orjson.loads(b"[" + b",".join(feats).replace(b"null", _MISSING_SENTINEL) + b"]")
+        with np.errstate(over="ignore"):
+            X = np.fromiter(numbers, dtype=np.float32, count=n * width)
+        P = _matrix(orjson.loads(b"[" + b",".join([p for _, p in fp]) + b"]"))
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return None
-    if X.size != n * width:
-        return None
+    X[np.isinf(X)] = np.nan
     return FastBatch(
         raw,
-        np.array(ts, dtype="S23"),
-        np.array(versions, dtype=np.int64),
+        [t for t, _ in tv],
+        [v for _, v in tv],
         X.reshape(n, width),
         P if P is not None and P.shape[0] == n else None,
     )
@@ -429,18 +435,30 @@ class Monitor:
             self._add_rows(self.state(version), [rows[i] for i in idx])
 
     def _add_fast(self, batch: FastBatch) -> None:
-        inside = (batch.ts >= self.start_key) & (batch.ts < self.end_key)
-        self.out_of_window += int(inside.size - inside.sum())
-        versions = np.where(inside, batch.versions, -2)
+        n = len(batch.ts)
+        # Most files lie wholly inside the window and hold one version: check that cheaply.
+        if min(batch.ts) >= self.start_key and max(batch.ts) < self.end_key:
+            inside = None
+        else:
+            ts = np.array(batch.ts, dtype="S23")
+            inside = (ts >= self.start_key) & (ts < self.end_key)
+            self.out_of_window += int(n - inside.sum())
+        distinct = set(batch.versions)
+        if inside is None and len(distinct) == 1:
+            groups: list[tuple[int, slice | npt.NDArray[np.intp]]] = [
+                (int(distinct.pop()), slice(None))
+            ]
+        else:
+            versions = np.array(batch.versions, dtype=np.int64)
+            if inside is not None:
+                versions[~inside] = -1
+            groups = [
+                (v, np.flatnonzero(versions == v))
+                for v in np.unique(versions[versions >= 0]).tolist()
+            ]
         ids: list[Any] | None = None
-        for version in np.unique(versions[versions >= 0]).tolist():
+        for version, idx in groups:
             st = self.state(version)
-            everything = bool(inside.all()) and versions.size and versions[0] == version
-            idx = (
-                slice(None)
-                if everything and np.all(versions == version)
-                else np.flatnonzero(versions == version)
-            )
             X = batch.X[idx]
             if st.width and X.shape[1] != st.width:
                 st.malformed += X.shape[0]
@@ -450,8 +468,8 @@ class Monitor:
             st.add(X, P)
             if self.labels and P is not None and st.manifest is not None:
                 ids = ids if ids is not None else batch.ids()
-                rows = np.arange(len(ids))[idx].tolist()
-                self._join_ids(st, [ids[i] for i in rows], P)
+                chosen = ids if isinstance(idx, slice) else [ids[i] for i in idx.tolist()]
+                self._join_ids(st, chosen, P)
 
     def _add_rows(self, st: VersionState, rows: list[dict[str, Any]]) -> None:
         X = _matrix([r.get("features") for r in rows], st.width or None)
