@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import BUCKET
 from tests.unit.test_registry_contract import distinct_models, manifest_for
 from treeserve.errors import PreconditionFailed, RegistryError
-from treeserve.registry import ModelRegistry, Pointer, S3RegistryStore
+from treeserve.registry import InMemoryRegistryStore, ModelRegistry, Pointer, S3RegistryStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -250,3 +250,24 @@ def test_moto_keeps_s3s_atomicity_under_the_lock(s3_client: Any) -> None:
 
     run_together(THREADS, increment)
     assert int(store.get("counter").body) == sum(succeeded) > 0
+
+
+def test_the_in_memory_fake_keeps_the_same_promises(models: list[bytes]) -> None:
+    """The fake other tests use for the registry is just as safe under threads."""
+    store = InMemoryRegistryStore()
+    registry = ModelRegistry(store, MODEL)
+
+    def publish(i: int) -> int:
+        version = registry.register(models[i], manifest_for(models[i]))
+        registry.promote(version)
+        return version
+
+    versions = run_together(THREADS, publish)
+    assert sorted(versions) == list(range(1, THREADS + 1))
+    version_keys = {k: n for k, n in store.writes.items() if "/versions/" in k}
+    assert len(version_keys) == 2 * THREADS
+    assert set(version_keys.values()) == {1}  # each written exactly once
+    assert store.writes[registry.current_key] == THREADS  # every promotion wrote once
+    current = registry.current()
+    assert current is not None
+    assert current.version in versions
