@@ -339,12 +339,12 @@ def _fast_parse(raw: bytes) -> FastBatch | None:
     Each pattern must match exactly once per line (a string value cannot fake a key: JSON
     escapes its quotes), every row must have the same width and every number must parse.
     """
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    if not body or b"\n\n" in body or body.startswith(b"\n"):
+    if not raw:
         return None
-    n = body.count(b"\n") + 1
-    fp = _FEATURES_PREDICTION.findall(body)
-    tv = _TS_VERSION.findall(body)
+    # Lines, counting a last one without its newline; a blank line fails the match count below.
+    n = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
+    fp = _FEATURES_PREDICTION.findall(raw)
+    tv = _TS_VERSION.findall(raw)
     if not (len(fp) == len(tv) == n):
         return None
     feats = [f for f, _ in fp]
@@ -496,8 +496,9 @@ class Monitor:
         assert st.manifest is not None  # noqa: S101
         ys: list[float] = []
         keep: list[int] = []
+        get = self.labels.get
         for i, row_id in enumerate(ids):
-            label = self.labels.get(str(row_id))
+            label = get(row_id if isinstance(row_id, str) else str(row_id))
             if label is not None and (y := _label_value(label, st.manifest)) is not None:
                 ys.append(y)
                 keep.append(i)
