@@ -22,6 +22,7 @@ Targets: the treeserve run under 10 s and under 1 GB.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -31,8 +32,15 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import boto3
 import numpy as np
 import orjson
+import xgboost as xgb
+from moto.server import ThreadedMotoServer
+
+from treeserve.manifest import ModelManifest
+from treeserve.reference import compute_reference
+from treeserve.registry import ModelRegistry, S3RegistryStore
 
 ROWS = 1_000_000
 FEATURES = 30
@@ -110,12 +118,6 @@ print(json.dumps({{"loadtxt": loadtxt, "loadtxt_cpu": loadtxt_cpu, "frombuffer":
 
 def _setup(s3: Any) -> tuple[int, int]:
     """Register a model and write the captures; returns (capture bytes, csv bytes)."""
-    import xgboost as xgb
-
-    from treeserve.manifest import ModelManifest
-    from treeserve.reference import compute_reference
-    from treeserve.registry import ModelRegistry, S3RegistryStore
-
     rng = np.random.default_rng(SEED)
     names = [f"f{i}" for i in range(FEATURES)]
     Xtr = rng.normal(size=(5000, FEATURES))
@@ -126,8 +128,6 @@ def _setup(s3: Any) -> tuple[int, int]:
         num_boost_round=20,
     )
     ubj = bytes(booster.save_raw("ubj"))
-    import hashlib
-
     manifest = ModelManifest(
         name=MODEL,
         sha256=hashlib.sha256(ubj).hexdigest(),
@@ -192,8 +192,6 @@ def _setup(s3: Any) -> tuple[int, int]:
 
 def main() -> None:
     """Run the benchmark and print its figures."""
-    from moto.server import ThreadedMotoServer
-
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -204,8 +202,6 @@ def main() -> None:
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        import boto3
-
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket=BUCKET)
         t = time.perf_counter()

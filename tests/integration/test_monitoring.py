@@ -18,7 +18,7 @@ from tests.conftest import BUCKET, TrainedModel, train
 from tests.unit.test_reference import walk_numbers
 from treeserve import monitoring
 from treeserve.manifest import ModelManifest, task_of
-from treeserve.reference import compute_reference
+from treeserve.reference import compute_reference, reference_from_model
 from treeserve.registry import ModelRegistry, S3RegistryStore
 
 pytestmark = pytest.mark.integration
@@ -274,3 +274,35 @@ def test_version_without_manifest_is_reported_not_fatal(s3: Any) -> None:
     assert v["version"] == 99
     assert "no version 99" in v["error"]
     assert report["rows"] == 5
+
+
+def test_model_only_reference_reports_current_shares(s3: Any) -> None:
+    model = train("binary:logistic")
+    ubj = model.ubj()
+    manifest = ModelManifest(
+        name="bare",
+        sha256=hashlib.sha256(ubj).hexdigest(),
+        model_size=len(ubj),
+        xgboost_version=xgb.__version__,
+        objective=model.objective,
+        task="binary",
+        num_features=6,
+        feature_names=model.feature_names,
+        feature_types=["float"] * 6,
+        reference=reference_from_model(ubj, model.feature_names, None),
+        reference_source="model",
+    )
+    version = ModelRegistry(S3RegistryStore(BUCKET, s3=s3), "bare").register(ubj, manifest)
+    X = np.random.default_rng(6).normal(size=(200, 6)) + 5.0  # far away, yet no baseline
+    traffic(s3, model, version, X, name="bare")
+    report = run(s3, "bare")
+    (v,) = report["versions"]
+    assert v["reference_source"] == "model"
+    assert v["checks"] == ["bin_shares", "missing_rate", "new_categories"]
+    assert report["summary"]["drifted_features"] == []
+    f0 = v["features"][0]
+    assert f0["psi"] is None
+    assert f0["chart"]["reference"] is None
+    # Every row lies above the model's last split threshold on f0: the last bin holds them all.
+    assert f0["chart"]["current"][-2] == 1.0
+    assert all(math.isfinite(x) for x in walk_numbers(report))
