@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack MODEL (a .ubj/.json XGBoost model, or a .tar.gz package) with an "
         "optional reference sample and holdout, and upload it to incoming/<name>/. The refresh "
         "function validates, gates and promotes it (or rejects it with a reason).",
+        epilog="exit codes: 0 uploaded (with --wait: promoted, registered or a duplicate), "
+        "2 rejected, 3 no verdict within --timeout, 1 any other error",
     )
     p.add_argument(
         "model", metavar="MODEL", help="path to model.ubj, model.json or a .tar.gz package"
