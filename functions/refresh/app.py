@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -128,6 +129,9 @@ def _process(event: UploadEvent) -> Outcome:
         event_time=event.event_time,
         version_id=event.version_id,
     )
+    metrics.add_metric(name="UploadEvents", unit=MetricUnit.Count, value=1)
+    if outcome.redelivered:
+        metrics.add_metric(name="UploadEventsRedelivered", unit=MetricUnit.Count, value=1)
     logger.info(
         "refresh outcome",
         extra={

@@ -292,6 +292,8 @@ def test_the_same_event_three_times_makes_one_version(
     metrics = emf_metrics(capsys.readouterr().out)
     assert metrics.count("ModelsRegistered") == 1
     assert metrics.count("ModelsPromoted") == 1
+    assert metrics.count("UploadEvents") == 3
+    assert metrics.count("UploadEventsRedelivered") == 2
     assert len(stack.notifications()) == 1
 
 
