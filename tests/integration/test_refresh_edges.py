@@ -16,6 +16,7 @@ from tests.corpus import make_package
 from tests.integration.refresh_stack import (
     RefreshStack,
     build_stack,
+    emf_metrics,
     holdout_csv_bytes,
     holdout_rows,
 )
@@ -171,3 +172,29 @@ def test_a_multiclass_challenger_is_gated_on_log_loss(
     assert (second["status"], second["gate"]["metric"]) == ("registered", "logloss")
     assert better["status"] == "promoted"
     assert stack.registry("mc").current().version == 3  # type: ignore[union-attr]
+
+
+def test_a_failed_notification_is_counted_and_does_not_fail_the_refresh(
+    s3: Any,
+    binary_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = "arn:aws:sns:us-east-1:123456789012:no-such-topic"
+    stack = build_stack(monkeypatch, s3, NOTIFICATION_TOPIC_ARN=missing)
+    (outcome,) = stack.deliver_s3(stack.put("incoming/default/m.ubj", binary_model.ubj()))
+    assert outcome["status"] == "promoted"
+    assert "NotificationsFailed" in emf_metrics(capsys.readouterr().out)
+    assert stack.registry().current().version == 1  # type: ignore[union-attr]
+
+
+def test_an_upload_deleted_before_its_event_is_handled_is_ignored_and_recorded(
+    stack: RefreshStack, binary_model: TrainedModel
+) -> None:
+    key = "incoming/default/m.ubj"
+    messages = stack.put(key, binary_model.ubj())
+    stack.s3.delete_object(Bucket=BUCKET, Key=key)
+    (outcome,) = stack.deliver_s3(messages)
+    assert (outcome["status"], outcome["code"]) == ("ignored", "gone")
+    assert stack.outcome(key)["code"] == "gone"  # type: ignore[index]
+    assert stack.registry().versions() == []
