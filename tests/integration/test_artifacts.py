@@ -2,7 +2,8 @@
 
 ``infra.build --platform local`` assembles each function's artifact for this interpreter (the
 same requirement lists and pruning as the Lambda build, from the installed distributions), then
-every handler runs in a clean ``python -I -S`` subprocess whose only import path besides the
+every handler runs in a clean ``python -I -S -B`` subprocess (no bytecode written: Lambda's
+code folder is read-only) whose only import path besides the
 standard library is the artifact, against a moto server on loopback: refresh promotes an
 uploaded model (its sandbox child included), inference answers /health and /predict, monitoring
 runs. The cross-platform Lambda artifacts are built by ``make build`` (sizes in its output).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -85,7 +87,7 @@ class Artifacts:
 @pytest.fixture(scope="module", params=["local", "lambda"])
 def artifacts(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Artifacts:
+) -> Iterator[Artifacts]:
     present = [n for n in build.FUNCTIONS if (ROOT / "functions" / n / "app.py").exists()]
     if request.param == "lambda":
         if not LAMBDA_PYTHON:
@@ -93,14 +95,20 @@ def artifacts(
         paths = {n: LAMBDA_ARTIFACTS / n for n in present if (LAMBDA_ARTIFACTS / n).is_dir()}
         if not paths:
             pytest.skip("no Lambda artifacts: run `make build` first")
-        return Artifacts(LAMBDA_PYTHON, paths)
+        yield Artifacts(LAMBDA_PYTHON, paths)
+        # Refresh's sandbox child writes bytecode next to the modules (in Lambda the code folder
+        # is read-only and nothing is written): leave `make build`'s output as it was.
+        for path in paths.values():
+            for cache in list(path.rglob("__pycache__")):
+                shutil.rmtree(cache, ignore_errors=True)
+        return
     root = tmp_path_factory.mktemp("artifacts")
     built = {}
     for name in present:  # a missing handler is reported by the test for that function
         result = build.build(name, root / name, platform="local")
         assert not result.over_budget, (name, result.unzipped)
         built[name] = result.path
-    return Artifacts(sys.executable, built)
+    yield Artifacts(sys.executable, built)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +167,7 @@ def run_handler(
     event_file.write_text(json.dumps(event))
     out_file = tmp_path / f"{logical_id}-out.json"
     proc = subprocess.run(
-        [python, "-I", "-S", "-c", RUNNER, str(artifact), str(event_file), str(out_file)],
+        [python, "-I", "-S", "-B", "-c", RUNNER, str(artifact), str(event_file), str(out_file)],
         env=env,
         cwd=tmp_path,
         capture_output=True,
