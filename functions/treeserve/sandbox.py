@@ -104,26 +104,28 @@ class SandboxResult:
 
 # --- UBJSON reader -----------------------------------------------------------------------------
 
-_INTS: dict[int, tuple[str, int]] = {
-    ord("i"): (">b", 1),
-    ord("U"): (">B", 1),
-    ord("I"): (">h", 2),
-    ord("l"): (">i", 4),
-    ord("L"): (">q", 8),
+_INTS: dict[int, struct.Struct] = {
+    ord("i"): struct.Struct(">b"),
+    ord("U"): struct.Struct(">B"),
+    ord("I"): struct.Struct(">h"),
+    ord("l"): struct.Struct(">i"),
+    ord("L"): struct.Struct(">q"),
 }
-_FLOATS: dict[int, tuple[str, int]] = {ord("d"): (">f", 4), ord("D"): (">d", 8)}
-_NUMPY: dict[int, str] = {
-    ord("i"): "i1",
-    ord("U"): "u1",
-    ord("I"): ">i2",
-    ord("l"): ">i4",
-    ord("L"): ">i8",
-    ord("d"): ">f4",
-    ord("D"): ">f8",
+_FLOATS: dict[int, struct.Struct] = {ord("d"): struct.Struct(">f"), ord("D"): struct.Struct(">d")}
+_NUMPY: dict[int, np.dtype[Any]] = {
+    ord("i"): np.dtype("i1"),
+    ord("U"): np.dtype("u1"),
+    ord("I"): np.dtype(">i2"),
+    ord("l"): np.dtype(">i4"),
+    ord("L"): np.dtype(">i8"),
+    ord("d"): np.dtype(">f4"),
+    ord("D"): np.dtype(">f8"),
 }
 # Elements of these types take no bytes; cap their count so a tiny file cannot ask for a huge list.
 _EMPTY_TYPES = frozenset(b"ZTFN")
 _MAX_EMPTY_COUNT = 1 << 16
+_OBJ, _ARR, _END_OBJ, _END_ARR, _TYPE, _COUNT = (ord(c) for c in "{[}]$#")
+_STR, _HIGH, _CHAR, _NULL, _TRUE, _FALSE, _NOOP = (ord(c) for c in "SHCZTFN")
 
 
 class UBJDecodeError(ValueError):
@@ -133,27 +135,29 @@ class UBJDecodeError(ValueError):
 class _UBJReader:
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.size = len(data)
         self.pos = 0
 
     def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise UBJDecodeError(f"truncated at byte {self.pos}")
-        b = self.data[self.pos]
-        self.pos += 1
-        return b
+        pos = self.pos
+        if pos >= self.size:
+            raise UBJDecodeError(f"truncated at byte {pos}")
+        self.pos = pos + 1
+        return self.data[pos]
 
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise UBJDecodeError(f"truncated at byte {self.pos} (wants {n} more bytes)")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
+    def unpack(self, st: struct.Struct) -> Any:
+        pos = self.pos
+        end = pos + st.size
+        if end > self.size:
+            raise UBJDecodeError(f"truncated at byte {pos} (wants {st.size} more bytes)")
+        self.pos = end
+        return st.unpack_from(self.data, pos)[0]
 
     def integer(self, marker: int) -> int:
-        if marker not in _INTS:
+        st = _INTS.get(marker)
+        if st is None:
             raise UBJDecodeError(f"expected an integer marker at byte {self.pos - 1}")
-        fmt, size = _INTS[marker]
-        value: int = struct.unpack(fmt, self.take(size))[0]
+        value: int = self.unpack(st)
         return value
 
     def count(self) -> int:
@@ -163,78 +167,87 @@ class _UBJReader:
         return n
 
     def string(self) -> str:
-        raw = self.take(self.count())
+        n = self.count()
+        pos = self.pos
+        if pos + n > self.size:
+            raise UBJDecodeError(f"truncated at byte {pos} (a string of {n} bytes)")
+        self.pos = pos + n
         try:
-            return raw.decode("utf-8")
+            return self.data[pos : pos + n].decode("utf-8")
         except UnicodeDecodeError:
-            raise UBJDecodeError(f"invalid UTF-8 string before byte {self.pos}") from None
+            raise UBJDecodeError(f"invalid UTF-8 string at byte {pos}") from None
 
     def value(self, marker: int, depth: int) -> Any:
-        while marker == ord("N"):  # no-op
+        while marker == _NOOP:
             marker = self.byte()
-        if marker in _INTS:
-            return self.integer(marker)
-        if marker in _FLOATS:
-            fmt, size = _FLOATS[marker]
-            return struct.unpack(fmt, self.take(size))[0]
-        if marker == ord("Z"):
-            return None
-        if marker == ord("T"):
-            return True
-        if marker == ord("F"):
-            return False
-        if marker in (ord("S"), ord("H")):
-            return self.string()
-        if marker == ord("C"):
-            return chr(self.byte())
-        if marker == ord("["):
-            return self.container(depth + 1, is_object=False)
-        if marker == ord("{"):
+        st = _INTS.get(marker) or _FLOATS.get(marker)
+        if st is not None:
+            return self.unpack(st)
+        if marker == _OBJ:
             return self.container(depth + 1, is_object=True)
+        if marker == _ARR:
+            return self.container(depth + 1, is_object=False)
+        if marker in (_STR, _HIGH):
+            return self.string()
+        if marker == _NULL:
+            return None
+        if marker == _TRUE:
+            return True
+        if marker == _FALSE:
+            return False
+        if marker == _CHAR:
+            return chr(self.byte())
         raise UBJDecodeError(f"unknown marker {marker:#04x} at byte {self.pos - 1}")
 
     def container(self, depth: int, *, is_object: bool) -> Any:
         if depth > MAX_UBJ_DEPTH:
             raise UBJDecodeError(f"nesting deeper than {MAX_UBJ_DEPTH}")
+        data = self.data
         elem_type: int | None = None
         count: int | None = None
-        if self.pos < len(self.data) and self.data[self.pos] == ord("$"):
+        if self.pos < self.size and data[self.pos] == _TYPE:
             self.pos += 1
             elem_type = self.byte()
-            if self.byte() != ord("#"):
+            if self.byte() != _COUNT:
                 raise UBJDecodeError(f"typed container without a count at byte {self.pos - 1}")
             count = self.count()
-        elif self.pos < len(self.data) and self.data[self.pos] == ord("#"):
+        elif self.pos < self.size and data[self.pos] == _COUNT:
             self.pos += 1
             count = self.count()
         if count is not None:
-            remaining = len(self.data) - self.pos
+            remaining = self.size - self.pos
             if elem_type in _EMPTY_TYPES:
                 if count > _MAX_EMPTY_COUNT:
                     raise UBJDecodeError(f"implausible element count {count}")
             elif count > remaining:
                 raise UBJDecodeError(f"truncated: {count} elements but {remaining} bytes left")
-        if not is_object and elem_type in _NUMPY and count is not None:
-            dtype = np.dtype(_NUMPY[elem_type])
-            raw = self.take(count * dtype.itemsize)
-            return np.frombuffer(raw, dtype=dtype)
+        if not is_object and count is not None and elem_type in _NUMPY:
+            dtype = _NUMPY[elem_type]
+            nbytes = count * dtype.itemsize
+            if self.pos + nbytes > self.size:
+                raise UBJDecodeError(f"truncated typed array at byte {self.pos}")
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=self.pos)  # a view
+            self.pos += nbytes
+            return array
         if is_object:
             obj: dict[str, Any] = {}
+            seen = 0
             while True:
                 if count is None:
-                    if self.pos < len(self.data) and self.data[self.pos] == ord("}"):
+                    if self.pos < self.size and data[self.pos] == _END_OBJ:
                         self.pos += 1
                         return obj
-                elif len(obj) >= count:
+                elif seen >= count:
                     return obj
                 key = self.string()
                 marker = elem_type if elem_type is not None else self.byte()
                 obj[key] = self.value(marker, depth)
+                seen += 1
         items: list[Any] = []
         while True:
             if count is None:
                 marker = self.byte()
-                if marker == ord("]"):
+                if marker == _END_ARR:
                     return items
             elif len(items) >= count:
                 return items
