@@ -30,8 +30,9 @@ than the upload C whose version is in service when:
   comparable);
 - otherwise, both with an upload time (the event's ``eventTime``, else the object's
   ``Last-Modified``): U's time is not earlier than C's;
-- and in every case U's version is greater than C's: automatic promotion never moves the pointer
-  back to an older version (that is ``treeserve rollback``'s job).
+- and in every case U's version is greater than C's, and U's version was never in service
+  before (``current.json`` history): automatic promotion never moves the pointer back to an
+  older version, nor undoes a rollback (that is ``treeserve rollback``/``promote``'s job).
 
 An upload that is not newer is registered but not promoted (``code="stale"``), so a late or
 redelivered event never overrides a newer promotion.
@@ -503,6 +504,14 @@ class RefreshService:
                         "stale",
                         f"registered as version {version}; version {current.version} is in "
                         "service and automatic promotion never goes back to an older version",
+                    )
+                if version == current.previous or version in current.history:
+                    # It was in service and someone moved the pointer away (rollback, promote):
+                    # a retried event must not undo that decision.
+                    return held(
+                        "stale",
+                        f"version {version} was in service before and was replaced by version "
+                        f"{current.version}; automatic promotion does not undo that",
                     )
                 champion_source = registry.manifest(current.version).source
                 if not is_newer(manifest.source, champion_source):

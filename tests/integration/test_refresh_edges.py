@@ -198,3 +198,27 @@ def test_an_upload_deleted_before_its_event_is_handled_is_ignored_and_recorded(
     assert (outcome["status"], outcome["code"]) == ("ignored", "gone")
     assert stack.outcome(key)["code"] == "gone"  # type: ignore[index]
     assert stack.registry().versions() == []
+
+
+def test_a_retry_after_a_crash_does_not_undo_a_rollback_made_meanwhile(
+    stack: RefreshStack, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_backoff(monkeypatch)
+    from treeserve.aws import s3_client
+
+    stack.deliver_s3(stack.put("incoming/default/v1.ubj", binary_model.ubj()))
+    key = "incoming/default/v2.ubj"
+    messages = stack.put(key, train("binary:logistic", seed=11).ubj())
+    faults = S3Faults(s3_client())
+    faults.add("internal", operations={"PutObject"}, key_contains="/uploads/")
+    with pytest.raises(StorageUnavailable):
+        stack.deliver_s3(messages)  # promoted v2, then failed to record the outcome
+    faults.detach()
+    registry = stack.registry()
+    assert registry.current().version == 2  # type: ignore[union-attr]
+    registry.rollback()  # the operator puts v1 back before Lambda retries
+
+    (outcome,) = stack.deliver_s3(messages)
+
+    assert (outcome["status"], outcome["code"], outcome["version"]) == ("registered", "stale", 2)
+    assert registry.current().version == 1  # type: ignore[union-attr]
