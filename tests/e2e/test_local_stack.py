@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 START_TIMEOUT = 90.0  # a cold venv on a busy 2-core machine; typically under 10 s
 REFRESH_SECONDS = 1  # MODEL_REFRESH_SECONDS of the stack under test
+MONITOR_EVERY = 5  # seconds between scheduled monitoring runs of the stack under test
 BIN = Path(sys.executable).parent
 
 
@@ -77,6 +78,29 @@ class Stack:
             check=False,
         )
 
+    def printed(self, marker: str, **paths: str) -> subprocess.CompletedProcess[str]:
+        """Run the CLI example of the banner containing ``marker``, as printed (from the project
+        folder, with the exported environment); ``paths`` swaps its /tmp paths for test ones."""
+        lines = [
+            line.strip()
+            for line in self.output().split("Use the CLI against this stack", 1)[1].splitlines()
+            if marker in line and not line.strip().startswith("export ")
+        ]
+        assert lines, f"no printed command with {marker!r}:\n{self.output()}"
+        command = lines[0].split("#", 1)[0]
+        for printed_path, test_path in paths.items():
+            assert printed_path in command, command
+            command = command.replace(printed_path, test_path)
+        return subprocess.run(
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
     def s3(self) -> Any:
         return boto3.client(
             "s3",
@@ -109,7 +133,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "--moto-port",
                 str(moto_port),
                 "--monitor-every",
-                "0",
+                str(MONITOR_EVERY),
                 "--env",
                 f"MODEL_REFRESH_SECONDS={REFRESH_SECONDS}",
                 "--env",
@@ -221,9 +245,13 @@ def test_the_printed_curl_examples_work_as_printed(stack: Stack) -> None:
 def test_a_published_better_model_is_promoted_and_served(
     stack: Stack, holdout: np.ndarray, tmp_path: Path
 ) -> None:
-    better = demo.write_demo_package(tmp_path, rounds=80)
-    done = stack.cli("publish", str(better.package), "--wait")
+    # the two commands the stack printed: train a second model, publish it and wait
+    v2 = str(tmp_path / "v2")
+    done = stack.printed("-m treeserve.demo", **{"/tmp/treeserve-v2": v2})
     assert done.returncode == 0, done.stdout + done.stderr
+    done = stack.printed(" publish ", **{"/tmp/treeserve-v2": v2})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "promoted: version 2" in done.stdout, done.stdout
     assert current_version(stack) == 2
     answer = wait_for_version(stack, holdout.tolist(), 2)
     assert answer.headers["x-model-version"] == "2"
@@ -252,6 +280,10 @@ def test_a_pickle_is_refused_with_its_reason_and_the_champion_keeps_serving(
     done = stack.cli("publish", str(package), "--wait")
     assert done.returncode == 2, done.stdout + done.stderr  # 2: rejected
     assert "rejected: pickle" in done.stdout, done.stdout
+    status = stack.printed(" status")  # as printed: the human table
+    assert status.returncode == 0, status.stderr
+    assert "rejections" in status.stdout, status.stdout
+    assert "pickle" in status.stdout, status.stdout
     status = stack.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     rejections = json.loads(status.stdout)["rejections"]
@@ -265,7 +297,7 @@ def test_a_pickle_is_refused_with_its_reason_and_the_champion_keeps_serving(
 
 
 def test_rollback_serves_the_previous_version(stack: Stack, holdout: np.ndarray) -> None:
-    done = stack.cli("rollback")
+    done = stack.printed(" rollback")
     assert done.returncode == 0, done.stdout + done.stderr
     assert current_version(stack) == 1
     answer = wait_for_version(stack, holdout.tolist(), 1)
@@ -273,18 +305,31 @@ def test_rollback_serves_the_previous_version(stack: Stack, holdout: np.ndarray)
     np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-6, atol=1e-7)
 
 
-def test_monitoring_on_demand_writes_a_report(
+def report_keys(stack: Stack) -> list[str]:
+    listed = stack.s3().list_objects_v2(Bucket=stack.bucket, Prefix="reports/default/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def test_monitoring_runs_on_the_timer_and_on_demand(
     stack: Stack, holdout: np.ndarray, tmp_path: Path
 ) -> None:
-    assert predict(stack, holdout.tolist()).status_code == 200  # traffic to capture
+    deadline = time.monotonic() + MONITOR_EVERY * 3 + 10
+    while not report_keys(stack):  # the stack's own schedule
+        assert time.monotonic() < deadline, "the monitoring timer wrote no report"
+        time.sleep(0.5)
+    assert predict(stack, holdout.tolist()).status_code == 200  # more traffic to capture
+    before = set(report_keys(stack))
     html = tmp_path / "report.html"
-    done = stack.cli("monitor", "--html", str(html), timeout=120)
+    done = stack.printed(" monitor", **{"/tmp/treeserve-monitor.html": str(html)})
     assert done.returncode == 0, done.stdout + done.stderr
-    listed = stack.s3().list_objects_v2(Bucket=stack.bucket, Prefix="reports/default/")
-    keys = [o["Key"] for o in listed.get("Contents", [])]
-    assert keys, "no report under reports/default/"
-    report = json.loads(stack.s3().get_object(Bucket=stack.bucket, Key=keys[-1])["Body"].read())
-    assert report, keys
+    new = sorted(set(report_keys(stack)) - before)
+    assert new, "treeserve monitor wrote no report under reports/default/"
+    obj = stack.s3().get_object(Bucket=stack.bucket, Key=new[-1])
+    report = json.loads(obj["Body"].read())
+    assert report["model"] == "default"
+    # every prediction of this module was captured (CAPTURE_SAMPLE_RATE=1, written at once)
+    assert report["rows"] >= 4 * len(holdout), report["rows"]
+    assert {v["version"] for v in report["versions"]} >= {1, 2}
     assert html.read_text().lstrip().lower().startswith("<!doctype html")
 
 
