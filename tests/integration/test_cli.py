@@ -361,6 +361,58 @@ def test_wait_reads_a_rejection_record_without_an_outcome(
     assert "rejected: pickle: pickle content is never loaded" in out
 
 
+@pytest.mark.parametrize(
+    ("outcome", "exit_code", "line"),
+    [
+        (
+            {"status": "duplicate", "version": 4, "code": "duplicate", "message": "same bytes"},
+            0,
+            "duplicate: the same model is already version 4 of churn; same bytes",
+        ),
+        (
+            {"status": "ignored", "code": "superseded", "message": "overwritten since"},
+            1,
+            "ignored: superseded: overwritten since",
+        ),
+    ],
+)
+def test_wait_prints_other_verdicts(  # noqa: PLR0917 - pytest fixtures and params
+    env: Any,
+    files: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    outcome: dict[str, Any],
+    exit_code: int,
+    line: str,
+) -> None:
+    thread = fake_refresh(env, lambda *_: outcome)
+    code, out, _ = run(capsys, "publish", str(files["model"]), "--name", NAME, "--wait")
+    thread.join(5)
+    assert code == exit_code
+    assert line in out
+
+
+def test_wait_rides_out_storage_hiccups(
+    env: Any,
+    files: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3 failing while --wait polls (throttling, 5xx) is not a verdict: it keeps polling."""
+    from tests.reliability.faults import S3Faults, no_backoff
+
+    no_backoff(monkeypatch)
+    faults = S3Faults(env)
+    faults.add("slowdown", operations={"GetObject"}, key_contains="/uploads/", times=12)
+    thread = fake_refresh(
+        env, lambda *_: {"status": "promoted", "version": 1, "message": "after the storm"}
+    )
+    code, out, _ = run(capsys, "publish", str(files["model"]), "--name", NAME, "--wait")
+    thread.join(5)
+    assert faults.total_injected == 12  # every poll during the storm failed, and was retried
+    assert code == 0
+    assert "after the storm" in out
+
+
 def test_wait_gives_up_with_exit_3(
     env: Any, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
