@@ -20,6 +20,7 @@ from treeserve.errors import UploadRejected
 from treeserve.sandbox import (
     SandboxUnavailable,
     UBJDecodeError,
+    _child_env,
     decode_ubj,
     inspect_model,
     model_facts,
@@ -234,3 +235,12 @@ def test_a_model_that_segfaults_xgboost_is_contained(
         inspect_model(crafted_ubj(binary_model.ubj(), key, value), "ubj", None)
     assert caught.value.code == "load_failed"
     assert "crashed" in caught.value.message
+
+
+def test_the_child_gets_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = _child_env()
+    assert not any(k.startswith(("AWS_", "PYTHON")) for k in env)
+    assert env["OMP_NUM_THREADS"] == "1"
