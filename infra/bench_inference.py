@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import logging
 import os
 import statistics
 import subprocess
@@ -301,6 +302,7 @@ def bench_cold(trees: int, depth: int, runs: int) -> tuple[float, float]:
 
     booster, rows = train_model(trees, depth)
     raw = bytes(booster.save_raw("ubj"))
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -269,9 +269,15 @@ class Endpoints:
                 content_type = value.decode("latin-1")
             elif name == b"accept":
                 accept = value
-        status, headers, payload = await self.serve_asgi_body(
-            kind, receive, content_type, accept, _request_id(scope)
-        )
+        message = await receive()  # Mangum delivers the whole body in one message
+        if message.get("more_body", False):
+            status, headers, payload = await self.serve_asgi_body(
+                kind, _replay(message, receive), content_type, accept, _request_id(scope)
+            )
+        else:
+            status, headers, payload = self.safe_handle(
+                kind, message.get("body", b""), content_type, accept, _request_id(scope)
+            )
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -302,6 +308,16 @@ class Endpoints:
         except Exception:  # a bug or a broken model, not the client's fault: 500, logged
             logger.exception("prediction failed", extra={"route": kind})
             return self.error(500, "internal_error", "the model could not answer; see the logs")
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A receive callable that yields ``first`` again, then the rest."""
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 async def _read_body(receive: Receive, max_bytes: int) -> bytes:

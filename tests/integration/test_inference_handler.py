@@ -372,3 +372,52 @@ def test_tracing_follows_powertools_rule(
     )
     assert not module._tracing_enabled({"LAMBDA_TASK_ROOT": "/var/task", "AWS_SAM_LOCAL": "true"})
     assert not module._tracing_enabled({})
+
+
+def test_streamed_body_is_read_whole_and_bounded(
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under an ASGI server a body may arrive in chunks; the fast path reads them all."""
+    import asyncio
+
+    monkeypatch.setenv("MAX_BODY_BYTES", "5000")
+    publish(registry, binary_model)
+    module = function()
+
+    def call(body: bytes) -> tuple[int, bytes]:
+        chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
+        messages = [
+            {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+            for i, c in enumerate(chunks)
+        ]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/predict",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        asyncio.run(module.app(scope, receive, send))
+        return sent[0]["status"], sent[1]["body"]
+
+    X = binary_model.X[:5]
+    status, raw = call(orjson.dumps({"instances": X.tolist()}))
+    assert status == 200, raw
+    np.testing.assert_array_equal(
+        np.asarray(orjson.loads(raw)["predictions"], dtype=np.float32),
+        booster_predict(binary_model, X),
+    )
+    status, raw = call(orjson.dumps({"instances": binary_model.X[:60].tolist()}))
+    assert status == 413
+    assert orjson.loads(raw)["error"]["type"] == "payload_too_large"
