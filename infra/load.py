@@ -17,6 +17,10 @@ With no ``--url`` it starts its own server in a child process: a small real XGBo
 (``--capture-rate``) so the S3 write path runs under load too.
 """
 
+# The server side (serve) imports treeserve, moto and uvicorn inside the function, so the load
+# client stays light and does not share the server's imports.
+# ruff: noqa: PLC0415
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import random
 import socket
@@ -92,7 +97,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """The q-th percentile (0..100) of already sorted values, nearest-rank."""
     if not sorted_values:
         return 0.0
-    rank = max(1, min(len(sorted_values), round(q / 100.0 * len(sorted_values) + 0.5)))
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100.0 * len(sorted_values))))
     return sorted_values[rank - 1]
 
 
@@ -252,9 +257,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m infra.load_server`` in a child process: uvicorn on 127.0.0.1:port."""
+    """``python -m infra.load --serve-only PORT`` in a child process: uvicorn on 127.0.0.1."""
 
-    def __init__(self, port: int, *, capture_rate: float = 0.1, num_features: int = 30) -> None:
+    def __init__(self, port: int, *, capture_rate: float = 0.1) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -263,13 +268,11 @@ class ServerProcess:
             [
                 sys.executable,
                 "-m",
-                "infra.load_server",
-                "--port",
+                "infra.load",
+                "--serve-only",
                 str(port),
                 "--capture-rate",
                 str(capture_rate),
-                "--features",
-                str(num_features),
             ],
             cwd=ROOT,
             env=env,
@@ -314,6 +317,60 @@ class ServerProcess:
         self.stop()
 
 
+def serve(port: int, capture_rate: float) -> None:
+    """The server side: the demo model (30 features) promoted in an in-process moto S3, served
+    by the inference app under uvicorn on 127.0.0.1:port until SIGINT/SIGTERM."""
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "POWERTOOLS_SERVICE_NAME": "treeserve-load",
+            "POWERTOOLS_METRICS_NAMESPACE": "TreeserveLoad",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_METRICS_DISABLED": "true",
+        }
+    )
+    import tempfile
+
+    import uvicorn
+    from moto import mock_aws
+
+    from treeserve.api import create_app
+    from treeserve.aws import reset_clients, s3_client
+    from treeserve.capture import CaptureBuffer
+    from treeserve.demo import write_demo_package
+    from treeserve.package import read_upload
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.serving import ModelService
+    from treeserve.settings import Settings
+
+    bucket, name = "treeserve-load", "default"
+    reset_clients()
+    with mock_aws(), tempfile.TemporaryDirectory() as tmp:
+        s3_client().create_bucket(Bucket=bucket)
+        package = write_demo_package(Path(tmp)).package
+        upload = read_upload(package.read_bytes(), package.name)
+        registry = ModelRegistry(S3RegistryStore(bucket), name)
+        registry.promote(registry.register(upload.model_ubj, upload.to_manifest(name)))
+        settings = Settings(
+            model_bucket=bucket,
+            model_name=name,
+            model_refresh_seconds=60.0,
+            capture_sample_rate=capture_rate,
+        )
+        service = ModelService(registry, settings)
+        capture = CaptureBuffer(
+            bucket,
+            name,
+            capture_rate,
+            settings.capture_max_rows,
+            settings.capture_max_age_seconds,
+        )
+        app = create_app(service, settings, capture)
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m infra.load",
@@ -341,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         help="CAPTURE_SAMPLE_RATE of the self-started server (default 0.1)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--serve-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_only is not None:
+        serve(args.serve_only, args.capture_rate)
+        return 0
     if args.clients < 1 or args.duration <= 0 or args.rows < 1:
         parser.error("--clients and --rows must be >= 1 and --duration > 0")
     if args.duration > 3600:
