@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2000, help="1-row iterations")
     parser.add_argument("--cold-runs", type=int, default=7)
     parser.add_argument("--skip-cold", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse_args([] if argv is None else argv)  # `make bench` calls main()
 
     print(
         f"model: binary:logistic, {args.trees} trees, depth {args.depth}, {FEATURES} features; "
@@ -382,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

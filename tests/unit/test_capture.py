@@ -130,3 +130,21 @@ def test_flush_failure_drops_batch_counts_and_never_raises() -> None:
 def test_invalid_rate() -> None:
     with pytest.raises(ValueError, match="sample_rate"):
         CaptureBuffer("b", "m", 1.5)
+
+
+def test_sigterm_flushes_then_chains_to_previous_handler() -> None:
+    import os
+    import signal
+
+    s3 = FakeS3()
+    buffer = CaptureBuffer("b", "m", 1.0, max_rows=1000, s3=s3)  # type: ignore[arg-type]
+    buffer.record(*request(3), version=1)
+    called: list[int] = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: called.append(signum))
+    try:
+        assert buffer.install_sigterm_flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert s3.puts == 1  # written before the process would go away
+        assert called == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, original)
