@@ -210,10 +210,11 @@ def report(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.bench_refresh", description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="refreshes per model (default 5)")
-    args = parser.parse_args(argv)
+    # `make bench` calls main() with its own argv in sys.argv: read ours only when given.
+    args = parser.parse_args([] if argv is None else argv)
     print(report(run(args.repeats)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
