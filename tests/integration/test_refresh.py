@@ -509,3 +509,31 @@ def test_handler_module_builds_its_service_once(stack: RefreshStack) -> None:
     service = stack.module.service()
     stack.invoke({"Records": [record]})
     assert stack.module.service() is service
+
+
+def test_every_record_of_a_direct_event_is_tried_before_a_failure_raises(
+    stack: RefreshStack,
+    binary_model: TrainedModel,
+    regression_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    no_backoff(monkeypatch)
+    from treeserve.aws import s3_client
+
+    (flaky,) = stack.put("incoming/flaky/model.ubj", regression_model.ubj())
+    (good,) = stack.put("incoming/good/model.ubj", binary_model.ubj())
+    records = [json.loads(m["Body"])["Records"][0] for m in (flaky, good)]
+    faults = S3Faults(s3_client())
+    faults.add("internal", operations={"GetObject"}, key_contains="incoming/flaky/")
+
+    with pytest.raises(StorageUnavailable):
+        stack.invoke({"Records": records})
+
+    assert stack.registry("good").current().version == 1  # type: ignore[union-attr]
+    assert stack.registry("flaky").versions() == []
+    faults.detach()
+    outcomes = stack.invoke({"Records": records})["outcomes"]  # Lambda's retry
+    assert [(o["model"], o["status"], o["redelivered"]) for o in outcomes] == [
+        ("flaky", "promoted", False),
+        ("good", "promoted", True),
+    ]
