@@ -2,11 +2,11 @@
 
 XGBoost's model loader is not hardened: an empty buffer aborts the process (xgboost-cpu 3.2) and
 crafted files can crash it or make it allocate without bound. :func:`inspect_model` therefore
-runs the load in a child Python (``sys.executable -I -S``: no PYTHON* variables, no site hooks)
-with an address-space and CPU limit, no core dumps, no file writes and no AWS credentials in its
-environment. The child loads the model, reads its facts, re-saves it as UBJ (the registry always
-stores UBJ) and predicts on the given rows (or on a small synthetic sample), then answers over
-stdout.
+runs the load in a child Python (``sys.executable -I -S -B``: no PYTHON* variables, no site hooks,
+no bytecode written) with an address-space and CPU limit, no core dumps, no file writes and no AWS
+credentials in its environment. The child loads the model, reads its facts, re-saves it as UBJ
+(the registry always stores UBJ) and predicts on the given rows (or on a small synthetic sample),
+then answers over stdout.
 
 Protocol (both directions): a frame is a 4-byte big-endian length and a JSON header, followed
 by the raw blobs whose sizes the header gives. The parent's first frame is its ``sys.path`` (in
@@ -662,7 +662,7 @@ def inspect_model(
     }
     request = {"format": fmt, "model_size": len(raw), "rows_size": len(rows_npy)}
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
-        [sys.executable, "-I", "-S", "-c", _BOOTSTRAP],
+        [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
