@@ -159,10 +159,16 @@ def run_handler(
         "AWS_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
-        "POWERTOOLS_TRACE_DISABLED": "true",
         **runtime_environment(fn, function_environment(fn)),
         "LAMBDA_TASK_ROOT": str(artifact),
+        # As in Lambda with `Tracing: Active`: Powertools' Tracer on (the X-Ray SDK and its
+        # botocore client load), a trace header, segments sent to a daemon address (UDP, nobody
+        # listening here, as harmless as in Lambda without a daemon).
+        "_X_AMZN_TRACE_ID": "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
+        "AWS_XRAY_DAEMON_ADDRESS": "127.0.0.1:2000",
+        "AWS_XRAY_CONTEXT_MISSING": "LOG_ERROR",
     }
+    env.pop("AWS_SAM_LOCAL", None)  # not under `sam local`: the real runtime's behaviour
     event_file = tmp_path / f"{logical_id}-event.json"
     event_file.write_text(json.dumps(event))
     out_file = tmp_path / f"{logical_id}-out.json"
