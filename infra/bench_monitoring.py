@@ -4,7 +4,8 @@ Setup (not timed): a moto server on loopback (the same S3 API the function talks
 HTTP), a real XGBoost model with 30 features registered with its reference statistics, and
 1,000,000 capture rows written in the inference function's exact line format as gzipped JSON
 Lines files of ``ROWS_PER_FILE`` rows under ``captures/<model>/dt=<today>/``, plus labels for a
-tenth of the rows. Feature values carry 6 significant digits, as tabular data sent by clients
+tenth of the rows. To keep setup short, 100,000 distinct rows are each captured 10 times under
+their own ids; the run parses, counts and joins all 1,000,000 lines all the same. Feature values carry 6 significant digits, as tabular data sent by clients
 usually does (captures keep the client's digits).
 
 Timed, each in a fresh child process so peak RSS (``ru_maxrss``) is the run's own:
@@ -45,6 +46,8 @@ from treeserve.registry import ModelRegistry, S3RegistryStore
 ROWS = 1_000_000
 FEATURES = 30
 ROWS_PER_FILE = 10_000
+DISTINCT = 100_000
+COPIES = ROWS // DISTINCT
 MODEL = "bench"
 BUCKET = "treeserve-bench"
 SEED = 7
@@ -143,48 +146,50 @@ def _setup(s3: Any) -> tuple[int, int]:
     )
     version = ModelRegistry(S3RegistryStore(BUCKET, s3=s3), MODEL).register(ubj, manifest)
 
-    X = rng.normal(size=(ROWS, FEATURES)).astype(np.float64)
+    # DISTINCT rows, each captured COPIES times under its own ids (so setup stays quick; the
+    # monitoring run parses and counts every one of the ROWS lines all the same).
+    X = rng.normal(size=(DISTINCT, FEATURES)).astype(np.float64)
     X[:, 3] += 0.5  # one drifted feature, so the report has something to say
-    X[rng.random((ROWS, FEATURES)) < 0.01] = np.nan
+    X[rng.random((DISTINCT, FEATURES)) < 0.01] = np.nan
     X = np.round(X, 5)  # ~6 significant digits, as clients send
     P = booster.inplace_predict(X).astype(np.float64)
-    P_list = P.tolist()
-    y = (X[:, 0] + X[:, 1] + rng.normal(scale=0.5, size=ROWS) > 0).astype(int)
+    y = (X[:, 0] + X[:, 1] + rng.normal(scale=0.5, size=DISTINCT) > 0).astype(int)
     now = datetime.now(UTC)
     day = now.strftime("%Y-%m-%d")
-    capture_bytes = 0
-    labels = ["id,label"]
-    for start in range(0, ROWS, ROWS_PER_FILE):
-        ts = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        lines = []
-        for i in range(start, min(start + ROWS_PER_FILE, ROWS)):
-            rid = f"req-{i:08d}"
-            lines.append(
-                orjson.dumps(
-                    {
-                        "id": rid,
-                        "ts": ts,
-                        "version": version,
-                        "features": X[i].tolist(),
-                        "prediction": P_list[i],
-                        "label": int(P_list[i] >= 0.5),
-                    }
-                )
+    ts = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    rows, preds = X.tolist(), P.tolist()
+    blocks = []
+    for start in range(0, DISTINCT, ROWS_PER_FILE):
+        lines = [
+            orjson.dumps(
+                {
+                    "id": f"req-#-{i:07d}",
+                    "ts": ts,
+                    "version": version,
+                    "features": rows[i],
+                    "prediction": preds[i],
+                    "label": int(preds[i] >= 0.5),
+                }
             )
-            if i % 10 == 0:
-                labels.append(f"{rid},{y[i]}")
-        body = gzip.compress(b"\n".join(lines) + b"\n", 5)
+            for i in range(start, min(start + ROWS_PER_FILE, DISTINCT))
+        ]
+        blocks.append(b"\n".join(lines) + b"\n")
+    capture_bytes = 0
+    for n, block in enumerate(blocks * COPIES):
+        copy = n // len(blocks)
+        body = gzip.compress(block.replace(b'"req-#-', f'"req-{copy}-'.encode()), 5)
         capture_bytes += len(body)
-        s3.put_object(
-            Bucket=BUCKET, Key=f"captures/{MODEL}/dt={day}/{start:08d}.jsonl.gz", Body=body
-        )
-    s3.put_object(Bucket=BUCKET, Key=f"labels/{MODEL}/labels.csv", Body="\n".join(labels).encode())
+        s3.put_object(Bucket=BUCKET, Key=f"captures/{MODEL}/dt={day}/{n:05d}.jsonl.gz", Body=body)
+    labels = "id,label\n" + "".join(
+        f"req-{c}-{i:07d},{y[i]}\n" for c in range(COPIES) for i in range(0, DISTINCT, 10)
+    )
+    s3.put_object(Bucket=BUCKET, Key=f"labels/{MODEL}/labels.csv", Body=labels.encode())
     # The baseline's data: the same numbers (same digits) as CSV text, and as raw float32.
-    M = np.column_stack([X, P]).astype(np.float32)
+    M = np.tile(np.column_stack([X, P]).astype(np.float32), (COPIES, 1))
     # orjson writes the same digits the captures hold; rows become CSV lines.
-    buf = orjson.dumps(np.column_stack([X, P]).tolist())[2:-2]
-    buf = buf.replace(b"],[", b"\n").replace(b"null", b"nan")
-    csv_gz = gzip.compress(buf, 5)
+    text = orjson.dumps(np.column_stack([X, P]).tolist())[2:-2]
+    text = text.replace(b"],[", b"\n").replace(b"null", b"nan") + b"\n"
+    csv_gz = gzip.compress(text * COPIES, 5)
     s3.put_object(Bucket=BUCKET, Key="baseline/data.csv.gz", Body=csv_gz)
     s3.put_object(Bucket=BUCKET, Key="baseline/data.f32", Body=M.tobytes())
     return capture_bytes, len(csv_gz)

@@ -306,3 +306,37 @@ def test_model_only_reference_reports_current_shares(s3: Any) -> None:
     # Every row lies above the model's last split threshold on f0: the last bin holds them all.
     assert f0["chart"]["current"][-2] == 1.0
     assert all(math.isfinite(x) for x in walk_numbers(report))
+
+
+def test_other_key_orders_parse_the_same(s3: Any) -> None:
+    model = train("binary:logistic")
+    version = register(s3, model)
+    X = np.random.default_rng(12).normal(size=(120, 6))
+    X[::9, 0] = np.nan
+    preds = model.booster.inplace_predict(X)
+    ts = NOW - timedelta(hours=3)
+    canonical = capture_lines(version, X, preds, [f"k{i}" for i in range(120)], ts)
+    put_captures(s3, "m", canonical, ts, "canonical")
+    expected = run(s3, write=False)["versions"][0]["features"]
+
+    def reorder(line: bytes, keys: list[str]) -> bytes:
+        rec = orjson.loads(line)
+        return orjson.dumps({k: rec[k] for k in keys})
+
+    # ts+version and features+prediction still adjacent, but not all four in a row
+    pairs_order = ["ts", "version", "id", "features", "prediction", "label"]
+    pairs = [reorder(line, pairs_order) for line in canonical]
+    assert monitoring._fast_parse(b"\n".join(pairs)) is not None  # two-pattern fast path
+    shuffled_order = ["prediction", "ts", "id", "features", "label", "version"]
+    shuffled = [reorder(line, shuffled_order) for line in canonical]
+    assert monitoring._fast_parse(b"\n".join(shuffled)) is None  # general path
+    for lines in (pairs, shuffled):
+        for obj in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/m/")["Contents"]:
+            s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+        put_captures(s3, "m", lines, ts, "other")
+        got = run(s3, write=False)
+        assert got["rows"] == 120
+        for a, b in zip(expected, got["versions"][0]["features"], strict=True):
+            assert a["psi"] == b["psi"]
+            assert a["p_value"] == b["p_value"]
+            assert a["n_missing"] == b["n_missing"]
