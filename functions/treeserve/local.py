@@ -372,14 +372,28 @@ class LocalStack:
             except Exception:
                 logger.exception("stopping the %s failed", what)
 
+    def _captures(self) -> list[Any]:
+        """The inference function's capture buffer (its module-level ``capture``), if any."""
+        found = []
+        for handler in self.handlers.values():
+            capture = getattr(sys.modules.get(handler.__module__), "capture", None)
+            if callable(getattr(capture, "flush", None)):
+                found.append(capture)
+        return found
+
     def _flush_captures(self) -> None:
         # Lambda may lose what an environment buffered (a documented bound); a local stop that
         # the user asked for need not: write the sampled rows while moto is still up.
-        for handler in self.handlers.values():
-            capture = getattr(sys.modules.get(handler.__module__), "capture", None)
-            flush = getattr(capture, "flush", None)
-            if callable(flush):
-                flush()
+        for capture in self._captures():
+            capture.flush()
+
+    def flush_due_captures(self) -> None:
+        """Write captures whose age bound passed even when no request arrives to notice it
+        (in Lambda the next request does): `treeserve monitor` sees recent traffic."""
+        for capture in self._captures():
+            maybe_flush = getattr(capture, "maybe_flush", None)
+            if callable(maybe_flush):
+                maybe_flush()
 
 
 def start_moto(port: int) -> ThreadedMotoServer:
@@ -515,12 +529,13 @@ def function_env(spec: StackSpec, overrides: Mapping[str, str]) -> dict[str, str
 # --- the API server ----------------------------------------------------------------------------
 
 
-def make_server(app: Any, port: int) -> Any:
+def make_server(app: Any, port: int, every_second: Callable[[], Any] | None = None) -> Any:
     """A uvicorn server for ``app`` that stops on SIGINT/SIGTERM and lets us exit 0 after.
 
     uvicorn re-raises the signal it caught once it has shut down (so a bare ``uvicorn`` exits
     like an interrupted process); the local stack has its own shutdown to run after the server
-    stops, and ends with exit 0, so it keeps the signal handled.
+    stops, and ends with exit 0, so it keeps the signal handled. ``every_second`` runs on the
+    server's own event loop thread (the thread requests run on), about once a second.
     """
 
     import uvicorn  # noqa: PLC0415
@@ -538,6 +553,14 @@ def make_server(app: Any, port: int) -> Any:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+
+        async def on_tick(self, counter: int) -> bool:
+            if every_second is not None and counter % 10 == 0:  # ticks are 0.1 s apart
+                try:
+                    every_second()
+                except Exception:
+                    logger.exception("the local stack's periodic task failed")
+            return await super().on_tick(counter)
 
     config = uvicorn.Config(
         app,
@@ -783,7 +806,7 @@ def run(options: LocalOptions, out: TextIO = sys.stdout) -> int:
         api_socket.close()
         raise
     try:
-        server = make_server(stack.app, options.port)
+        server = make_server(stack.app, options.port, every_second=stack.flush_due_captures)
         _say(out, banner(stack, resources))
         server.run(sockets=[api_socket])
     finally:

@@ -7,6 +7,7 @@ champion keeps serving, roll back, run monitoring and read its report, and Ctrl-
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -39,6 +40,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 START_TIMEOUT = 90.0  # a cold venv on a busy 2-core machine; typically under 10 s
 REFRESH_SECONDS = 1  # MODEL_REFRESH_SECONDS of the stack under test
 MONITOR_EVERY = 5  # seconds between scheduled monitoring runs of the stack under test
+CAPTURE_AGE_SECONDS = 1  # captured rows are written within about this long, requests or not
 BIN = Path(sys.executable).parent
 
 
@@ -139,7 +141,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "--env",
                 "CAPTURE_SAMPLE_RATE=1",
                 "--env",
-                "CAPTURE_MAX_AGE_SECONDS=0",
+                f"CAPTURE_MAX_AGE_SECONDS={CAPTURE_AGE_SECONDS}",
             ],
             cwd=ROOT,
             env=clean_env(),
@@ -305,6 +307,19 @@ def test_rollback_serves_the_previous_version(stack: Stack, holdout: np.ndarray)
     np.testing.assert_allclose(answer.json()["predictions"], expected, rtol=1e-6, atol=1e-7)
 
 
+def captured(stack: Stack) -> dict[str, dict[str, Any]]:
+    """Every captured line in the bucket, by row id."""
+    s3 = stack.s3()
+    found: dict[str, dict[str, Any]] = {}
+    listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix="captures/default/")
+    for obj in listed.get("Contents", []):
+        raw = gzip.decompress(s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read())
+        for line in raw.splitlines():
+            row = json.loads(line)
+            found[row["id"]] = row
+    return found
+
+
 def report_keys(stack: Stack) -> list[str]:
     listed = stack.s3().list_objects_v2(Bucket=stack.bucket, Prefix="reports/default/")
     return sorted(o["Key"] for o in listed.get("Contents", []))
@@ -317,7 +332,14 @@ def test_monitoring_runs_on_the_timer_and_on_demand(
     while not report_keys(stack):  # the stack's own schedule
         assert time.monotonic() < deadline, "the monitoring timer wrote no report"
         time.sleep(0.5)
-    assert predict(stack, holdout.tolist()).status_code == 200  # more traffic to capture
+    answer = predict(stack, holdout.tolist())  # more traffic, and then no request at all
+    assert answer.status_code == 200
+    last_ids = set(answer.json()["ids"])
+    deadline = time.monotonic() + CAPTURE_AGE_SECONDS + 10
+    while not last_ids <= set(captured(stack)):  # written by the age bound alone
+        assert time.monotonic() < deadline, "the last request's rows were never captured"
+        time.sleep(0.25)
+    rows = len(captured(stack))
     before = set(report_keys(stack))
     html = tmp_path / "report.html"
     done = stack.printed(" monitor", **{"/tmp/treeserve-monitor.html": str(html)})
@@ -327,8 +349,8 @@ def test_monitoring_runs_on_the_timer_and_on_demand(
     obj = stack.s3().get_object(Bucket=stack.bucket, Key=new[-1])
     report = json.loads(obj["Body"].read())
     assert report["model"] == "default"
-    # every prediction of this module was captured (CAPTURE_SAMPLE_RATE=1, written at once)
-    assert report["rows"] >= 4 * len(holdout), report["rows"]
+    # every captured row is in the window (CAPTURE_SAMPLE_RATE=1: every predicted row)
+    assert report["rows"] >= rows >= 4 * len(holdout), (report["rows"], rows)
     assert {v["version"] for v in report["versions"]} >= {1, 2}
     assert html.read_text().lstrip().lower().startswith("<!doctype html")
 
