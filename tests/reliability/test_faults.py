@@ -401,3 +401,75 @@ def test_capture_flush_failures_lose_at_most_the_documented_bound(
     assert capture.flush_failures == 2
     assert lost == capture.dropped_rows
     assert 0 < lost <= 2 * (max_rows + per_request - 1)
+
+
+# --- monitoring --------------------------------------------------------------------------------
+
+MONITORING_FAULTS = [
+    ("capture listing", "slowdown", {"ListObjectsV2"}, "prefix=captures/", None),
+    ("one capture file", "internal", {"GetObject"}, "/captures/", None),
+    ("the manifest", "timeout", {"GetObject"}, "/manifest.json", None),
+    ("report write", "connect", {"PutObject"}, "/reports/", None),
+    ("transient, absorbed by retries", "slowdown", {"GetObject"}, "/captures/", 2),
+]
+
+
+def _reports(s3: Any) -> list[str]:
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"reports/{stack.MODEL}/")
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def test_monitoring_fails_the_invocation_cleanly_or_reports_everything(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, binary_model: TrainedModel, reliability_report: Any
+) -> None:
+    """The monitoring function documents: a storage failure raises (Lambda retries, then the
+    on-failure destination). So under a persistent fault the invocation raises and writes no
+    report (no silently partial one); the retry reports every captured row; a transient fault
+    is absorbed and the report is complete."""
+    no_backoff(monkeypatch)
+    stack.set_env(
+        monkeypatch,
+        CAPTURE_SAMPLE_RATE="1",
+        CAPTURE_MAX_ROWS="25",
+        CAPTURE_MAX_AGE_SECONDS="3600",
+        MODEL_REFRESH_SECONDS="3600",
+    )
+    refresh = stack.load_handler("refresh")
+    record = stack.upload(s3, "incoming/default/m.tar.gz", make_package(binary_model))
+    assert stack.invoke(refresh, stack.s3_event(record))["outcomes"][0]["status"] == "promoted"
+    inference = _start_inference()
+    for i in range(20):
+        rows = binary_model.X[i * 5 : (i + 1) * 5].tolist()
+        assert _request(inference, "POST", "/predict", rows)[0] == 200
+    captured = _captured_rows(s3)
+    assert captured == 100
+    monitoring = stack.load_handler("monitoring")
+    event = {"model": stack.MODEL, "hours": 1}
+
+    lines = []
+    for what, kind, operations, key, times in MONITORING_FAULTS:
+        before = _reports(s3)
+        faults = S3Faults(s3)
+        faults.add(kind, operations=operations, key_contains=key, times=times)
+        try:
+            summary = stack.invoke(monitoring, event)
+            first = f"returned, {summary['rows']} rows"
+        except Exception as exc:
+            summary, first = None, f"raised {type(exc).__name__}"
+        finally:
+            faults.detach()
+        assert faults.total_injected > 0, what
+        written = sorted(set(_reports(s3)) - set(before))
+        if summary is None:
+            assert written == [], f"{what}: a report was written by a failed run"
+            summary = stack.invoke(monitoring, event)
+            retry = f"retry {summary['rows']} rows"
+        else:
+            assert times is not None, (
+                f"{what}: a persistent fault did not fail the invocation: {summary}"
+            )
+            retry = "no retry needed"
+        lines.append(f"{what}: {kind} x{faults.total_injected}: {first}; {retry}")
+        assert summary["rows"] == captured, what
+        assert summary["report_key"] in _reports(s3)
+    reliability_report("monitoring under S3 faults", lines)
