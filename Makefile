@@ -7,7 +7,7 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv run test lint typecheck cfn-lint checkov pytest bench build clean
+.PHONY: venv run test lint typecheck cfn-lint checkov pytest bench build clean fuzz load
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing treeserve with its dev tools"
@@ -49,6 +49,15 @@ test: lint typecheck cfn-lint checkov pytest
 
 bench: venv
 	$(BIN)/python -m infra.bench
+
+# The reliability evidence at full size (docs/reliability.md): 1,200+ schemathesis cases and
+# 1,200 raw bodies, a fault at every S3 call of a promotion; `make test` runs smaller counts.
+fuzz: venv
+	TREESERVE_FUZZ_EXAMPLES=300 TREESERVE_FAULT_SWEEP=full $(BIN)/python -m pytest -m reliability tests/reliability
+
+# 32 clients for 60 s against the inference app under uvicorn on 127.0.0.1.
+load: venv
+	$(BIN)/python -m infra.load --clients 32 --duration 60
 
 # Cross-platform Lambda artifacts in build/artifacts (ARCH=arm64 for Graviton), with sizes.
 ARCH ?= x86_64
