@@ -35,6 +35,8 @@ Decision = Literal["promote", "hold", "skip"]
 LOGLOSS_EPS = 1e-15
 
 GATED_TASKS = ("binary", "multiclass", "regression")
+# Regression-like objectives whose predictions are not the label's expected value.
+UNGATED_OBJECTIVES = ("survival:", "reg:quantileerror")
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -155,6 +157,17 @@ def score(task: str, y: FloatArray, outputs: FloatArray) -> dict[str, float]:
         metrics["rmse"] = rmse(y, outputs)
         metrics["mae"] = float(np.mean(np.abs(y - outputs.ravel())))
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+
+def ungated_reason(objective: str, task: str, num_target: int = 1) -> str | None:
+    """Why a model cannot be gated (no metric compares it fairly), or None when it can."""
+    if task not in GATED_TASKS:
+        return f"no quality metric for a {task} model"
+    if objective.startswith(UNGATED_OBJECTIVES):
+        return f"no quality metric for {objective} (RMSE would not measure what it predicts)"
+    if num_target > 1:
+        return f"no quality metric for a model with {num_target} outputs"
+    return None
 
 
 def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, bool] | None:

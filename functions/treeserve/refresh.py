@@ -698,6 +698,9 @@ class _Gates:
         self.registry = registry
         self.upload = upload
         self.manifest = manifest
+        self.ungated = gate.ungated_reason(
+            manifest.objective, manifest.task, upload.info.num_target
+        )
         self._results: dict[int | None, gate.GateResult] = {}
         self._challenger: dict[str, float] | None = None
         self._y: np.ndarray | None = None
@@ -712,7 +715,7 @@ class _Gates:
         if self._challenger is None:
             self._challenger = {}
             task = self.manifest.task
-            if self.upload.holdout_y is not None and task in gate.GATED_TASKS:
+            if self.upload.holdout_y is not None and self.ungated is None:
                 self._y = gate.check_labels(task, self.upload.holdout_y, self.manifest.num_class)
                 outputs = gate.model_outputs(self.upload.model_ubj, self._holdout, task)
                 if not np.all(np.isfinite(outputs)):
@@ -740,10 +743,8 @@ class _Gates:
         task = self.manifest.task
         if not self.has_holdout:
             return gate.GateResult("skip", "no holdout to gate on", tolerance=tolerance)
-        if task not in gate.GATED_TASKS:
-            return gate.GateResult(
-                "skip", f"no quality metric for a {task} model", tolerance=tolerance
-            )
+        if self.ungated is not None:
+            return gate.GateResult("skip", self.ungated, tolerance=tolerance)
         if champion_version is None:
             return gate.GateResult(
                 "skip", "no champion in service", tolerance=tolerance, challenger=challenger

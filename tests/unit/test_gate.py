@@ -135,3 +135,25 @@ def test_labels_unusable_for_the_task_are_refused() -> None:
 def test_champion_columns_reorder_by_name_or_refuse() -> None:
     assert gate.champion_columns(["a", "b", "c"], ["c", "a"]) == [2, 0]
     assert gate.champion_columns(["a", "b"], ["a", "z"]) is None
+
+
+@pytest.mark.parametrize(
+    ("objective", "task", "num_target", "gated"),
+    [
+        ("binary:logistic", "binary", 1, True),
+        ("multi:softprob", "multiclass", 1, True),
+        ("reg:squarederror", "regression", 1, True),
+        ("count:poisson", "regression", 1, True),
+        ("reg:squarederror", "regression", 3, False),  # multi-output
+        ("reg:quantileerror", "regression", 1, False),
+        ("survival:cox", "regression", 1, False),
+        ("rank:ndcg", "ranking", 1, False),
+    ],
+)
+def test_which_models_the_gate_can_score(
+    objective: str, task: str, num_target: int, gated: bool
+) -> None:
+    reason = gate.ungated_reason(objective, task, num_target)
+    assert (reason is None) is gated
+    if reason:
+        assert "no quality metric" in reason
