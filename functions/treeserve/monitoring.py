@@ -1,7 +1,7 @@
 """Monitoring: captured traffic of a time window against each serving version's reference.
 
 :func:`run_monitoring` lists ``captures/<model>/dt=YYYY-MM-DD/`` for the days of the window,
-downloads and decompresses the files on a few threads (zlib releases the GIL) while the caller's
+downloads and inflates the files on a few threads (both release the GIL) while the caller's
 thread parses them one at a time, keeps rows whose ``ts`` falls in ``[start, end)``, groups them
 by model version and streams each version's columns into :class:`treeserve.drift`
 accumulators. Only counts stay in memory (plus, when labels exist, the predictions of labelled
@@ -37,7 +37,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from treeserve import drift, gate
 from treeserve.aws import s3_client, sns_client
-from treeserve.errors import RegistryError, TreeserveError
+from treeserve.errors import (
+    ConfigurationError,
+    RegistryError,
+    StorageUnavailable,
+    TreeserveError,
+)
 from treeserve.manifest import ModelManifest
 
 if TYPE_CHECKING:
@@ -58,8 +63,9 @@ logger = logging.getLogger(__name__)
 MAX_CAPTURE_FILE_BYTES = 256 * 1024 * 1024  # decompressed; larger files are skipped, counted
 MAX_LABEL_BYTES = 128 * 1024 * 1024
 MAX_LABELS = 5_000_000
-FETCH_THREADS = 4
-PREFETCH = 6  # files in flight: bounds memory to a few decompressed files
+FETCH_THREADS = 8  # S3 GETs wait on the network; inflating releases the GIL
+MAX_IN_FLIGHT_FILES = 16
+MAX_IN_FLIGHT_BYTES = 48 * 1024 * 1024  # compressed; bounds memory to a few inflated files
 METRIC_DRIFTED_FEATURES = "DriftedFeatures"
 METRIC_PREDICTION_DRIFT = "PredictionDrift"
 METRIC_ROWS_SEEN = "RowsSeen"
@@ -119,7 +125,10 @@ def _list(s3: S3Client, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         if token:
             kwargs["ContinuationToken"] = token
-        page = s3.list_objects_v2(**kwargs)
+        try:
+            page = s3.list_objects_v2(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(exc, f"s3://{bucket}/{prefix}") from exc
         for obj in page.get("Contents", []):
             yield obj["Key"], int(obj.get("Size", 0))
         if not page.get("IsTruncated"):
@@ -135,8 +144,32 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
+class ObjectGone(TreeserveError):
+    """A listed object was deleted (lifecycle rule, a user) before it was read."""
+
+
+# A file that cannot be read this way is skipped and counted, never fatal.
+SKIPPABLE: tuple[type[Exception], ...] = (*INFLATE_ERRORS, ObjectGone)
+
+
+def _storage_error(exc: BotoCoreError | ClientError, where: str) -> TreeserveError:
+    """An S3 failure as a domain error: missing bucket / denied (a setup problem, say which)
+    or unavailable (retryable)."""
+    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+    if code in ("NoSuchKey", "404"):
+        return ObjectGone(f"{where} no longer exists")
+    if code == "NoSuchBucket":
+        return ConfigurationError(f"{where}: the bucket does not exist (check MODEL_BUCKET)")
+    if code in ("AccessDenied", "403"):
+        return ConfigurationError(f"{where}: access denied (check the function's S3 policy)")
+    return StorageUnavailable(f"S3 failed on {where}: {code or type(exc).__name__}")
+
+
 def _fetch(s3: S3Client, bucket: str, key: str, limit: int) -> bytes:
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (BotoCoreError, ClientError) as exc:
+        raise _storage_error(exc, f"s3://{bucket}/{key}") from exc
     return _gunzip(body, limit) if key.endswith(".gz") else body
 
 
@@ -154,7 +187,7 @@ def read_labels(s3: S3Client, bucket: str, model: str) -> dict[str, Any]:
         budget -= size
         try:
             raw = _fetch(s3, bucket, key, MAX_LABEL_BYTES)
-        except INFLATE_ERRORS as exc:
+        except SKIPPABLE as exc:
             logger.warning("label file skipped", extra={"key": key, "error": type(exc).__name__})
             continue
         if key.endswith((".jsonl", ".jsonl.gz", ".json")):
@@ -574,42 +607,56 @@ def run_monitoring(
     mon = Monitor(model_name, start, end, source, labels)
     files = _files(s3, bucket, model_name, start, end)
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-        pending: list[tuple[str, Future[bytes]]] = []
+        pending: list[tuple[str, int, Future[bytes]]] = []
+        in_flight = 0  # compressed bytes fetched or being fetched, not yet parsed
         queue = iter(files)
 
-        def submit() -> None:
-            for key, size in queue:
+        def fill() -> None:
+            nonlocal in_flight
+            while len(pending) < MAX_IN_FLIGHT_FILES and (
+                not pending or in_flight < MAX_IN_FLIGHT_BYTES
+            ):
+                item = next(queue, None)
+                if item is None:
+                    return
+                key, size = item
                 if size > MAX_CAPTURE_FILE_BYTES:
                     mon.skipped_files += 1
                     continue
-                pending.append((key, pool.submit(_fetch, s3, bucket, key, MAX_CAPTURE_FILE_BYTES)))
-                return
+                in_flight += size
+                fut = pool.submit(_fetch, s3, bucket, key, MAX_CAPTURE_FILE_BYTES)
+                pending.append((key, size, fut))
 
-        for _ in range(PREFETCH):
-            submit()
+        fill()
         while pending:
-            key, fut = pending.pop(0)
-            submit()
+            key, size, fut = pending.pop(0)
             try:
                 raw = fut.result()
-            except INFLATE_ERRORS as exc:
+            except SKIPPABLE as exc:
                 mon.skipped_files += 1
                 logger.warning(
                     "capture file skipped", extra={"key": key, "error": type(exc).__name__}
                 )
-                continue
-            mon.add_file(raw)
+                raw = b""
+            finally:
+                in_flight -= size
+                fill()
+            if raw:
+                mon.add_file(raw)
             del raw
     report = build_report(mon, start, end, now, labels_available=len(labels))
     if write:
         key = report_key(model_name, now)
         report["report_key"] = key
-        s3.put_object(
-            Bucket=bucket,
-            Key=key,
-            Body=orjson.dumps(report, option=orjson.OPT_INDENT_2),
-            ContentType="application/json",
-        )
+        try:
+            s3.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=orjson.dumps(report, option=orjson.OPT_INDENT_2),
+                ContentType="application/json",
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(exc, f"s3://{bucket}/{key}") from exc
     if metrics is not None:
         emit_metrics(report, metrics)
     return report

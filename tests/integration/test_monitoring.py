@@ -340,3 +340,33 @@ def test_other_key_orders_parse_the_same(s3: Any) -> None:
             assert a["psi"] == b["psi"]
             assert a["p_value"] == b["p_value"]
             assert a["n_missing"] == b["n_missing"]
+
+
+def test_corrupt_file_is_skipped_and_storage_errors_are_domain_errors(s3: Any) -> None:
+    from botocore.exceptions import ClientError
+
+    from treeserve.errors import ConfigurationError, StorageUnavailable
+
+    model = train("binary:logistic")
+    version = register(s3, model)
+    traffic(s3, model, version, np.zeros((30, 6)), files=1)
+    day = (NOW - timedelta(hours=1)).strftime("%Y-%m-%d")
+    s3.put_object(Bucket=BUCKET, Key=f"captures/m/dt={day}/broken.jsonl.gz", Body=b"not gzip")
+    report = run(s3)
+    assert report["rows"] == 30
+    assert report["skipped_files"] == 1
+
+    with pytest.raises(ConfigurationError, match="bucket does not exist"):
+        monitoring.run_monitoring("no-such-bucket", "m", START, NOW, s3=s3)
+
+    class Throttled:
+        """The real client, except that reads are throttled."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(s3, name)
+
+        def get_object(self, **kwargs: Any) -> Any:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "GetObject")
+
+    with pytest.raises(StorageUnavailable, match="SlowDown"):
+        monitoring.run_monitoring(BUCKET, "m", START, NOW, s3=Throttled())  # type: ignore[arg-type]
