@@ -158,6 +158,13 @@ def _same_etag(a: str, b: str) -> bool:
     return a.strip('"') == b.strip('"')
 
 
+def _moved(seen: str | None, expected: str | None) -> bool:
+    """Whether the object's ETag (None: absent) is not the one expected (None: absent)."""
+    if seen is None or expected is None:
+        return (seen is None) != (expected is None)
+    return not _same_etag(seen, expected)
+
+
 class InMemoryRegistryStore:
     """A thread-safe in-memory :class:`RegistryStore` (ETags are quoted md5, like S3's)."""
 
@@ -643,6 +650,18 @@ class ModelRegistry:
             return None, False
         return Pointer.from_json(obj.body, obj.etag), True
 
+    def _read_pointer(self) -> tuple[Pointer | None, str | None]:
+        """The pointer and the ETag to swap against. An unreadable current.json counts as no
+        pointer with that ETag, so a promotion can replace it (still compare-and-swap)."""
+        try:
+            obj = self.store.get(self.current_key)
+        except NotFound:
+            return None, None
+        try:
+            return Pointer.from_json(obj.body, obj.etag), obj.etag
+        except RegistryError:
+            return None, obj.etag
+
     def _swap(
         self,
         compute: Callable[[Pointer | None], Pointer | None],
@@ -652,25 +671,18 @@ class ModelRegistry:
         the current one (no write)."""
         attempts = 1 if expected_etag is not ANY else CAS_ATTEMPTS
         for attempt in range(attempts):
-            current = self.current()
-            if expected_etag is not ANY:
-                seen = None if current is None else current.etag
-                if (seen is None) != (expected_etag is None) or (
-                    seen is not None
-                    and expected_etag is not None
-                    and not _same_etag(seen, expected_etag)
-                ):
-                    raise PreconditionFailed(f"{self.current_key} moved since it was read")
+            current, seen = self._read_pointer()
+            if expected_etag is not ANY and _moved(seen, expected_etag):
+                raise PreconditionFailed(f"{self.current_key} moved since it was read")
             new = compute(current)
             if new is None:
                 assert current is not None  # noqa: S101 - compute keeps only an existing pointer
                 return current
             try:
-                if current is None:
+                if seen is None:
                     etag = self.store.put(self.current_key, new.to_json(), if_none_match=True)
                 else:
-                    assert current.etag is not None  # noqa: S101 - read from the store
-                    etag = self.store.put(self.current_key, new.to_json(), if_match=current.etag)
+                    etag = self.store.put(self.current_key, new.to_json(), if_match=seen)
             except PreconditionFailed:
                 # A write whose answer was lost, retried by botocore, fails its own condition:
                 # if the pointer now is exactly ours, the swap happened (do not apply it twice).
@@ -730,6 +742,8 @@ class ModelRegistry:
             if version not in target_sha:
                 target_sha[version] = self.manifest(version).sha256
             return target_sha[version]
+
+        self.current()  # an unreadable pointer: say so (promote replaces it), do not guess
 
         def compute(current: Pointer | None) -> Pointer | None:
             if current is None:

@@ -316,10 +316,18 @@ def test_history_is_bounded_and_deduplicated(models: list[bytes]) -> None:
     assert legacy.history == (1,)
 
 
-def test_a_corrupt_pointer_is_a_clear_error(registry: ModelRegistry, store: RegistryStore) -> None:
+def test_a_corrupt_pointer_is_a_clear_error_that_promote_repairs(
+    registry: ModelRegistry, store: RegistryStore, models: list[bytes]
+) -> None:
+    registry.register(models[0], manifest_for(models[0]))
     store.put(registry.current_key, b"{not json")
     with pytest.raises(RegistryError, match="treeserve promote"):
         registry.current()
+    with pytest.raises(RegistryError, match="treeserve promote"):
+        registry.rollback()
+    repaired = registry.promote(1)
+    assert (repaired.version, repaired.previous) == (1, None)
+    assert registry.current() == repaired
 
 
 def test_rejections_are_recorded_once_and_listed_newest_first(
