@@ -51,6 +51,8 @@ VERSION_HEADER = b"x-model-version"
 JSON_TYPE = b"application/json"
 CSV_TYPE = b"text/csv; charset=utf-8"
 FAST_ROUTES: dict[str, Kind] = {"/predict": "predict", "/explain": "explain"}
+# TreeSHAP costs far more per row than prediction; keep explain well inside the timeout.
+MAX_EXPLAIN_ROWS = 1000
 LATENCY_METRIC = "PredictLatency"
 ROWS_METRIC = "PredictedRows"
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -169,6 +171,7 @@ class Endpoints:
     ) -> None:
         self.service = service
         self.max_rows = settings.max_rows
+        self.max_explain_rows = min(settings.max_rows, MAX_EXPLAIN_ROWS)
         self.max_bytes = settings.max_body_bytes
         self.capture = capture if capture is not None and capture.enabled else None
         self.metrics = metrics
@@ -198,7 +201,7 @@ class Endpoints:
                 body,
                 content_type,
                 loaded.schema,
-                max_rows=self.max_rows,
+                max_rows=self.max_rows if kind == "predict" else self.max_explain_rows,
                 max_bytes=self.max_bytes,
                 id_prefix=request_id,
             )

@@ -421,3 +421,18 @@ def test_streamed_body_is_read_whole_and_bounded(
     status, raw = call(orjson.dumps({"instances": binary_model.X[:60].tolist()}))
     assert status == 413
     assert orjson.loads(raw)["error"]["type"] == "payload_too_large"
+
+
+def test_explain_has_its_own_row_limit(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    from treeserve.api import MAX_EXPLAIN_ROWS
+
+    publish(registry, binary_model)
+    module = function()
+    rows = np.zeros((MAX_EXPLAIN_ROWS + 1, len(binary_model.feature_names))).tolist()
+    body = orjson.dumps({"instances": rows})
+    status, _, raw = invoke(module, http_api_event("POST", "/explain", body))
+    assert status == 413
+    assert "limit" in orjson.loads(raw)["error"]["message"]
+    assert invoke(module, http_api_event("POST", "/predict", body))[0] == 200
