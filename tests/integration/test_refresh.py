@@ -475,6 +475,7 @@ def test_sns_wrapped_notifications_in_sqs_are_handled(
     assert stack.registry("fanout").current() is not None
 
 
+@pytest.mark.filterwarnings("ignore:No application metrics to publish")
 def test_test_events_and_keys_that_are_not_uploads_are_ignored(
     s3: Any, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -500,6 +501,7 @@ def test_test_events_and_keys_that_are_not_uploads_are_ignored(
     assert listed.get("KeyCount", 0) == 0  # nothing registered, nothing recorded
 
 
+@pytest.mark.filterwarnings("ignore:No application metrics to publish")
 def test_handler_module_builds_its_service_once(stack: RefreshStack) -> None:
     record = {
         "eventName": "ObjectCreated:Put",
