@@ -267,7 +267,7 @@ def publish(args: argparse.Namespace) -> int:
         if size > MAX_UPLOAD_BYTES:
             raise UsageError(
                 f"the upload is {_mb(size)}, more than the {_mb(MAX_UPLOAD_BYTES)} the refresh "
-                "function accepts: publish a smaller reference/holdout sample"
+                "function accepts: publish a smaller model or a smaller reference/holdout sample"
             )
         with suppress(StorageAccessDenied):
             # A publisher may be allowed to write incoming/ without s3:ListBucket: let the

@@ -644,3 +644,20 @@ def test_progress_lines_in_a_log_are_few() -> None:
     lines = stream.getvalue().splitlines()
     assert [line.rsplit(" ", 1)[1] for line in lines] == ["0%", "25%", "50%", "75%", "100%"]
     assert np.isclose(progress.done, 10 << 20)
+
+
+def test_progress_on_a_terminal_is_one_live_line() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = commands._Progress("m.tar.gz", 4 << 20, stream)
+    for _ in range(64):
+        progress(64 << 10)
+    text = stream.getvalue()
+    assert text.count("\n") == 1  # rewritten in place with \r, one newline at the end
+    percents = [int(part.rsplit(" ", 1)[1].rstrip("%\n")) for part in text.split("\r")[1:]]
+    assert percents == sorted(set(percents))  # each shown once, only forwards
+    assert percents[-1] == 100
+    assert text.rstrip().endswith("4.0 MB / 4.0 MB  100%")
