@@ -305,23 +305,19 @@ def test_refresh_event(name: str, stack: Any, template: Template, model: Trained
     assert registry.versions() == [1]
 
 
-def test_refresh_event_for_a_missing_object_fails_the_invocation(
-    stack: Any, template: Template
-) -> None:
-    """An event whose object is not there: the invocation fails (Lambda retries), no version."""
-    event = with_real_object(
-        load_event("s3-put-incoming.json"), "incoming/default/model.ubj", "0" * 32, 10
-    )
-    result = invoke(template, "RefreshFunction", event, fresh=True)
+def test_refresh_event_for_a_vanished_object_is_ignored(stack: Any, template: Template) -> None:
+    """An event whose object is gone (deleted before delivery): recorded as ignored, no version."""
     from treeserve.registry import ModelRegistry, S3RegistryStore
 
+    event = load_event("s3-put-incoming.json")  # names an object this moto world never had
+    result = invoke(template, "RefreshFunction", event, fresh=True)
+    assert result.ok, result.error
+    (outcome,) = result.payload["outcomes"]
+    assert outcome["status"] == "ignored"
+    assert outcome["code"] == "gone"
     registry = ModelRegistry(S3RegistryStore(template.bucket_name(), stack), "default")
     assert registry.current() is None
-    if result.ok:  # a vanished upload may also be recorded as rejected/ignored, never promoted
-        assert all(o["status"] != "promoted" for o in result.payload["outcomes"])
-    else:
-        assert result.error is not None
-        assert result.error["errorType"]
+    assert registry.versions() == []
 
 
 MONITORING_APP = ROOT / "functions" / "monitoring" / "app.py"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,29 @@ def test_cli_errors_for_a_bad_event_or_function(
     )
     assert code == 1
     assert "RefreshFunction" in err
+
+
+# --- the build SAM runs ------------------------------------------------------------------------
+
+
+def test_every_function_builds_through_its_own_makefile_target(template: Template) -> None:
+    """`sam build` runs `make build-<LogicalId>` in CodeUri with ARTIFACTS_DIR set."""
+    metadata = {lid: template.resources[lid].get("Metadata", {}) for lid in FUNCTIONS}
+    for logical_id, meta in metadata.items():
+        assert meta["BuildMethod"] == "makefile", logical_id
+        fn = template.function(logical_id)
+        assert (fn.code_uri / "Makefile").is_file()
+        dry_run = subprocess.run(
+            ["make", "-n", f"build-{logical_id}", "ARTIFACTS_DIR=/tmp/sam-artifacts"],
+            cwd=fn.code_uri,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert dry_run.returncode == 0, dry_run.stderr
+        short = logical_id.removesuffix("Function").lower()
+        assert f"-m infra.build --function {short}" in dry_run.stdout
+        assert '--out "/tmp/sam-artifacts"' in dry_run.stdout
+    # SAM builds functions whose CodeUri, runtime, handler and Metadata all match only once;
+    # the per-function SourceDir keeps the three builds apart.
+    assert len({json.dumps(m, sort_keys=True) for m in metadata.values()}) == len(FUNCTIONS)
