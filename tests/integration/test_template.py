@@ -314,3 +314,44 @@ def test_every_function_builds_through_its_own_makefile_target(template: Templat
     # SAM builds functions whose CodeUri, runtime, handler and Metadata all match only once;
     # the per-function SourceDir keeps the three builds apart.
     assert len({json.dumps(m, sort_keys=True) for m in metadata.values()}) == len(FUNCTIONS)
+
+
+def test_the_console_script_against_a_moto_server(template: Template, tmp_path: Path) -> None:
+    """As a user runs it: `treeserve invoke` in a shell whose AWS_ENDPOINT_URL is a moto server."""
+    import urllib.request
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket=template.bucket_name()
+        )
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "POWERTOOLS_TRACE_DISABLED": "true"}
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("treeserve")),
+                "invoke",
+                "InferenceFunction",
+                "--event",
+                "events/apigw-v2-health.json",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        response = json.loads(proc.stdout)  # stdout holds the result alone
+        assert response["statusCode"] == 503  # no model promoted in this fresh world
+        assert json.loads(response["body"])["error"]["message"]
+    finally:
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")  # noqa: S310
+        urllib.request.urlopen(reset).close()  # noqa: S310 - the loopback URL built above
+        server.stop()
