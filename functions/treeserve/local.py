@@ -131,7 +131,7 @@ def check_ports(api_port: int, moto_port: int) -> socket.socket:
     api = reserve_port(api_port, "API", "--port")
     try:
         # moto's server binds its own socket: check now, release, bind again moments later.
-        reserve_port(moto_port, "embedded AWS (moto)", "--moto-port").close()
+        reserve_port(moto_port, "embedded AWS, moto", "--moto-port").close()
     except BaseException:
         api.close()
         raise

@@ -170,9 +170,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env = {**clean_env(), **exported_env(banner)}
         yield Stack(proc, log, api, f"http://127.0.0.1:{moto_port}", env, env["MODEL_BUCKET"])
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if proc.poll() is None:  # a test failed before Ctrl-C: stop it cleanly all the same
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def served_booster(stack: Stack, version: int) -> xgb.Booster:
