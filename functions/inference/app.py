@@ -8,6 +8,7 @@ the app's startup on every invocation). The handler only translates the event.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Mapping
@@ -63,6 +64,9 @@ if capture.enabled:
     capture.install_sigterm_flush()
 app = create_app(service, settings, capture, metrics=metrics)
 asgi = Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("API_BASE_PATH", "/"))
+# Everything built so far lives as long as the environment: keep it out of the cyclic GC's
+# full collections, which would otherwise walk every imported module on the request path.
+gc.freeze()
 
 
 def _request_id(event: dict[str, Any]) -> str | None:
