@@ -212,6 +212,18 @@ def test_api_auth_is_on_by_default_and_off_only_by_explicit_choice(
     assert jwt["jwtConfiguration"]["issuer"] == "https://issuer.example"
     opted_out = load_template(TEMPLATE, parameter_overrides={"ApiAuth": "NONE"})
     assert opted_out.resolve(security) == []
+    assert opted_out.resolve({"securitySchemes": schemes}) == {}  # nothing unused declared
+    # Every choice transforms (SAM adds the integration to the same default route).
+    for value in ("JWT", "NONE"):
+        extra = {"JwtIssuer": "https://issuer.example"} if value == "JWT" else {}
+        assert default_route(transform({"ApiAuth": value, **extra}))["security"] == security
+
+
+def test_jwt_without_an_issuer_is_refused_at_deploy(template: Template) -> None:
+    rule = template.data["Rules"]["JwtNeedsAnIssuer"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "ApiAuth"}, "JWT"]}
+    (assertion,) = rule["Assertions"]
+    assert assertion["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "JwtIssuer"}, ""]}]}
 
 
 def test_inference_has_snapstart_and_the_api_calls_its_alias(cfn: dict[str, Any]) -> None:
