@@ -144,27 +144,26 @@ class _Context:
 
 
 def time_refresh(
-    handler: Callable[[dict[str, Any], Any], Any], s3: Any, model: bytes, trees: int, repeats: int
-) -> list[float]:
-    times = []
-    for i in range(repeats):
-        key = f"incoming/bench-{trees}-{i}/model.ubj"  # a new model name: a fresh promotion
-        etag = s3.put_object(Bucket=BUCKET, Key=key, Body=model)["ETag"].strip('"')
-        event = s3_event(key, etag, len(model))
-        started = time.perf_counter()
-        result = handler(event, _Context())
-        times.append(time.perf_counter() - started)
-        (outcome,) = result["outcomes"]
-        if outcome["status"] != "promoted":
-            raise RuntimeError(f"expected a promotion, got {outcome}")
-    return times
+    handler: Callable[[dict[str, Any], Any], Any], s3: Any, model: bytes, name: str
+) -> float:
+    """One upload of ``model`` under a new model name (a fresh promotion), event to promoted."""
+    key = f"incoming/{name}/model.ubj"
+    etag = s3.put_object(Bucket=BUCKET, Key=key, Body=model)["ETag"].strip('"')
+    event = s3_event(key, etag, len(model))
+    started = time.perf_counter()
+    result = handler(event, _Context())
+    elapsed = time.perf_counter() - started
+    (outcome,) = result["outcomes"]
+    if outcome["status"] != "promoted":
+        raise RuntimeError(f"expected a promotion, got {outcome}")
+    return elapsed
 
 
 def run(repeats: int) -> list[Row]:
     _environment()
 
     models = {trees: train(trees) for trees in TREES}
-    rows = []
+    rows = {trees: Row(trees, len(model), [], [], []) for trees, model in models.items()}
     reset_clients()
     with mock_aws():
         s3 = s3_client()
@@ -172,20 +171,16 @@ def run(repeats: int) -> list[Row]:
         handler = import_handler(ROOT / "functions" / "refresh", "app.handler", fresh=True)
         # Warm-up: the first invocation pays imports and client creation (cold start), which
         # the inference benchmark measures; here we time the steady state.
-        time_refresh(handler, s3, models[TREES[0]], 0, 1)
-        for trees, model in models.items():
-            reps = repeats if trees < 1000 else max(3, repeats // 2)
-            rows.append(
-                Row(
-                    trees,
-                    len(model),
-                    time_refresh(handler, s3, model, trees, reps),
-                    time_xgboost_load(model, max(reps, 10)),
-                    time_validation(model, reps),
-                )
-            )
+        time_refresh(handler, s3, models[TREES[0]], "warm-up")
+        # Interleaved, so a noisy neighbour slows every column alike rather than one of them.
+        for i in range(repeats):
+            for trees, model in models.items():
+                row = rows[trees]
+                row.refresh_seconds.append(time_refresh(handler, s3, model, f"bench-{trees}-{i}"))
+                row.load_seconds.extend(time_xgboost_load(model, 3))
+                row.validate_seconds.extend(time_validation(model, 1))
     reset_clients()
-    return rows
+    return list(rows.values())
 
 
 def report(rows: list[Row]) -> str:
