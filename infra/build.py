@@ -326,7 +326,11 @@ def build(
         f"==> {function}: {platform} artifact ({arch if platform == 'lambda' else sys.version.split()[0]})"
     )
     out.mkdir(parents=True, exist_ok=True)
-    for child in out.iterdir():  # SAM hands an existing (empty) ARTIFACTS_DIR; keep the folder
+    children = list(out.iterdir())
+    if children and not (out / "app.py").is_file():
+        # Only an empty folder (SAM's ARTIFACTS_DIR) or a previous artifact is ever cleared.
+        raise SystemExit(f"build: {out} is not empty and holds no artifact; refusing to clear it")
+    for child in children:  # keep the folder itself: SAM created it
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     if platform == "lambda":
         pip_install_lambda(spec.requirements, out, arch)

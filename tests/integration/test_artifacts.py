@@ -311,3 +311,10 @@ def test_build_fails_over_budget_and_with_forbidden_distributions(
     (tmp_path / "pandas").mkdir()
     with pytest.raises(SystemExit, match="forbidden"):
         build.check_forbidden(tmp_path)
+    # A folder that is not an artifact is never cleared (a mistyped --out).
+    precious = tmp_path / "elsewhere"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="refusing to clear"):
+        build.build("refresh", precious, platform="local")
+    assert (precious / "notes.txt").read_text() == "keep me"
