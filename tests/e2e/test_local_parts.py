@@ -277,3 +277,45 @@ def test_demo_auc_is_the_pairwise_definition() -> None:
         pos, neg = scores[y == 1], scores[y == 0]
         pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
         assert demo.auc(y, scores) == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
+
+
+# --- docs/local.md stays runnable ----------------------------------------------------------------
+
+
+def doc_commands(prefix: str) -> list[str]:
+    """Commands of docs/local.md's ```sh blocks that start with ``prefix`` (continuations joined)."""
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "local.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith(prefix):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+def test_every_treeserve_command_in_the_walkthrough_parses() -> None:
+    import shlex
+
+    from treeserve.cli import build_parser
+
+    commands = doc_commands(".venv/bin/treeserve ")
+    assert len(commands) >= 8
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if "--help" in argv:
+            with pytest.raises(SystemExit) as exited:
+                parser.parse_args(argv)
+            assert exited.value.code == 0
+        else:
+            parser.parse_args(argv)  # SystemExit (a usage error) fails the test
+    demo_commands = doc_commands(".venv/bin/python -m treeserve.demo ")
+    assert demo_commands
+    for command in demo_commands:
+        with pytest.raises(SystemExit) as exited:
+            demo.main([*shlex.split(command)[3:], "--help"])
+        assert exited.value.code == 0

@@ -248,6 +248,28 @@ def test_the_printed_curl_examples_work_as_printed(stack: Stack) -> None:
         assert done.stdout.rstrip().endswith("200"), (command, done.stdout[-500:])
 
 
+def test_the_walkthroughs_curl_examples_work_as_written(stack: Stack) -> None:
+    """docs/local.md's curl commands, with the default port swapped for the stack's."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    from tests.e2e.test_local_parts import doc_commands
+
+    commands = [c for c in doc_commands("curl ") + doc_commands("printf ") if "curl " in c]
+    assert len(commands) >= 5
+    for written in commands:
+        assert "http://127.0.0.1:3000/" in written, written
+        command = written.replace("http://127.0.0.1:3000", stack.api)
+        done = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command} -w '\\n%{{http_code}}'"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, (command, done.stderr)
+        assert done.stdout.rstrip().endswith("200"), (command, done.stdout[-500:])
+
+
 def test_a_published_better_model_is_promoted_and_served(
     stack: Stack, holdout: np.ndarray, tmp_path: Path
 ) -> None:
