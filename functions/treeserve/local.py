@@ -77,6 +77,7 @@ POLL_WAIT_SECONDS = 1  # SQS long poll: short enough that Ctrl-C stops the polle
 VISIBILITY_TIMEOUT_SECONDS = 10
 MAX_RECEIVES = 3
 DEMO_TIMEOUT_SECONDS = 120.0
+MOTO_START_SECONDS = 20.0
 # A demo on a laptop, not production: a promotion is served within seconds, and every predicted
 # row is captured and written within seconds, so `treeserve monitor` has traffic to look at.
 # Printed at start-up; --env overrides each.
@@ -402,7 +403,16 @@ def start_moto(port: int) -> ThreadedMotoServer:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address=HOST, port=port, verbose=False)
-    server.start()
+    # start() waits, without a timeout, for a server thread that never signals if its bind
+    # fails (the port taken since check_ports looked): wait for it on a thread of our own.
+    starter = threading.Thread(target=server.start, name="moto-start", daemon=True)
+    starter.start()
+    starter.join(MOTO_START_SECONDS)
+    if starter.is_alive():
+        raise TreeserveError(
+            f"the embedded AWS (moto) did not start on {HOST}:{port} in {MOTO_START_SECONDS:g} s: "
+            f"is the port taken? pick another with --moto-port"
+        )
     return server
 
 

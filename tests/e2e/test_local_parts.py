@@ -319,3 +319,22 @@ def test_every_treeserve_command_in_the_walkthrough_parses() -> None:
         with pytest.raises(SystemExit) as exited:
             demo.main([*shlex.split(command)[3:], "--help"])
         assert exited.value.code == 0
+
+
+def test_moto_losing_its_port_after_the_check_is_an_error_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from treeserve import local
+    from treeserve.errors import TreeserveError
+
+    monkeypatch.setattr(local, "MOTO_START_SECONDS", 1.0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(
+            TreeserveError, match=rf"did not start on 127.0.0.1:{port}.*--moto-port"
+        ):
+            start_moto(port)
+        assert time.monotonic() - started < 5
