@@ -216,7 +216,10 @@ def _fast_rows(
     ):
         return None
     width = schema.width
-    if set(map(len, rows)) != {width}:
+    try:
+        if set(map(len, rows)) != {width}:
+            return None
+    except TypeError:  # an instance that is not a list (null, a number): the exact path says so
         return None
     n = len(rows)
     try:
@@ -340,7 +343,11 @@ def _check_duplicate_keys(
                 seen.add(key)
         return result
 
-    json.loads(body, object_pairs_hook=no_duplicates)
+    try:
+        json.loads(body, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        # orjson accepts nesting to 1024, deeper than the stdlib parser's recursion limit.
+        raise MalformedBody("JSON nested too deeply") from None
 
 
 # --- CSV -------------------------------------------------------------------------------------
@@ -366,7 +373,10 @@ def _parse_csv(
     if "\x00" in text:
         raise MalformedBody("CSV body contains NUL bytes")
     try:
-        records = [row for row in csv.reader(io.StringIO(text)) if row and any(row)]
+        # Skip blank lines only: a row of empty fields (",,,") is a row of missing values.
+        records = [
+            row for row in csv.reader(io.StringIO(text)) if len(row) > 1 or (row and row[0].strip())
+        ]
     except csv.Error as exc:
         raise MalformedBody(f"CSV body cannot be read: {exc}") from None
     if not records:
