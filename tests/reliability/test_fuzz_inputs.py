@@ -195,6 +195,9 @@ HOSTILE_BODIES = [
     # must not hit Python's recursion limit on the same body.
     (b'{"instances": [' + b"[" * 1000 + b'"\\u0041"' + b"]" * 1000 + b"]}", "application/json"),
     (b'{"instances": [[1, 2, 3, 4, 5]], "instances": [[1]]}', "application/json"),
+    (b'{"instances": [[1, 2, 3, 4, 5], null]}', "application/json"),
+    (b'{"instances": [[1, 2, 3, 4, 5], 7]}', "application/json"),
+    (b'{"instances": [[1, 2, 3, 4, 5], "x"]}', "application/json"),
     (b'{"instances": [[1e39, 0, 0, 0, 0]]}', "application/json"),
     (b'{"instances": [[NaN, 0, 0, 0, 0]]}', "application/json"),
     (b'{"instances": [[18446744073709551616, 0, 0, 0, 0]]}', "application/json"),
@@ -220,3 +223,12 @@ HOSTILE_BODIES = [
 def test_hostile_bodies(body: bytes | str, content_type: str | None) -> None:
     raw = body.encode() if isinstance(body, str) else body
     check(raw, content_type)
+
+
+def test_csv_rows_of_empty_fields_are_missing_values_not_dropped() -> None:
+    """One prediction per row: a row of empty fields is an all-missing row (ids stay aligned)."""
+    parsed = check(b"1,2,3,4,5\n,,,,\n6,7,8,9,10\n", "text/csv")
+    assert parsed is not None
+    assert parsed.X.shape == (3, 5)
+    assert np.isnan(parsed.X[1]).all()
+    assert parsed.X[2, 0] == 6
