@@ -321,6 +321,8 @@ def test_every_treeserve_command_in_the_walkthrough_parses() -> None:
         assert exited.value.code == 0
 
 
+# moto's server thread dies on the taken port, as it should; the warning says just that.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_moto_losing_its_port_after_the_check_is_an_error_not_a_hang(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
