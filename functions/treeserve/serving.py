@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 RELOAD_FAILURES_METRIC = "ModelReloadFailures"
 MODEL_SWAPS_METRIC = "ModelSwaps"
+# With no model loaded, the pointer is re-checked at most this often (instead of every
+# MODEL_REFRESH_SECONDS): one conditional GET a second per environment at most.
+NO_MODEL_RETRY_SECONDS = 1.0
 
 
 class MetricsSink(Protocol):
@@ -161,6 +164,10 @@ class ModelService:
                 self.metrics.add_metric(name=MODEL_SWAPS_METRIC, unit="Count", value=1)
             return True
         finally:
+            if self._loaded is None:
+                # Nothing to serve (S3 failed at cold start, or nothing promoted yet): look again
+                # soon rather than answering 503 for a whole refresh interval.
+                self._next_check = min(self._next_check, self.clock() + NO_MODEL_RETRY_SECONDS)
             self._lock.release()
 
     def _load(self, pointer: Pointer) -> LoadedModel:
