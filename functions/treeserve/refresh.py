@@ -487,17 +487,33 @@ class RefreshService:
 
         if self.settings.promotion_mode == "manual":
             return held("manual", f"registered as version {version}; PROMOTION_MODE=manual")
+
+        def promoted(
+            in_service: int, message: str, result: gate.GateResult | None = None
+        ) -> Outcome:
+            return Outcome(
+                "promoted",
+                event.key,
+                event.etag,
+                message=message,
+                gate=result.to_dict() if result else None,
+                **{**fields, "version": in_service},
+            )
+
         for _ in range(PROMOTE_ATTEMPTS):
             current = registry.current()
-            if current is not None and current.version == version:
-                # A previous attempt promoted it and stopped before recording the outcome.
-                return Outcome(
-                    "promoted",
-                    event.key,
-                    event.etag,
-                    message=f"version {version} is in service",
-                    **fields,
-                )
+            if current is not None and current.sha256 == manifest.sha256:
+                if current.version <= version:
+                    # This version (a previous attempt promoted it, then stopped), or the lower,
+                    # canonical copy a racing delivery of the same bytes registered.
+                    return promoted(current.version, f"version {current.version} is in service")
+                # The pointer names a later copy of these very bytes (racing deliveries): point it
+                # at the canonical, lowest one. Same bytes, so nothing served changes.
+                try:
+                    registry.promote(version, expected_etag=current.etag)
+                except PreconditionFailed:
+                    continue
+                return promoted(version, f"version {version} is in service")
             if current is not None:
                 if version < current.version:
                     return held(
@@ -531,15 +547,14 @@ class RefreshService:
             except PreconditionFailed:
                 logger.info("pointer moved while promoting; deciding again", extra=fields)
                 continue
+            canonical = registry.find_version_by_sha256(manifest.sha256)
+            if canonical is not None and canonical < version:
+                # A racing delivery committed a lower copy of these bytes after this one looked:
+                # the loop above re-points the pointer at it.
+                version = canonical
+                continue
             logger.info("promoted", extra={"model": base["model"], "version": version})
-            return Outcome(
-                "promoted",
-                event.key,
-                event.etag,
-                message=f"version {version} promoted: {result.reason}",
-                gate=result.to_dict(),
-                **fields,
-            )
+            return promoted(version, f"version {version} promoted: {result.reason}", result)
         raise StorageUnavailable(
             f"current.json kept changing during {PROMOTE_ATTEMPTS} promotion attempts; retry"
         )

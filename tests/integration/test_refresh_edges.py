@@ -222,3 +222,42 @@ def test_a_retry_after_a_crash_does_not_undo_a_rollback_made_meanwhile(
 
     assert (outcome["status"], outcome["code"], outcome["version"]) == ("registered", "stale", 2)
     assert registry.current().version == 1  # type: ignore[union-attr]
+
+
+def test_a_lower_copy_committed_by_a_racing_delivery_ends_up_in_service(
+    s3: Any, binary_model: TrainedModel
+) -> None:
+    """The interleaving a race can produce: a racing writer allocated version 1 first but
+    commits it only after this delivery registered version 2 and is about to promote it."""
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    store = S3RegistryStore(BUCKET, s3)
+    racing: dict[str, Any] = {}
+
+    class RacingRegistry(ModelRegistry):
+        def register(self, model_ubj: bytes, manifest: Any) -> int:
+            self.store.put(self.model_key(1), model_ubj, if_none_match=True)  # allocated
+            racing["bytes"], racing["manifest"] = model_ubj, manifest
+            return super().register(model_ubj, manifest)
+
+        def promote(self, version: int, **kwargs: Any) -> Any:
+            if "done" not in racing:  # ... and the racing writer commits now
+                racing["done"] = True
+                twin = type(racing["manifest"]).from_dict(racing["manifest"].to_dict())
+                twin.version = 1
+                self.store.put(f"{self.prefix}by-sha256/{twin.sha256}/1", b"{}")
+                self.store.put(self.manifest_key(1), twin.to_json(), if_none_match=True)
+            return super().promote(version, **kwargs)
+
+    service = RefreshService(
+        Settings(model_bucket=BUCKET), lambda name: RacingRegistry(store, name)
+    )
+    key = "incoming/default/model.ubj"
+    etag = s3.put_object(Bucket=BUCKET, Key=key, Body=binary_model.ubj())["ETag"]
+
+    outcome = service.process(BUCKET, key, etag)
+
+    registry = ModelRegistry(store, "default")
+    assert registry.versions() == [1, 2]  # the extra copy exists ...
+    assert (outcome.status, outcome.version) == ("promoted", 1)  # ... but is not reported
+    assert registry.current().version == 1  # type: ignore[union-attr]  # ... nor in service
