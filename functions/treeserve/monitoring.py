@@ -24,7 +24,7 @@ import logging
 import re
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from itertools import repeat
@@ -593,8 +593,12 @@ def run_monitoring(
     now: datetime | None = None,
     write: bool = True,
     metrics: Metrics | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Monitor ``model_name`` over ``[start, end)``; write and return the report."""
+    """Monitor ``model_name`` over ``[start, end)``; write and return the report.
+
+    ``progress(done, total)`` is called after each capture file (the CLI shows it).
+    """
     s3 = s3 or s3_client()
     start, end = _utc(start), _utc(end)
     if end <= start:
@@ -628,6 +632,7 @@ def run_monitoring(
                 pending.append((key, size, fut))
 
         fill()
+        done = 0
         while pending:
             key, size, fut = pending.pop(0)
             try:
@@ -644,6 +649,9 @@ def run_monitoring(
             if raw:
                 mon.add_file(raw)
             del raw
+            done += 1
+            if progress is not None:
+                progress(done, len(files))
     report = build_report(mon, start, end, now, labels_available=len(labels))
     if write:
         key = report_key(model_name, now)

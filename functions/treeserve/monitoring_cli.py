@@ -78,7 +78,16 @@ def monitor(args: argparse.Namespace) -> int:
     from treeserve.monitoring import run_monitoring  # noqa: PLC0415 - keeps --help fast
 
     end = datetime.now(UTC)
-    report = run_monitoring(settings.model_bucket, name, end - timedelta(hours=hours), end)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\rreading captures: {done}/{total} files")
+            if done == total:
+                sys.stderr.write("\n")
+
+    report = run_monitoring(
+        settings.model_bucket, name, end - timedelta(hours=hours), end, progress=progress
+    )
     print_summary(report, sys.stdout)
     sys.stdout.write(f"report: s3://{settings.model_bucket}/{report['report_key']}\n")
     if args.html:

@@ -143,7 +143,9 @@ def test_binary_report_drift_and_labelled_performance(s3: Any) -> None:
     body = "id,label\n" + "".join(f"{ids[i]},{y_all[i]}\n" for i in labelled)
     s3.put_object(Bucket=BUCKET, Key="labels/m/day1.csv", Body=body.encode())
 
-    report = run(s3)
+    calls: list[tuple[int, int]] = []
+    report = run(s3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
     assert report["report_key"].startswith("reports/m/dt=2026-11-29/")
     assert stored_report(s3, report) == orjson.loads(orjson.dumps(report))
     assert report["status"] == "ok"
