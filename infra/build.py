@@ -355,6 +355,35 @@ def build(
     return result
 
 
+LAMBDA_LIMIT_MB = 250
+
+
+def bench() -> None:
+    """`make bench` section: each Lambda artifact's size, and its share of Lambda's 250 MB limit.
+
+    Builds the cross-platform artifacts (offline once the wheel cache is warm); without network
+    and cache it falls back to local-platform artifacts and says so.
+    """
+    platform = "lambda"
+    results = []
+    for name in FUNCTIONS:
+        try:
+            results.append(build(name, DEFAULT_OUT / name, platform=platform, measure_zip=True))
+        except subprocess.CalledProcessError:
+            log("  no network and no cached wheels: measuring local-platform artifacts instead")
+            platform = "local"
+            results.append(build(name, DEFAULT_OUT / name, platform=platform, measure_zip=True))
+    print(f"artifacts ({platform} platform): unzipped size / Lambda's {LAMBDA_LIMIT_MB} MB limit")
+    print(
+        f"{'function':<12} {'unzipped MB':>12} {'zipped MB':>10} {'of limit':>9} {'budget MB':>10}"
+    )
+    for r in results:
+        print(
+            f"{r.function:<12} {r.unzipped / MB:12.1f} {(r.zipped or 0) / MB:10.1f} "
+            f"{r.unzipped / (LAMBDA_LIMIT_MB * MB):9.2f} {r.budget_mb:10d}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m infra.build", description=__doc__.split("\n\n")[0]
