@@ -352,6 +352,13 @@ _ROW = re.compile(
     rb'"ts":"([^"\\]{0,64})","version":(\d{1,9}),'
     rb'"features":\[([^\]]*)\],"prediction":(\[[^\]]*\]|[-+0-9.eE]+)[,}]'
 )
+# With labels to join: the same, plus the id when it is a plain string (no escapes), as the
+# inference function writes its generated ids.
+_ROW_ID = re.compile(
+    rb'^\{"id":"([^"\\\n]*)","ts":"([^"\\]{0,64})","version":(\d{1,9}),'
+    rb'"features":\[([^\]]*)\],"prediction":(\[[^\]]*\]|[-+0-9.eE]+)[,}]',
+    re.MULTILINE,
+)
 _ID = re.compile(rb'"id":("(?:[^"\\]|\\.)*"|-?\d+)[,}]')
 # orjson has no NaN literal: missing values (null) are parsed as a number no float32 can hold,
 # which becomes inf in the float32 matrix and then NaN. Values beyond float32's range (which
@@ -369,7 +376,10 @@ class FastBatch:
         versions: list[bytes],
         X: npt.NDArray[np.float32],
         P: npt.NDArray[np.float32] | None,
+        *,
+        id_bytes: list[bytes] | None = None,
     ) -> None:
+        self.id_bytes = id_bytes
         self.raw = raw
         self.ts = ts
         self.versions = versions
@@ -385,7 +395,7 @@ class FastBatch:
         return [rec.get("id") for rec in _parse(self.raw)]
 
 
-def _fast_parse(raw: bytes) -> FastBatch | None:
+def _fast_parse(raw: bytes, *, with_ids: bool = False) -> FastBatch | None:
     """Parse a capture file by the fast path, or None when it must take the per-line one.
 
     Each pattern must match exactly once per line (a string value cannot fake a key: JSON
@@ -395,8 +405,14 @@ def _fast_parse(raw: bytes) -> FastBatch | None:
         return None
     # Lines, counting a last one without its newline; a blank line fails the match count below.
     n = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
-    rows = _ROW.findall(raw)
-    if len(rows) == n:
+    id_bytes: list[bytes] | None = None
+    rows_id = _ROW_ID.findall(raw) if with_ids else []
+    rows = [] if len(rows_id) == n else _ROW.findall(raw)
+    if len(rows_id) == n:
+        id_bytes = [i for i, _, _, _, _ in rows_id]
+        tv = [(t, v) for _, t, v, _, _ in rows_id]
+        fp = [(f, p) for _, _, _, f, p in rows_id]
+    elif len(rows) == n:
         tv = [(t, v) for t, v, _, _ in rows]
         fp = [(f, p) for _, _, f, p in rows]
     else:  # other key order: one pattern per pair of adjacent keys
@@ -422,6 +438,7 @@ def _fast_parse(raw: bytes) -> FastBatch | None:
         [v for _, v in tv],
         X.reshape(n, width),
         P if P is not None and P.shape[0] == n else None,
+        id_bytes=id_bytes,
     )
 
 
@@ -454,6 +471,7 @@ class Monitor:
         self.end_key = _ts_key(end)
         self.source = source
         self.labels = labels
+        self._labels_b: dict[bytes, Any] | None = None
         self.versions: dict[int, VersionState] = {}
         self.files = 0
         self.skipped_files = 0
@@ -472,7 +490,7 @@ class Monitor:
 
     def add_file(self, raw: bytes) -> None:
         self.files += 1
-        fast = _fast_parse(raw)
+        fast = _fast_parse(raw, with_ids=bool(self.labels))
         if fast is not None:
             self._add_fast(fast)
             return
@@ -514,6 +532,7 @@ class Monitor:
                 for v in np.unique(versions[versions >= 0]).tolist()
             ]
         ids: list[Any] | None = None
+        table: dict[Any, Any]
         for version, idx in groups:
             st = self.state(version)
             X = batch.X[idx]
@@ -524,9 +543,12 @@ class Monitor:
             P = batch.P[idx] if batch.P is not None else None
             st.add(X, P)
             if self.labels and P is not None and st.manifest is not None:
-                ids = ids if ids is not None else batch.ids()
+                if batch.id_bytes is not None:  # plain-string ids: look them up as bytes
+                    ids, table = batch.id_bytes, self.labels_by_bytes()
+                else:
+                    ids, table = (ids if ids is not None else batch.ids()), self.labels
                 chosen = ids if isinstance(idx, slice) else [ids[i] for i in idx.tolist()]
-                self._join_ids(st, chosen, P)
+                self._join_ids(st, chosen, P, table)
 
     def _add_rows(self, st: VersionState, rows: list[dict[str, Any]]) -> None:
         X = _matrix([r.get("features") for r in rows], st.width or None)
@@ -549,13 +571,25 @@ class Monitor:
     ) -> None:
         self._join_ids(st, [r.get("id") for r in rows], P)
 
-    def _join_ids(self, st: VersionState, ids: list[Any], P: npt.NDArray[np.float32]) -> None:
+    def labels_by_bytes(self) -> dict[bytes, Any]:
+        if self._labels_b is None:
+            self._labels_b = {k.encode(): v for k, v in self.labels.items()}
+        return self._labels_b
+
+    def _join_ids(
+        self,
+        st: VersionState,
+        ids: list[Any],
+        P: npt.NDArray[np.float32],
+        table: dict[Any, Any] | None = None,
+    ) -> None:
         assert st.manifest is not None  # noqa: S101
         ys: list[float] = []
         keep: list[int] = []
-        get = self.labels.get
+        lookup: dict[Any, Any] = self.labels if table is None else table
+        get = lookup.get
         for i, row_id in enumerate(ids):
-            label = get(row_id if isinstance(row_id, str) else str(row_id))
+            label = get(row_id if isinstance(row_id, str | bytes) else str(row_id))
             if label is not None and (y := _label_value(label, st.manifest)) is not None:
                 ys.append(y)
                 keep.append(i)

@@ -372,3 +372,26 @@ def test_corrupt_file_is_skipped_and_storage_errors_are_domain_errors(s3: Any) -
 
     with pytest.raises(StorageUnavailable, match="SlowDown"):
         monitoring.run_monitoring(BUCKET, "m", START, NOW, s3=Throttled())  # type: ignore[arg-type]
+
+
+def test_labels_join_any_id_shape(s3: Any) -> None:
+    model = train("reg:squarederror")
+    version = register(s3, model, "ids")
+    X = np.random.default_rng(13).normal(size=(6, 6))
+    preds = model.booster.inplace_predict(X)
+    ts = NOW - timedelta(hours=1)
+    plain = capture_lines(version, X[:2], preds[:2], ["a-1", "a-2"], ts)
+    quoted = capture_lines(version, X[2:4], preds[2:4], ['q"1', "q\\2"], ts)
+    numeric = [
+        orjson.dumps({**orjson.loads(line), "id": 7 + i})
+        for i, line in enumerate(capture_lines(version, X[4:], preds[4:], ["", ""], ts))
+    ]
+    for tag, lines in (("plain", plain), ("quoted", quoted), ("numeric", numeric)):
+        put_captures(s3, "ids", lines, ts, tag)
+    labels = [("a-1", 1.0), ("a-2", 2.0), ('q"1', 3.0), ("q\\2", 4.0), (7, 5.0), (8, 6.0)]
+    body = b"\n".join(orjson.dumps({"id": i, "label": y}) for i, y in labels)
+    s3.put_object(Bucket=BUCKET, Key="labels/ids/all.jsonl", Body=body)
+    perf = run(s3, "ids")["summary"]["performance"]
+    assert perf["rows"] == 6
+    err = preds.astype(np.float32).astype(np.float64) - np.arange(1.0, 7.0)
+    assert abs(perf["mae"] - float(np.mean(np.abs(err)))) < 1e-9
