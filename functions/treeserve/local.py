@@ -602,6 +602,14 @@ def _command(name: str) -> str:
     return shlex.quote(rel if not rel.startswith("..") else str(exe))
 
 
+def _where(fn: FunctionDef) -> str:
+    """``functions/refresh/app.handler``: where a function's handler lives, from here."""
+    folder = fn.source_dir
+    with contextlib.suppress(ValueError):
+        folder = folder.resolve().relative_to(Path.cwd().resolve())
+    return f"{folder.as_posix()}/{fn.handler}"
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -633,8 +641,9 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
         lines.append(f"    SQS queue          {name}")
     lines += [
         f"  refresh              s3://{spec.bucket}/{spec.incoming_prefix}* ObjectCreated -> SQS "
-        f"{NOTIFICATION_QUEUE} -> {spec.refresh.logical_id} ({spec.refresh.handler})",
-        f"  API                  {api}  ({spec.inference.logical_id}; docs {api}/docs)",
+        f"{NOTIFICATION_QUEUE} -> {spec.refresh.logical_id} ({_where(spec.refresh)})",
+        f"  API                  {api}  ({spec.inference.logical_id}, {_where(spec.inference)}; "
+        f"docs {api}/docs)",
     ]
     if spec.monitoring is not None:
         when = f"every {opts.monitor_every:g} s" if opts.monitor_every > 0 else "timer off"
