@@ -355,3 +355,12 @@ def test_the_console_script_against_a_moto_server(template: Template, tmp_path: 
         reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")  # noqa: S310
         urllib.request.urlopen(reset).close()  # noqa: S310 - the loopback URL built above
         server.stop()
+
+
+def test_dashboard_body_is_valid_json_with_every_widget_resolved(template: Template) -> None:
+    body = template.resolve(template.resources["Dashboard"]["Properties"]["DashboardBody"])
+    widgets = json.loads(body)["widgets"]
+    assert len(widgets) >= 4
+    assert "<unresolved" not in body.replace("<unresolved Ref HttpApi>", "")  # API id: deploy-time
+    metrics = {m[1] for w in widgets for m in w["properties"]["metrics"] if isinstance(m[1], str)}
+    assert {"5xx", "Latency", "ModelsRejected", "DriftedFeatures"} <= metrics

@@ -303,6 +303,7 @@ def test_topic_and_key_allow_cloudwatch_alarms_and_no_one_else(cfn: dict[str, An
         "Throttles",
         "Errors",
         "ModelsRejected",
+        "ModelReloadFailures",
         "DriftedFeatures",
         "ApproximateNumberOfMessagesVisible",
     }
