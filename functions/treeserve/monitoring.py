@@ -666,26 +666,29 @@ def run_monitoring(
                 pending.append((key, size, fut))
 
         fill()
-        done = 0
-        while pending:
-            key, size, fut = pending.pop(0)
-            try:
-                raw = fut.result()
-            except SKIPPABLE as exc:
-                mon.skipped_files += 1
-                logger.warning(
-                    "capture file skipped", extra={"key": key, "error": type(exc).__name__}
-                )
-                raw = b""
-            finally:
+        try:
+            while pending:
+                key, size, fut = pending.pop(0)
+                raw: bytes | None
+                try:
+                    raw = fut.result()
+                except SKIPPABLE as exc:
+                    mon.skipped_files += 1
+                    logger.warning(
+                        "capture file skipped", extra={"key": key, "error": type(exc).__name__}
+                    )
+                    raw = None
                 in_flight -= size
                 fill()
-            if raw:
-                mon.add_file(raw)
-            del raw
-            done += 1
-            if progress is not None:
-                progress(done, len(files))
+                if raw is not None:
+                    mon.add_file(raw)
+                del raw
+                if progress is not None:  # files read or skipped, of all listed
+                    progress(mon.files + mon.skipped_files, len(files))
+        except BaseException:
+            for _, _, fut in pending:  # fail fast: do not wait for downloads nobody will read
+                fut.cancel()
+            raise
     report = build_report(mon, start, end, now, labels_available=len(labels))
     if write:
         key = report_key(model_name, now)
