@@ -108,6 +108,11 @@ class Predictor:
             booster.set_param({"nthread": 1})
         except (xgb.core.XGBoostError, ValueError, TypeError) as exc:
             raise ModelLoadError(f"XGBoost cannot load the model: {exc}") from None
+        if len(manifest.feature_names) != manifest.num_features:
+            raise ModelLoadError(
+                f"manifest lists {len(manifest.feature_names)} feature names for "
+                f"{manifest.num_features} features"
+            )
         if booster.num_features() != manifest.num_features:
             raise ModelLoadError(
                 f"model has {booster.num_features()} features, manifest says "

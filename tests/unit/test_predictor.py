@@ -89,6 +89,13 @@ def test_feature_count_disagreeing_with_manifest_is_refused(binary_model: Traine
         Predictor.load(binary_model.ubj(), manifest)
 
 
+def test_feature_names_disagreeing_with_count_are_refused(binary_model: TrainedModel) -> None:
+    manifest = manifest_for(binary_model)
+    manifest.feature_names = manifest.feature_names[:-1]
+    with pytest.raises(ModelLoadError, match="feature names"):
+        Predictor.load(binary_model.ubj(), manifest)
+
+
 def test_explain_contributions_sum_to_margin(any_model: TrainedModel) -> None:
     predictor = Predictor.load(any_model.ubj(), manifest_for(any_model))
     X = any_model.X[:20].astype(np.float32)
