@@ -56,6 +56,7 @@ version ``registered`` but not promoted; ``superseded``, ``gone`` for ``ignored`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -77,6 +78,7 @@ from treeserve.errors import (
     NotFound,
     PreconditionFailed,
     StorageUnavailable,
+    TreeserveError,
     UploadRejected,
 )
 from treeserve.package import Limits, ModelUpload, read_upload
@@ -99,6 +101,13 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 READ_CHUNK_BYTES = 1024 * 1024
 # A promotion that keeps losing the compare-and-swap race gives up and lets Lambda retry.
 PROMOTE_ATTEMPTS = 5
+# Registering bytes is claimed first (registry/<model>/claims/<sha256>.json, create-only), so
+# racing deliveries of the same bytes do not each write a version. Claiming comes right before
+# the registry writes, so a live holder commits within seconds; a claim older than the lease
+# belongs to a delivery that died (Lambda retries come 1 and 2 minutes later).
+CLAIM_LEASE_SECONDS = 45.0
+CLAIM_WAIT_SECONDS = 15.0
+CLAIM_POLL_SECONDS = 0.1
 
 Status = Literal["promoted", "registered", "duplicate", "rejected", "ignored"]
 
@@ -427,14 +436,8 @@ class RefreshService:
             upload = read_upload(obj.data, filename, limits=self.limits)
             source = self._source(event, obj, upload)
             existing = registry.find_version_by_sha256(upload.sha256)
-            if existing is not None:
-                existing_manifest = registry.manifest(existing)
-                if not _same_upload(existing_manifest.source, source):
-                    return self._duplicate(event, existing, existing_manifest, base)
-                # An earlier attempt at this very upload registered it, then stopped: finish.
-                version, manifest = existing, existing_manifest
-                gates = _Gates(self, registry, upload, manifest)
-            else:
+            registered: tuple[int, ModelManifest, _Gates] | None = None
+            if existing is None:
                 manifest = upload.to_manifest(model)
                 gates = _Gates(self, registry, upload, manifest)
                 verdict = gates.against(registry.current())
@@ -443,21 +446,36 @@ class RefreshService:
                 manifest.reference, manifest.reference_source = reference_statistics(upload)
                 manifest.source = source
                 manifest.created_at = manifest.created_at or _now()
-                version = registry.register(upload.model_ubj, manifest)
-                logger.info("registered", extra={"model": model, "version": version})
-                self._count("ModelsRegistered")
-                # Two deliveries racing through registration can both write a version of the
-                # same bytes. The lowest one is canonical: only it is ever promoted.
-                first = registry.find_version_by_sha256(upload.sha256)
-                if first is not None and first != version:
-                    first_manifest = registry.manifest(first)
-                    if not _same_upload(first_manifest.source, source):
-                        return self._duplicate(event, first, first_manifest, base)
+                existing, claim = _claim_sha256(registry, upload.sha256, uid)
+                if claim is not None:  # the bytes are ours to register
+                    try:
+                        version = registry.register(upload.model_ubj, manifest)
+                    except BaseException:
+                        _release_claim(registry, upload.sha256, claim)
+                        raise
+                    logger.info("registered", extra={"model": model, "version": version})
+                    self._count("ModelsRegistered")
+                    registered = version, manifest, gates
+                    # A delivery that took over an expired claim may have committed a copy too:
+                    # the lowest one is canonical, and only it is ever promoted.
+                    first = registry.find_version_by_sha256(upload.sha256)
+                    if first is not None and first != version:
+                        existing = first
+            if existing is not None:
+                existing_manifest = registry.manifest(existing)
+                if not _same_upload(existing_manifest.source, source):
+                    return self._duplicate(event, existing, existing_manifest, base)
+                if registered is not None:
                     logger.warning(
                         "a concurrent delivery registered this upload first",
-                        extra={"model": model, "version": first, "orphan": version},
+                        extra={"model": model, "version": existing, "orphan": registered[0]},
                     )
-                    version, manifest = first, first_manifest
+                # This upload's version, registered by an earlier attempt that then stopped (or
+                # by a racing delivery of the same event): finish the job.
+                version, manifest = existing, existing_manifest
+                gates = _Gates(self, registry, upload, manifest)
+            elif registered is not None:
+                version, manifest, gates = registered
         except UploadRejected as rejected:
             return self._reject(registry, event, model, uid, rejected)
         return self._promote_or_hold(
@@ -700,6 +718,55 @@ class RefreshService:
             self._count("NotificationsFailed")
 
 
+def _claim_sha256(registry: ModelRegistry, sha: str, uid: str) -> tuple[int | None, str | None]:
+    """Claim the right to register these bytes.
+
+    ``(None, etag)``: the claim is ours (its ETag, to release it); register the bytes.
+    ``(version, None)``: another delivery held the claim and committed ``version`` meanwhile.
+    Raises StorageUnavailable if the holder is still at it after :data:`CLAIM_WAIT_SECONDS` (the
+    retry looks again). A claim older than :data:`CLAIM_LEASE_SECONDS`, or released, belongs to a
+    delivery that stopped between claiming and committing: it is taken over by compare-and-swap.
+    """
+    key = f"{registry.prefix}claims/{sha}.json"
+    nonce = uuid.uuid4().hex
+    mine = orjson.dumps({"upload_id": uid, "nonce": nonce, "claimed_at": time.time()})
+    try:
+        return None, registry.store.put(key, mine, if_none_match=True)
+    except PreconditionFailed:
+        pass
+    deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+    while True:
+        version = registry.find_version_by_sha256(sha)
+        if version is not None:
+            return version, None
+        held = registry.store.get(key)
+        try:
+            claim = orjson.loads(held.body)
+            holder, claimed_at = claim.get("nonce"), float(claim["claimed_at"])
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            holder, claimed_at = None, 0.0  # unreadable: treat as expired
+        if holder == nonce:
+            return None, held.etag  # our own create, whose answer was lost and retried
+        if time.time() - claimed_at > CLAIM_LEASE_SECONDS:
+            try:
+                return None, registry.store.put(key, mine, if_match=held.etag)
+            except PreconditionFailed:
+                continue  # someone else took it over: look again
+        if time.monotonic() >= deadline:
+            raise StorageUnavailable(
+                "another delivery is registering the same model bytes; retry shortly"
+            )
+        time.sleep(CLAIM_POLL_SECONDS)
+
+
+def _release_claim(registry: ModelRegistry, sha: str, etag: str) -> None:
+    """Mark our claim expired after a failed registration, so an immediate retry may take it."""
+    released = orjson.dumps({"released": True, "claimed_at": 0})
+    # If S3 is failing this fails too, and the lease expires instead.
+    with contextlib.suppress(TreeserveError):
+        registry.store.put(f"{registry.prefix}claims/{sha}.json", released, if_match=etag)
+
+
 def _same_upload(registered: dict[str, Any], upload: dict[str, Any]) -> bool:
     return bool(registered) and all(
         registered.get(k) == upload.get(k) for k in ("bucket", "key", "etag")
@@ -790,7 +857,7 @@ class _Gates:
                 champion_version=champion_version,
             )
         champion_outputs = gate.model_outputs(
-            self.registry.model_bytes(champion_version), self._holdout[:, columns], task
+            self.registry.model_bytes(champion_version, champion), self._holdout[:, columns], task
         )
         champion_metrics = gate.score(task, self._y, champion_outputs)
         return gate.compare(
