@@ -105,6 +105,27 @@ print(json.dumps({{"wall": wall, "cpu": cpu, "rows": report["rows"],
     "peak_mb": status_mb("VmHWM"), "before_mb": rss_before}}))
 """
 
+# The same listing, downloads and inflation as run_monitoring, without parsing: what S3 (here
+# moto) and gzip cost on their own.
+FETCH_RUN = f"""
+import json, time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, UTC
+from treeserve import monitoring
+from treeserve.aws import s3_client
+s3 = s3_client()
+end = datetime.now(UTC) + timedelta(minutes=1)
+t, c = time.perf_counter(), cpu_s()
+files = monitoring._files(s3, {BUCKET!r}, {MODEL!r}, end - timedelta(hours=24), end)
+with ThreadPoolExecutor(monitoring.FETCH_THREADS) as pool:
+    size = sum(len(b) for b in pool.map(
+        lambda f: monitoring._fetch(s3, {BUCKET!r}, f[0], monitoring.MAX_CAPTURE_FILE_BYTES),
+        files))
+wall, cpu = time.perf_counter() - t, cpu_s() - c
+print(json.dumps({{"wall": wall, "cpu": cpu, "bytes": size,
+    "peak_mb": status_mb("VmHWM"), "before_mb": rss_before}}))
+"""
+
 NUMPY_RUN = f"""
 import io, json, time, zlib
 import numpy as np
@@ -234,26 +255,28 @@ def main() -> None:
             flush=True,
         )
         runs = {
-            "server": (
-                _child(TREESERVE_RUN, endpoint, in_process=False),
-                _child(NUMPY_RUN, endpoint, in_process=False),
-            ),
-            "in-process": (
-                _child(TREESERVE_RUN, endpoint, in_process=True),
-                _child(NUMPY_RUN, endpoint, in_process=True),
-            ),
+            where: (
+                _child(TREESERVE_RUN, endpoint, in_process=inproc),
+                _child(FETCH_RUN, endpoint, in_process=inproc),
+                _child(NUMPY_RUN, endpoint, in_process=inproc),
+            )
+            for where, inproc in (("server", False), ("in-process", True))
         }
     finally:
         server.stop()
     print(f"{'run (S3 = moto)':<46}{'wall s':>8}{'CPU s':>8}{'peak MB':>9}{'own MB':>8}")
-    for where, (ts, base) in runs.items():
-        for label, r in (("treeserve run_monitoring", ts), ("numpy gunzip CSV + np.loadtxt", base)):
+    for where, (ts, fetch, base) in runs.items():
+        for label, r in (
+            ("treeserve run_monitoring", ts),
+            ("  same list + GETs + inflate only", fetch),
+            ("numpy gunzip CSV + np.loadtxt", base),
+        ):
             own = r["peak_mb"] - r["before_mb"]
             print(
                 f"{label + ' (' + where + ')':<46}{r['wall']:>8.2f}{r['cpu']:>8.2f}"
                 f"{r['peak_mb']:>9.0f}{own:>8.0f}"
             )
-    ts, base = runs["in-process"]
+    ts, fetch, base = runs["in-process"]
     print(f"{'numpy np.frombuffer raw float32 (in-process)':<46}{base['frombuffer']:>8.2f}")
     print(
         f"rows {ts['rows']:,} in {ts['files']} files, {ts['rows'] / ts['wall']:,.0f} rows/s "

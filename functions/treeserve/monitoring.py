@@ -200,11 +200,23 @@ def read_labels(s3: S3Client, bucket: str, model: str) -> dict[str, Any]:
                     if isinstance(rec, dict) and "id" in rec and rec.get("label") is not None:
                         labels[str(rec["id"])] = rec["label"]
         elif key.endswith((".csv", ".csv.gz")):
-            reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
-            for row in reader:
-                if row.get("id") not in (None, "") and row.get("label") not in (None, ""):
-                    labels[str(row["id"])] = row["label"]
+            _read_csv_labels(raw.decode("utf-8", errors="replace"), labels)
     return labels
+
+
+def _read_csv_labels(text: str, labels: dict[str, Any]) -> None:
+    lines = text.splitlines()
+    if lines and lines[0].strip() == "id,label" and '"' not in text:
+        # The plain two-column file: split each line once (the csv module is ~10x slower).
+        for line in lines[1:]:
+            row_id, sep, label = line.partition(",")
+            label = label.strip()
+            if sep and row_id and label and "," not in label:
+                labels[row_id] = label
+        return
+    for row in csv.DictReader(io.StringIO(text)):
+        if row.get("id") not in (None, "") and row.get("label") not in (None, ""):
+            labels[str(row["id"])] = row["label"]
 
 
 def _label_value(label: Any, manifest: ModelManifest) -> float | None:

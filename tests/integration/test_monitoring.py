@@ -395,3 +395,15 @@ def test_labels_join_any_id_shape(s3: Any) -> None:
     assert perf["rows"] == 6
     err = preds.astype(np.float32).astype(np.float64) - np.arange(1.0, 7.0)
     assert abs(perf["mae"] - float(np.mean(np.abs(err)))) < 1e-9
+
+
+def test_csv_labels_plain_quoted_and_reordered() -> None:
+    plain: dict[str, Any] = {}
+    monitoring._read_csv_labels("id,label\nx,1\ny,0\r\n\nz,\n", plain)
+    assert plain == {"x": "1", "y": "0"}
+    quoted: dict[str, Any] = {}
+    monitoring._read_csv_labels('id,label,extra\n"q,1",yes,3\nw,no,4\n', quoted)
+    assert quoted == {"q,1": "yes", "w": "no"}
+    reordered: dict[str, Any] = {}
+    monitoring._read_csv_labels("label,id\n1,x\n", reordered)
+    assert reordered == {"x": "1"}
