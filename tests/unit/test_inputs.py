@@ -216,3 +216,13 @@ def test_fast_row_path_only_for_plain_numbers(body: str, fast: bool) -> None:
     document = orjson.loads(raw)
     got = _fast_rows(raw, document, document["instances"], document.get("ids"), SCHEMA)
     assert (got is not None) == fast
+
+
+def test_regressions_found_by_the_fuzzers() -> None:
+    with pytest.raises(InputMismatch):
+        parse('{"instances": [[1, 2, 3], null]}')
+    with pytest.raises(MalformedBody):
+        parse('{"ids": ["\\u0061"], "instances": ' + "[" * 1000 + "]" * 1000 + "}")
+    parsed = parse("1,2,3\n,,\n4,5,6\n", "text/csv")
+    assert parsed.X.shape == (3, 3)
+    assert np.isnan(parsed.X[1]).all()
