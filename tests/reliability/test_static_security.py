@@ -110,3 +110,50 @@ def test_ruff_security_rules_are_on_and_clean() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- the sandbox child never unpickles ---------------------------------------------------------
+
+# Prepended to the sandbox child's bootstrap: any unpickling that resolves a global (every
+# exploit does) ends the child at once with status 97 and says so on stderr.
+_AUDIT = (
+    "import sys as _s, os as _o\n"
+    "def _h(event, args):\n"
+    "    if event == 'pickle.find_class':\n"
+    "        _o.write(2, b'UNPICKLING IN THE SANDBOX\\n'); _o._exit(97)\n"
+    "_s.addaudithook(_h)\n"
+)
+
+
+def test_the_audit_hook_catches_unpickling() -> None:
+    """The check below can fail: the hook stops a child that unpickles."""
+    code = (
+        _AUDIT
+        + "import pickle, collections\npickle.loads(pickle.dumps(collections.OrderedDict()))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, timeout=60, check=False
+    )
+    assert proc.returncode == 97
+    assert b"UNPICKLING IN THE SANDBOX" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["ubj", "json"])
+def test_the_sandbox_child_loads_and_predicts_without_unpickling(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """numpy imports ``pickle`` in the child, so "never imported" cannot hold; what matters is
+    that nothing is unpickled: a real model loads, re-saves and predicts under the hook."""
+    import numpy as np
+
+    from tests.conftest import train
+    from treeserve import sandbox
+
+    model = train("multi:softprob", n=120, rounds=3)
+    monkeypatch.setattr(sandbox, "_BOOTSTRAP", _AUDIT + sandbox._BOOTSTRAP)
+    raw = model.ubj() if fmt == "ubj" else model.json()
+    result = sandbox.inspect_model(raw, fmt, model.X[:5])  # type: ignore[arg-type]
+    expected = model.booster.inplace_predict(model.X[:5])
+    np.testing.assert_allclose(result.predictions, expected, rtol=1e-6)
+    synthetic = sandbox.inspect_model(raw, fmt, None)  # type: ignore[arg-type]
+    assert synthetic.synthetic
