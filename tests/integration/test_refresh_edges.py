@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import xgboost as xgb
 
@@ -86,11 +87,8 @@ def test_racing_deliveries_of_one_event_agree_on_one_outcome_and_one_version_in_
     assert a.attempt == b.attempt  # the first recorded outcome is everyone's answer
     assert a.status == "promoted"
     registry = stack.registry()
-    # Both may have written a version before either looked again; only the lowest one with
-    # these bytes is ever put in service, and the pointer names it.
-    assert registry.current().version == registry.find_version_by_sha256(  # type: ignore[union-attr]
-        registry.manifest(a.version).sha256
-    )
+    # The registration claim let one delivery write the version; the other waited for it.
+    assert registry.versions() == [1]
     assert registry.current().version == 1  # type: ignore[union-attr]
 
 
@@ -261,3 +259,36 @@ def test_a_lower_copy_committed_by_a_racing_delivery_ends_up_in_service(
     assert registry.versions() == [1, 2]  # the extra copy exists ...
     assert (outcome.status, outcome.version) == ("promoted", 1)  # ... but is not reported
     assert registry.current().version == 1  # type: ignore[union-attr]  # ... nor in service
+
+
+def test_a_registration_claim_is_waited_for_then_taken_over_once_expired(
+    s3: Any, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from treeserve import refresh
+    from treeserve.package import read_upload
+    from treeserve.registry import ModelRegistry, S3RegistryStore
+
+    monkeypatch.setattr(refresh, "CLAIM_WAIT_SECONDS", 0.3)
+    sha = read_upload(binary_model.ubj(), "model.ubj").sha256
+    store = S3RegistryStore(BUCKET, s3)
+    claim_key = f"registry/default/claims/{sha}.json"
+    other = {"upload_id": "someone-else", "nonce": "n1", "claimed_at": time.time()}
+    store.put(claim_key, orjson.dumps(other), if_none_match=True)
+    service = RefreshService(Settings(model_bucket=BUCKET))
+    key = "incoming/default/model.ubj"
+    etag = s3.put_object(Bucket=BUCKET, Key=key, Body=binary_model.ubj())["ETag"]
+
+    # A live holder: wait, then fail the invocation for a retry (nothing written).
+    with pytest.raises(StorageUnavailable, match="same model bytes"):
+        service.process(BUCKET, key, etag)
+    registry = ModelRegistry(store, "default")
+    assert registry.versions() == []
+
+    # The holder died: once its lease is over, the retry takes the claim and registers.
+    other["claimed_at"] = time.time() - refresh.CLAIM_LEASE_SECONDS - 1
+    store.put(claim_key, orjson.dumps(other))
+    outcome = service.process(BUCKET, key, etag)
+    assert (outcome.status, outcome.version) == ("promoted", 1)
+    assert registry.versions() == [1]
