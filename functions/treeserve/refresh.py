@@ -22,11 +22,13 @@ A retry after a crash in 1-7 reruns the pure steps and finds the durable ones do
 by sha256, the pointer already at it, the rejection record), so it completes without a duplicate.
 
 **Racing deliveries.** Two deliveries processed at the same moment (S3 duplicates, or the same
-bytes under two keys) can both pass step 4 and each commit a version of the same bytes: the
-registry has no lock, only conditional writes. The lowest such version is canonical: every
-delivery re-checks after registering and after promoting, re-points a pointer that names a
-later copy, and reports the canonical version. Extra copies stay (versions are immutable) but
-are never in service and never reported.
+bytes under two keys) would both pass step 4. So registering is claimed first: a create-only
+``registry/<model>/claims/<sha256>.json``. The loser waits for the holder's version (then
+continues with it, or reports a duplicate), or raises for a retry if the holder is slow; a claim
+older than its lease (or released after a failed registration) is taken over by compare-and-swap.
+Should a takeover still leave two copies, the lowest is canonical: every delivery re-checks after
+registering and after promoting, re-points a pointer that names a later copy, and reports the
+canonical version.
 
 **What "newer" means.** Versions are numbered in registration order, and events may be processed
 out of order, so a version number alone does not say which upload is newer. An upload U is newer
