@@ -420,19 +420,19 @@ def _fast_parse(raw: bytes, *, with_ids: bool = False) -> FastBatch | None:
     id_bytes: list[bytes] | None = None
     rows_id = _ROW_ID.findall(raw) if with_ids else []
     rows = [] if len(rows_id) == n else _ROW.findall(raw)
+    # zip(*rows) transposes the matches into columns at C speed.
     if len(rows_id) == n:
-        id_bytes = [i for i, _, _, _, _ in rows_id]
-        tv = [(t, v) for _, t, v, _, _ in rows_id]
-        fp = [(f, p) for _, _, _, f, p in rows_id]
+        ids_t, ts, versions, feats, preds = zip(*rows_id, strict=True)
+        id_bytes = list(ids_t)
     elif len(rows) == n:
-        tv = [(t, v) for t, v, _, _ in rows]
-        fp = [(f, p) for _, _, f, p in rows]
+        ts, versions, feats, preds = zip(*rows, strict=True)
     else:  # other key order: one pattern per pair of adjacent keys
         fp = _FEATURES_PREDICTION.findall(raw)
         tv = _TS_VERSION.findall(raw)
-        if not (len(fp) == len(tv) == n):
+        if not (len(fp) == len(tv) == n) or n == 0:
             return None
-    feats = [f for f, _ in fp]
+        feats, preds = zip(*fp, strict=True)
+        ts, versions = zip(*tv, strict=True)
     width = feats[0].count(b",") + 1
     if not feats[0] or len(set(map(bytes.count, feats, repeat(b",", n)))) != 1:
         return None
@@ -440,14 +440,14 @@ def _fast_parse(raw: bytes, *, with_ids: bool = False) -> FastBatch | None:
         numbers = orjson.loads(b"[" + b",".join(feats).replace(b"null", _MISSING_SENTINEL) + b"]")
         with np.errstate(over="ignore"):
             X = np.fromiter(numbers, dtype=np.float32, count=n * width)
-        P = _matrix(orjson.loads(b"[" + b",".join([p for _, p in fp]) + b"]"))
+        P = _matrix(orjson.loads(b"[" + b",".join(preds) + b"]"))
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return None
     X[np.isinf(X)] = np.nan
     return FastBatch(
         raw,
-        [t for t, _ in tv],
-        [v for _, v in tv],
+        list(ts),
+        list(versions),
         X.reshape(n, width),
         P if P is not None and P.shape[0] == n else None,
         id_bytes=id_bytes,
@@ -544,7 +544,7 @@ class Monitor:
                 for v in np.unique(versions[versions >= 0]).tolist()
             ]
         ids: list[Any] | None = None
-        table: dict[Any, Any]
+        table: dict[Any, Any] | None
         for version, idx in groups:
             st = self.state(version)
             X = batch.X[idx]
@@ -558,7 +558,7 @@ class Monitor:
                 if batch.id_bytes is not None:  # plain-string ids: look them up as bytes
                     ids, table = batch.id_bytes, self.labels_by_bytes()
                 else:
-                    ids, table = (ids if ids is not None else batch.ids()), self.labels
+                    ids, table = (ids if ids is not None else batch.ids()), None
                 chosen = ids if isinstance(idx, slice) else [ids[i] for i in idx.tolist()]
                 self._join_ids(st, chosen, P, table)
 
@@ -599,10 +599,12 @@ class Monitor:
         ys: list[float] = []
         keep: list[int] = []
         lookup: dict[Any, Any] = self.labels if table is None else table
-        get = lookup.get
-        for i, row_id in enumerate(ids):
-            label = get(row_id if isinstance(row_id, str | bytes) else str(row_id))
-            if label is not None and (y := _label_value(label, st.manifest)) is not None:
+        if table is None:  # ids of any JSON type: labels are keyed by their text
+            ids = [i if isinstance(i, str) else str(i) for i in ids]
+        found = list(map(lookup.get, ids))  # one C-level pass; most rows have no label yet
+        for i in [i for i, label in enumerate(found) if label is not None]:
+            y = _label_value(found[i], st.manifest)
+            if y is not None:
                 ys.append(y)
                 keep.append(i)
         if keep:
