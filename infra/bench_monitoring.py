@@ -288,8 +288,12 @@ def main() -> None:
     # process) on every byte; "own MB" is the peak minus the resident set before the run
     # (in-process, the bucket's objects live in the child).
     print(f"load average after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    ok = ts["wall"] < 10 and ts["peak_mb"] < 1024
-    print(f"target < 10 s and < 1 GB (in-process): {'met' if ok else 'NOT met'}")
+    served = runs["server"][0]
+    ok = ts["wall"] < 10 and served["wall"] < 10 and served["peak_mb"] < 1024
+    print(
+        "target < 10 s (both runs) and < 1 GB (peak of the function's process, served over HTTP; "
+        f"in-process the peak also holds moto's objects): {'met' if ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":
