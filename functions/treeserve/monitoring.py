@@ -260,6 +260,13 @@ def performance(
     return out
 
 
+def _threshold(manifest: ModelManifest | None) -> float:
+    """The binary decision threshold (0.5 unless the manifest sets one, 0 included)."""
+    if manifest is None or manifest.threshold is None:
+        return 0.5
+    return float(manifest.threshold)
+
+
 # --- per-version state -------------------------------------------------------------------------
 
 
@@ -327,7 +334,7 @@ class VersionState:
         if self.labelled_y and m is not None:
             y = np.concatenate(self.labelled_y)
             p = np.concatenate(self.labelled_p)
-            out["performance"] = performance(m.task, y, p, m.threshold or 0.5)
+            out["performance"] = performance(m.task, y, p, _threshold(m))
         return out
 
 
@@ -738,12 +745,12 @@ def build_report(
         sts = [st for st in mon.versions.values() if st.labelled_y and st.manifest]
         widths = {st.labelled_p[0].shape[1] for st in sts}
         if len(widths) == 1:
-            threshold = sts[0].manifest.threshold if sts[0].manifest else None
+            threshold = _threshold(sts[0].manifest)
             overall_perf = performance(
                 task,
                 np.concatenate(labelled_y),
                 np.concatenate([p for st in sts for p in st.labelled_p]),
-                threshold or 0.5,
+                threshold,
             )
     return {
         "model": mon.model,
