@@ -133,3 +133,35 @@ def test_direct_invoke_window_and_bad_events(env: Any, capsys: pytest.CaptureFix
         answer = app.handler(bad, LambdaContext())
         assert answer["error"]["type"] == "bad_event", bad
     capsys.readouterr()
+
+
+def test_drift_notice_is_published_to_the_topic(
+    env: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from treeserve.aws import sns_client, sqs_client
+
+    topic = sns_client().create_topic(Name="alarms")["TopicArn"]
+    queue = sqs_client().create_queue(QueueName="inbox")["QueueUrl"]
+    queue_arn = sqs_client().get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    sns_client().subscribe(
+        TopicArn=topic,
+        Protocol="sqs",
+        Endpoint=queue_arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
+    monkeypatch.setenv("NOTIFICATION_TOPIC_ARN", topic)
+    model = train("binary:logistic", n=1000)
+    version = register(env, model)
+    X = np.random.default_rng(1).normal(size=(400, 6))
+    X[:, 4] *= 3.0
+    traffic(env, model, version, X, ts=datetime.now(UTC) - timedelta(hours=1))
+    result = load_app().handler({"hours": 2}, LambdaContext())
+    capsys.readouterr()
+    assert result["drifted_features"] == ["f4"]
+    messages = sqs_client().receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    (notice,) = [json.loads(m["Body"]) for m in messages]
+    assert notice["model"] == "m"
+    assert notice["drifted_features"] == ["f4"]
+    assert notice["report_key"] == result["report_key"]
