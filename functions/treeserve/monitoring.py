@@ -69,6 +69,7 @@ MAX_IN_FLIGHT_BYTES = 48 * 1024 * 1024  # compressed; bounds memory to a few inf
 METRIC_DRIFTED_FEATURES = "DriftedFeatures"
 METRIC_PREDICTION_DRIFT = "PredictionDrift"
 METRIC_ROWS_SEEN = "RowsSeen"
+METRIC_QUALITY_FLAGS = "QualityFlaggedFeatures"
 METRIC_FEATURE_DRIFT = "FeatureDrift"
 
 
@@ -735,6 +736,9 @@ def build_report(
     versions = [mon.versions[v].report() for v in sorted(mon.versions)]
     rows = sum(v["rows"] for v in versions)
     drifted = sorted({name for v in versions for name in v["drifted_features"]})
+    # Data-quality flags (missing-rate rise, out of range, new categories) are not drift
+    # verdicts, but a feature that suddenly goes missing needs someone's attention too.
+    flagged = sorted({name for v in versions for name in v.get("quality_flags", {})})
     pred = [v["prediction_drift"] for v in versions if v.get("prediction_drift")]
     psis = [p["psi"] for p in pred if p["psi"] is not None]
     labelled_y = [y for st in mon.versions.values() for y in st.labelled_y]
@@ -767,6 +771,7 @@ def build_report(
         "summary": {
             "drifted_features": drifted,
             "n_drifted": len(drifted),
+            "quality_flagged_features": flagged,
             "prediction_drift": max(psis) if psis else None,
             "prediction_drifted": any(p["drifted"] for p in pred),
             "performance": overall_perf,
@@ -789,6 +794,11 @@ def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
     metrics.add_metric(name=METRIC_ROWS_SEEN, unit=MetricUnit.Count, value=report["rows"])
     metrics.add_metric(
         name=METRIC_DRIFTED_FEATURES, unit=MetricUnit.Count, value=summary["n_drifted"]
+    )
+    metrics.add_metric(
+        name=METRIC_QUALITY_FLAGS,
+        unit=MetricUnit.Count,
+        value=len(summary["quality_flagged_features"]),
     )
     if summary["prediction_drift"] is not None:
         metrics.add_metric(

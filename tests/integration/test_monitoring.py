@@ -135,7 +135,7 @@ def test_binary_report_drift_and_labelled_performance(s3: Any) -> None:
     rng = np.random.default_rng(4)
     X = rng.normal(size=(1200, 6))
     X[:, 2] += 1.0  # planted shift in f2 only
-    X[::50, 4] = np.nan
+    X[::10, 4] = np.nan
     ids, preds = traffic(s3, model, version, X, files=3)
     # Labels arrive later for half the rows, as CSV.
     y_all = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
@@ -154,7 +154,12 @@ def test_binary_report_drift_and_labelled_performance(s3: Any) -> None:
     assert report["summary"]["drifted_features"] == ["f2"]
     (v,) = report["versions"]
     assert v["version"] == version
-    assert v["features"][4]["n_missing"] == 24
+    assert v["features"][4]["n_missing"] == 120
+    # 1 row in 10 missing where the reference had none: a quality flag, not drift
+    assert "missing_rate" in v["quality_flags"]["f4"]
+    assert v["quality_flags"]["f4"] == ["missing_rate"]
+    assert v["quality_flags"]["f2"] == ["out_of_range"]  # the shift pushes rows past the max
+    assert report["summary"]["quality_flagged_features"] == ["f2", "f4"]
     assert all(math.isfinite(x) for x in walk_numbers(report))
 
     perf = report["summary"]["performance"]

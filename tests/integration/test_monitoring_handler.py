@@ -75,6 +75,7 @@ def test_scheduled_event_writes_report_and_emits_emf(
     version = register(env, model)
     X = np.random.default_rng(0).normal(size=(600, 6))
     X[:, 1] += 1.5
+    X[::4, 2] = np.nan  # a data-quality flag on f2
     now = datetime.now(UTC)
     traffic(env, model, version, X, ts=now - timedelta(hours=1))
     traffic(env, model, version, X[:50], ts=now - timedelta(hours=8), prefix="old")  # outside 6 h
@@ -102,6 +103,9 @@ def test_scheduled_event_writes_report_and_emits_emf(
     assert blobs[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "TreeserveTest"
     ((_, rows),) = metric_values(blobs, "RowsSeen")
     assert rows == 600.0
+    ((_, flagged),) = metric_values(blobs, "QualityFlaggedFeatures")
+    assert flagged == 2.0  # f1 out of range (the shift), f2 missing
+    assert stored["summary"]["quality_flagged_features"] == ["f1", "f2"]
     assert metric_values(blobs, "PredictionDrift")
     per_feature = {d["feature"]: v for d, v in metric_values(blobs, "FeatureDrift")}
     assert sorted(per_feature) == [f"f{i}" for i in range(6)]
