@@ -106,6 +106,18 @@ def any_model(request: pytest.FixtureRequest) -> TrainedModel:
     return train(request.param)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_metrics() -> Iterator[None]:
+    """Powertools keeps metrics in class-level state: start every test with none buffered."""
+    from aws_lambda_powertools import Metrics
+    from aws_lambda_powertools.metrics.provider import cold_start
+
+    Metrics().clear_metrics()
+    cold_start.is_cold_start = True
+    yield
+    Metrics().clear_metrics()
+
+
 @pytest.fixture
 def aws() -> Iterator[None]:
     """In-process moto for every AWS service; clients created inside it see moto."""

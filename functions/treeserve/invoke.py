@@ -234,7 +234,9 @@ def _stdout_to_stderr() -> Iterator[None]:
         return
     os.dup2(2, 1)
     try:
-        yield
+        # Python-level writes too: sys.stdout may not write through file descriptor 1.
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
