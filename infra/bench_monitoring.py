@@ -5,15 +5,19 @@ HTTP), a real XGBoost model with 30 features registered with its reference stati
 1,000,000 capture rows written in the inference function's exact line format as gzipped JSON
 Lines files of ``ROWS_PER_FILE`` rows under ``captures/<model>/dt=<today>/``, plus labels for a
 tenth of the rows. To keep setup short, 100,000 distinct rows are each captured 10 times under
-their own ids; the run parses, counts and joins all 1,000,000 lines all the same. Feature values carry 6 significant digits, as tabular data sent by clients
-usually does (captures keep the client's digits).
+their own ids; the run parses, counts and joins all 1,000,000 lines all the same. Feature
+values carry 6 significant digits, as tabular data sent by clients usually does (captures keep
+the client's digits). ``TREESERVE_BENCH_ROWS`` sets a smaller size for a quick look.
 
-Timed, each in a fresh child process so peak RSS (``ru_maxrss``) is the run's own:
+Timed, each in a fresh child process (wall, CPU, peak RSS from ``VmHWM``), twice: with S3 served
+by the moto server over HTTP, and by moto inside the child (no HTTP; the bucket's objects then
+live in the child, so its peak includes them):
 
 - ``treeserve``: :func:`treeserve.monitoring.run_monitoring` over the window, from listing the
-  captures to writing the report (the function's code path, S3 through the moto server);
+  captures to writing the report (the function's code path);
+- the same listing, downloads and gunzip alone (what S3 and gzip cost by themselves);
 - ``numpy``: numpy alone reading the same numbers: the same features and predictions as
-  gzipped CSV text of the same digits, fetched from the same server, gunzipped and parsed with
+  gzipped CSV text of the same digits, fetched from the same S3, gunzipped and parsed with
   ``np.loadtxt`` (the baseline a hand-written job would start from), and, as the floor, the
   same matrix as raw float32 bytes through ``np.frombuffer``.
 
