@@ -146,6 +146,12 @@ def render_html(report: dict[str, Any]) -> str:
         f"{_num((s.get('thresholds') or {}).get('psi_moderate'))} "
         f"(major ≥ {_num((s.get('thresholds') or {}).get('psi_major'))}).</p>",
     ]
+    flagged = s.get("quality_flagged_features") or []
+    if flagged:
+        out.append(
+            "<p>Data-quality flags (missing-rate rise, out of range, new categories) on: "
+            f"<b>{escape(', '.join(flagged))}</b>.</p>"
+        )
     if report.get("message"):
         out.append(f"<p class=muted>{escape(str(report['message']))}</p>")
     if perf_rows:
