@@ -22,30 +22,46 @@ if TYPE_CHECKING:
 # Worst case per call: 3 attempts x (2 s connect + 4 s between bytes) = 18 s, under the
 # inference function's 20 s timeout (API Gateway's own limit is 30 s).
 CLIENT_CONFIG = Config(
-    retries={"max_attempts": 3, "mode": "standard"},
+    retries={"total_max_attempts": 3, "mode": "standard"},  # ("max_attempts" counts retries)
     connect_timeout=2,
     read_timeout=4,
     max_pool_connections=32,
+)
+
+# Capture writes run inside the request that crosses the batch bound: S3 trouble must cost
+# that request a few seconds at most (2 x (1 + 2) s), never the function's timeout. A lost
+# batch is within capture's documented loss bound; a 5xx for valid input is not.
+CAPTURE_CLIENT_CONFIG = Config(
+    retries={"total_max_attempts": 2, "mode": "standard"},
+    connect_timeout=1,
+    read_timeout=2,
+    max_pool_connections=4,
 )
 
 _lock = threading.Lock()
 _clients: dict[str, Any] = {}
 
 
-def _client(service: str) -> Any:
-    client = _clients.get(service)
+def _client(service: str, config: Config = CLIENT_CONFIG, key: str | None = None) -> Any:
+    key = key or service
+    client = _clients.get(key)
     if client is None:
         with _lock:
-            client = _clients.get(service)
+            client = _clients.get(key)
             if client is None:
-                client = boto3.session.Session().client(service, config=CLIENT_CONFIG)  # type: ignore[call-overload]
-                _clients[service] = client
+                client = boto3.session.Session().client(service, config=config)  # type: ignore[call-overload]
+                _clients[key] = client
     return client
 
 
 def s3_client() -> S3Client:
     """The shared S3 client."""
     return _client("s3")  # type: ignore[no-any-return]
+
+
+def capture_s3_client() -> S3Client:
+    """An S3 client with few retries and short timeouts, for writes on the request path."""
+    return _client("s3", CAPTURE_CLIENT_CONFIG, key="s3-capture")  # type: ignore[no-any-return]
 
 
 def sns_client() -> SNSClient:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from treeserve.aws import s3_client
+from treeserve.aws import capture_s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -118,7 +118,7 @@ class CaptureBuffer:
         return self._rows
 
     def s3(self) -> S3Client:
-        return self._s3 if self._s3 is not None else s3_client()
+        return self._s3 if self._s3 is not None else capture_s3_client()
 
     def record(
         self,

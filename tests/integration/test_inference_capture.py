@@ -36,7 +36,8 @@ def test_captured_in_batches_with_schema(
     publish(registry, binary_model, class_names=["no", "yes"])
     module = function()
     puts: list[str] = []
-    s3.meta.events.register(
+    # Capture writes through its own short-timeout client (treeserve.aws.capture_s3_client).
+    module.capture.s3().meta.events.register(
         "provide-client-params.s3.PutObject", lambda params, **_: puts.append(params["Key"])
     )
     X = binary_model.X[:4].copy()
@@ -87,7 +88,7 @@ def test_capture_failure_never_fails_requests(
     def boom(**_: Any) -> None:
         raise ConnectionError("S3 is down")
 
-    s3.meta.events.register("before-call.s3.PutObject", boom)
+    module.capture.s3().meta.events.register("before-call.s3.PutObject", boom)
     body = orjson.dumps({"instances": binary_model.X[:3].tolist()})
     for _ in range(3):
         response = module.handler(http_api_event("POST", "/predict", body), LambdaContext())

@@ -376,7 +376,7 @@ def test_capture_flush_failures_lose_at_most_the_documented_bound(
     registry = ModelRegistry(S3RegistryStore(BUCKET), stack.MODEL)
     registry.promote(registry.register(binary_model.ubj(), manifest_for(binary_model)))
     function = _start_inference()
-    faults = S3Faults(s3)
+    faults = S3Faults(function.capture.s3())  # capture writes through its own client
     faults.add("slowdown", operations={"PutObject"}, key_contains="/captures/", call=1)
     faults.add("timeout", operations={"PutObject"}, key_contains="/captures/", call=4)
     statuses = []
@@ -493,12 +493,6 @@ def _worst_case_call_seconds(client: Any) -> float:
     return max(timeouts, throttled)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (reported): the capture write runs inside the request on the shared S3 "
-    "client (all its retries and timeouts): S3 trouble can hold one request past the "
-    "function's timeout, a 5xx for a client that sent nothing wrong",
-)
 def test_a_capture_write_cannot_outlast_the_inference_timeout(
     s3: Any, monkeypatch: pytest.MonkeyPatch, binary_model: TrainedModel
 ) -> None:
