@@ -97,6 +97,13 @@ class ModelService:
         """The model in service; NoModelInService (503) when none was ever loaded."""
         loaded = self._loaded
         if loaded is None:
+            if self.last_error is not None:
+                # Storage or the model failed us, not the operator: don't send them publishing.
+                # (The details stay in the logs; they name buckets and keys.)
+                raise NoModelInService(
+                    f"the model {self.name!r} could not be loaded yet (storage or model "
+                    "error, retried every second); retry shortly, and see the function's logs"
+                )
             raise NoModelInService(
                 f"no version of model {self.name!r} is in service yet: publish one with "
                 "`treeserve publish` (or promote one with `treeserve promote VERSION`)"
