@@ -119,6 +119,16 @@ def _fresh_metrics() -> Iterator[None]:
 
 
 @pytest.fixture
+def atomic_moto_s3() -> Iterator[None]:
+    """moto with S3's per-request atomicity (see treeserve.local.make_moto_s3_atomic)."""
+    from treeserve.local import make_moto_s3_atomic
+
+    undo = make_moto_s3_atomic()
+    yield
+    undo()
+
+
+@pytest.fixture
 def aws() -> Iterator[None]:
     """In-process moto for every AWS service; clients created inside it see moto."""
     from moto import mock_aws

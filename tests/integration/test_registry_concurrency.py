@@ -36,21 +36,9 @@ MODEL = "churn"
 THREADS = 16
 
 
-_MOTO_S3_LOCK = threading.RLock()
-
-
 @pytest.fixture(autouse=True)
-def atomic_moto_s3(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Handle each S3 object request in moto (in-process and server mode) under one lock."""
-    from moto.s3.responses import S3Response
-
-    original = S3Response.key_response
-
-    def key_response(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _MOTO_S3_LOCK:
-            return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(S3Response, "key_response", key_response)
+def _atomic_s3(atomic_moto_s3: None) -> None:
+    """Every test here runs against moto with S3's per-request atomicity."""
 
 
 @pytest.fixture(scope="module")
