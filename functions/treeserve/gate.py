@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import xgboost as xgb
 
 from treeserve.errors import UploadRejected
 
@@ -135,6 +134,10 @@ def model_outputs(model_ubj: bytes, X: FloatArray, task: str) -> FloatArray:
     Loads the bytes in-process: the challenger's were already loaded once in the sandbox, and the
     champion's come from the registry, where only sandbox-validated bytes are ever written.
     """
+    # Imported here: monitoring uses this module's metrics and never loads a model, so its
+    # cold start (and artifact) need not carry XGBoost.
+    import xgboost as xgb  # noqa: PLC0415
+
     booster = xgb.Booster(params={"nthread": 1}, model_file=bytearray(model_ubj))
     if task in ("binary", "multiclass"):
         margin = np.asarray(booster.inplace_predict(X, predict_type="margin"), dtype=np.float64)
