@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +13,10 @@ import pytest
 
 from tests.conftest import BUCKET, ROOT, TrainedModel
 from tests.inference_support import manifest_for
+from treeserve.invoke import import_handler, module_name
 from treeserve.registry import ModelRegistry, S3RegistryStore
 
 APP_PATH = ROOT / "functions" / "inference" / "app.py"
-_counter = itertools.count()
 
 
 class FakeClock:
@@ -36,17 +34,9 @@ class FakeClock:
 
 def load_function(path: Path = APP_PATH) -> ModuleType:
     """Import the function module afresh: a new execution environment (init runs again)."""
-    from aws_lambda_powertools.metrics.provider import cold_start
-
-    cold_start.is_cold_start = True
-    name = f"inference_app_{next(_counter)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    module.metrics.clear_metrics()
+    import_handler(path.parent, f"{path.stem}.handler", fresh=True)  # as treeserve invoke does
+    module = sys.modules[module_name(path.parent, path.stem)]
+    module.metrics.clear_metrics()  # init's own metrics (the first model swap) are not the test's
     return module
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import json
 import sys
 from datetime import UTC, datetime, timedelta
@@ -15,21 +13,17 @@ import pytest
 
 from tests.conftest import BUCKET, EVENTS, ROOT, LambdaContext, train
 from tests.integration.test_monitoring import register, traffic
+from treeserve.invoke import import_handler, module_name
 
 pytestmark = pytest.mark.integration
 
 APP = ROOT / "functions" / "monitoring" / "app.py"
-_counter = itertools.count()
 
 
 def load_app() -> ModuleType:
-    name = f"monitoring_app_{next(_counter)}"
-    spec = importlib.util.spec_from_file_location(name, APP)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    """The monitoring function module, imported afresh (a cold start), as treeserve invoke does."""
+    import_handler(APP.parent, "app.handler", fresh=True)
+    module = sys.modules[module_name(APP.parent, "app")]
     module.metrics.clear_metrics()
     return module
 
