@@ -1,9 +1,15 @@
-"""Inference function: API Gateway (HTTP API 2.0, REST 1.0) or Function URL -> FastAPI.
+"""Inference function: API Gateway (HTTP API 2.0, REST 1.0) or Function URL -> the HTTP API.
 
-Everything is built once per execution environment, at import: settings, the registry client,
-the model in service (read from S3 and loaded now, so with SnapStart it is in the snapshot),
-the capture buffer and the FastAPI app behind Mangum (``lifespan="off"``: ``"auto"`` would run
-the app's startup on every invocation). The handler only translates the event.
+Built once per execution environment, at import: settings, the registry client, the model in
+service (read from S3 and loaded now, so with SnapStart it is in the snapshot), the capture
+buffer and the endpoints. ``POST /predict`` and ``/explain`` in payload 2.0 events (HTTP API,
+Function URL) go straight to the endpoints (:func:`treeserve.endpoints.answer_v2_event`: the
+answer Mangum would give, without its event loop). Everything else (REST API events, docs,
+health, model) goes through Mangum to the FastAPI app, which is built on the first such request
+(``app``/``asgi`` are lazy module attributes): importing FastAPI costs about half a second of
+cold start that a function serving only predictions never needs. Before a SnapStart snapshot,
+:func:`warm` builds it too. Mangum runs with ``lifespan="off"`` (``"auto"`` would run the app's
+startup on every invocation).
 """
 
 from __future__ import annotations
@@ -17,11 +23,10 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from mangum import Mangum
 
-from treeserve.api import create_app
 from treeserve.aws import reset_clients
 from treeserve.capture import CaptureBuffer
+from treeserve.endpoints import Endpoints, answer_v2_event
 from treeserve.registry import ModelRegistry, S3RegistryStore
 from treeserve.serving import ModelService
 from treeserve.settings import Settings
@@ -62,11 +67,32 @@ capture = CaptureBuffer(
 )
 if capture.enabled:
     capture.install_sigterm_flush()
-app = create_app(service, settings, capture, metrics=metrics)
-asgi = Mangum(app, lifespan="off", api_gateway_base_path=os.environ.get("API_BASE_PATH", "/"))
+endpoints = Endpoints(service, settings, capture, metrics)
+base_path = os.environ.get("API_BASE_PATH", "/")
+_web: dict[str, Any] = {}
 # Everything built so far lives as long as the environment: keep it out of the cyclic GC's
 # full collections, which would otherwise walk every imported module on the request path.
 gc.freeze()
+
+
+def _build_web() -> dict[str, Any]:
+    """The FastAPI app and Mangum around it, built once, on first need."""
+    if not _web:
+        from mangum import Mangum  # noqa: PLC0415 -- lazy: see the module docstring
+
+        from treeserve.api import create_app  # noqa: PLC0415
+
+        app = create_app(service, settings, capture, metrics=metrics, endpoints=endpoints)
+        _web["asgi"] = Mangum(app, lifespan="off", api_gateway_base_path=base_path)
+        _web["app"] = app
+    return _web
+
+
+def __getattr__(name: str) -> Any:
+    # ``app`` and ``asgi`` as module attributes, built when first read (PEP 562).
+    if name in ("app", "asgi"):
+        return _build_web()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _request_id(event: dict[str, Any]) -> str | None:
@@ -79,7 +105,9 @@ def _request_id(event: dict[str, Any]) -> str | None:
 
 def _serve(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     logger.set_correlation_id(_request_id(event))
-    response: dict[str, Any] = asgi(event, context)  # type: ignore[arg-type]
+    response = answer_v2_event(endpoints, event, base_path)
+    if response is None:
+        response = _build_web()["asgi"](event, context)
     loaded = service.loaded
     metrics.add_metadata("model_version", None if loaded is None else loaded.version)
     return response
@@ -92,21 +120,23 @@ if tracer is not None:
 @logger.inject_lambda_context
 @metrics.log_metrics(capture_cold_start_metric=True)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Lambda entry point: the event through Mangum to the FastAPI app."""
+    """Lambda entry point: the event to the endpoints directly, or through Mangum to FastAPI."""
     return _serve(event, context)
 
 
 def warm() -> None:
-    """Exercise the hot path once (imports, caches) without capturing anything."""
+    """Before a snapshot: build the FastAPI app and exercise the hot path once (imports,
+    caches) without capturing anything."""
+    _build_web()
     loaded = service.loaded
     if loaded is None:
         return
     row = b"[" + b",".join([b"null"] * loaded.schema.width) + b"]"
-    capture_state, app.endpoints.capture = app.endpoints.capture, None  # type: ignore[attr-defined]
+    capture_state, endpoints.capture = endpoints.capture, None
     try:
-        app.endpoints.handle("predict", b'{"instances": [' + row + b"]}", None, None, "warm")  # type: ignore[attr-defined]
+        endpoints.handle("predict", b'{"instances": [' + row + b"]}", None, None, "warm")
     finally:
-        app.endpoints.capture = capture_state  # type: ignore[attr-defined]
+        endpoints.capture = capture_state
 
 
 def after_restore() -> None:

@@ -7,58 +7,50 @@ orjson. Every answer, errors included, carries ``x-model-version``; errors are
 ``{"error": {"type", "message"}}`` and client input never yields a 5xx.
 
 The hot path. :class:`InferenceApp` is a FastAPI app whose ``__call__`` hands ``POST /predict``
-and ``POST /explain`` straight to :meth:`Endpoints.asgi`, the same code the declared FastAPI
-routes call, skipping Starlette's middleware and routing stack and FastAPI's request/response
-objects (about 90 microseconds per request on the bench machine, a third of a 1-row
-``inplace_predict``). Everything else (docs, health, errors from the framework) goes through
-FastAPI as usual. ``create_app(..., fast_path=False)`` serves the two routes through FastAPI;
-the tests run both ways and compare.
+and ``POST /explain`` straight to :meth:`~treeserve.endpoints.Endpoints.asgi`, the same code the
+declared FastAPI routes call, skipping Starlette's middleware and routing stack and FastAPI's
+request/response objects (about 90 microseconds per request on the bench machine).
+Everything else (docs, health, errors from the framework) goes through FastAPI as usual.
+``create_app(..., fast_path=False)`` serves the two routes through FastAPI; the tests run both
+ways and compare. On Lambda, payload 2.0 events skip even this app
+(:func:`treeserve.endpoints.answer_v2_event`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from treeserve.errors import InvalidInput, NoModelInService, PayloadTooLarge
-from treeserve.inputs import parse_body
+from treeserve.endpoints import (
+    FAST_ROUTES,
+    MAX_EXPLAIN_ROWS,
+    VERSION_HEADER,
+    Answer,
+    Endpoints,
+    Kind,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    route_path,
+    scope_request_id,
+)
+from treeserve.errors import NoModelInService
 
 if TYPE_CHECKING:
     from treeserve.capture import CaptureBuffer
-    from treeserve.serving import LoadedModel, MetricsSink, ModelService
+    from treeserve.serving import MetricsSink, ModelService
     from treeserve.settings import Settings
 
+__all__ = ["MAX_EXPLAIN_ROWS", "InferenceApp", "create_app"]
+
 logger = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Kind = Literal["predict", "explain"]
-
-VERSION_HEADER = b"x-model-version"
-JSON_TYPE = b"application/json"
-CSV_TYPE = b"text/csv; charset=utf-8"
-FAST_ROUTES: dict[str, Kind] = {"/predict": "predict", "/explain": "explain"}
-# TreeSHAP costs far more per row than prediction; keep explain well inside the timeout.
-MAX_EXPLAIN_ROWS = 1000
-LATENCY_METRIC = "PredictLatency"
-ROWS_METRIC = "PredictedRows"
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
-
 
 # --- OpenAPI descriptions of the raw bodies --------------------------------------------------
 
@@ -145,264 +137,6 @@ PREDICT_RESPONSE = {
 }
 
 
-# --- the endpoints -----------------------------------------------------------------------------
-
-
-def _error_body(kind: str, message: str) -> bytes:
-    return orjson.dumps({"error": {"type": kind, "message": message}})
-
-
-def _wants_csv(accept: bytes | None) -> bool:
-    if not accept or b"csv" not in accept:
-        return False
-    first = accept.split(b",", 1)[0].strip().lower()
-    return first.startswith(b"text/csv") or b"json" not in accept
-
-
-class Endpoints:
-    """Predict and explain, from raw bytes to (status, headers, body)."""
-
-    def __init__(
-        self,
-        service: ModelService,
-        settings: Settings,
-        capture: CaptureBuffer | None = None,
-        metrics: MetricsSink | None = None,
-    ) -> None:
-        self.service = service
-        self.max_rows = settings.max_rows
-        self.max_explain_rows = min(settings.max_rows, MAX_EXPLAIN_ROWS)
-        self.max_bytes = settings.max_body_bytes
-        self.capture = capture if capture is not None and capture.enabled else None
-        self.metrics = metrics
-
-    def error(self, status: int, kind: str, message: str) -> Answer:
-        return (
-            status,
-            [(b"content-type", JSON_TYPE), (VERSION_HEADER, self.service.version_header())],
-            _error_body(kind, message),
-        )
-
-    def handle(
-        self,
-        kind: Kind,
-        body: bytes,
-        content_type: str | None,
-        accept: bytes | None,
-        request_id: str | None,
-    ) -> Answer:
-        """Serve one predict/explain request. Client errors become 4xx answers here."""
-        started = time.perf_counter()
-        service = self.service
-        service.maybe_refresh()
-        try:
-            loaded = service.current()
-            parsed = parse_body(
-                body,
-                content_type,
-                loaded.schema,
-                max_rows=self.max_rows if kind == "predict" else self.max_explain_rows,
-                max_bytes=self.max_bytes,
-                id_prefix=request_id,
-            )
-        except InvalidInput as exc:
-            return self.error(exc.status, exc.type, exc.message)
-        except NoModelInService as exc:
-            return self.error(503, "no_model", str(exc))
-        csv_out = _wants_csv(accept)
-        if kind == "predict":
-            payload = self._predict(loaded, parsed.X, parsed.ids, csv_out)
-        else:
-            payload = self._explain(loaded, parsed.X, parsed.ids, csv_out)
-        if self.metrics is not None:
-            self.metrics.add_metric(
-                name=LATENCY_METRIC,
-                unit="Milliseconds",
-                value=(time.perf_counter() - started) * 1000.0,
-            )
-            self.metrics.add_metric(name=ROWS_METRIC, unit="Count", value=len(parsed.ids))
-        return (
-            200,
-            [
-                (b"content-type", CSV_TYPE if csv_out else JSON_TYPE),
-                (VERSION_HEADER, loaded.version_header),
-            ],
-            payload,
-        )
-
-    def _predict(self, loaded: LoadedModel, X: np.ndarray, ids: list[Any], csv_out: bool) -> bytes:
-        predictor = loaded.predictor
-        prediction = predictor.predict(X)
-        if self.capture is not None:
-            self.capture.record(ids, X, prediction.values, prediction.labels, loaded.version)
-        if csv_out:
-            return _predict_csv(ids, prediction.values, prediction.labels, predictor.class_names)
-        document: dict[str, Any] = {
-            "model": {"name": predictor.manifest.name, "version": loaded.version},
-            "predictions": prediction.values,
-        }
-        if prediction.labels is not None:
-            document["labels"] = prediction.labels
-        document["ids"] = ids
-        return orjson.dumps(document, option=_NUMPY)
-
-    def _explain(self, loaded: LoadedModel, X: np.ndarray, ids: list[Any], csv_out: bool) -> bytes:
-        predictor = loaded.predictor
-        explanation = predictor.explain(X)
-        if csv_out:
-            return _explain_csv(ids, explanation.contributions, explanation.bias, explanation)
-        document: dict[str, Any] = {
-            "model": {"name": predictor.manifest.name, "version": loaded.version},
-            "feature_names": explanation.feature_names,
-        }
-        if explanation.class_names is not None:
-            document["classes"] = explanation.class_names
-        document["contributions"] = explanation.contributions
-        document["bias"] = explanation.bias
-        document["ids"] = ids
-        document["space"] = "margin"
-        return orjson.dumps(document, option=_NUMPY)
-
-    async def asgi(self, kind: Kind, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve predict/explain as a raw ASGI app (the hot path)."""
-        content_type: str | None = None
-        accept: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value.decode("latin-1")
-            elif name == b"accept":
-                accept = value
-        message = await receive()  # Mangum delivers the whole body in one message
-        if message.get("more_body", False):
-            status, headers, payload = await self.serve_asgi_body(
-                kind, _replay(message, receive), content_type, accept, _request_id(scope)
-            )
-        else:
-            status, headers, payload = self.safe_handle(
-                kind, message.get("body", b""), content_type, accept, _request_id(scope)
-            )
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-
-    async def serve_asgi_body(
-        self,
-        kind: Kind,
-        receive: Receive,
-        content_type: str | None,
-        accept: bytes | None,
-        request_id: str | None,
-    ) -> Answer:
-        try:
-            body = await _read_body(receive, self.max_bytes)
-        except PayloadTooLarge as exc:
-            return self.error(exc.status, exc.type, exc.message)
-        return self.safe_handle(kind, body, content_type, accept, request_id)
-
-    def safe_handle(
-        self,
-        kind: Kind,
-        body: bytes,
-        content_type: str | None,
-        accept: bytes | None,
-        request_id: str | None,
-    ) -> Answer:
-        try:
-            return self.handle(kind, body, content_type, accept, request_id)
-        except Exception:  # a bug or a broken model, not the client's fault: 500, logged
-            logger.exception("prediction failed", extra={"route": kind})
-            return self.error(500, "internal_error", "the model could not answer; see the logs")
-
-
-def _replay(first: Message, receive: Receive) -> Receive:
-    """A receive callable that yields ``first`` again, then the rest."""
-    pending = [first]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
-
-
-async def _read_body(receive: Receive, max_bytes: int) -> bytes:
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = [body]
-    size = len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"body is larger than the limit of {max_bytes} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _request_id(scope: Scope) -> str | None:
-    event = scope.get("aws.event")
-    if isinstance(event, dict):
-        context = event.get("requestContext")
-        if isinstance(context, dict):
-            rid = context.get("requestId")
-            if isinstance(rid, str) and rid:
-                return rid[:64]
-    return None
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root) :] or "/"
-    return path
-
-
-def _csv_text(rows: list[list[Any]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerows(rows)
-    return out.getvalue().encode()
-
-
-def _predict_csv(
-    ids: list[Any], values: np.ndarray, labels: list[Any] | None, class_names: list[Any] | None
-) -> bytes:
-    if values.ndim == 2:
-        k = values.shape[1]
-        names = class_names if class_names and len(class_names) == k else list(range(k))
-        header = ["id", *(f"prob_{name}" for name in names), "label"]
-        rows = [
-            [i, *probs, label]
-            for i, probs, label in zip(ids, values.tolist(), labels or [], strict=True)
-        ]
-    elif labels is not None:
-        header = ["id", "prediction", "label"]
-        rows = [[i, p, lab] for i, p, lab in zip(ids, values.tolist(), labels, strict=True)]
-    else:
-        header = ["id", "prediction"]
-        rows = [[i, p] for i, p in zip(ids, values.tolist(), strict=True)]
-    return _csv_text([header, *rows])
-
-
-def _explain_csv(ids: list[Any], contributions: np.ndarray, bias: np.ndarray, ex: Any) -> bytes:
-    names: list[str] = ex.feature_names
-    if contributions.ndim == 3:
-        header = ["id", "class", "bias", *names]
-        rows = [
-            [row_id, cls, bias[r, c].item(), *contributions[r, c].tolist()]
-            for r, row_id in enumerate(ids)
-            for c, cls in enumerate(ex.class_names)
-        ]
-    else:
-        header = ["id", "bias", *names]
-        rows = [
-            [row_id, bias[r].item(), *contributions[r].tolist()] for r, row_id in enumerate(ids)
-        ]
-    return _csv_text([header, *rows])
-
-
 # --- the app -----------------------------------------------------------------------------------
 
 
@@ -415,7 +149,7 @@ class InferenceApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if self.fast_path and scope["method"] == "POST":
-                kind = FAST_ROUTES.get(_route_path(scope))
+                kind = FAST_ROUTES.get(route_path(scope))
                 if kind is not None:
                     await self.endpoints.asgi(kind, scope, receive, send)
                     return
@@ -444,9 +178,12 @@ def create_app(
     *,
     metrics: MetricsSink | None = None,
     fast_path: bool = True,
+    endpoints: Endpoints | None = None,
 ) -> FastAPI:
-    """The inference app for one model service."""
-    endpoints = Endpoints(service, settings, capture, metrics)
+    """The inference app for one model service (around ``endpoints`` when given: the
+    inference function shares them with its direct path)."""
+    if endpoints is None:
+        endpoints = Endpoints(service, settings, capture, metrics)
     app = InferenceApp(
         title="treeserve inference",
         description="Predictions and TreeSHAP explanations from the XGBoost model in service.",
@@ -470,7 +207,7 @@ def create_app(
             request.receive,
             request.headers.get("content-type"),
             None if accept is None else accept.encode("latin-1"),
-            _request_id(request.scope),
+            scope_request_id(request.scope),
         )
         return answer(result)
 

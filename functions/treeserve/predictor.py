@@ -3,14 +3,25 @@
 Bytes come from the registry, where they were validated in a sandbox and stored as UBJ with
 their sha256 in the manifest. :meth:`Predictor.load` checks that hash again (the bytes may have
 been swapped or damaged in storage) and runs a smoke prediction before anything serves.
-The hot path is :meth:`Predictor.predict`: ``Booster.inplace_predict`` on a float matrix,
+The hot path is :meth:`Predictor.predict`: XGBoost's in-place prediction on a float matrix,
 one thread, no DMatrix. :meth:`Predictor.explain` needs a DMatrix (TreeSHAP via
 ``pred_contribs``); that is fine for the slower, rarer explain route.
+
+In-place prediction is one C function, ``XGBoosterPredictFromDense``. ``Booster.inplace_predict``
+wraps it in Python work that is the same on every call (a dozen input-type probes, two
+``json.dumps``, a class built per call to copy the output): about half of a 1-row prediction of a
+300-tree model on the bench machine. :class:`DenseCall` makes the same C call with its constant
+arguments prepared once. It is used only after it answered the load-time smoke rows bit for bit
+as ``inplace_predict`` did; anything unusual (a non-contiguous or non-float32 matrix, an XGBoost
+without the private names it needs) goes through ``inplace_predict``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +30,8 @@ import xgboost as xgb
 
 from treeserve.errors import ModelLoadError
 from treeserve.manifest import ModelManifest
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -55,6 +68,83 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# inplace_predict's arguments with its defaults: values (not margins), all trees, NaN is missing.
+_PREDICT_ARGS = json.dumps(
+    {
+        "type": 0,
+        "training": False,
+        "iteration_begin": 0,
+        "iteration_end": 0,
+        "missing": float("nan"),
+        "strict_shape": False,
+        "cache_id": 0,
+    }
+).encode()
+_INTERFACE = (
+    b'{"data": [%d, true], "shape": [%d, %d], "strides": null, "typestr": "<f4", "version": 3}'
+)
+
+
+class DenseCall:
+    """``XGBoosterPredictFromDense`` for one booster, as ``inplace_predict`` calls it."""
+
+    def __init__(self, booster: xgb.Booster) -> None:
+        core = xgb.core
+        self._booster = booster  # keeps the handle alive
+        self._handle = booster.handle
+        self._function = core._LIB.XGBoosterPredictFromDense
+        self._check = core._check_call
+        self._ulong = ctypes.c_uint64  # bst_ulong in XGBoost's C API
+        self._ulong_p = ctypes.POINTER(ctypes.c_uint64)
+        self._float_p = ctypes.POINTER(ctypes.c_float)
+
+    @classmethod
+    def checked(cls, booster: xgb.Booster, rows: np.ndarray) -> DenseCall | None:
+        """A DenseCall that answered ``rows`` exactly as ``inplace_predict``, else None."""
+        try:
+            call = cls(booster)
+            same = np.array_equal(
+                call(rows),
+                booster.inplace_predict(rows, validate_features=False),
+                equal_nan=True,
+            )
+        except Exception as exc:  # an XGBoost whose internals moved: the public path serves
+            logger.warning("direct prediction call unavailable: %s", exc)
+            return None
+        if not same:
+            logger.warning("direct prediction call disagrees with inplace_predict; not used")
+            return None
+        return call
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """Predictions for a C-contiguous float32 (n, d) matrix (the caller checks)."""
+        n, d = X.shape
+        shape = self._ulong_p()
+        dims = self._ulong()
+        out = self._float_p()
+        self._check(
+            self._function(
+                self._handle,
+                _INTERFACE % (X.ctypes.data, n, d),
+                _PREDICT_ARGS,
+                None,
+                ctypes.byref(shape),
+                ctypes.byref(dims),
+                ctypes.byref(out),
+            )
+        )
+        # The output lives in XGBoost's per-thread buffer until this thread's next call: copy it.
+        dims_value = dims.value
+        sizes = [int(shape[i]) for i in range(dims_value)]
+        count = 1
+        for size in sizes:
+            count *= size
+        result = np.empty(count, dtype=np.float32)
+        if count:
+            ctypes.memmove(result.ctypes.data, out, count * 4)
+        return result.reshape(sizes)
+
+
 class Predictor:
     """A model version in memory. Build it with :meth:`load`; thread-safe for prediction."""
 
@@ -72,6 +162,7 @@ class Predictor:
             list(manifest.class_names) if manifest.class_names else None
         )
         self.is_classifier = self.task in ("binary", "multiclass")
+        self._dense: DenseCall | None = None
         # Label lookup tables, built once: label of class i is _label_table[i].
         if self.task == "binary":
             names = self.class_names if self.class_names and len(self.class_names) == 2 else None
@@ -123,9 +214,12 @@ class Predictor:
         return predictor
 
     def smoke(self) -> None:
-        """Predict a row of zeros and a row of missing values; outputs must be finite."""
+        """Predict a row of zeros and a row of missing values; outputs must be finite.
+
+        Also decides whether the direct C call serves (see :class:`DenseCall`)."""
         rows = np.zeros((2, self.num_features), dtype=np.float32)
         rows[1, :] = np.nan
+        self._dense = DenseCall.checked(self.booster, rows)
         try:
             prediction = self.predict(rows)
         except Exception as exc:  # any failure here means: do not serve this model
@@ -136,6 +230,15 @@ class Predictor:
 
     def raw_predict(self, X: np.ndarray) -> np.ndarray:
         """XGBoost's own output for the rows (float32)."""
+        dense = self._dense
+        if (
+            dense is not None
+            and X.dtype == np.float32
+            and X.ndim == 2
+            and X.shape[1] == self.num_features
+            and X.flags.c_contiguous
+        ):
+            return dense(X)
         return self.booster.inplace_predict(X, validate_features=False)
 
     def predict(self, X: np.ndarray) -> Prediction:
