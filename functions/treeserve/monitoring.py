@@ -26,6 +26,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from aws_lambda_powertools import Metrics
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
+
+    from treeserve.parse_pool import Parsed, ParsePool
 
 # ISA-L inflates gzip about 3x faster than zlib (same format); zlib where no wheel exists.
 _inflate: Any
@@ -398,8 +401,10 @@ class FastBatch:
         P: npt.NDArray[np.float32] | None,
         *,
         id_bytes: list[bytes] | None = None,
+        with_ids: bool = False,
     ) -> None:
         self.id_bytes = id_bytes
+        self.with_ids = with_ids
         self.raw = raw
         self.ts = ts
         self.versions = versions
@@ -459,6 +464,7 @@ def _fast_parse(raw: bytes, *, with_ids: bool = False) -> FastBatch | None:
         X.reshape(n, width),
         P if P is not None and P.shape[0] == n else None,
         id_bytes=id_bytes,
+        with_ids=with_ids,
     )
 
 
@@ -473,6 +479,62 @@ def _matrix(values: list[Any], width: int | None = None) -> npt.NDArray[np.float
     if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
         return None
     return arr
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One model version's rows of a capture file: features, predictions and (when labels
+    are to be joined) ids, as bytes when they are plain strings (see ``FastBatch.id_bytes``)."""
+
+    version: int
+    X: npt.NDArray[np.float32]
+    P: npt.NDArray[np.float32] | None
+    ids: list[Any] | None
+    ids_are_bytes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A capture file's rows inside the window, by version, and how many fell outside."""
+
+    out_of_window: int
+    groups: list[Group]
+
+
+def split_batch(batch: FastBatch, start_key: bytes, end_key: bytes) -> Split:
+    """Keep the rows of ``[start_key, end_key)`` and group them by model version. Ids come
+    along when the batch was parsed for a label join (``_fast_parse(with_ids=True)``)."""
+    n = len(batch.ts)
+    out_of_window = 0
+    # Most files lie wholly inside the window and hold one version: check that cheaply.
+    if min(batch.ts) >= start_key and max(batch.ts) < end_key:
+        inside = None
+    else:
+        ts = np.array(batch.ts, dtype="S23")
+        inside = (ts >= start_key) & (ts < end_key)
+        out_of_window = int(n - inside.sum())
+    distinct = set(batch.versions)
+    if inside is None and len(distinct) == 1:
+        picks: list[tuple[int, slice | npt.NDArray[np.intp]]] = [(int(distinct.pop()), slice(None))]
+    else:
+        versions = np.array(batch.versions, dtype=np.int64)
+        if inside is not None:
+            versions[~inside] = -1
+        picks = [
+            (v, np.flatnonzero(versions == v)) for v in np.unique(versions[versions >= 0]).tolist()
+        ]
+    ids: list[Any] | None = None
+    as_bytes = batch.id_bytes is not None
+    if batch.with_ids and batch.P is not None and picks:
+        ids = batch.id_bytes if batch.id_bytes is not None else batch.ids()
+    groups = []
+    for version, idx in picks:
+        chosen = None
+        if ids is not None:
+            chosen = ids if isinstance(idx, slice) else [ids[i] for i in idx.tolist()]
+        P = batch.P[idx] if batch.P is not None else None
+        groups.append(Group(version, batch.X[idx], P, chosen, as_bytes and chosen is not None))
+    return Split(out_of_window, groups)
 
 
 class Monitor:
@@ -509,10 +571,19 @@ class Monitor:
         return st
 
     def add_file(self, raw: bytes) -> None:
-        self.files += 1
+        """Parse a capture file here and account for its rows."""
         fast = _fast_parse(raw, with_ids=bool(self.labels))
-        if fast is not None:
-            self._add_fast(fast)
+        self.add_parsed(
+            raw,
+            None if fast is None else split_batch(fast, self.start_key, self.end_key),
+        )
+
+    def add_parsed(self, raw: bytes, split: Split | None) -> None:
+        """Account for a capture file parsed by the fast path (``split``, possibly in a parse
+        worker), or parse it by the general path here (``split`` None)."""
+        self.files += 1
+        if split is not None:
+            self._add_split(split)
             return
         rows = _parse(raw)
         if not rows:
@@ -529,46 +600,19 @@ class Monitor:
             idx = np.flatnonzero(versions == version)
             self._add_rows(self.state(version), [rows[i] for i in idx])
 
-    def _add_fast(self, batch: FastBatch) -> None:
-        n = len(batch.ts)
-        # Most files lie wholly inside the window and hold one version: check that cheaply.
-        if min(batch.ts) >= self.start_key and max(batch.ts) < self.end_key:
-            inside = None
-        else:
-            ts = np.array(batch.ts, dtype="S23")
-            inside = (ts >= self.start_key) & (ts < self.end_key)
-            self.out_of_window += int(n - inside.sum())
-        distinct = set(batch.versions)
-        if inside is None and len(distinct) == 1:
-            groups: list[tuple[int, slice | npt.NDArray[np.intp]]] = [
-                (int(distinct.pop()), slice(None))
-            ]
-        else:
-            versions = np.array(batch.versions, dtype=np.int64)
-            if inside is not None:
-                versions[~inside] = -1
-            groups = [
-                (v, np.flatnonzero(versions == v))
-                for v in np.unique(versions[versions >= 0]).tolist()
-            ]
-        ids: list[Any] | None = None
-        table: dict[Any, Any] | None
-        for version, idx in groups:
-            st = self.state(version)
-            X = batch.X[idx]
+    def _add_split(self, split: Split) -> None:
+        self.out_of_window += split.out_of_window
+        for group in split.groups:
+            st = self.state(group.version)
+            X = group.X
             if st.width and X.shape[1] != st.width:
                 st.malformed += X.shape[0]
                 self.malformed += X.shape[0]
                 continue
-            P = batch.P[idx] if batch.P is not None else None
-            st.add(X, P)
-            if self.labels and P is not None and st.manifest is not None:
-                if batch.id_bytes is not None:  # plain-string ids: look them up as bytes
-                    ids, table = batch.id_bytes, self.labels_by_bytes()
-                else:
-                    ids, table = (ids if ids is not None else batch.ids()), None
-                chosen = ids if isinstance(idx, slice) else [ids[i] for i in idx.tolist()]
-                self._join_ids(st, chosen, P, table)
+            st.add(X, group.P)
+            if group.ids is not None and group.P is not None and st.manifest is not None:
+                table = self.labels_by_bytes() if group.ids_are_bytes else None
+                self._join_ids(st, group.ids, group.P, table)
 
     def _add_rows(self, st: VersionState, rows: list[dict[str, Any]]) -> None:
         X = _matrix([r.get("features") for r in rows], st.width or None)
@@ -638,34 +682,16 @@ def _files(
     return sorted(keys)
 
 
-def run_monitoring(
+def _read_files(
+    s3: S3Client,
     bucket: str,
-    model_name: str,
-    start: datetime,
-    end: datetime,
+    files: list[tuple[str, int]],
+    mon: Monitor,
     *,
-    s3: S3Client | None = None,
-    registry: ManifestSource | None = None,
-    now: datetime | None = None,
-    write: bool = True,
-    metrics: Metrics | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Monitor ``model_name`` over ``[start, end)``; write and return the report.
-
-    ``progress(done, total)`` is called after each capture file (the CLI shows it).
-    """
-    s3 = s3 or s3_client()
-    start, end = _utc(start), _utc(end)
-    if end <= start:
-        raise TreeserveError(
-            f"the window is empty: end {end.isoformat()} <= start {start.isoformat()}"
-        )
-    now = _utc(now or datetime.now(UTC))
-    source = registry or _default_registry(bucket, model_name, s3)
-    labels = read_labels(s3, bucket, model_name)
-    mon = Monitor(model_name, start, end, source, labels)
-    files = _files(s3, bucket, model_name, start, end)
+    parsers: ParsePool | None,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Download and inflate the files on threads; parse them here or in ``parsers``."""
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
         pending: list[tuple[str, int, Future[bytes]]] = []
         in_flight = 0  # compressed bytes fetched or being fetched, not yet parsed
@@ -703,14 +729,80 @@ def run_monitoring(
                 in_flight -= size
                 fill()
                 if raw is not None:
-                    mon.add_file(raw)
+                    if parsers is None:
+                        mon.add_file(raw)
+                    else:
+                        _account(mon, parsers.put(raw))
                 del raw
-                if progress is not None:  # files read or skipped, of all listed
-                    progress(mon.files + mon.skipped_files, len(files))
+                if progress is not None:  # files read (or with a parser) or skipped, of all
+                    waiting = 0 if parsers is None else parsers.waiting
+                    progress(mon.files + mon.skipped_files + waiting, len(files))
+            if parsers is not None:
+                _account(mon, parsers.drain())
         except BaseException:
             for _, _, fut in pending:  # fail fast: do not wait for downloads nobody will read
                 fut.cancel()
             raise
+
+
+def _account(mon: Monitor, done: list[Parsed]) -> None:
+    for parsed in done:
+        if parsed.split is not None or parsed.general:
+            mon.add_parsed(parsed.raw, parsed.split)
+        else:
+            mon.add_file(parsed.raw)
+
+
+def run_monitoring(
+    bucket: str,
+    model_name: str,
+    start: datetime,
+    end: datetime,
+    *,
+    s3: S3Client | None = None,
+    registry: ManifestSource | None = None,
+    now: datetime | None = None,
+    write: bool = True,
+    metrics: Metrics | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Monitor ``model_name`` over ``[start, end)``; write and return the report.
+
+    ``progress(done, total)`` is called after each capture file (the CLI shows it).
+    ``workers``: parse processes (:mod:`treeserve.parse_pool`; default from
+    ``MONITORING_WORKERS`` or the CPUs available; 0 or 1: parse here). ``stats``, when given,
+    receives each worker's peak memory beyond what it shares with this process
+    (``worker_own_kb``).
+    """
+    s3 = s3 or s3_client()
+    start, end = _utc(start), _utc(end)
+    if end <= start:
+        raise TreeserveError(
+            f"the window is empty: end {end.isoformat()} <= start {start.isoformat()}"
+        )
+    now = _utc(now or datetime.now(UTC))
+    source = registry or _default_registry(bucket, model_name, s3)
+    labels = read_labels(s3, bucket, model_name)
+    mon = Monitor(model_name, start, end, source, labels)
+    files = _files(s3, bucket, model_name, start, end)
+    from treeserve.parse_pool import ParsePool, default_workers  # noqa: PLC0415 -- cycle
+
+    workers = default_workers() if workers is None else workers
+    # Forked before the download threads start: a fork copies only the calling thread.
+    parsers = (
+        ParsePool(workers, mon.start_key, mon.end_key, bool(labels))
+        if workers >= 2 and len(files) >= 2
+        else None
+    )
+    try:
+        _read_files(s3, bucket, files, mon, parsers=parsers, progress=progress)
+    finally:
+        if parsers is not None:
+            parsers.close()
+            if stats is not None:
+                stats["worker_own_kb"] = list(parsers.own_kb)
     report = build_report(mon, start, end, now, labels_available=len(labels))
     if write:
         key = report_key(model_name, now)
