@@ -1,10 +1,11 @@
 """Monitoring: captured traffic of a time window against each serving version's reference.
 
 :func:`run_monitoring` lists ``captures/<model>/dt=YYYY-MM-DD/`` for the days of the window,
-downloads and inflates the files on a few threads (both release the GIL) while the caller's
-thread parses them one at a time, keeps rows whose ``ts`` falls in ``[start, end)``, groups them
-by model version and streams each version's columns into :class:`treeserve.drift`
-accumulators. Only counts stay in memory (plus, when labels exist, the predictions of labelled
+downloads and inflates the files on a few threads (both release the GIL) while they are parsed
+one at a time by the caller's thread or, with more than one CPU, by forked parse workers
+(:mod:`treeserve.parse_pool`; parsing holds the GIL), keeps rows whose ``ts`` falls in
+``[start, end)``, groups them by model version and streams each version's columns into
+:class:`treeserve.drift` accumulators. Only counts stay in memory (plus, when labels exist, the predictions of labelled
 rows), so memory is bounded by a few capture files, not by the window.
 
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ ANSWER_TIMEOUT_SECONDS = 300.0
 
 def default_workers(env: Mapping[str, str] | None = None) -> int:
     """Parse workers for this environment: ``MONITORING_WORKERS`` when set (0 or 1: parse in
-    the calling process), else one per CPU this process may run on, up to 4; 0 with one CPU."""
+    the calling process), else on Linux one per CPU this process may run on, up to 4 (0 with
+    one CPU), and 0 elsewhere."""
     env = os.environ if env is None else env
     raw = env.get(WORKERS_ENV, "").strip()
     if raw:
@@ -55,8 +57,10 @@ def default_workers(env: Mapping[str, str] | None = None) -> int:
                 f"{WORKERS_ENV}={raw!r}: set it to a whole number from 0 to {MAX_WORKERS} "
                 "(0 or 1 parse in the function's own process)"
             )
-    else:
+    elif sys.platform == "linux":  # Lambda; elsewhere (macOS) forking a process is not safe
         count = min(4, len(os.sched_getaffinity(0)))
+    else:
+        count = 0
     return count if count >= 2 else 0
 
 
@@ -207,7 +211,7 @@ class ParsePool:
                 self._conns.append(mine)
                 self._procs.append(proc)
                 self.own_kb.append(0)
-        except OSError as exc:  # no fork here (or no resources): parse in this process
+        except (OSError, ValueError) as exc:  # no fork here, or no resources: parse here
             logger.warning("parse workers not started", extra={"error": str(exc)[:200]})
             self.close()
             self.broken = True

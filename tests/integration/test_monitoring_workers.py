@@ -161,12 +161,15 @@ def test_wire_format_round_trip() -> None:
         parse_pool.decode_split(orjson.loads(header), [parts[0], parts[1], b"a\nb", *parts[3:]])
 
 
-def test_workers_setting() -> None:
+def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_pool.default_workers({"MONITORING_WORKERS": "0"}) == 0
     assert parse_pool.default_workers({"MONITORING_WORKERS": "1"}) == 0
     assert parse_pool.default_workers({"MONITORING_WORKERS": " 3 "}) == 3
     cpus = len(os.sched_getaffinity(0))
     assert parse_pool.default_workers({}) == (min(4, cpus) if cpus >= 2 else 0)
+    monkeypatch.setattr(parse_pool.sys, "platform", "darwin")
+    assert parse_pool.default_workers({}) == 0
+    assert parse_pool.default_workers({"MONITORING_WORKERS": "2"}) == 2
     for bad in ("two", "-1", "9", "1.5"):
         with pytest.raises(ConfigurationError, match="MONITORING_WORKERS"):
             parse_pool.default_workers({"MONITORING_WORKERS": bad})
