@@ -37,14 +37,16 @@ logger = logging.getLogger(__name__)
 
 WORKERS_ENV = "MONITORING_WORKERS"
 MAX_WORKERS = 8
-# A capture file is at most MAX_CAPTURE_FILE_BYTES inflated; even that parses in seconds.
-ANSWER_TIMEOUT_SECONDS = 300.0
+LAMBDA_MB_PER_VCPU = 1769
+# A capture file is at most MAX_CAPTURE_FILE_BYTES inflated, which parses in a few seconds; a
+# worker silent for this long is stuck, and its files are parsed in the calling process.
+ANSWER_TIMEOUT_SECONDS = 60.0
 
 
 def default_workers(env: Mapping[str, str] | None = None) -> int:
     """Parse workers for this environment: ``MONITORING_WORKERS`` when set (0 or 1: parse in
-    the calling process), else on Linux one per CPU this process may run on, up to 4 (0 with
-    one CPU), and 0 elsewhere."""
+    the calling process); else on Lambda one per vCPU its memory size buys (3008 MB: 2), on
+    other Linux one per CPU this process may run on, up to 4 (0 with one CPU); 0 elsewhere."""
     env = os.environ if env is None else env
     raw = env.get(WORKERS_ENV, "").strip()
     if raw:
@@ -57,7 +59,10 @@ def default_workers(env: Mapping[str, str] | None = None) -> int:
                 f"{WORKERS_ENV}={raw!r}: set it to a whole number from 0 to {MAX_WORKERS} "
                 "(0 or 1 parse in the function's own process)"
             )
-    elif sys.platform == "linux":  # Lambda; elsewhere (macOS) forking a process is not safe
+    elif env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip().isdigit():
+        # Lambda shows more CPUs than it grants: compute is one vCPU per 1769 MB.
+        count = min(4, round(int(env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"]) / LAMBDA_MB_PER_VCPU))
+    elif sys.platform == "linux":  # elsewhere (macOS) forking a process is not safe
         count = min(4, len(os.sched_getaffinity(0)))
     else:
         count = 0
@@ -153,8 +158,11 @@ def _serve(
         except Exception as exc:  # the caller parses the file itself
             messages = [orjson.dumps({"error": f"{type(exc).__name__}: {exc}"[:300]})]
         del raw
-        for message in messages:
-            conn.send_bytes(message)
+        try:
+            for message in messages:
+                conn.send_bytes(message)
+        except OSError:  # the caller stopped listening (its run ended or failed)
+            return
 
 
 # --- the pool ----------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# XGBoosterPredictFromDense(handle, array interface, config, proxy, &shape, &dim, &out) has had
+# this signature since XGBoost 1.4; checked for the majors the tests run.
+SUPPORTED_XGBOOST_MAJORS = ("2", "3")
 # inplace_predict's arguments with its defaults: values (not margins), all trees, NaN is missing.
 _PREDICT_ARGS = json.dumps(
     {
@@ -100,7 +103,14 @@ class DenseCall:
 
     @classmethod
     def checked(cls, booster: xgb.Booster, rows: np.ndarray) -> DenseCall | None:
-        """A DenseCall that answered ``rows`` exactly as ``inplace_predict``, else None."""
+        """A DenseCall that answered ``rows`` exactly as ``inplace_predict``, else None.
+
+        Only for the XGBoost majors whose C signature it was written against (2 and 3): a
+        changed signature would not raise here, it could crash the process."""
+        major = xgb.__version__.split(".", 1)[0]
+        if major not in SUPPORTED_XGBOOST_MAJORS:
+            logger.info("direct prediction call not used with XGBoost %s", xgb.__version__)
+            return None
         try:
             call = cls(booster)
             same = np.array_equal(

@@ -174,6 +174,25 @@ def test_a_body_that_is_not_base64_is_a_client_error(
     assert module.handler(event, LambdaContext())["statusCode"] == 400
 
 
+def test_the_handler_answers_predictions_without_fastapi(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    body = orjson.dumps({"instances": binary_model.X[:3].tolist()})
+    for event in (
+        http_api_event("POST", "/predict", body),
+        http_api_event("POST", "/explain", body, function_url=True),
+    ):
+        assert module.handler(event, LambdaContext())["statusCode"] == 200
+    assert not module._web  # neither FastAPI nor Mangum was built: the direct path answered
+    event = http_api_event("POST", "/predict", body)
+    event["body"] = 10**10  # not text (a direct Invoke could send it): no 10 GB of zeros
+    event["headers"]["accept"] = None
+    response = module.handler(event, LambdaContext())
+    assert response["statusCode"] == 400
+
+
 def test_base_path_rule_matches_mangums() -> None:
     from mangum.handlers.utils import strip_api_gateway_path
 
@@ -276,6 +295,17 @@ def test_an_xgboost_without_the_private_names_falls_back(
     np.testing.assert_array_equal(
         predictor.predict(X).values, binary_model.booster.inplace_predict(X)
     )
+
+
+def test_the_direct_call_waits_for_a_known_xgboost_major(
+    binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xgboost as xgb
+
+    X = binary_model.X[:2].astype(np.float32)
+    assert DenseCall.checked(binary_model.booster, X) is not None
+    monkeypatch.setattr(xgb, "__version__", "4.0.0")
+    assert DenseCall.checked(binary_model.booster, X) is None
 
 
 def test_a_failing_c_call_raises_xgboosts_error(binary_model: TrainedModel) -> None:

@@ -3,6 +3,7 @@ whatever the files hold and whatever happens to a worker."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from datetime import timedelta
 from typing import Any
@@ -71,12 +72,30 @@ def _window_of_everything(s3: Any) -> None:
 
 
 def _run(s3: Any, workers: int, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    return monitoring.run_monitoring(
+    fds = len(os.listdir("/proc/self/fd"))
+    report = monitoring.run_monitoring(
         BUCKET, "m", START, NOW, s3=s3, now=NOW, write=False, workers=workers, stats=stats
     )
+    assert multiprocessing.active_children() == []  # every worker joined: no zombies
+    assert len(os.listdir("/proc/self/fd")) == fds  # and every pipe closed
+    return report
 
 
-def test_workers_give_the_in_process_report(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(name="parsed_here")
+def parsed_here_fixture(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the files parsed in the calling process (Monitor.add_file)."""
+    calls: list[int] = []
+    real_add_file = monitoring.Monitor.add_file
+
+    def add_file(self: monitoring.Monitor, raw: bytes) -> None:
+        calls.append(len(raw))
+        real_add_file(self, raw)
+
+    monkeypatch.setattr(monitoring.Monitor, "add_file", add_file)
+    return calls
+
+
+def test_workers_give_the_in_process_report(s3: Any, parsed_here: list[int]) -> None:
     _window_of_everything(s3)
     alone = _run(s3, workers=0)
     assert alone["files"] == 12
@@ -84,23 +103,18 @@ def test_workers_give_the_in_process_report(s3: Any, monkeypatch: pytest.MonkeyP
     assert alone["rows_outside_window"] == 10
     assert alone["malformed_rows"] == 2
     assert alone["summary"]["performance"]["rows"] == 250 + 6
-    in_process: list[int] = []
-    real_add_file = monitoring.Monitor.add_file
-
-    def add_file(self: monitoring.Monitor, raw: bytes) -> None:
-        in_process.append(len(raw))
-        real_add_file(self, raw)
-
-    monkeypatch.setattr(monitoring.Monitor, "add_file", add_file)
+    assert len(parsed_here) == 12
+    parsed_here.clear()
     stats: dict[str, Any] = {}
     assert _run(s3, workers=2, stats=stats) == alone
-    assert in_process == []  # every file was parsed by a worker
+    assert parsed_here == []  # every file was parsed by a worker
     assert len(stats["worker_own_kb"]) == 2
     assert _run(s3, workers=3) == alone
+    assert parsed_here == []
 
 
 def test_a_worker_that_dies_or_fails_hands_its_files_back(
-    s3: Any, monkeypatch: pytest.MonkeyPatch
+    s3: Any, monkeypatch: pytest.MonkeyPatch, parsed_here: list[int]
 ) -> None:
     _window_of_everything(s3)
     alone = _run(s3, workers=0)
@@ -111,16 +125,21 @@ def test_a_worker_that_dies_or_fails_hands_its_files_back(
             os._exit(3)  # as if killed (out of memory): no answer at all
         return real(raw, **kwargs)
 
+    parsed_here.clear()
     monkeypatch.setattr(parse_pool, "_fast_parse", dies_on_quoted)  # workers fork with it
     assert _run(s3, workers=2) == alone
+    # that file and every one after it (the pool stops), never one before it
+    assert 1 <= len(parsed_here) < 12
 
     def fails_on_numeric(raw: bytes, **kwargs: Any) -> Any:
         if b'"id":1003' in raw:
             raise MemoryError("no room")
         return real(raw, **kwargs)
 
+    parsed_here.clear()
     monkeypatch.setattr(parse_pool, "_fast_parse", fails_on_numeric)
     assert _run(s3, workers=2) == alone
+    assert len(parsed_here) == 1  # a failure on one file: only that file comes back
 
 
 def test_no_fork_means_parsing_in_process(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,6 +184,15 @@ def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_pool.default_workers({"MONITORING_WORKERS": "0"}) == 0
     assert parse_pool.default_workers({"MONITORING_WORKERS": "1"}) == 0
     assert parse_pool.default_workers({"MONITORING_WORKERS": " 3 "}) == 3
+    lambda_sizes = {"1769": 0, "3008": 2, "10240": 4}  # Lambda: one vCPU per 1769 MB
+    for memory, workers in lambda_sizes.items():
+        assert parse_pool.default_workers({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": memory}) == workers
+    assert (
+        parse_pool.default_workers(
+            {"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1769", "MONITORING_WORKERS": "2"}
+        )
+        == 2
+    )
     cpus = len(os.sched_getaffinity(0))
     assert parse_pool.default_workers({}) == (min(4, cpus) if cpus >= 2 else 0)
     monkeypatch.setattr(parse_pool.sys, "platform", "darwin")
