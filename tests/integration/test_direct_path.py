@@ -242,6 +242,24 @@ def test_dense_call_equals_inplace_predict(name: str, request: pytest.FixtureReq
     np.testing.assert_array_equal(one, expected[:1])
 
 
+def test_dense_call_from_several_threads(multiclass_model: TrainedModel) -> None:
+    # XGBoost writes each thread's output to that thread's own buffer; each call copies it out.
+    from concurrent.futures import ThreadPoolExecutor
+
+    X = multiclass_model.X[:64].astype(np.float32)
+    call = DenseCall.checked(multiclass_model.booster, X[:2])
+    assert call is not None
+    expected = multiclass_model.booster.inplace_predict(X, validate_features=False)
+    chunks = [(i % 60, i % 60 + 1 + i % 4) for i in range(400)]
+
+    def one(bounds: tuple[int, int]) -> bool:
+        lo, hi = bounds
+        return bool(np.array_equal(call(X[lo:hi]), expected[lo:hi]))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(one, chunks))
+
+
 def test_predictor_uses_the_direct_call_only_where_it_applies(
     binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
