@@ -290,7 +290,7 @@ def main() -> None:
     served = runs["server"][0]
     shown = ", ".join(f"{mb:.0f}" for mb in served["workers_mb"]) or "none"
     print(
-        f"parse workers: {len(served['workers_mb'])} (MONITORING_WORKERS, default one per CPU); "
+        f"parse workers: {len(served['workers_mb'])} (MONITORING_WORKERS, default one per CPU, on Lambda per vCPU); "
         f"their own peak MB (served run): {shown}; included in peak, own and CPU above"
     )
     print(
