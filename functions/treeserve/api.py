@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from treeserve.endpoints import (
     FAST_ROUTES,
-    MAX_EXPLAIN_ROWS,
     VERSION_HEADER,
     Answer,
     Endpoints,
@@ -47,8 +46,6 @@ if TYPE_CHECKING:
     from treeserve.capture import CaptureBuffer
     from treeserve.serving import MetricsSink, ModelService
     from treeserve.settings import Settings
-
-__all__ = ["MAX_EXPLAIN_ROWS", "InferenceApp", "create_app"]
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ downloads and inflates the files on a few threads (both release the GIL) while t
 one at a time by the caller's thread or, with more than one CPU, by forked parse workers
 (:mod:`treeserve.parse_pool`; parsing holds the GIL), keeps rows whose ``ts`` falls in
 ``[start, end)``, groups them by model version and streams each version's columns into
-:class:`treeserve.drift` accumulators. Only counts stay in memory (plus, when labels exist, the predictions of labelled
-rows), so memory is bounded by a few capture files, not by the window.
+:class:`treeserve.drift` accumulators. Only counts stay in memory (plus, when labels exist, the
+predictions of labelled rows), so memory is bounded by a few capture files, not by the window.
 
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
 first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give performance over
@@ -402,10 +402,8 @@ class FastBatch:
         P: npt.NDArray[np.float32] | None,
         *,
         id_bytes: list[bytes] | None = None,
-        with_ids: bool = False,
     ) -> None:
         self.id_bytes = id_bytes
-        self.with_ids = with_ids
         self.raw = raw
         self.ts = ts
         self.versions = versions
@@ -465,7 +463,6 @@ def _fast_parse(raw: bytes, *, with_ids: bool = False) -> FastBatch | None:
         X.reshape(n, width),
         P if P is not None and P.shape[0] == n else None,
         id_bytes=id_bytes,
-        with_ids=with_ids,
     )
 
 
@@ -502,9 +499,16 @@ class Split:
     groups: list[Group]
 
 
-def split_batch(batch: FastBatch, start_key: bytes, end_key: bytes) -> Split:
-    """Keep the rows of ``[start_key, end_key)`` and group them by model version. Ids come
-    along when the batch was parsed for a label join (``_fast_parse(with_ids=True)``)."""
+def fast_split(raw: bytes, start_key: bytes, end_key: bytes, *, with_ids: bool) -> Split | None:
+    """A capture file by the fast path, its rows of ``[start_key, end_key)`` grouped by model
+    version (with their ids when ``with_ids``: labels are to be joined); None when the file
+    must take the general path. Runs in the caller or in a parse worker."""
+    batch = _fast_parse(raw, with_ids=with_ids)
+    return None if batch is None else split_batch(batch, start_key, end_key, with_ids=with_ids)
+
+
+def split_batch(batch: FastBatch, start_key: bytes, end_key: bytes, *, with_ids: bool) -> Split:
+    """Keep the rows of ``[start_key, end_key)`` and group them by model version."""
     n = len(batch.ts)
     out_of_window = 0
     # Most files lie wholly inside the window and hold one version: check that cheaply.
@@ -526,7 +530,7 @@ def split_batch(batch: FastBatch, start_key: bytes, end_key: bytes) -> Split:
         ]
     ids: list[Any] | None = None
     as_bytes = batch.id_bytes is not None
-    if batch.with_ids and batch.P is not None and picks:
+    if with_ids and batch.P is not None and picks:
         ids = batch.id_bytes if batch.id_bytes is not None else batch.ids()
     groups = []
     for version, idx in picks:
@@ -573,11 +577,8 @@ class Monitor:
 
     def add_file(self, raw: bytes) -> None:
         """Parse a capture file here and account for its rows."""
-        fast = _fast_parse(raw, with_ids=bool(self.labels))
-        self.add_parsed(
-            raw,
-            None if fast is None else split_batch(fast, self.start_key, self.end_key),
-        )
+        split = fast_split(raw, self.start_key, self.end_key, with_ids=bool(self.labels))
+        self.add_parsed(raw, split)
 
     def add_parsed(self, raw: bytes, split: Split | None) -> None:
         """Account for a capture file parsed by the fast path (``split``, possibly in a parse

@@ -1,6 +1,6 @@
 """Capture files parsed in worker processes, for monitoring runs with more than one CPU.
 
-Parsing a capture file (:func:`treeserve.monitoring._fast_parse`: a regular expression, orjson,
+Parsing a capture file (:func:`treeserve.monitoring.fast_split`: a regular expression, orjson,
 ``np.fromiter``) holds the GIL for all but a few milliseconds, so threads cannot share it; on a
 machine or Lambda size with two or more vCPUs, processes can. Workers are forked when the run
 starts (Lambda has no ``/dev/shm``, so no ``multiprocessing.Queue`` or ``Pool``; a ``Pipe`` is a
@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 
 from treeserve.errors import ConfigurationError
-from treeserve.monitoring import Group, Split, _fast_parse, split_batch
+from treeserve.monitoring import Group, Split, fast_split
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def default_workers(env: Mapping[str, str] | None = None) -> int:
 # --- the wire format ---------------------------------------------------------------------------
 
 
-def encode_split(split: Split) -> list[bytes]:
-    """``split`` as messages: a JSON header, then each group's arrays (and ids)."""
+def encode_split(split: Split, **extra: Any) -> list[bytes]:
+    """``split`` as messages: a JSON header (with ``extra`` fields), then each group's arrays
+    (and ids)."""
     groups: list[dict[str, Any]] = []
     parts: list[bytes] = []
     for g in split.groups:
@@ -90,10 +91,20 @@ def encode_split(split: Split) -> list[bytes]:
             ids_format = "lines" if g.ids_are_bytes else "json"
             parts.append(b"\n".join(g.ids) if g.ids_are_bytes else orjson.dumps(g.ids))
         groups.append(
-            {"version": g.version, "rows": X.shape[0], "width": X.shape[1], "pwidth": pwidth,
-             "ids": ids_format}
-        )  # fmt: skip
-    header = {"out_of_window": split.out_of_window, "groups": groups, "parts": len(parts)}
+            {
+                "version": g.version,
+                "rows": X.shape[0],
+                "width": X.shape[1],
+                "pwidth": pwidth,
+                "ids": ids_format,
+            }
+        )
+    header = {
+        **extra,
+        "out_of_window": split.out_of_window,
+        "groups": groups,
+        "parts": len(parts),
+    }
     return [orjson.dumps(header), *parts]
 
 
@@ -146,15 +157,12 @@ def _serve(
         except (EOFError, OSError):
             return
         try:
-            batch = _fast_parse(raw, with_ids=with_ids)
-            if batch is None:
-                own_kb = _status_kb("VmHWM") - shared_kb
+            split = fast_split(raw, start_key, end_key, with_ids=with_ids)
+            own_kb = _status_kb("VmHWM") - shared_kb
+            if split is None:
                 messages = [orjson.dumps({"general": True, "own_kb": own_kb})]
             else:
-                messages = encode_split(split_batch(batch, start_key, end_key))
-                header = orjson.loads(messages[0])
-                header["own_kb"] = _status_kb("VmHWM") - shared_kb
-                messages[0] = orjson.dumps(header)
+                messages = encode_split(split, own_kb=own_kb)
         except Exception as exc:  # the caller parses the file itself
             messages = [orjson.dumps({"error": f"{type(exc).__name__}: {exc}"[:300]})]
         del raw

@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,11 +145,8 @@ class DenseCall:
             )
         )
         # The output lives in XGBoost's per-thread buffer until this thread's next call: copy it.
-        dims_value = dims.value
-        sizes = [int(shape[i]) for i in range(dims_value)]
-        count = 1
-        for size in sizes:
-            count *= size
+        sizes = [int(shape[i]) for i in range(dims.value)]
+        count = math.prod(sizes)
         result = np.empty(count, dtype=np.float32)
         if count:
             ctypes.memmove(result.ctypes.data, out, count * 4)
@@ -241,13 +239,7 @@ class Predictor:
     def raw_predict(self, X: np.ndarray) -> np.ndarray:
         """XGBoost's own output for the rows (float32)."""
         dense = self._dense
-        if (
-            dense is not None
-            and X.dtype == np.float32
-            and X.ndim == 2
-            and X.shape[1] == self.num_features
-            and X.flags.c_contiguous
-        ):
+        if dense is not None and X.dtype == np.float32 and X.ndim == 2 and X.flags.c_contiguous:
             return dense(X)
         return self.booster.inplace_predict(X, validate_features=False)
 

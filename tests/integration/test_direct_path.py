@@ -6,7 +6,6 @@ same event through the FastAPI app; ``DenseCall`` must give what ``inplace_predi
 
 from __future__ import annotations
 
-import base64
 import subprocess
 import sys
 from collections.abc import Callable
@@ -279,37 +278,30 @@ def test_predictor_uses_the_direct_call_only_where_it_applies(
     expected = binary_model.booster.inplace_predict(X.astype(np.float32))
     for variant in (X.astype(np.float32), X, np.asfortranarray(X.astype(np.float32))):
         np.testing.assert_array_equal(predictor.raw_predict(variant), expected)
-    assert calls == [
-        (10, len(binary_model.feature_names))
-    ]  # float64 and Fortran order: public path
+    # float64 and Fortran order take the public path
+    assert calls == [(10, len(binary_model.feature_names))]
 
 
-def test_a_direct_call_that_disagrees_is_not_used(
-    binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+def _internals_moved(self: DenseCall, booster: object) -> None:
+    raise AttributeError("module 'xgboost.core' has no attribute '_LIB'")
+
+
+@pytest.mark.parametrize(
+    ("name", "replacement"),
+    [
+        ("__call__", lambda self, X: np.zeros(len(X), np.float32)),  # disagrees
+        ("__init__", _internals_moved),  # an XGBoost without the private names
+    ],
+)
+def test_the_public_path_serves_when_the_direct_call_cannot(
+    name: str, replacement: Any, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.inference_support import manifest_for
 
-    monkeypatch.setattr(DenseCall, "__call__", lambda self, X: np.zeros(len(X), np.float32))
+    monkeypatch.setattr(DenseCall, name, replacement)
     predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
     assert predictor._dense is None
     X = binary_model.X[:10].astype(np.float32)
-    np.testing.assert_array_equal(
-        predictor.predict(X).values, binary_model.booster.inplace_predict(X)
-    )
-
-
-def test_an_xgboost_without_the_private_names_falls_back(
-    binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tests.inference_support import manifest_for
-
-    def moved(self: DenseCall, booster: object) -> None:
-        raise AttributeError("module 'xgboost.core' has no attribute '_LIB'")
-
-    monkeypatch.setattr(DenseCall, "__init__", moved)
-    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
-    assert predictor._dense is None
-    X = binary_model.X[:3].astype(np.float32)
     np.testing.assert_array_equal(
         predictor.predict(X).values, binary_model.booster.inplace_predict(X)
     )
@@ -332,14 +324,3 @@ def test_a_failing_c_call_raises_xgboosts_error(binary_model: TrainedModel) -> N
     call = DenseCall(binary_model.booster)
     with pytest.raises(xgb.core.XGBoostError):
         call(np.zeros((2, len(binary_model.feature_names) + 3), dtype=np.float32))
-
-
-def test_base64_in_events_is_standard(
-    registry: ModelRegistry, function: Start, binary_model: TrainedModel
-) -> None:
-    publish(registry, binary_model)
-    module = function()
-    body = orjson.dumps({"instances": binary_model.X[:2].tolist()})
-    event = http_api_event("POST", "/predict", base64.b64encode(body).decode())
-    event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
-    assert module.handler(event, LambdaContext())["statusCode"] == 200

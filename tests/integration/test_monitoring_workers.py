@@ -118,26 +118,26 @@ def test_a_worker_that_dies_or_fails_hands_its_files_back(
 ) -> None:
     _window_of_everything(s3)
     alone = _run(s3, workers=0)
-    real = parse_pool._fast_parse
+    real = parse_pool.fast_split
 
-    def dies_on_quoted(raw: bytes, **kwargs: Any) -> Any:
+    def dies_on_quoted(raw: bytes, *args: Any, **kwargs: Any) -> Any:
         if b'q\\"' in raw:
             os._exit(3)  # as if killed (out of memory): no answer at all
-        return real(raw, **kwargs)
+        return real(raw, *args, **kwargs)
 
     parsed_here.clear()
-    monkeypatch.setattr(parse_pool, "_fast_parse", dies_on_quoted)  # workers fork with it
+    monkeypatch.setattr(parse_pool, "fast_split", dies_on_quoted)  # workers fork with it
     assert _run(s3, workers=2) == alone
     # that file and every one after it (the pool stops), never one before it
     assert 1 <= len(parsed_here) < 12
 
-    def fails_on_numeric(raw: bytes, **kwargs: Any) -> Any:
+    def fails_on_numeric(raw: bytes, *args: Any, **kwargs: Any) -> Any:
         if b'"id":1003' in raw:
             raise MemoryError("no room")
-        return real(raw, **kwargs)
+        return real(raw, *args, **kwargs)
 
     parsed_here.clear()
-    monkeypatch.setattr(parse_pool, "_fast_parse", fails_on_numeric)
+    monkeypatch.setattr(parse_pool, "fast_split", fails_on_numeric)
     assert _run(s3, workers=2) == alone
     assert len(parsed_here) == 1  # a failure on one file: only that file comes back
 
