@@ -17,7 +17,10 @@ treeserve predicts through that same call, which is why the whole handler can co
 Cold start: a fresh Python process until its first answer. treeserve imports the function
 module (reads ``current.json``, the manifest and the model from S3 on a moto server over HTTP,
 verifies, loads, smoke-tests) and answers one event; the baseline is a bare FastAPI + Mangum
-handler that loads the same model from a local file and answers the same event. Runs alternate;
+handler that loads the same model from a local file and answers the same event. Both run from
+the inference function's artifact (``infra.build --platform local``, in ``python -I -S``): what
+Lambda imports, and nothing the development venv holds besides (pandas and scikit-learn are
+installed there for the tests, and with them ``import xgboost`` imports both). Runs alternate;
 medians.
 
 Targets (medians): 1 row <= 1.5x, 1000 rows <= 1.75x, cold start <= 1.1x.
@@ -257,6 +260,7 @@ def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, fl
 
 TREESERVE_CHILD = """
 import sys, time, json
+sys.path.insert(0, {artifact!r})
 import importlib.util
 spec = importlib.util.spec_from_file_location("app", {app!r})
 module = importlib.util.module_from_spec(spec)
@@ -275,6 +279,7 @@ sys.stderr.write("ANSWER " + str(response["statusCode"]) + " " + response["body"
 
 BARE_CHILD = """
 import sys, json
+sys.path.insert(0, {artifact!r})
 import numpy as np
 import orjson
 import xgboost as xgb
@@ -309,7 +314,7 @@ sys.stderr.write("ANSWER " + str(response["statusCode"]) + " " + response["body"
 def _run_child(code: str, env: dict[str, str], event: bytes) -> float:
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-I", "-S", "-c", code],
         input=event,
         env=env,
         capture_output=True,
@@ -348,6 +353,10 @@ def bench_cold(trees: int, depth: int, runs: int) -> tuple[float, float]:
         registry.promote(registry.register(raw, manifest_for(booster, raw, "bench")))
         event = orjson.dumps(http_event(orjson.dumps({"instances": rows[:1].tolist()})))
         with tempfile.TemporaryDirectory() as tmp:
+            from infra import build
+
+            artifact = Path(tmp) / "inference"
+            build.build("inference", artifact, platform="local")
             local = Path(tmp) / "model.ubj"
             local.write_bytes(raw)
             base_env = {
@@ -355,12 +364,9 @@ def bench_cold(trees: int, depth: int, runs: int) -> tuple[float, float]:
                 for k, v in os.environ.items()
                 if not k.startswith(("AWS_", "POWERTOOLS_", "MODEL_"))
             }
-            base_env["PYTHONPATH"] = os.pathsep.join(
-                [str(ROOT / "functions"), str(ROOT), base_env.get("PYTHONPATH", "")]
-            )
             tree_env = {**base_env, **_ENV, "AWS_ENDPOINT_URL": endpoint}
-            tree_code = TREESERVE_CHILD.format(app=str(APP))
-            bare_code = BARE_CHILD.format(model=str(local))
+            tree_code = TREESERVE_CHILD.format(app=str(artifact / "app.py"), artifact=str(artifact))
+            bare_code = BARE_CHILD.format(model=str(local), artifact=str(artifact))
             # one untimed run each: page cache, .pyc files
             _run_child(tree_code, tree_env, event)
             _run_child(bare_code, base_env, event)
