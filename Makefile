@@ -47,8 +47,14 @@ pytest: venv
 
 test: lint typecheck cfn-lint checkov pytest
 
+# `make bench` runs every section; `make bench inference` (or refresh, monitoring, artifacts)
+# one or a few: the words after `bench` are its sections, not targets of their own.
+ifeq (bench,$(firstword $(MAKECMDGOALS)))
+BENCH_SECTIONS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+$(eval $(BENCH_SECTIONS):;@:)
+endif
 bench: venv
-	$(BIN)/python -m infra.bench
+	$(BIN)/python -m infra.bench $(BENCH_SECTIONS)
 
 # The reliability evidence at full size (docs/reliability.md): 1,200+ schemathesis cases and
 # 1,200 raw bodies, a fault at every S3 call of a promotion; `make test` runs smaller counts.

@@ -38,6 +38,8 @@ except ImportError:  # a bare interpreter (sam build outside the venv): pip vend
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_DIR = ROOT / "functions"
 WHEEL_CACHE = ROOT / "build" / "wheels"
+PIP_VENV = ROOT / "build" / "pip"
+MIN_PIP = (24, 1)
 DEFAULT_OUT = ROOT / "build" / "artifacts"
 LAMBDA_PYTHON = "3.12"
 MB = 1024 * 1024
@@ -164,8 +166,46 @@ def copy_local_distributions(requirements: tuple[str, ...], target: Path) -> Non
 # --- cross-platform wheels for the Lambda runtime ---------------------------------------------
 
 
+def build_pip() -> Path:
+    """The interpreter of ``build/pip``: a venv of the build's own with a current pip.
+
+    pip 23.x (what many machines' Pythons ship) checks a wheel's Requires-Python against the
+    running interpreter instead of ``--python-version`` in ``--target`` installs, so a build run
+    by Python 3.11 fails on numpy for 3.12 ("requires a different Python"). The build therefore
+    never uses the caller's pip; it makes this venv once (later builds reuse it, offline).
+    """
+    python = PIP_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if python.is_file() and _pip_version(python) >= MIN_PIP:
+        return python
+    log(f"  creating {PIP_VENV.relative_to(ROOT)} with pip >= {'.'.join(map(str, MIN_PIP))} (once)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PIP_VENV)], check=True)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--upgrade",
+            f"pip>={'.'.join(map(str, MIN_PIP))}",
+        ],
+        check=True,
+    )
+    return python
+
+
+def _pip_version(python: Path) -> tuple[int, ...]:
+    found = subprocess.run(
+        [str(python), "-m", "pip", "--version"], capture_output=True, text=True, check=False
+    )
+    match = re.match(r"pip (\d+)\.(\d+)", found.stdout)
+    return tuple(int(v) for v in match.groups()) if match else (0,)
+
+
 def pip_install_lambda(requirements: tuple[str, ...], target: Path, arch: str) -> None:
     """pip install manylinux wheels for CPython 3.12 into ``target``; offline when cached."""
+    pip_python = str(build_pip())
     cache = WHEEL_CACHE / f"cp{LAMBDA_PYTHON.replace('.', '')}-{arch}"
     cache.mkdir(parents=True, exist_ok=True)
     platform_args: list[str] = []
@@ -186,7 +226,7 @@ def pip_install_lambda(requirements: tuple[str, ...], target: Path, arch: str) -
         constraints = fh.name
     try:
         install = [
-            sys.executable,
+            pip_python,
             "-m",
             "pip",
             "install",
@@ -205,7 +245,7 @@ def pip_install_lambda(requirements: tuple[str, ...], target: Path, arch: str) -
             return
         log(f"  downloading wheels into {cache.relative_to(ROOT)} (once; later builds are offline)")
         download = [
-            sys.executable,
+            pip_python,
             "-m",
             "pip",
             "download",
