@@ -70,16 +70,19 @@ ARCH ?= x86_64
 build: venv
 	$(BIN)/python -m infra.build --arch $(ARCH) --zip
 
-# `sam build` (Metadata BuildMethod: makefile) runs these with ARTIFACTS_DIR set. They need only
-# python3 and pip (the project venv when present, for version pins); no Docker.
-BUILD_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+# `sam build` (Metadata BuildMethod: makefile, ContextPath: this folder) runs these with
+# ARTIFACTS_DIR set, from wherever it chooses: the recipes work from the project root. They need
+# only python3 (the project venv when present, for version pins; infra.build brings its own pip);
+# no Docker.
+PROJECT_ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+BUILD_PYTHON := $(if $(wildcard $(PROJECT_ROOT)/$(BIN)/python),$(PROJECT_ROOT)/$(BIN)/python,$(PYTHON))
 .PHONY: build-InferenceFunction build-RefreshFunction build-MonitoringFunction
 build-InferenceFunction:
-	$(BUILD_PYTHON) -m infra.build --function inference --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
+	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function inference --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 build-RefreshFunction:
-	$(BUILD_PYTHON) -m infra.build --function refresh --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
+	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function refresh --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 build-MonitoringFunction:
-	$(BUILD_PYTHON) -m infra.build --function monitoring --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
+	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function monitoring --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache

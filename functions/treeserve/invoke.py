@@ -120,7 +120,7 @@ def runtime_environment(fn: FunctionDef, env: Mapping[str, str]) -> dict[str, st
         "AWS_LAMBDA_FUNCTION_TIMEOUT": str(fn.timeout),
         "AWS_EXECUTION_ENV": f"AWS_Lambda_{fn.runtime}",
         "_HANDLER": fn.handler,
-        "LAMBDA_TASK_ROOT": str(fn.source_dir),
+        "LAMBDA_TASK_ROOT": str(fn.code_uri),
         # As under `sam local invoke`: Powertools' Tracer stays off outside the real service.
         "AWS_SAM_LOCAL": "true",
         **env,
@@ -214,7 +214,7 @@ def invoke(
     )
     with environment(env):
         try:
-            handler = import_handler(fn.source_dir, fn.handler, fresh=fresh)
+            handler = import_handler(fn.code_uri, fn.handler, fresh=fresh)
             payload = handler(event, context)
             json.dumps(payload, default=str)  # the runtime serialises the result
         except Exception as exc:  # the runtime reports any exception as a failed invocation

@@ -634,7 +634,7 @@ def _command(name: str) -> str:
 
 def _where(fn: FunctionDef) -> str:
     """``functions/refresh/app.handler``: where a function's handler lives, from here."""
-    folder = fn.source_dir
+    folder = fn.code_uri
     with contextlib.suppress(ValueError):
         folder = folder.resolve().relative_to(Path.cwd().resolve())
     return f"{folder.as_posix()}/{fn.handler}"
@@ -954,7 +954,7 @@ def load_handler(fn: FunctionDef, env: Mapping[str, str]) -> Callable[..., Any]:
     environment set while it imports: module-level objects (Powertools' service name, settings)
     see what they would in their own Lambda execution environment."""
     with environment(runtime_environment(fn, env)):
-        return import_handler(fn.source_dir, fn.handler)
+        return import_handler(fn.code_uri, fn.handler)
 
 
 def asgi_app(handler: Callable[..., Any]) -> Any:

@@ -116,8 +116,9 @@ class FunctionDef:
     """One ``AWS::Serverless::Function`` with Globals merged and intrinsics resolved."""
 
     logical_id: str
-    code_uri: Path
-    source_dir: Path
+    code_uri: Path  # the function's own folder: its handler module is here
+    project_root: Path  # Metadata.ProjectRootDirectory: what a makefile build may reach
+    makefile_dir: Path  # Metadata.ContextPath: where the build's Makefile is
     handler: str
     runtime: str
     timeout: int
@@ -131,7 +132,7 @@ class FunctionDef:
     def module_file(self) -> Path:
         """The handler's module file, e.g. functions/inference/app.py for ``app.handler``."""
         module = self.handler.rsplit(".", 1)[0]
-        return self.source_dir / (module.replace(".", "/") + ".py")
+        return self.code_uri / (module.replace(".", "/") + ".py")
 
     @property
     def function_name(self) -> str:
@@ -386,12 +387,12 @@ class Template:
             props = self.resolve(_merge_globals(globals_, resource.get("Properties", {}) or {}))
             metadata = resource.get("Metadata", {}) or {}
             code_uri = self.root / str(props.get("CodeUri", "."))
-            source = metadata.get("SourceDir")
             env = (props.get("Environment") or {}).get("Variables") or {}
             found[logical_id] = FunctionDef(
                 logical_id=logical_id,
                 code_uri=code_uri,
-                source_dir=(self.root / str(source)) if source else code_uri,
+                project_root=self.root / str(metadata.get("ProjectRootDirectory") or "."),
+                makefile_dir=self.root / str(metadata.get("ContextPath") or "."),
                 handler=str(props.get("Handler", "")),
                 runtime=str(props.get("Runtime", "")),
                 timeout=int(props.get("Timeout", 3)),
@@ -485,7 +486,7 @@ def load_template(
     region: str | None = None,
     stack_name: str = LOCAL_STACK_NAME,
 ) -> Template:
-    """Load and parse ``path``; relative CodeUri and SourceDir are relative to its folder."""
+    """Load and parse ``path``; relative CodeUri and Metadata paths are relative to its folder."""
     file = Path(path).resolve()
     if not file.is_file():
         raise ConfigurationError(

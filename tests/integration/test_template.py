@@ -45,8 +45,10 @@ def test_functions_have_globals_merged_and_environment_resolved(template: Templa
     for fn in functions.values():
         assert fn.runtime == "python3.12"
         assert fn.handler == "app.handler"
-        assert fn.code_uri == ROOT
-        assert fn.source_dir == ROOT / "functions" / fn.logical_id.removesuffix("Function").lower()
+        # SAM's layout: CodeUri is the function's own folder; the build reaches the project root.
+        assert fn.code_uri == ROOT / "functions" / fn.logical_id.removesuffix("Function").lower()
+        assert fn.project_root == ROOT
+        assert fn.makefile_dir == ROOT
         assert fn.environment["MODEL_BUCKET"] == bucket  # Globals, !Sub with pseudo parameters
         assert fn.environment["MODEL_NAME"] == "default"  # Globals, !Ref parameter default
         assert fn.environment["POWERTOOLS_SERVICE_NAME"].startswith("treeserve-")  # the function's
@@ -155,13 +157,13 @@ def test_every_handler_resolves_to_a_function_in_its_own_folder(
     if not fn.module_file.exists() and logical_id == "MonitoringFunction":
         pytest.skip("functions/monitoring/app.py is not written yet")
     assert fn.module_file.is_file(), fn.module_file
-    assert fn.module_file.parent == fn.source_dir
+    assert fn.module_file.parent == fn.code_uri
     s3_client().create_bucket(Bucket=template.bucket_name())  # inference reads S3 at import
     env = runtime_environment(fn, function_environment(fn))
     with environment(env):
-        handler = import_handler(fn.source_dir, fn.handler, fresh=True)
+        handler = import_handler(fn.code_uri, fn.handler, fresh=True)
     assert callable(handler)
-    module = sys.modules[module_name(fn.source_dir, "app")]
+    module = sys.modules[module_name(fn.code_uri, "app")]
     assert Path(str(module.__file__)).resolve() == fn.module_file.resolve()
     assert module.handler is handler
 
@@ -176,9 +178,9 @@ def test_handlers_of_different_functions_are_different_modules(
     for logical_id in ("InferenceFunction", "RefreshFunction"):
         fn = template.function(logical_id)
         with environment(runtime_environment(fn, function_environment(fn))):
-            handlers.append(import_handler(fn.source_dir, fn.handler, fresh=True))
+            handlers.append(import_handler(fn.code_uri, fn.handler, fresh=True))
     assert handlers[0] is not handlers[1]
-    names = {module_name(template.function(f).source_dir, "app") for f in FUNCTIONS}
+    names = {module_name(template.function(f).code_uri, "app") for f in FUNCTIONS}
     assert len(names) == len(FUNCTIONS)
 
 
@@ -294,14 +296,23 @@ def test_cli_errors_for_a_bad_event_or_function(
 
 
 def test_every_function_builds_through_its_own_makefile_target(template: Template) -> None:
-    """`sam build` runs `make build-<LogicalId>` in CodeUri with ARTIFACTS_DIR set."""
+    """`sam build` runs `make build-<LogicalId>` from the Makefile in ContextPath with
+    ARTIFACTS_DIR set; the recipe works whatever folder make runs in (here: CodeUri)."""
     metadata = {lid: template.resources[lid].get("Metadata", {}) for lid in FUNCTIONS}
     for logical_id, meta in metadata.items():
         assert meta["BuildMethod"] == "makefile", logical_id
         fn = template.function(logical_id)
-        assert (fn.code_uri / "Makefile").is_file()
+        assert (fn.makefile_dir / "Makefile").is_file()
+        assert fn.module_file.is_file()
         dry_run = subprocess.run(
-            ["make", "-n", f"build-{logical_id}", "ARTIFACTS_DIR=/tmp/sam-artifacts"],
+            [
+                "make",
+                "-n",
+                "-f",
+                str(fn.makefile_dir / "Makefile"),
+                f"build-{logical_id}",
+                "ARTIFACTS_DIR=/tmp/sam-artifacts",
+            ],
             cwd=fn.code_uri,
             capture_output=True,
             text=True,
@@ -309,11 +320,12 @@ def test_every_function_builds_through_its_own_makefile_target(template: Templat
         )
         assert dry_run.returncode == 0, dry_run.stderr
         short = logical_id.removesuffix("Function").lower()
+        assert f'cd "{fn.project_root}"' in dry_run.stdout
         assert f"-m infra.build --function {short}" in dry_run.stdout
         assert '--out "/tmp/sam-artifacts"' in dry_run.stdout
     # SAM builds functions whose CodeUri, runtime, handler and Metadata all match only once;
-    # the per-function SourceDir keeps the three builds apart.
-    assert len({json.dumps(m, sort_keys=True) for m in metadata.values()}) == len(FUNCTIONS)
+    # their own CodeUri keeps the three builds apart.
+    assert len({template.function(lid).code_uri for lid in FUNCTIONS}) == len(FUNCTIONS)
 
 
 def test_the_console_script_against_a_moto_server(template: Template, tmp_path: Path) -> None:
