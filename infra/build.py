@@ -267,13 +267,28 @@ def pip_install_lambda(requirements: tuple[str, ...], target: Path, arch: str) -
 # --- assembling, pruning, measuring -----------------------------------------------------------
 
 
+# The user's shell tools (CLI, local stack, template reader, demo, HTML report): no function
+# imports them, and some cannot even import in Lambda (the template reader needs yaml).
+SHELL_MODULES = (
+    "cli.py",
+    "commands.py",
+    "monitoring_cli.py",
+    "local.py",
+    "template.py",
+    "invoke.py",
+    "demo.py",
+    "report_html.py",
+)
+
+
 def copy_sources(function: str, target: Path) -> None:
-    """The treeserve package (without the demo dataset) and the function's handler module."""
+    """The treeserve package (without the shell tools and the demo data) and the function's
+    handler module."""
     package = FUNCTIONS_DIR / "treeserve"
     shutil.copytree(
         package,
         target / "treeserve",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data", *SHELL_MODULES),
         dirs_exist_ok=True,
     )
     handler_dir = FUNCTIONS_DIR / function

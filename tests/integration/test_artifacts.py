@@ -11,6 +11,7 @@ runs. The cross-platform Lambda artifacts are built by ``make build`` (sizes in 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -296,6 +297,37 @@ def test_handlers_answer_from_their_artifacts_alone(
         endpoint=moto_endpoint,
     )
     assert isinstance(report["result"], dict)
+
+
+SHELL_ONLY = {"yaml", "moto", "uvicorn"} | {
+    f"treeserve.{m.removesuffix('.py')}" for m in build.SHELL_MODULES
+}
+
+
+def _imports(source: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_artifact_code_imports_no_shell_tool(artifacts: Artifacts) -> None:
+    """Our code in every artifact (the handler and the treeserve package) imports none of the
+    shell tools or what only they need, and the tools' modules are not there at all."""
+    for name, path in artifacts.paths.items():
+        files = [path / "app.py", *(path / "treeserve").rglob("*.py")]
+        assert len(files) > 10, name
+        for file in files:
+            imported = _imports(file.read_text())
+            bad = {i for i in imported if i in SHELL_ONLY or i.split(".")[0] in SHELL_ONLY}
+            assert not bad, (name, file.relative_to(path), sorted(bad))
+        for module in build.SHELL_MODULES:
+            assert not (path / "treeserve" / module).exists(), (name, module)
+        assert not (path / "treeserve" / "data").exists(), name
 
 
 def test_build_fails_over_budget_and_with_forbidden_distributions(
