@@ -33,8 +33,12 @@ lint: venv
 	$(BIN)/ruff check functions tests infra
 	$(BIN)/ruff format --check functions tests infra
 
+# Strict over the library, the build and benchmark tools, and each handler (three modules named
+# `app`, so one run each).
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/mypy -p infra
+	for handler in functions/*/app.py; do $(BIN)/mypy "$$handler" || exit 1; done
 
 cfn-lint: venv
 	$(BIN)/cfn-lint template.yaml

@@ -33,7 +33,7 @@ from pathlib import Path
 try:
     from packaging.requirements import Requirement
 except ImportError:  # a bare interpreter (sam build outside the venv): pip vendors packaging
-    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_DIR = ROOT / "functions"
