@@ -67,6 +67,7 @@ MANIFEST_KEYS = frozenset(
         "threshold",
         "metrics",
         "label",
+        "output_names",
     }
 )
 FEATURE_TYPES = frozenset({"float", "int", "i", "q", "c"})
@@ -143,6 +144,10 @@ class ModelUpload:
             feature_types=list(self.feature_types),
             num_class=self.info.num_class,
             num_trees=self.info.num_trees,
+            iteration_range=self.info.iteration_range,
+            num_outputs=num_outputs(self.info),
+            output_names=output_names(self.info, self.declared.get("output_names")),
+            vector_leaf=self.info.vector_leaf,
             class_names=self.declared.get("class_names"),
             threshold=threshold,
             label=self.label,
@@ -549,6 +554,8 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         out["feature_types"] = list(types)
     if data.get("class_names") is not None:
         out["class_names"] = _names(data["class_names"], "class_names")
+    if data.get("output_names") is not None:
+        out["output_names"] = _names(data["output_names"], "output_names")
     if data.get("threshold") is not None:
         t = data["threshold"]
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 < float(t) < 1.0:
@@ -748,8 +755,34 @@ def _check_manifest_against_model(declared: dict[str, Any], facts: dict[str, Any
             )
         if task not in ("binary", "multiclass"):
             raise _mismatch(f"class_names given for a {task} model ({facts['objective']})")
+    outputs = declared.get("output_names")
+    k = max(facts["num_target"], len(facts["outputs"] or []))
+    if outputs is not None and (task in ("binary", "multiclass") or len(outputs) != k):
+        raise _mismatch(
+            f"output_names lists {len(outputs)} names; the model ({facts['objective']}) has "
+            f"{k} output{'s' if k != 1 else ''}: name each target of a multi-target regression"
+        )
     if declared.get("threshold") is not None and task != "binary":
         raise _mismatch(f"threshold applies to binary models, this one is {facts['objective']}")
+
+
+def num_outputs(info: ModelInfo) -> int:
+    """Values per row in a prediction: k for multi:softprob, the quantiles or the targets."""
+    shape = expected_shape(info, 1)
+    return shape[1] if len(shape) == 2 else 1
+
+
+def output_names(info: ModelInfo, declared: list[str] | None) -> list[str] | None:
+    """What each output of a multi-output regression is: the manifest's ``output_names`` (target
+    names), else the quantiles (``quantile_0.1``), else ``target_0``, ...; None otherwise."""
+    k = num_outputs(info)
+    if k < 2 or task_of(info.objective, info.num_class) in ("binary", "multiclass"):
+        return None
+    if declared is not None:
+        return list(declared)
+    if info.outputs is not None and len(info.outputs) == k:
+        return list(info.outputs)
+    return [f"target_{i}" for i in range(k)]
 
 
 def expected_shape(info: ModelInfo, n: int) -> tuple[int, ...]:
