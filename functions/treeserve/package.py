@@ -17,7 +17,8 @@ Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these sta
 ``special_member``, ``path_traversal``, ``duplicate_member``, ``unexpected_member``,
 ``too_many_members``, ``missing_model``, ``too_many_features``, ``manifest_invalid``,
 ``manifest_mismatch``, ``csv_invalid``, ``csv_mismatch``, ``too_many_rows``, ``missing_label``,
-``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``.
+``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``,
+``unsupported_booster``.
 """
 
 from __future__ import annotations
@@ -282,9 +283,38 @@ def sniff(data: bytes, filename: str) -> UploadKind:
         raise UploadRejected(
             "unknown_format", f"bzip2/xz archives are not accepted: use gzip: {_PACKAGE_HINT}"
         )
+    if _looks_like_legacy_binary(head):
+        raise UploadRejected(
+            "unknown_format",
+            f"{filename!r} is an XGBoost model in the legacy binary format (Booster.save_model "
+            "to a .bin/.model file before XGBoost 2.0), which XGBoost 3.1 and later cannot "
+            "read: load it with an XGBoost before 3.1 (pip install 'xgboost<3.1'), save it "
+            "again with booster.save_model('model.ubj') and upload that file",
+        )
     raise UploadRejected(
         "unknown_format", f"{filename!r} is not an XGBoost model or package: {_PACKAGE_HINT}"
     )
+
+
+# The legacy binary model: an optional "binf" tag, a 136-byte parameter block, then the
+# objective's name and the booster's name, each a little-endian uint64 length and its bytes.
+_LEGACY_PARAM_BYTES = 136
+_LEGACY_BOOSTERS = (b"gbtree", b"gblinear", b"dart")
+
+
+def _looks_like_legacy_binary(head: bytes) -> bool:
+    body = head[4:] if head[:4] == b"binf" else head
+    pos = _LEGACY_PARAM_BYTES
+    names: list[bytes] = []
+    for _ in range(2):
+        if len(body) < pos + 8:
+            return False
+        n = int.from_bytes(body[pos : pos + 8], "little")
+        if not 0 < n <= 64 or len(body) < pos + 8 + n:
+            return False
+        names.append(body[pos + 8 : pos + 8 + n])
+        pos += 8 + n
+    return b":" in names[0] and names[1] in _LEGACY_BOOSTERS
 
 
 # --- the model document (cheap structural checks, no XGBoost) --------------------------------
@@ -893,6 +923,14 @@ def read_upload(
         )
     if facts["num_features"] < 1:
         raise UploadRejected("corrupt", "the model has no features")
+    if facts["booster"] == "gblinear":
+        raise UploadRejected(
+            "unsupported_booster",
+            f"{model_name} is a linear model (booster='gblinear'), which XGBoost cannot "
+            "predict in place (treeserve's serving path) nor explain with TreeSHAP: retrain "
+            "with booster='gbtree' (the default) or 'dart', or serve it yourself with "
+            "Booster.predict(DMatrix(...))",
+        )
 
     declared: dict[str, Any] = {}
     if "manifest.json" in members:
