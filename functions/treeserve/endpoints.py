@@ -107,6 +107,8 @@ class Endpoints:
         service.maybe_refresh()
         try:
             loaded = service.current()
+            if kind == "explain":
+                loaded.predictor.check_explainable()
             parsed = parse_body(
                 body,
                 content_type,

@@ -283,16 +283,20 @@ class Predictor:
             return Prediction(values, [table[i] for i in index])
         return Prediction(values, None)
 
-    def explain(self, X: np.ndarray) -> Explanation:
-        """Per-row, per-feature TreeSHAP contributions plus bias (in margin space).
-
-        They add up to the margin of the same rounds that :meth:`predict` uses."""
+    def check_explainable(self) -> None:
+        """Raise ExplainUnavailable (422) for a model XGBoost cannot explain."""
         if self.manifest.vector_leaf:
             raise ExplainUnavailable(
                 "explain is not available for this model: XGBoost has no TreeSHAP for "
                 "vector-leaf trees (multi_strategy='multi_output_tree'); use /predict, or "
                 "train with multi_strategy='one_output_per_tree' to explain"
             )
+
+    def explain(self, X: np.ndarray) -> Explanation:
+        """Per-row, per-feature TreeSHAP contributions plus bias (in margin space).
+
+        They add up to the margin of the same rounds that :meth:`predict` uses."""
+        self.check_explainable()
         dmatrix = xgb.DMatrix(
             X,
             feature_names=self.feature_names,
