@@ -139,6 +139,9 @@ def served(
     stack = build_stack(monkeypatch, s3)
     path = tmp_path / "model.ubj"
     case.model.save_model(path)
+    reloaded = type(case.model)()
+    reloaded.load_model(path)  # the wrapper re-loaded from the file predicts as the original
+    assert np.array_equal(reloaded.predict(case.X), case.model.predict(case.X))
     outcomes = stack.deliver_s3(stack.put("incoming/default/model.ubj", path.read_bytes()))
     assert [o["status"] for o in outcomes] == ["promoted"], outcomes
     monkeypatch.setenv("MODEL_REFRESH_SECONDS", "60")

@@ -159,8 +159,9 @@ def test_gblinear_is_refused_with_what_to_do(cancer: tuple[pd.DataFrame, pd.Seri
 
 
 def _legacy_binary(objective: bytes, booster: bytes, tag: bytes = b"") -> bytes:
-    # XGBoost < 2's binary layout: LearnerModelParamLegacy (136 bytes: base_score, num_feature,
-    # num_class, ...), then the objective's and the booster's names as dmlc strings.
+    # XGBoost < 2's binary layout (checked against a file Booster.save_model('m.bin') wrote with
+    # xgboost 1.7.6): an optional "binf" tag, LearnerModelParamLegacy (136 bytes: base_score,
+    # num_feature, num_class, ...), then the objective's and the booster's names as dmlc strings.
     param = struct.pack("<fIi", 0.5, 30, 0) + b"\0" * (136 - 12)
     names = b"".join(struct.pack("<Q", len(s)) + s for s in (objective, booster))
     return tag + param + names + b"\0" * 64
