@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--holdout", metavar="CSV", help="features plus the label column (quality gate)")
     p.add_argument("--label", metavar="COL", help="label column of --holdout (required with it)")
+    p.add_argument(
+        "--class-names",
+        metavar="A,B,...",
+        help="labels of classes 0, 1, ... in class order, comma-separated (written into the "
+        "package's manifest.json; XGBoost's files keep no class names)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the verdict and print it")
     p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)"

@@ -24,7 +24,7 @@ import threading
 import time
 from contextlib import suppress
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final, TextIO
 
 from treeserve.errors import StorageUnavailable, TreeserveError
@@ -168,16 +168,48 @@ def _is_number(text: str) -> bool:
 
 
 def _pack(
-    model: Path, kind: str, reference: Path | None, holdout: Path | None, label: str | None
+    model: Path,
+    kind: str,
+    reference: Path | None,
+    holdout: Path | None,
+    manifest: dict[str, Any],
 ) -> IO[bytes]:
     """A gzip tarball of the model and its CSVs, in a temporary file (no links, no owners)."""
-    out = tempfile.TemporaryFile()  # noqa: SIM115 - returned open; the caller closes it
     members: list[tuple[str, Path | bytes]] = [(f"model.{kind}", model)]
     if reference is not None:
         members.append(("reference.csv", reference))
     if holdout is not None:
         members.append(("holdout.csv", holdout))
-        members.append(("manifest.json", json.dumps({"label": label}).encode()))
+    if manifest:
+        members.append(("manifest.json", json.dumps(manifest).encode()))
+    return _tarball(members)
+
+
+def _repack(package: Path, extra: dict[str, Any]) -> IO[bytes]:
+    """The package with ``extra`` merged into its manifest.json (``--class-names``)."""
+    members: list[tuple[str, Path | bytes]] = []
+    manifest: dict[str, Any] = {}
+    try:
+        with tarfile.open(package, mode="r:gz") as tar:
+            for info in tar:
+                handle = tar.extractfile(info) if info.isreg() else None
+                if handle is None:
+                    continue  # directories; links and devices the refresh would refuse anyway
+                data = handle.read()
+                if PurePosixPath(info.name).name == "manifest.json":
+                    manifest = json.loads(data.decode("utf-8-sig"))
+                else:
+                    members.append((PurePosixPath(info.name).name, data))
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise UsageError(f"{package} cannot be read as a package: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{package}: manifest.json must be a JSON object")
+    members.append(("manifest.json", json.dumps({**manifest, **extra}).encode()))
+    return _tarball(members)
+
+
+def _tarball(members: list[tuple[str, Path | bytes]]) -> IO[bytes]:
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - returned open; the caller closes it
     now = int(time.time())
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         for arcname, source in members:
@@ -254,10 +286,16 @@ def publish(args: argparse.Namespace) -> int:
             )
     if args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
+    manifest: dict[str, Any] = {"label": args.label} if holdout is not None else {}
+    if args.class_names is not None:
+        manifest["class_names"] = _class_names(args.class_names)
 
     settings, name, store, registry = _target(args)
-    if reference is not None or holdout is not None:
-        body: IO[bytes] = _pack(model, kind, reference, holdout, args.label)
+    if kind == "targz" and manifest:
+        body: IO[bytes] = _repack(model, manifest)
+        filename = model.name
+    elif manifest or reference is not None:
+        body = _pack(model, kind, reference, holdout, manifest)
         filename = re.sub(r"\.(ubj|json)$", "", model.name, flags=re.IGNORECASE) + ".tar.gz"
     else:
         body, filename = model.open("rb"), model.name
@@ -289,6 +327,17 @@ def publish(args: argparse.Namespace) -> int:
     return _wait(
         registry, uid, bucket=settings.model_bucket, key=key, name=name, timeout=args.timeout
     )
+
+
+def _class_names(text: str) -> list[str]:
+    """``--class-names a,b,c``: the label of class 0, 1, 2 (what /predict answers as labels)."""
+    names = [part.strip() for part in text.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise UsageError(
+            f"--class-names {text!r}: give one distinct, non-empty name per class, in class "
+            "order, separated by commas (e.g. --class-names benign,malignant)"
+        )
+    return names
 
 
 # --- publish --wait ------------------------------------------------------------------------------

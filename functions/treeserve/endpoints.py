@@ -107,6 +107,8 @@ class Endpoints:
         service.maybe_refresh()
         try:
             loaded = service.current()
+            if kind == "explain":
+                loaded.predictor.check_explainable()
             parsed = parse_body(
                 body,
                 content_type,
@@ -146,7 +148,13 @@ class Endpoints:
         if self.capture is not None:
             self.capture.record(ids, X, prediction.values, prediction.labels, loaded.version)
         if csv_out:
-            return _predict_csv(ids, prediction.values, prediction.labels, predictor.class_names)
+            return _predict_csv(
+                ids,
+                prediction.values,
+                prediction.labels,
+                predictor.class_names,
+                predictor.output_names,
+            )
         document: dict[str, Any] = {
             "model": {"name": predictor.manifest.name, "version": loaded.version},
             "predictions": prediction.values,
@@ -167,6 +175,8 @@ class Endpoints:
         }
         if explanation.class_names is not None:
             document["classes"] = explanation.class_names
+        if explanation.output_names is not None:
+            document["outputs"] = explanation.output_names
         document["contributions"] = explanation.contributions
         document["bias"] = explanation.bias
         document["ids"] = ids
@@ -279,16 +289,24 @@ def _csv_text(rows: list[list[Any]]) -> bytes:
 
 
 def _predict_csv(
-    ids: list[Any], values: np.ndarray, labels: list[Any] | None, class_names: list[Any] | None
+    ids: list[Any],
+    values: np.ndarray,
+    labels: list[Any] | None,
+    class_names: list[Any] | None,
+    output_names: list[str] | None,
 ) -> bytes:
-    if values.ndim == 2:
+    if values.ndim == 2 and labels is not None:  # class probabilities
         k = values.shape[1]
         names = class_names if class_names and len(class_names) == k else list(range(k))
         header = ["id", *(f"prob_{name}" for name in names), "label"]
         rows = [
-            [i, *probs, label]
-            for i, probs, label in zip(ids, values.tolist(), labels or [], strict=True)
+            [i, *probs, label] for i, probs, label in zip(ids, values.tolist(), labels, strict=True)
         ]
+    elif values.ndim == 2:  # several quantiles or targets: one named column each
+        k = values.shape[1]
+        outputs = output_names if output_names and len(output_names) == k else None
+        header = ["id", *(outputs or (f"output_{j}" for j in range(k)))]
+        rows = [[i, *row] for i, row in zip(ids, values.tolist(), strict=True)]
     elif labels is not None:
         header = ["id", "prediction", "label"]
         rows = [[i, p, lab] for i, p, lab in zip(ids, values.tolist(), labels, strict=True)]
@@ -299,13 +317,17 @@ def _predict_csv(
 
 
 def _explain_csv(ids: list[Any], contributions: np.ndarray, bias: np.ndarray, ex: Any) -> bytes:
+    """One row per input row, or per (row, class) / (row, output) when there are several."""
     names: list[str] = ex.feature_names
     if contributions.ndim == 3:
-        header = ["id", "class", "bias", *names]
+        column, blocks = (
+            ("class", ex.class_names) if ex.class_names is not None else ("output", ex.output_names)
+        )
+        header = ["id", column, "bias", *names]
         rows = [
-            [row_id, cls, bias[r, c].item(), *contributions[r, c].tolist()]
+            [row_id, block, bias[r, c].item(), *contributions[r, c].tolist()]
             for r, row_id in enumerate(ids)
-            for c, cls in enumerate(ex.class_names)
+            for c, block in enumerate(blocks)
         ]
     else:
         header = ["id", "bias", *names]

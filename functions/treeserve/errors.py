@@ -89,3 +89,10 @@ class InputMismatch(InvalidInput):
 
     status = 422
     type = "input_mismatch"
+
+
+class ExplainUnavailable(InvalidInput):
+    """The model cannot be explained (XGBoost has no TreeSHAP for its trees)."""
+
+    status = 422
+    type = "explain_unavailable"

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from treeserve import decision
 from treeserve.errors import UploadRejected
 
 FloatArray = npt.NDArray[np.float64]
@@ -128,8 +129,13 @@ def check_labels(task: str, y: npt.ArrayLike, num_class: int) -> FloatArray:
     return y_arr
 
 
-def model_outputs(model_ubj: bytes, X: FloatArray, task: str) -> FloatArray:
+def model_outputs(
+    model_ubj: bytes, X: FloatArray, task: str, iteration_range: Sequence[int] | None = None
+) -> FloatArray:
     """What the gate scores: probabilities for classification, values for regression.
+
+    ``iteration_range`` (the manifest's): the rounds the model's own predict uses, so the gate
+    scores what is served (an early-stopped model without the rounds after its best).
 
     Loads the bytes in-process: the challenger's were already loaded once in the sandbox, and the
     champion's come from the registry, where only sandbox-validated bytes are ever written.
@@ -139,20 +145,41 @@ def model_outputs(model_ubj: bytes, X: FloatArray, task: str) -> FloatArray:
     import xgboost as xgb  # noqa: PLC0415
 
     booster = xgb.Booster(params={"nthread": 1}, model_file=bytearray(model_ubj))
+    rounds = (int(iteration_range[0]), int(iteration_range[1])) if iteration_range else (0, 0)
     if task in ("binary", "multiclass"):
-        margin = np.asarray(booster.inplace_predict(X, predict_type="margin"), dtype=np.float64)
+        margin = np.asarray(
+            booster.inplace_predict(X, predict_type="margin", iteration_range=rounds),
+            dtype=np.float64,
+        )
         if task == "binary":
             return sigmoid(margin.reshape(-1))
         return softmax(margin.reshape(X.shape[0], -1))
-    return np.asarray(booster.inplace_predict(X, predict_type="value"), dtype=np.float64)
+    return np.asarray(
+        booster.inplace_predict(X, predict_type="value", iteration_range=rounds),
+        dtype=np.float64,
+    )
 
 
-def score(task: str, y: FloatArray, outputs: FloatArray) -> dict[str, float]:
-    """Every metric the gate records for ``task`` (finite values only)."""
+def score(
+    task: str,
+    y: FloatArray,
+    outputs: FloatArray,
+    objective: str = "binary:logistic",
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """Every metric the gate records for ``task`` (finite values only).
+
+    Binary accuracy counts the labels the model serves (:mod:`treeserve.decision` on the
+    probabilities :func:`model_outputs` gives: a margin above logit(threshold) is a probability
+    above the threshold; ``binary:hinge`` is positive above probability 0.5, margin 0)."""
     metrics: dict[str, float] = {"n": float(y.size)}
     if task == "binary":
         metrics["auc"] = roc_auc(y, outputs)
         metrics["logloss"] = log_loss(y, outputs)
+        cut = decision.value_cut("binary:logistic", threshold)
+        if objective in decision.LABEL_OBJECTIVES:
+            cut = decision.DEFAULT_THRESHOLD
+        metrics["accuracy"] = float(np.mean((outputs.ravel() > cut) == (y == 1.0)))
     elif task == "multiclass":
         metrics["logloss"] = log_loss(y, outputs)
         metrics["accuracy"] = float(np.mean(outputs.argmax(axis=1) == y))

@@ -45,6 +45,13 @@ class ModelManifest:
     feature_types: list[str]  # XGBoost's: "float", "int", "i" (indicator), "q", "c" (categorical)
     num_class: int = 0  # 0 or 1 for binary/regression, k for multi:* objectives
     num_trees: int = 0
+    # [begin, end) in boosting rounds that every prediction uses: early stopping's
+    # [0, best_iteration + 1), as the scikit-learn wrapper predicts; None for every round.
+    iteration_range: list[int] | None = None
+    num_outputs: int = 1  # values per row: k for multi:softprob, quantiles or targets
+    # What each of several outputs is (regression with several quantiles or targets), else None.
+    output_names: list[str] | None = None
+    vector_leaf: bool = False  # multi_output_tree trees: no TreeSHAP, /explain answers 422
     class_names: list[str] | None = None
     threshold: float | None = None  # binary decision threshold (default 0.5)
     label: str | None = None

@@ -37,7 +37,7 @@ import numpy.typing as npt
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from treeserve import drift, gate
+from treeserve import decision, drift, gate
 from treeserve.aws import s3_client, sns_client
 from treeserve.errors import (
     ConfigurationError,
@@ -236,9 +236,17 @@ def _label_value(label: Any, manifest: ModelManifest) -> float | None:
 
 
 def performance(
-    task: str, y: npt.ArrayLike, predictions: npt.ArrayLike, threshold: float = 0.5
+    task: str,
+    y: npt.ArrayLike,
+    predictions: npt.ArrayLike,
+    threshold: float | None = 0.5,
+    objective: str = "binary:logistic",
 ) -> dict[str, Any]:
-    """Performance of predictions against labels (metrics from :mod:`treeserve.gate`)."""
+    """Performance of predictions against labels (metrics from :mod:`treeserve.gate`).
+
+    Binary ``predictions`` are the values the model served (a margin for ``binary:logitraw``):
+    accuracy decides labels as serving does (:mod:`treeserve.decision`), log loss on
+    probabilities."""
     y_arr = np.asarray(y, dtype=np.float64)
     p = np.asarray(predictions, dtype=np.float64)
     out: dict[str, Any] = {"rows": int(y_arr.size)}
@@ -247,8 +255,9 @@ def performance(
     if task == "binary":
         p = p.reshape(-1)
         out["auc"] = drift.finite(gate.roc_auc(y_arr, p))
-        out["accuracy"] = float(np.mean((p >= threshold) == (y_arr == 1.0)))
-        out["log_loss"] = drift.finite(gate.log_loss(y_arr, p))
+        labels = decision.positive(objective, threshold, p)
+        out["accuracy"] = float(np.mean(labels == (y_arr == 1.0)))
+        out["log_loss"] = drift.finite(gate.log_loss(y_arr, decision.probabilities(objective, p)))
     elif task == "multiclass":
         p = p.reshape(y_arr.size, -1)
         valid = (y_arr >= 0) & (y_arr < p.shape[1]) & (y_arr == np.round(y_arr))
@@ -339,7 +348,7 @@ class VersionState:
         if self.labelled_y and m is not None:
             y = np.concatenate(self.labelled_y)
             p = np.concatenate(self.labelled_p)
-            out["performance"] = performance(m.task, y, p, _threshold(m))
+            out["performance"] = performance(m.task, y, p, _threshold(m), m.objective)
         return out
 
 
@@ -843,13 +852,17 @@ def build_report(
         sts = [st for st in mon.versions.values() if st.labelled_y and st.manifest]
         widths = {st.labelled_p[0].shape[1] for st in sts}
         if len(widths) == 1:
-            threshold = _threshold(sts[0].manifest)
-            overall_perf = performance(
-                task,
-                np.concatenate(labelled_y),
-                np.concatenate([p for st in sts for p in st.labelled_p]),
-                threshold,
-            )
+            first = sts[0].manifest
+            assert first is not None  # noqa: S101 - sts holds states with a manifest
+            objectives = {st.manifest.objective for st in sts if st.manifest}
+            if len(objectives) == 1:  # one decision rule for every row
+                overall_perf = performance(
+                    task,
+                    np.concatenate(labelled_y),
+                    np.concatenate([p for st in sts for p in st.labelled_p]),
+                    _threshold(first),
+                    first.objective,
+                )
     return {
         "model": mon.model,
         "status": "ok" if rows else "no data",

@@ -17,7 +17,8 @@ Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these sta
 ``special_member``, ``path_traversal``, ``duplicate_member``, ``unexpected_member``,
 ``too_many_members``, ``missing_model``, ``too_many_features``, ``manifest_invalid``,
 ``manifest_mismatch``, ``csv_invalid``, ``csv_mismatch``, ``too_many_rows``, ``missing_label``,
-``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``.
+``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``,
+``unsupported_booster``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ MANIFEST_KEYS = frozenset(
         "threshold",
         "metrics",
         "label",
+        "output_names",
     }
 )
 FEATURE_TYPES = frozenset({"float", "int", "i", "q", "c"})
@@ -143,6 +145,10 @@ class ModelUpload:
             feature_types=list(self.feature_types),
             num_class=self.info.num_class,
             num_trees=self.info.num_trees,
+            iteration_range=self.info.iteration_range,
+            num_outputs=num_outputs(self.info),
+            output_names=output_names(self.info, self.declared.get("output_names")),
+            vector_leaf=self.info.vector_leaf,
             class_names=self.declared.get("class_names"),
             threshold=threshold,
             label=self.label,
@@ -277,9 +283,38 @@ def sniff(data: bytes, filename: str) -> UploadKind:
         raise UploadRejected(
             "unknown_format", f"bzip2/xz archives are not accepted: use gzip: {_PACKAGE_HINT}"
         )
+    if _looks_like_legacy_binary(head):
+        raise UploadRejected(
+            "unknown_format",
+            f"{filename!r} is an XGBoost model in the legacy binary format (Booster.save_model "
+            "to a .bin/.model file before XGBoost 2.0), which XGBoost 3.1 and later cannot "
+            "read: load it with an XGBoost before 3.1 (pip install 'xgboost<3.1'), save it "
+            "again with booster.save_model('model.ubj') and upload that file",
+        )
     raise UploadRejected(
         "unknown_format", f"{filename!r} is not an XGBoost model or package: {_PACKAGE_HINT}"
     )
+
+
+# The legacy binary model: an optional "binf" tag, a 136-byte parameter block, then the
+# objective's name and the booster's name, each a little-endian uint64 length and its bytes.
+_LEGACY_PARAM_BYTES = 136
+_LEGACY_BOOSTERS = (b"gbtree", b"gblinear", b"dart")
+
+
+def _looks_like_legacy_binary(head: bytes) -> bool:
+    body = head[4:] if head[:4] == b"binf" else head
+    pos = _LEGACY_PARAM_BYTES
+    names: list[bytes] = []
+    for _ in range(2):
+        if len(body) < pos + 8:
+            return False
+        n = int.from_bytes(body[pos : pos + 8], "little")
+        if not 0 < n <= 64 or len(body) < pos + 8 + n:
+            return False
+        names.append(body[pos + 8 : pos + 8 + n])
+        pos += 8 + n
+    return b":" in names[0] and names[1] in _LEGACY_BOOSTERS
 
 
 # --- the model document (cheap structural checks, no XGBoost) --------------------------------
@@ -549,6 +584,8 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         out["feature_types"] = list(types)
     if data.get("class_names") is not None:
         out["class_names"] = _names(data["class_names"], "class_names")
+    if data.get("output_names") is not None:
+        out["output_names"] = _names(data["output_names"], "output_names")
     if data.get("threshold") is not None:
         t = data["threshold"]
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 < float(t) < 1.0:
@@ -748,8 +785,34 @@ def _check_manifest_against_model(declared: dict[str, Any], facts: dict[str, Any
             )
         if task not in ("binary", "multiclass"):
             raise _mismatch(f"class_names given for a {task} model ({facts['objective']})")
+    outputs = declared.get("output_names")
+    k = max(facts["num_target"], len(facts["outputs"] or []))
+    if outputs is not None and (task in ("binary", "multiclass") or len(outputs) != k):
+        raise _mismatch(
+            f"output_names lists {len(outputs)} names; the model ({facts['objective']}) has "
+            f"{k} output{'s' if k != 1 else ''}: name each target of a multi-target regression"
+        )
     if declared.get("threshold") is not None and task != "binary":
         raise _mismatch(f"threshold applies to binary models, this one is {facts['objective']}")
+
+
+def num_outputs(info: ModelInfo) -> int:
+    """Values per row in a prediction: k for multi:softprob, the quantiles or the targets."""
+    shape = expected_shape(info, 1)
+    return shape[1] if len(shape) == 2 else 1
+
+
+def output_names(info: ModelInfo, declared: list[str] | None) -> list[str] | None:
+    """What each output of a multi-output regression is: the manifest's ``output_names`` (target
+    names), else the quantiles (``quantile_0.1``), else ``target_0``, ...; None otherwise."""
+    k = num_outputs(info)
+    if k < 2 or task_of(info.objective, info.num_class) in ("binary", "multiclass"):
+        return None
+    if declared is not None:
+        return list(declared)
+    if info.outputs is not None and len(info.outputs) == k:
+        return list(info.outputs)
+    return [f"target_{i}" for i in range(k)]
 
 
 def expected_shape(info: ModelInfo, n: int) -> tuple[int, ...]:
@@ -860,6 +923,14 @@ def read_upload(
         )
     if facts["num_features"] < 1:
         raise UploadRejected("corrupt", "the model has no features")
+    if facts["booster"] == "gblinear":
+        raise UploadRejected(
+            "unsupported_booster",
+            f"{model_name} is a linear model (booster='gblinear'), which XGBoost cannot "
+            "predict in place (treeserve's serving path) nor explain with TreeSHAP: retrain "
+            "with booster='gbtree' (the default) or 'dart', or serve it yourself with "
+            "Booster.predict(DMatrix(...))",
+        )
 
     declared: dict[str, Any] = {}
     if "manifest.json" in members:

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from treeserve.errors import ModelLoadError
+from treeserve import decision
+from treeserve.errors import ExplainUnavailable, ModelLoadError
 from treeserve.manifest import ModelManifest
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = decision.DEFAULT_THRESHOLD
 
 # UBJ and JSON models both start with "{". XGBoost aborts the whole process on some malformed
 # buffers (an empty one), so refuse what is obviously not a model before XGBoost sees it.
@@ -63,6 +64,7 @@ class Explanation:
     bias: np.ndarray
     feature_names: list[str]
     class_names: list[Any] | None
+    output_names: list[str] | None = None  # multi-output regression: one block per output
 
 
 def sha256_hex(data: bytes) -> str:
@@ -72,18 +74,23 @@ def sha256_hex(data: bytes) -> str:
 # XGBoosterPredictFromDense(handle, array interface, config, proxy, &shape, &dim, &out) has had
 # this signature since XGBoost 1.4; checked for the majors the tests run.
 SUPPORTED_XGBOOST_MAJORS = ("2", "3")
-# inplace_predict's arguments with its defaults: values (not margins), all trees, NaN is missing.
-_PREDICT_ARGS = json.dumps(
-    {
-        "type": 0,
-        "training": False,
-        "iteration_begin": 0,
-        "iteration_end": 0,
-        "missing": float("nan"),
-        "strict_shape": False,
-        "cache_id": 0,
-    }
-).encode()
+
+
+def _predict_args(iteration_range: tuple[int, int]) -> bytes:
+    """inplace_predict's arguments: values (not margins), the model's rounds, NaN is missing."""
+    return json.dumps(
+        {
+            "type": 0,
+            "training": False,
+            "iteration_begin": iteration_range[0],
+            "iteration_end": iteration_range[1],
+            "missing": float("nan"),
+            "strict_shape": False,
+            "cache_id": 0,
+        }
+    ).encode()
+
+
 _INTERFACE = (
     b'{"data": [%d, true], "shape": [%d, %d], "strides": null, "typestr": "<f4", "version": 3}'
 )
@@ -92,8 +99,9 @@ _INTERFACE = (
 class DenseCall:
     """``XGBoosterPredictFromDense`` for one booster, as ``inplace_predict`` calls it."""
 
-    def __init__(self, booster: xgb.Booster) -> None:
+    def __init__(self, booster: xgb.Booster, iteration_range: tuple[int, int] = (0, 0)) -> None:
         core = xgb.core
+        self._args = _predict_args(iteration_range)
         self._booster = booster  # keeps the handle alive
         self._handle = booster.handle
         self._function = core._LIB.XGBoosterPredictFromDense
@@ -103,7 +111,9 @@ class DenseCall:
         self._float_p = ctypes.POINTER(ctypes.c_float)
 
     @classmethod
-    def checked(cls, booster: xgb.Booster, rows: np.ndarray) -> DenseCall | None:
+    def checked(
+        cls, booster: xgb.Booster, rows: np.ndarray, iteration_range: tuple[int, int] = (0, 0)
+    ) -> DenseCall | None:
         """A DenseCall that answered ``rows`` exactly as ``inplace_predict``, else None.
 
         Only for the XGBoost majors whose C signature it was written against (2 and 3): a
@@ -113,10 +123,12 @@ class DenseCall:
             logger.info("direct prediction call not used with XGBoost %s", xgb.__version__)
             return None
         try:
-            call = cls(booster)
+            call = cls(booster, iteration_range)
             same = np.array_equal(
                 call(rows),
-                booster.inplace_predict(rows, validate_features=False),
+                booster.inplace_predict(
+                    rows, validate_features=False, iteration_range=iteration_range
+                ),
                 equal_nan=True,
             )
         except Exception as exc:  # an XGBoost whose internals moved: the public path serves
@@ -137,7 +149,7 @@ class DenseCall:
             self._function(
                 self._handle,
                 _INTERFACE % (X.ctypes.data, n, d),
-                _PREDICT_ARGS,
+                self._args,
                 None,
                 ctypes.byref(shape),
                 ctypes.byref(dims),
@@ -165,11 +177,21 @@ class Predictor:
         self.task = manifest.task
         self.threshold = (
             DEFAULT_THRESHOLD if manifest.threshold is None else float(manifest.threshold)
-        )
+        )  # on the probability scale; labels use self._cut, on the model's own scale
         self.class_names: list[Any] | None = (
             list(manifest.class_names) if manifest.class_names else None
         )
         self.is_classifier = self.task in ("binary", "multiclass")
+        # The rounds the model's own predict uses ((0, 0): all of them).
+        self.iteration_range: tuple[int, int] = (
+            (int(manifest.iteration_range[0]), int(manifest.iteration_range[1]))
+            if manifest.iteration_range
+            else (0, 0)
+        )
+        self._cut = decision.value_cut(manifest.objective, manifest.threshold)
+        self.output_names: list[str] | None = (
+            list(manifest.output_names) if manifest.output_names else None
+        )
         self._dense: DenseCall | None = None
         # Label lookup tables, built once: label of class i is _label_table[i].
         if self.task == "binary":
@@ -227,7 +249,7 @@ class Predictor:
         Also decides whether the direct C call serves (see :class:`DenseCall`)."""
         rows = np.zeros((2, self.num_features), dtype=np.float32)
         rows[1, :] = np.nan
-        self._dense = DenseCall.checked(self.booster, rows)
+        self._dense = DenseCall.checked(self.booster, rows, self.iteration_range)
         try:
             prediction = self.predict(rows)
         except Exception as exc:  # any failure here means: do not serve this model
@@ -241,14 +263,16 @@ class Predictor:
         dense = self._dense
         if dense is not None and X.dtype == np.float32 and X.ndim == 2 and X.flags.c_contiguous:
             return dense(X)
-        return self.booster.inplace_predict(X, validate_features=False)
+        return self.booster.inplace_predict(
+            X, validate_features=False, iteration_range=self.iteration_range
+        )
 
     def predict(self, X: np.ndarray) -> Prediction:
         """Predict a float matrix in the model's feature order (NaN = missing)."""
         values = self.raw_predict(X)
         if self.task == "binary":
             table = self._label_table
-            decided = (values >= self.threshold).tolist()
+            decided = (values > self._cut).tolist()  # see treeserve.decision
             return Prediction(values, [table[1] if d else table[0] for d in decided])
         if self.task == "multiclass":
             if values.ndim == 2:
@@ -259,21 +283,40 @@ class Predictor:
             return Prediction(values, [table[i] for i in index])
         return Prediction(values, None)
 
+    def check_explainable(self) -> None:
+        """Raise ExplainUnavailable (422) for a model XGBoost cannot explain."""
+        if self.manifest.vector_leaf:
+            raise ExplainUnavailable(
+                "explain is not available for this model: XGBoost has no TreeSHAP for "
+                "vector-leaf trees (multi_strategy='multi_output_tree'); use /predict, or "
+                "train with multi_strategy='one_output_per_tree' to explain"
+            )
+
     def explain(self, X: np.ndarray) -> Explanation:
-        """Per-row, per-feature TreeSHAP contributions plus bias (in margin space)."""
+        """Per-row, per-feature TreeSHAP contributions plus bias (in margin space).
+
+        They add up to the margin of the same rounds that :meth:`predict` uses."""
+        self.check_explainable()
         dmatrix = xgb.DMatrix(
             X,
             feature_names=self.feature_names,
             feature_types=self.booster.feature_types,
             nthread=1,
         )
-        contribs = self.booster.predict(dmatrix, pred_contribs=True, validate_features=False)
-        if contribs.ndim == 3:  # multiclass: (n, k, d + 1)
+        contribs = self.booster.predict(
+            dmatrix,
+            pred_contribs=True,
+            validate_features=False,
+            iteration_range=self.iteration_range,
+        )
+        if contribs.ndim == 3:  # multiclass or multi-output: (n, k, d + 1)
+            multiclass = self.task == "multiclass"
             return Explanation(
                 np.ascontiguousarray(contribs[:, :, :-1]),
                 np.ascontiguousarray(contribs[:, :, -1]),
                 self.feature_names,
-                self._label_table,
+                self._label_table if multiclass else None,
+                None if multiclass else self._output_names(contribs.shape[1]),
             )
         return Explanation(
             np.ascontiguousarray(contribs[:, :-1]),
@@ -281,3 +324,7 @@ class Predictor:
             self.feature_names,
             None,
         )
+
+    def _output_names(self, k: int) -> list[str]:
+        names = self.output_names
+        return names if names and len(names) == k else [f"output_{i}" for i in range(k)]

@@ -808,12 +808,16 @@ class _Gates:
             task = self.manifest.task
             if self.upload.holdout_y is not None and self.ungated is None:
                 self._y = gate.check_labels(task, self.upload.holdout_y, self.manifest.num_class)
-                outputs = gate.model_outputs(self.upload.model_ubj, self._holdout, task)
+                outputs = gate.model_outputs(
+                    self.upload.model_ubj, self._holdout, task, self.manifest.iteration_range
+                )
                 if not np.all(np.isfinite(outputs)):
                     raise UploadRejected(
                         "non_finite", "the model predicts non-finite values on the holdout"
                     )
-                self._challenger = gate.score(task, self._y, outputs)
+                self._challenger = gate.score(
+                    task, self._y, outputs, self.manifest.objective, self.manifest.threshold
+                )
         return self._challenger
 
     @property
@@ -859,9 +863,14 @@ class _Gates:
                 champion_version=champion_version,
             )
         champion_outputs = gate.model_outputs(
-            self.registry.model_bytes(champion_version, champion), self._holdout[:, columns], task
+            self.registry.model_bytes(champion_version, champion),
+            self._holdout[:, columns],
+            task,
+            champion.iteration_range,
         )
-        champion_metrics = gate.score(task, self._y, champion_outputs)
+        champion_metrics = gate.score(
+            task, self._y, champion_outputs, champion.objective, champion.threshold
+        )
         return gate.compare(
             task, challenger, champion_metrics, tolerance, champion_version=champion_version
         )

@@ -86,6 +86,11 @@ class ModelInfo:
     base_score: list[float]
     xgboost_version: str  # the XGBoost that re-saved model_ubj
     saved_with: str | None  # the XGBoost version recorded in the uploaded file
+    # [begin, end) in boosting rounds that the model's own predict uses (early stopping's
+    # best_iteration + 1), or None for every round.
+    iteration_range: list[int] | None = None
+    outputs: list[str] | None = None  # what each of several outputs is (quantile alphas)
+    vector_leaf: bool = False  # multi_output_tree: XGBoost has no TreeSHAP for these trees
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,14 +298,14 @@ def _str_list(value: Any, what: str) -> list[str] | None:
     return list(value) or None
 
 
-def _base_score(value: Any) -> list[float]:
+def _base_score(value: Any, what: str = "base_score") -> list[float]:
     text = str(value).strip()
     if text.startswith("["):
         text = text[1:-1]
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"base_score is not numeric: {text[:40]!r}") from None
+        raise ValueError(f"{what} is not numeric: {text[:40]!r}") from None
 
 
 def model_trees(doc: Mapping[str, Any]) -> list[Any]:
@@ -346,7 +351,39 @@ def model_facts(doc: Any) -> dict[str, Any]:
         "feature_types": _str_list(learner.get("feature_types"), "feature_types"),
         "base_score": _base_score(param.get("base_score", "0")),
         "saved_with": saved_with,
+        "iteration_range": _iteration_range(learner.get("attributes")),
+        "vector_leaf": any(
+            isinstance(t, Mapping) and vector_leaf_size(t) > 1 for t in model_trees(doc)
+        ),
+        "outputs": _output_names(learner),
     }
+
+
+def _iteration_range(attributes: Any) -> list[int] | None:
+    """``[0, best_iteration + 1)`` when early stopping recorded a best iteration, else None.
+
+    The scikit-learn wrapper (and a wrapper re-loaded from the file) predicts with exactly this
+    range; the Booster alone would use every round."""
+    if not isinstance(attributes, Mapping) or attributes.get("best_iteration") is None:
+        return None
+    best = _as_int(attributes["best_iteration"], "best_iteration")
+    if best < 0:
+        raise ValueError(f"best_iteration is negative ({best})")
+    return [0, best + 1]
+
+
+def _output_names(learner: Mapping[str, Any]) -> list[str] | None:
+    """Names of the outputs of a multi-quantile model (``alpha=0.1``, ...), else None."""
+    objective = learner.get("objective")
+    if not isinstance(objective, Mapping) or objective.get("name") != "reg:quantileerror":
+        return None
+    param = objective.get("quantile_loss_param")
+    alphas = (
+        _base_score(param.get("quantile_alpha", ""), "quantile_alpha")
+        if isinstance(param, Mapping)
+        else []
+    )
+    return [f"quantile_{a:g}" for a in alphas] if len(alphas) > 1 else None
 
 
 def _int_array(tree: Mapping[str, Any], key: str, i: int) -> np.ndarray:
@@ -394,6 +431,8 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
             if key in tree and len(np.atleast_1d(np.asarray(tree[key]))) != n:
                 raise ValueError(f"tree {i}: {key} has the wrong length")
         leaf = left == -1
+        if vector_leaf_size(tree) > 1:
+            right = _check_vector_leaves(tree, i, leaf, right, num_groups)
         if ((right == -1) != leaf).any():
             raise ValueError(f"tree {i}: a node has only one child")
         inner = ~leaf
@@ -413,6 +452,42 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
             categorical = np.flatnonzero(inner & (kind == 1))
             if categorical.size:
                 _check_categories(tree, i, categorical, n)
+
+
+def vector_leaf_size(tree: Mapping[str, Any]) -> int:
+    """A tree's ``size_leaf_vector``: above 1 for ``multi_strategy="multi_output_tree"``."""
+    param = tree.get("tree_param")
+    if not isinstance(param, Mapping) or "size_leaf_vector" not in param:
+        return 1
+    return _as_int(param["size_leaf_vector"], "size_leaf_vector")
+
+
+def _check_vector_leaves(
+    tree: Mapping[str, Any], i: int, leaf: np.ndarray, right: np.ndarray, num_groups: int
+) -> np.ndarray:
+    """Check a vector-leaf tree's leaves; return ``right`` with its leaves' slots set to -1.
+
+    In these trees a leaf's right-child slot holds the index of its vector in ``leaf_weights``
+    (``size_leaf_vector`` values per leaf, one per output), so it must point inside that array.
+    """
+    size = vector_leaf_size(tree)
+    if size != num_groups:
+        raise ValueError(
+            f"tree {i}: leaf vectors of {size} values for a model with {num_groups} outputs"
+        )
+    weights = len(np.atleast_1d(np.asarray(_get(tree, "leaf_weights"))))
+    if weights % size:
+        raise ValueError(f"tree {i}: leaf_weights is not a whole number of leaf vectors")
+    if "base_weights" in tree and len(np.atleast_1d(np.asarray(tree["base_weights"]))) != (
+        len(leaf) * size
+    ):
+        raise ValueError(f"tree {i}: base_weights has the wrong length")
+    slots = right[leaf]
+    if slots.size and (slots.min() < 0 or slots.max() >= weights // size):
+        raise ValueError(f"tree {i}: a leaf points outside leaf_weights")
+    out = right.copy()
+    out[leaf] = -1
+    return out
 
 
 def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int) -> None:
@@ -573,6 +648,7 @@ def _child_main(setup: dict[str, Any]) -> int:
         facts = model_facts(doc)
         if booster.num_features() != facts["num_features"]:
             raise ValueError("num_feature disagrees with the booster")
+        iteration_range = _checked_iteration_range(booster, facts["iteration_range"])
     except ValueError as exc:
         return fail("corrupt", f"the loaded model is inconsistent: {exc}")
     synthetic = not rows_raw
@@ -582,7 +658,12 @@ def _child_main(setup: dict[str, Any]) -> int:
         else:
             rows = _npy_load(rows_raw).astype(np.float64, copy=False)
         predictions = np.asarray(
-            booster.inplace_predict(rows, missing=np.nan, validate_features=False)
+            booster.inplace_predict(
+                rows,
+                missing=np.nan,
+                validate_features=False,
+                iteration_range=iteration_range,
+            )
         )
     except (xgb.core.XGBoostError, ValueError) as exc:
         return fail(
@@ -600,6 +681,22 @@ def _child_main(setup: dict[str, Any]) -> int:
     }
     _write_frame(stdout, header, model_ubj, rows_npy, pred_npy)
     return 0
+
+
+def _checked_iteration_range(booster: Any, from_document: list[int] | None) -> tuple[int, int]:
+    """The booster's own best iteration as a range; it must agree with the document's."""
+    best = booster.attr("best_iteration")
+    range_ = None if best is None else [0, _as_int(best, "best_iteration") + 1]
+    if range_ != from_document:
+        raise ValueError("best_iteration disagrees between the file and the booster")
+    if range_ is None:
+        return (0, 0)
+    rounds = booster.num_boosted_rounds()
+    if range_[1] > rounds:
+        raise ValueError(
+            f"best_iteration {range_[1] - 1} is beyond the model's {rounds} boosting rounds"
+        )
+    return (range_[0], range_[1])
 
 
 # --- the parent ----------------------------------------------------------------------------------

@@ -661,3 +661,58 @@ def test_progress_on_a_terminal_is_one_live_line() -> None:
     assert percents == sorted(set(percents))  # each shown once, only forwards
     assert percents[-1] == 100
     assert text.rstrip().endswith("4.0 MB / 4.0 MB  100%")
+
+
+def _packed_manifest(env: Any) -> dict[str, Any]:
+    [obj] = uploaded(env)
+    data = env.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        fh = tar.extractfile("manifest.json")
+        assert fh is not None
+        manifest: dict[str, Any] = json.loads(fh.read())
+    from treeserve.package import read_upload
+
+    upload = read_upload(data, obj["Key"].rsplit("/", 1)[1])
+    assert upload.to_manifest(NAME).class_names == manifest["class_names"]
+    return manifest
+
+
+def test_publish_class_names_wraps_a_bare_model(
+    env: Any, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        capsys, "publish", str(files["model"]), "--name", NAME, "--class-names", "stays, churns"
+    )
+    assert code == 0, err
+    [obj] = uploaded(env)
+    assert obj["Key"].endswith("-churn-model.tar.gz")
+    assert _packed_manifest(env) == {"class_names": ["stays", "churns"]}
+
+
+def test_publish_class_names_merges_into_a_packages_manifest(
+    env: Any, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package = tmp_path / "churn.tar.gz"
+    with tarfile.open(package, "w:gz") as tar:
+        tar.add(files["model"], arcname="model.ubj")
+        tar.add(files["holdout"], arcname="holdout.csv")
+        manifest = json.dumps({"label": "churned", "description": "v2"}).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    code, _, err = run(capsys, "publish", str(package), "--name", NAME, "--class-names", "a,b")
+    assert code == 0, err
+    assert _packed_manifest(env) == {
+        "label": "churned",
+        "description": "v2",
+        "class_names": ["a", "b"],
+    }
+
+
+@pytest.mark.parametrize("names", ["solo", "a,,b", "a,a"])
+def test_publish_refuses_unusable_class_names(
+    env: Any, files: dict[str, Path], capsys: pytest.CaptureFixture[str], names: str
+) -> None:
+    code, _, err = run(capsys, "publish", str(files["model"]), "--class-names", names)
+    expect_one_line_error(code, err, "--class-names", "one distinct, non-empty name per class")
+    assert uploaded(env) == []
