@@ -1028,7 +1028,7 @@ def read_upload(
         "model_format": fmt,
         "uploaded_model_size": len(model_raw),
         "model_size": len(result.model_ubj),
-        "saved_with": info.saved_with,
+        "saved_with": facts["saved_with"],  # the uploaded file's, not the re-saved one's
         "feature_names_source": names_source,
         "smoke": {
             "source": smoke_source,
