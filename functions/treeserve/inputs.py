@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 
 from treeserve.errors import InputMismatch, MalformedBody, PayloadTooLarge, UnsupportedMediaType
+from treeserve.manifest import category_codes
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
 CSV_TYPES = frozenset({"text/csv", "application/csv"})
@@ -56,8 +57,16 @@ class ParsedInput:
 class FeatureSchema:
     """The model's features, prepared once per model version for fast parsing."""
 
-    def __init__(self, feature_names: Sequence[str]) -> None:
+    def __init__(
+        self, feature_names: Sequence[str], categories: dict[str, list[Any]] | None = None
+    ) -> None:
         self.names = list(feature_names)
+        cats = categories or {}
+        # Per feature: category text -> code (None for numeric features), as XGBoost re-codes a
+        # DataFrame's values against the training categories.
+        self.codes = [category_codes(cats[n]) if cats.get(n) else None for n in self.names]
+        self.categories = [cats.get(n) for n in self.names]
+        self.categorical = any(c is not None for c in self.codes)
         self.width = len(self.names)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.name_set = frozenset(self.names)
@@ -250,10 +259,46 @@ def _rows_to_matrix(rows: Sequence[Sequence[Any]], schema: FeatureSchema) -> np.
                     f"instance {i} has {len(row)} values; the model takes {schema.describe()}"
                 )
     if not set(map(type, _chain(rows))) <= _NUMBER_TYPES:
-        _raise_first_bad_value(rows, schema)
+        if not schema.categorical:
+            _raise_first_bad_value(rows, schema)
+        rows = _recode_rows(rows, schema)
     n = len(rows)
     values = np.fromiter(_chain(rows), dtype=np.float64, count=n * width)
     return _as_float32(values.reshape(n, width), schema)
+
+
+def _recode_rows(rows: Sequence[Sequence[Any]], schema: FeatureSchema) -> list[list[Any]]:
+    """Category values (strings) -> the model's codes; numbers stay (they are codes already)."""
+    out: list[list[Any]] = []
+    for i, row in enumerate(rows):
+        new = list(row)
+        for j, value in enumerate(new):
+            if type(value) is str and schema.codes[j] is not None:
+                new[j] = _category_code(schema, i, j, value)
+        out.append(new)
+    if not set(map(type, _chain(out))) <= _NUMBER_TYPES:
+        _raise_first_bad_value(out, schema)
+    return out
+
+
+def _category_code(
+    schema: FeatureSchema, i: int, j: int, value: str, *, csv: bool = False
+) -> float:
+    codes = schema.codes[j]
+    assert codes is not None  # noqa: S101 - only called for categorical features
+    code = codes.get(value)
+    if code is not None:
+        return code
+    cats = schema.categories[j] or []
+    shown = ", ".join(map(repr, cats[:20])) + (", ..." if len(cats) > 20 else "")
+    # XGBoost refuses a value it did not see in training ("Found a category not in the training
+    # set"); 3.2 only notices it for values sorting after every training category, and silently
+    # maps the others to the next category in sort order. We refuse them all.
+    where = f"CSV row {i}" if csv else f"instance {i}"
+    raise InputMismatch(
+        f"{where}, feature {schema.names[j]!r}: {value[:40]!r} is not one of the model's "
+        f"categories ({shown}); send one of them, or null for missing"
+    )
 
 
 def _as_float32(X64: np.ndarray, schema: FeatureSchema) -> np.ndarray:
@@ -363,6 +408,12 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _is_header(row: list[str], schema: FeatureSchema) -> bool:
+    if schema.categorical:  # category values are not numbers either: a header names features
+        return all(v.strip() in schema.index or v.strip() == ID_COLUMN for v in row)
+    return not all(_is_number(v) for v in row)
+
+
 def _parse_csv(
     body: bytes, schema: FeatureSchema, max_rows: int
 ) -> tuple[np.ndarray, list[Any] | None]:
@@ -382,7 +433,7 @@ def _parse_csv(
     if not records:
         raise MalformedBody("CSV body has no rows")
     header: list[str] | None = None
-    if not all(_is_number(v) for v in records[0]):
+    if _is_header(records[0], schema):
         header = [v.strip() for v in records[0]]
         records = records[1:]
         if not records:
@@ -423,21 +474,41 @@ def _parse_csv(
     n = len(records)
     X64 = np.full((n, schema.width), np.nan, dtype=np.float64)
     try:
+        if schema.categorical and any(schema.codes[t] is not None for t in targets):
+            raise ValueError("category values are looked up field by field")
         block = np.array([row[k] or "nan" for row in records for k in columns], dtype=np.float64)
     except ValueError:
-        block = _csv_block_slow(records, columns, header, schema)
+        block = _csv_block_slow(records, columns, targets, header, schema)
     X64[:, targets] = block.reshape(n, len(columns))
     return _as_float32(X64, schema), ids
 
 
 def _csv_block_slow(
-    records: list[list[str]], columns: list[int], header: list[str] | None, schema: FeatureSchema
+    records: list[list[str]],
+    columns: list[int],
+    targets: list[int],
+    header: list[str] | None,
+    schema: FeatureSchema,
 ) -> np.ndarray:
-    """Field by field, to name the first value that is not a number."""
+    """Field by field: category values looked up, and the first value that is not a number named.
+
+    A field of a categorical feature is its category's value; a number that names no category is
+    the model's code (as in a numpy array), except for integer categories, matched by value only.
+    """
     out: list[float] = []
     for i, row in enumerate(records):
-        for k in columns:
+        for k, t in zip(columns, targets, strict=True):
             field = row[k].strip()
+            codes = schema.codes[t]
+            if codes is not None and field:
+                code = codes.get(field)
+                if code is None and (
+                    isinstance((schema.categories[t] or [""])[0], int) or not _is_number(field)
+                ):
+                    code = _category_code(schema, i, t, field, csv=True)
+                if code is not None:
+                    out.append(code)
+                    continue
             try:
                 out.append(float(field) if field else math.nan)
             except ValueError:

@@ -16,6 +16,17 @@ Task = Literal["binary", "multiclass", "regression", "ranking", "other"]
 
 MANIFEST_SCHEMA_VERSION = 1
 
+CATEGORICAL_INPUT = (
+    "send a categorical feature's value as a string (JSON records and rows, CSV fields) from "
+    "its categories; a JSON number is the model's own code (the position in that list, as in "
+    "a numpy array); null or an empty CSV field is missing; an unknown value is a 422"
+)
+
+
+def category_codes(categories: list[Any]) -> dict[str, float]:
+    """Each category's text (as JSON strings and CSV fields carry it) -> its code."""
+    return {str(value): float(code) for code, value in enumerate(categories)}
+
 
 def task_of(objective: str, num_class: int) -> Task:
     """The kind of answer an XGBoost objective gives."""
@@ -53,6 +64,8 @@ class ModelManifest:
     output_names: list[str] | None = None
     vector_leaf: bool = False  # multi_output_tree trees: no TreeSHAP, /explain answers 422
     class_names: list[str] | None = None
+    # categorical feature -> its training categories in code order (code i names categories[i])
+    categories: dict[str, list[Any]] | None = None
     threshold: float | None = None  # binary decision threshold (default 0.5)
     label: str | None = None
     description: str | None = None
@@ -86,4 +99,6 @@ class ModelManifest:
         data = self.to_dict()
         data.pop("reference", None)
         data.pop("source", None)
+        if self.categories:
+            data["categorical_input"] = CATEGORICAL_INPUT
         return data

@@ -42,11 +42,12 @@ from typing import IO, Any, Literal, cast
 import numpy as np
 
 from treeserve.errors import UploadRejected
-from treeserve.manifest import ModelManifest, task_of
+from treeserve.manifest import ModelManifest, category_codes, task_of
 from treeserve.sandbox import (
     ModelFormat,
     ModelInfo,
     UBJDecodeError,
+    category_codes_used,
     check_trees,
     decode_ubj,
     inspect_model,
@@ -69,6 +70,7 @@ MANIFEST_KEYS = frozenset(
         "metrics",
         "label",
         "output_names",
+        "categories",
     }
 )
 FEATURE_TYPES = frozenset({"float", "int", "i", "q", "c"})
@@ -124,6 +126,11 @@ class ModelUpload:
     validation: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def categories(self) -> dict[str, list[Any]] | None:
+        """The model's own training categories, else manifest.json's."""
+        return self.info.categories or self.declared.get("categories")
+
+    @property
     def task(self) -> str:
         return task_of(self.info.objective, self.info.num_class)
 
@@ -150,6 +157,7 @@ class ModelUpload:
             output_names=output_names(self.info, self.declared.get("output_names")),
             vector_leaf=self.info.vector_leaf,
             class_names=self.declared.get("class_names"),
+            categories=self.categories,
             threshold=threshold,
             label=self.label,
             description=self.declared.get("description"),
@@ -371,6 +379,7 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
             f"{what} has malformed trees ({exc}): XGBoost would read out of bounds with it; "
             "re-save the model with Booster.save_model",
         ) from None
+    facts["category_codes_used"] = category_codes_used(doc)
     names = facts["feature_names"]
     if names is not None and len(names) != facts["num_features"]:
         raise UploadRejected(
@@ -604,7 +613,24 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         ):
             raise _manifest_error("metrics must map names to finite numbers")
         out["metrics"] = {k: float(v) for k, v in metrics.items()}
+    if data.get("categories") is not None:
+        out["categories"] = _declared_categories(data["categories"])
     return out
+
+
+def _declared_categories(value: Any) -> dict[str, list[str]]:
+    hint = "categories must map each categorical feature to its values in code order"
+    if not isinstance(value, dict) or not value:
+        raise _manifest_error(hint)
+    for name, cats in value.items():
+        if (
+            not isinstance(cats, list)
+            or not cats
+            or not all(isinstance(c, str) and c for c in cats)
+            or len(set(cats)) != len(cats)
+        ):
+            raise _manifest_error(f"{hint}; {str(name)[:60]!r} needs unique non-empty strings")
+    return {str(k): list(v) for k, v in value.items()}
 
 
 def _no_constant(name: str) -> Any:
@@ -686,7 +712,50 @@ def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
     return column
 
 
-def _feature_matrix(table: _Table, names: list[str], what: str, label: str | None) -> np.ndarray:
+def _category_column(table: _Table, j: int, what: str, categories: list[Any]) -> np.ndarray:
+    """Category values (as a DataFrame's ``to_csv`` writes them) -> the model's codes.
+
+    A number that names no category is taken as a code when the categories are strings (a
+    sample written from codes); integer categories are matched by value only.
+    """
+    codes = category_codes(categories)
+    numbers_are_codes = not isinstance(categories[0], int)
+    column = np.empty(len(table.rows), dtype=np.float64)
+    for i, row in enumerate(table.rows):
+        cell = row[j].strip()
+        code = codes.get(cell)
+        if code is None and cell.lower() in MISSING_TOKENS:
+            code = math.nan
+        if code is None and numbers_are_codes and _is_code(cell):
+            code = float(cell)
+        if code is None:
+            shown = ", ".join(map(repr, categories[:10])) + (
+                ", ..." if len(categories) > 10 else ""
+            )
+            raise UploadRejected(
+                "csv_invalid",
+                f"{what} row {i + 1}, column {table.header[j]!r} holds {cell[:40]!r}, which is "
+                f"not one of the model's categories ({shown}): the sample must come from the "
+                "data the model was trained on",
+            )
+        column[i] = code
+    return column
+
+
+def _is_code(cell: str) -> bool:
+    try:
+        return math.isfinite(float(cell))
+    except ValueError:
+        return False
+
+
+def _feature_matrix(
+    table: _Table,
+    names: list[str],
+    what: str,
+    label: str | None,
+    categories: dict[str, list[Any]] | None = None,
+) -> np.ndarray:
     columns = [h for h in table.header if h != label]
     have, want = set(table.header), set(names)
     missing = [n for n in names if n not in have]
@@ -705,7 +774,10 @@ def _feature_matrix(table: _Table, names: list[str], what: str, label: str | Non
     index = {h: j for j, h in enumerate(table.header)}
     matrix = np.empty((len(table.rows), len(names)), dtype=np.float64)
     for k, name in enumerate(names):
-        matrix[:, k] = _numeric_column(table, index[name], what)
+        if categories and name in categories:
+            matrix[:, k] = _category_column(table, index[name], what, categories[name])
+        else:
+            matrix[:, k] = _numeric_column(table, index[name], what)
     return matrix
 
 
@@ -792,6 +864,8 @@ def _check_manifest_against_model(declared: dict[str, Any], facts: dict[str, Any
             f"output_names lists {len(outputs)} names; the model ({facts['objective']}) has "
             f"{k} output{'s' if k != 1 else ''}: name each target of a multi-target regression"
         )
+    if declared.get("categories") is not None:
+        _check_categories_against_model(declared["categories"], facts, declared)
     if declared.get("threshold") is not None and task != "binary":
         raise _mismatch(f"threshold applies to binary models, this one is {facts['objective']}")
 
@@ -813,6 +887,34 @@ def output_names(info: ModelInfo, declared: list[str] | None) -> list[str] | Non
     if info.outputs is not None and len(info.outputs) == k:
         return list(info.outputs)
     return [f"target_{i}" for i in range(k)]
+
+
+def _check_categories_against_model(
+    categories: dict[str, list[str]], facts: dict[str, Any], declared: dict[str, Any]
+) -> None:
+    if facts.get("categories"):
+        if categories != facts["categories"]:
+            raise _mismatch(
+                "categories differ from the ones stored in the model: drop categories from "
+                "manifest.json (the model's own are used)"
+            )
+        return
+    names = facts["feature_names"] or declared.get("feature_names") or []
+    types = facts["feature_types"] or declared.get("feature_types") or []
+    categorical = {n for n, t in zip(names, types, strict=False) if t == "c"}
+    unknown = sorted(set(categories) - categorical)
+    if unknown:
+        raise _mismatch(
+            f"categories names {unknown[:5]}, which are not categorical features of the model "
+            f"(categorical: {sorted(categorical)[:10]})"
+        )
+    used = facts.get("category_codes_used", {})
+    for j, name in enumerate(names):
+        if name in categories and used.get(j, -1) >= len(categories[name]):
+            raise _mismatch(
+                f"the model's splits use category code {used[j]} of {name!r}, but categories "
+                f"lists only {len(categories[name])} values: list every training category"
+            )
 
 
 def expected_shape(info: ModelInfo, n: int) -> tuple[int, ...]:
@@ -972,14 +1074,19 @@ def read_upload(
     if names is None:
         names, names_source = [f"f{i}" for i in range(n)], "default"
     types: list[str] = facts["feature_types"] or declared.get("feature_types") or ["float"] * n
+    categories = facts.get("categories") or declared.get("categories")
 
     reference = holdout_X = holdout_y = None
     if "reference.csv" in tables:
-        reference = _feature_matrix(tables["reference.csv"], names, "reference.csv", label_name)
+        reference = _feature_matrix(
+            tables["reference.csv"], names, "reference.csv", label_name, categories
+        )
         checks.append("reference_csv")
     if "holdout.csv" in tables:
         assert label_name is not None  # noqa: S101 - set above when a holdout exists
-        holdout_X = _feature_matrix(tables["holdout.csv"], names, "holdout.csv", label_name)
+        holdout_X = _feature_matrix(
+            tables["holdout.csv"], names, "holdout.csv", label_name, categories
+        )
         holdout_y = _labels(
             tables["holdout.csv"], label_name, task, declared.get("class_names"), facts["num_class"]
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -91,6 +92,8 @@ class ModelInfo:
     iteration_range: list[int] | None = None
     outputs: list[str] | None = None  # what each of several outputs is (quantile alphas)
     vector_leaf: bool = False  # multi_output_tree: XGBoost has no TreeSHAP for these trees
+    # feature name -> training categories in code order (XGBoost >= 3.1 stores them)
+    categories: dict[str, list[Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -356,6 +359,7 @@ def model_facts(doc: Any) -> dict[str, Any]:
             isinstance(t, Mapping) and vector_leaf_size(t) > 1 for t in model_trees(doc)
         ),
         "outputs": _output_names(learner),
+        "categories": model_categories(doc),
     }
 
 
@@ -384,6 +388,83 @@ def _output_names(learner: Mapping[str, Any]) -> list[str] | None:
         else []
     )
     return [f"quantile_{a:g}" for a in alphas] if len(alphas) > 1 else None
+
+
+# XGBoost's array-interface type codes of signed integer category arrays (int8..int64).
+_INT_CATEGORY_TYPES = frozenset({9, 11, 13, 15})
+
+
+def model_categories(doc: Mapping[str, Any]) -> dict[str, list[Any]] | None:
+    """The training categories XGBoost (>= 3.1) stores in the model: name -> values, code order.
+
+    ``gradient_booster.model.cats.enc`` has one entry per feature: strings as UTF-8 bytes
+    (``values``) cut by ``offsets``, or integers (``type`` + ``values``); numeric features and
+    models trained without a DataFrame have empty entries. None when no feature has categories.
+    """
+    learner = _get(doc, "learner")
+    gb = _get(learner, "gradient_booster")
+    model = gb.get("gbtree", gb).get("model", {}) if isinstance(gb, Mapping) else {}
+    cats = model.get("cats") if isinstance(model, Mapping) else None
+    if not isinstance(cats, Mapping) or not isinstance(cats.get("enc"), list):
+        return None
+    names = _str_list(learner.get("feature_names"), "feature_names")
+    out: dict[str, list[Any]] = {}
+    for j, entry in enumerate(cats["enc"]):
+        values = _category_values(entry, j)
+        if values:
+            name = names[j] if names is not None and j < len(names) else f"f{j}"
+            if len(set(values)) != len(values):
+                raise ValueError(f"feature {name!r}: the stored categories repeat a value")
+            out[name] = values
+    return out or None
+
+
+def _category_values(entry: Any, j: int) -> list[Any]:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"cats.enc[{j}] is not an object")
+    values = np.asarray(entry.get("values", []))
+    if "offsets" in entry:
+        offsets = np.asarray(entry["offsets"], dtype=np.int64)
+        if values.size == 0 and offsets.size <= 1:
+            return []
+        if (
+            offsets.size < 2
+            or offsets[0] != 0
+            or offsets[-1] != values.size
+            or (np.diff(offsets) < 0).any()
+        ):
+            raise ValueError(f"cats.enc[{j}]: offsets do not cut the category bytes")
+        raw = values.astype(np.uint8).tobytes()
+        try:
+            return [raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets.tolist())]
+        except UnicodeDecodeError:
+            raise ValueError(f"cats.enc[{j}]: a category is not UTF-8") from None
+    if values.size == 0:
+        return []
+    if entry.get("type") not in _INT_CATEGORY_TYPES or values.dtype.kind not in "iu":
+        raise ValueError(f"cats.enc[{j}]: categories of an unsupported type")
+    return [int(v) for v in values]
+
+
+def category_codes_used(doc: Any) -> dict[int, int]:
+    """Feature index -> the highest category code any categorical split of the model names.
+
+    Call after :func:`check_trees` (which proved the category arrays in bounds).
+    """
+    used: dict[int, int] = {}
+    for i, tree in enumerate(model_trees(doc)):
+        nodes = _int_array(tree, "categories_nodes", i) if "categories_nodes" in tree else None
+        if nodes is None or not nodes.size:
+            continue
+        idx = _int_array(tree, "split_indices", i)
+        cats = np.atleast_1d(np.asarray(_get(tree, "categories"), dtype=np.int64))
+        start = _int_array(tree, "categories_segments", i)
+        size = _int_array(tree, "categories_sizes", i)
+        for node, a, k in zip(nodes, start, size, strict=True):
+            if k:
+                f = int(idx[node])
+                used[f] = max(used.get(f, -1), int(cats[a : a + k].max()))
+    return used
 
 
 def _int_array(tree: Mapping[str, Any], key: str, i: int) -> np.ndarray:

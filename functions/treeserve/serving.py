@@ -189,7 +189,7 @@ class ModelService:
         predictor.version = pointer.version
         return LoadedModel(
             predictor,
-            FeatureSchema(predictor.feature_names),
+            FeatureSchema(predictor.feature_names, manifest.categories),
             pointer,
             _version_header(pointer.version),
         )
