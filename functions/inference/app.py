@@ -4,8 +4,10 @@ Built once per execution environment, at import: settings, the registry client, 
 service (read from S3 and loaded now, so with SnapStart it is in the snapshot), the capture
 buffer and the endpoints. ``POST /predict`` and ``/explain`` in payload 2.0 events (HTTP API,
 Function URL) go straight to the endpoints (:func:`treeserve.endpoints.answer_v2_event`: the
-answer Mangum would give, without its event loop). Everything else (REST API events, docs,
-health, model) goes through Mangum to the FastAPI app, which is built on the first such request
+answer Mangum would give, without its event loop). An event that is not an HTTP request
+Mangum can read (``{}``, an S3 or scheduled event, fields of the wrong type, a body that is not
+base64) is refused with a JSON 400 (:func:`treeserve.endpoints.refuse_event`), never raised.
+Everything else (REST API events, docs, health, model) goes through Mangum to the FastAPI app, which is built on the first such request
 (``app``/``asgi`` are lazy module attributes): importing FastAPI costs about half a second of
 cold start that a function serving only predictions never needs. Before a SnapStart snapshot,
 :func:`warm` builds it too. Mangum runs with ``lifespan="off"`` (``"auto"`` would run the app's
@@ -26,7 +28,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from treeserve.aws import reset_clients
 from treeserve.capture import CaptureBuffer
-from treeserve.endpoints import Endpoints, answer_v2_event
+from treeserve.endpoints import Endpoints, answer_v2_event, proxy_response, refuse_event
 from treeserve.registry import ModelRegistry, S3RegistryStore
 from treeserve.serving import ModelService
 from treeserve.settings import Settings
@@ -103,13 +105,32 @@ def _request_id(event: dict[str, Any]) -> str | None:
     return context.get("requestId") if isinstance(context, dict) else None
 
 
-def _serve(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def _serve(event: Any, context: LambdaContext) -> dict[str, Any]:
+    if not isinstance(event, dict):
+        return _refused(event)
     logger.set_correlation_id(_request_id(event))
     response = answer_v2_event(endpoints, event, base_path)
     if response is None:
-        response = _build_web()["asgi"](event, context)
+        response = refuse_event(endpoints, event) or _through_mangum(event, context)
     loaded = service.loaded
     metrics.add_metadata("model_version", None if loaded is None else loaded.version)
+    return response
+
+
+def _refused(event: Any) -> dict[str, Any]:
+    refused = refuse_event(endpoints, event)
+    assert refused is not None  # noqa: S101 -- only events that are not dicts come here
+    return refused
+
+
+def _through_mangum(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    try:
+        response: dict[str, Any] = _build_web()["asgi"](event, context)
+    except Exception:  # refuse_event let through an event Mangum cannot read: a bug, logged
+        logger.exception("the event could not be served")
+        return proxy_response(
+            *endpoints.error(500, "internal_error", "the event could not be served; see the logs")
+        )
     return response
 
 
@@ -119,8 +140,9 @@ if tracer is not None:
 
 @logger.inject_lambda_context
 @metrics.log_metrics(capture_cold_start_metric=True)
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Lambda entry point: the event to the endpoints directly, or through Mangum to FastAPI."""
+def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
+    """Lambda entry point: the event to the endpoints directly, or through Mangum to FastAPI;
+    an event that is not an HTTP request Mangum can read is refused with a 400."""
     return _serve(event, context)
 
 

@@ -3,7 +3,8 @@
 - Scheduled event (``"detail-type": "Scheduled Event"``): ``MODEL_NAME`` over the last
   ``MONITORING_WINDOW_HOURS`` hours (default 24), ending now.
 - Direct invoke: ``{"model": "name", "start": iso, "end": iso}`` or ``{"hours": n}`` (either
-  form may name the model; ``end`` defaults to now).
+  form may name the model; ``end`` defaults to now). Either way the window is at most
+  ``MAX_WINDOW_HOURS`` (31 days).
 
 Returns a summary (report key, status, rows, drifted features, prediction drift). An event it
 cannot read returns ``{"error": {...}}`` instead of raising, since retrying it cannot help; a
@@ -45,7 +46,9 @@ def _hours(value: Any, what: str) -> float:
     except (TypeError, ValueError):
         raise BadEvent(f"{what} must be a number of hours, not {str(value)[:40]!r}") from None
     if not 0 < hours <= MAX_WINDOW_HOURS:
-        raise BadEvent(f"{what} must be in (0, {MAX_WINDOW_HOURS:g}] hours")
+        raise BadEvent(
+            f"{what} must be more than 0 and at most {MAX_WINDOW_HOURS:g} hours (31 days)"
+        )
     return hours
 
 
@@ -71,6 +74,13 @@ def window(event: Any, settings: Settings, now: datetime) -> tuple[str, datetime
         raise BadEvent(str(exc)) from None
     if end <= start:
         raise BadEvent("end must be after start")
+    span = (end - start).total_seconds() / 3600.0
+    if span > MAX_WINDOW_HOURS:
+        # A window is read in one invocation: past a month it cannot finish within the timeout.
+        raise BadEvent(
+            f"the window from start to end is {span:g} hours; at most {MAX_WINDOW_HOURS:g} "
+            "hours (31 days): invoke once per month for a longer period"
+        )
     return model, start, end
 
 

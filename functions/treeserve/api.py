@@ -145,8 +145,12 @@ class InferenceApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            route = route_path(scope)
+            if len(route) > 1 and route.endswith("/"):
+                scope = _without_trailing_slash(scope)
+                route = route[:-1]
             if self.fast_path and scope["method"] == "POST":
-                kind = FAST_ROUTES.get(route_path(scope))
+                kind = FAST_ROUTES.get(route)
                 if kind is not None:
                     await self.endpoints.asgi(kind, scope, receive, send)
                     return
@@ -168,6 +172,16 @@ class InferenceApp(FastAPI):
         return sender
 
 
+def _without_trailing_slash(scope: Scope) -> Scope:
+    # Every route answers with one trailing slash too (Starlette would redirect: a 307 with an
+    # empty body whose Location drops an API Gateway stage).
+    scope = {**scope, "path": scope["path"][:-1]}
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw.endswith(b"/"):
+        scope["raw_path"] = raw[:-1]
+    return scope
+
+
 def create_app(
     service: ModelService,
     settings: Settings,
@@ -185,6 +199,7 @@ def create_app(
         title="treeserve inference",
         description="Predictions and TreeSHAP explanations from the XGBoost model in service.",
         version="1",
+        redirect_slashes=False,  # see _without_trailing_slash
     )
     app.endpoints = endpoints
     app.fast_path = fast_path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import functools
 import io
 import logging
 import time
@@ -63,10 +64,70 @@ def _error_body(kind: str, message: str) -> bytes:
 
 
 def _wants_csv(accept: bytes | None) -> bool:
-    if not accept or b"csv" not in accept:
+    """Whether ``Accept`` prefers ``text/csv`` to ``application/json`` (every path asks this).
+
+    Content negotiation as RFC 9110 12.5.1: each type takes the q of the most specific range
+    that matches it (``text/csv`` over ``text/*`` over ``*/*``; parameters other than q are
+    ignored, a range with an invalid q is skipped). CSV only when its q is higher, or equal and
+    matched more specifically, or equal and as specific but listed first; otherwise JSON, also
+    when neither is acceptable (no 406: the default is always served).
+    """
+    if not accept or accept in _PLAIN_ACCEPT:  # most requests: no parsing at all
         return False
-    first = accept.split(b",", 1)[0].strip().lower()
-    return first.startswith(b"text/csv") or b"json" not in accept
+    if len(accept) > _CACHED_ACCEPT_BYTES:
+        return _prefers_csv(accept)
+    return _prefers_csv_cached(accept)
+
+
+_PLAIN_ACCEPT = frozenset((b"*/*", b"application/json"))
+_CACHED_ACCEPT_BYTES = 256
+# (q, specificity, -position) of the range that decides each type: higher wins.
+_Match = tuple[float, int, int]
+_NO_MATCH: _Match = (0.0, 0, 0)
+
+
+def _prefers_csv(accept: bytes) -> bool:
+    json_match, csv_match = _NO_MATCH, _NO_MATCH
+    json_rank = csv_rank = 0  # specificity of the range chosen so far (0: none)
+    for position, element in enumerate(accept.lower().split(b",")):
+        media, _, params = element.partition(b";")
+        media = media.strip()
+        q = _quality(params)
+        if q is None:
+            continue
+        json_rank_here = _specificity(media, b"application/", b"application/json")
+        if json_rank_here > json_rank:
+            json_rank, json_match = json_rank_here, (q, json_rank_here, -position)
+        csv_rank_here = _specificity(media, b"text/", b"text/csv")
+        if csv_rank_here > csv_rank:
+            csv_rank, csv_match = csv_rank_here, (q, csv_rank_here, -position)
+    return csv_match[0] > 0.0 and csv_match > json_match
+
+
+_prefers_csv_cached = functools.lru_cache(maxsize=128)(_prefers_csv)
+
+
+def _specificity(media: bytes, type_prefix: bytes, full: bytes) -> int:
+    if media == full:
+        return 3
+    if media == type_prefix + b"*":
+        return 2
+    return 1 if media == b"*/*" else 0
+
+
+def _quality(params: bytes) -> float | None:
+    """The q parameter (1 when absent); None when it is not a number in [0, 1]."""
+    if b"q=" not in params:
+        return 1.0
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip() == b"q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return None
+            return q if 0.0 <= q <= 1.0 else None
+    return 1.0
 
 
 class Endpoints:
@@ -363,9 +424,12 @@ def answer_v2_event(
     path = http.get("path")
     if not isinstance(path, str):
         return None
-    kind = FAST_ROUTES.get(strip_base_path(path, base_path))
+    route = strip_base_path(path, base_path)
+    kind = FAST_ROUTES.get(route)
     if kind is None:
-        return None
+        kind = FAST_ROUTES.get(without_trailing_slash(route))
+        if kind is None:
+            return None
     content_type: str | None = None
     accept: bytes | None = None
     headers = event.get("headers") or {}
@@ -387,10 +451,129 @@ def answer_v2_event(
         status, answer_headers, payload = endpoints.safe_handle(
             kind, body, content_type, accept, _context_request_id(context)
         )
-    return _v2_response(status, answer_headers, payload)
+    return proxy_response(status, answer_headers, payload)
 
 
-def _v2_response(status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> dict[str, Any]:
+# --- events Mangum cannot take -----------------------------------------------------------------
+
+NOT_HTTP = (
+    "this function answers HTTP requests: API Gateway (HTTP API or REST API) and Function URL "
+    "proxy events; send the request through the API, or invoke with such an event (see events/)"
+)
+
+
+def refuse_event(endpoints: Endpoints, event: Any) -> dict[str, Any] | None:
+    """A 400 for an event Mangum would raise on (an S3 or scheduled event, ``{}``, an API event
+    without ``requestContext``, fields of the wrong type, a body that is not base64 or text);
+    None for an event it can serve. Logs a warning for each refusal."""
+    problem = _event_problem(event)
+    if problem is None:
+        return None
+    kind, message = problem
+    logger.warning("event refused", extra={"reason": message, "keys": _keys(event)})
+    return proxy_response(*endpoints.error(400, kind, message))
+
+
+def _keys(event: Any) -> list[str]:
+    return sorted(str(k)[:40] for k in event)[:20] if isinstance(event, dict) else []
+
+
+def _event_problem(event: Any) -> tuple[str, str] | None:
+    if not isinstance(event, dict):
+        return "bad_event", f"{NOT_HTTP}; this event is a {type(event).__name__}"
+    context = event.get("requestContext")
+    if not isinstance(context, dict):
+        return "bad_event", f"{NOT_HTTP}; this event has no requestContext"
+    if "elb" in context:  # Mangum's ALB handler: not wired by the template, but HTTP
+        return None
+    if "version" in event and event["version"] == "2.0":
+        wrong = _v2_fields(event, context)
+    elif "version" in event or "resource" in event:
+        wrong = _v1_fields(event, context)
+    else:
+        return "bad_event", f"{NOT_HTTP}; this event has neither version nor resource"
+    if wrong:
+        return "bad_event", f"the event's {wrong} is not what API Gateway sends; {NOT_HTTP}"
+    try:
+        _event_body(event)
+    except (binascii.Error, ValueError, TypeError):
+        return "malformed_body", "the event's body is not valid base64 or text"
+    return None
+
+
+def _v2_fields(event: dict[str, Any], context: dict[str, Any]) -> str | None:
+    http = context.get("http")
+    if not isinstance(http, dict) or "sourceIp" not in http:
+        return "requestContext.http"
+    if not isinstance(http.get("method"), str) or not isinstance(http.get("path"), str):
+        return "requestContext.http"
+    headers = event.get("headers", {})
+    if not _text_map(headers) or not _host_and_port(_lowered(headers)):
+        return "headers"
+    cookies = event.get("cookies")
+    if cookies and not (isinstance(cookies, list) and all(_is_text(c) for c in cookies)):
+        return "cookies"
+    if not _is_text(event.get("rawQueryString", "")):
+        return "rawQueryString"
+    return None
+
+
+def _v1_fields(event: dict[str, Any], context: dict[str, Any]) -> str | None:
+    if not isinstance(event.get("httpMethod"), str) or not isinstance(event.get("path"), str):
+        return "httpMethod or path"
+    if not isinstance(context.get("identity", {}), dict):
+        return "requestContext.identity"
+    headers = event.get("headers") or {}
+    if not _text_map(headers):
+        return "headers"
+    effective = _lowered(headers)
+    multi = event.get("multiValueHeaders")
+    if multi:  # as Mangum: these override ``headers``, a list joined by ", "
+        if not isinstance(multi, dict) or not all(_is_text(k) for k in multi):
+            return "multiValueHeaders"
+        for name, values in multi.items():
+            if isinstance(values, list) and not all(_is_text(v) for v in values):
+                return "multiValueHeaders"
+            effective[name.lower()] = ", ".join(values) if isinstance(values, list) else ""
+    if not _host_and_port(effective):
+        return "headers"
+    for name in ("multiValueQueryStringParameters", "queryStringParameters"):
+        if event.get(name) and not isinstance(event[name], dict):
+            return name
+    return None
+
+
+def _is_text(value: Any) -> bool:
+    # Text that encodes as UTF-8 (Mangum encodes header names and values).
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_map(headers: Any) -> bool:
+    return isinstance(headers, dict) and all(
+        _is_text(k) and _is_text(v) for k, v in headers.items()
+    )
+
+
+def _lowered(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def _host_and_port(headers: dict[str, str]) -> bool:
+    # Mangum reads the server from ``host`` ("name" or "name:port") or ``x-forwarded-port``.
+    host = headers.get("host", "mangum")
+    port = host.split(":", 1)[1] if ":" in host else headers.get("x-forwarded-port", "80")
+    return port.isascii() and port.isdigit() and ":" not in port
+
+
+def proxy_response(
+    status: int, headers: list[tuple[bytes, bytes]], payload: bytes
+) -> dict[str, Any]:
     # What Mangum's HTTPGateway makes of our answers for a 2.0 event: their header names are
     # distinct and lower-case (nothing to fold) and their bodies UTF-8 text (JSON or CSV: no
     # base64).
@@ -412,6 +595,12 @@ def strip_base_path(path: str, base_path: str) -> str:
         if path.startswith(prefix):
             path = path[len(prefix) :]
     return unquote(path)
+
+
+def without_trailing_slash(route: str) -> str:
+    """``/predict/`` is ``/predict`` for every route (one slash; ``/`` stays ``/``): a
+    redirect would answer an empty, non-JSON 307 whose ``Location`` drops the stage."""
+    return route[:-1] if len(route) > 1 and route.endswith("/") else route
 
 
 def _event_body(event: Mapping[str, Any]) -> bytes:

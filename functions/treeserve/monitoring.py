@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -98,11 +98,7 @@ def parse_time(text: str) -> datetime:
         raise TreeserveError(f"not an ISO-8601 time: {text[:40]!r}") from None
 
 
-def _days(start: datetime, end: datetime) -> Iterator[date]:
-    day = start.date()
-    while day <= end.date():
-        yield day
-        day += timedelta(days=1)
+_DAY_PREFIX = re.compile(r"dt=\d{4}-\d{2}-\d{2}/")
 
 
 def _ts_key(moment: datetime) -> bytes:
@@ -684,12 +680,46 @@ def _default_registry(bucket: str, model: str, s3: S3Client) -> ManifestSource:
     return ModelRegistry(S3RegistryStore(bucket, s3=s3), model)
 
 
+def _day_prefixes(
+    s3: S3Client, bucket: str, model: str, start: datetime, end: datetime
+) -> Iterator[str]:
+    """The ``captures/<model>/dt=YYYY-MM-DD/`` prefixes that exist, from ``start``'s day to
+    ``end``'s: one listing by delimiter (a page per 1,000 days) from the first day on, so a long
+    window over sparse data costs what the data costs, not one call per day."""
+    root = f"captures/{model}/"
+    first, last = f"{root}dt={start:%Y-%m-%d}/", f"{root}dt={end:%Y-%m-%d}/"
+    token: str | None = None
+    while True:
+        # StartAfter "…dt=<first day>" (no slash) sorts just before that day's prefix.
+        kwargs: dict[str, Any] = {
+            "Bucket": bucket,
+            "Prefix": root,
+            "Delimiter": "/",
+            "StartAfter": first[:-1],
+        }
+        if token:
+            kwargs["ContinuationToken"] = token
+        try:
+            page = s3.list_objects_v2(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(exc, f"s3://{bucket}/{root}") from exc
+        for entry in page.get("CommonPrefixes", []):
+            prefix = entry.get("Prefix", "")
+            if prefix > last:  # listed in key order: nothing later is in the window
+                return
+            if prefix >= first and _DAY_PREFIX.fullmatch(prefix, len(root)):
+                yield prefix
+        if not page.get("IsTruncated"):
+            return
+        token = page.get("NextContinuationToken")
+
+
 def _files(
     s3: S3Client, bucket: str, model: str, start: datetime, end: datetime
 ) -> list[tuple[str, int]]:
     keys: list[tuple[str, int]] = []
-    for day in _days(start, end):
-        keys.extend(_list(s3, bucket, f"captures/{model}/dt={day:%Y-%m-%d}/"))
+    for prefix in _day_prefixes(s3, bucket, model, start, end):
+        keys.extend(_list(s3, bucket, prefix))
     return sorted(keys)
 
 

@@ -245,6 +245,76 @@ def test_window_and_versions(s3: Any) -> None:
     assert by_version[v2]["drifted_features"] == ["f3"]
 
 
+class CountingS3:
+    """The real client, counting list calls (and, when ``page`` is set, paging prefixes by it)."""
+
+    def __init__(self, s3: Any, page: int | None = None) -> None:
+        self.s3, self.page = s3, page
+        self.listed: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.s3, name)
+
+    def list_objects_v2(self, **kwargs: Any) -> Any:
+        self.listed.append(kwargs)
+        if self.page is not None and "Delimiter" in kwargs:
+            kwargs = {**kwargs, "MaxKeys": self.page}
+        return self.s3.list_objects_v2(**kwargs)
+
+
+@pytest.mark.parametrize("page", [None, 2])
+def test_a_long_window_lists_only_the_days_that_exist(s3: Any, page: int | None) -> None:
+    model = train("binary:logistic")
+    version = register(s3, model)
+    rng = np.random.default_rng(4)
+    days = [
+        datetime(1900, 3, 1, 12, tzinfo=UTC),  # before the window: neither listed nor read
+        datetime(1950, 6, 1, 12, tzinfo=UTC),
+        datetime(2001, 1, 1, 0, tzinfo=UTC),
+        datetime(2026, 11, 28, 23, tzinfo=UTC),
+        datetime(2030, 1, 1, 12, tzinfo=UTC),  # after the window
+    ]
+    for i, ts in enumerate(days):
+        traffic(s3, model, version, rng.normal(size=(10, 6)), prefix=f"d{i}", ts=ts, files=1)
+    s3.put_object(Bucket=BUCKET, Key="captures/m/stray.jsonl.gz", Body=b"")  # no partition
+    s3.put_object(Bucket=BUCKET, Key="captures/m/dt=bad/x.jsonl.gz", Body=b"")
+    start, end = datetime(1926, 11, 29, tzinfo=UTC), NOW  # 100 years: 36,525 days
+    client = CountingS3(s3, page)
+    report = monitoring.run_monitoring(
+        BUCKET, "m", start, end, s3=client, now=NOW, write=False, workers=0
+    )
+    assert report["rows"] == 30
+    assert report["files"] == 3
+    captures = [k for k in client.listed if k["Prefix"].startswith("captures/")]
+    by_day = [k["Prefix"] for k in captures if "Delimiter" not in k]
+    assert by_day == [
+        "captures/m/dt=1950-06-01/",
+        "captures/m/dt=2001-01-01/",
+        "captures/m/dt=2026-11-28/",
+    ]
+    # One listing of the partitions (pages of ``page``: 1950, 2001 | 2026, 2030: stop), then
+    # one per day in the window: 5 calls for a century, not 36,525.
+    assert len(captures) - len(by_day) == (1 if page is None else 2)
+
+
+def test_a_day_window_lists_one_partition(s3: Any) -> None:
+    model = train("binary:logistic")
+    version = register(s3, model)
+    for i in range(40):  # 40 earlier days of captures
+        day = START - timedelta(days=i + 2)
+        traffic(s3, model, version, np.zeros((1, 6)), prefix=f"o{i}", ts=day, files=1)
+    traffic(s3, model, version, np.zeros((5, 6)), prefix="now")
+    client = CountingS3(s3, page=2)
+    report = monitoring.run_monitoring(
+        BUCKET, "m", START, NOW, s3=client, now=NOW, write=False, workers=0
+    )
+    assert report["rows"] == 5
+    captures = [k for k in client.listed if k["Prefix"].startswith("captures/")]
+    assert [k["Prefix"] for k in captures if "Delimiter" not in k] == ["captures/m/dt=2026-11-29/"]
+    # The partition listing starts at the window's first day: the 40 before it cost nothing.
+    assert len([k for k in captures if "Delimiter" in k]) == 1
+
+
 def test_fast_and_general_parsers_agree_and_bad_lines_are_counted(s3: Any) -> None:
     model = train("binary:logistic")
     version = register(s3, model)

@@ -133,6 +133,25 @@ def test_direct_invoke_window_and_bad_events(env: Any, capsys: pytest.CaptureFix
     capsys.readouterr()
 
 
+def test_a_window_longer_than_a_month_is_refused_before_any_listing(
+    env: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = load_app()
+    listed: list[str] = []
+    monkeypatch.setattr(app, "run_monitoring", lambda *a, **kw: listed.append("ran"))
+    limit = f"{app.MAX_WINDOW_HOURS:g} hours"
+    for bad in (
+        {"start": "1826-01-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},  # 200 years
+        {"start": "2026-01-01T00:00:00Z"},  # until now: almost a year
+        {"hours": 24 * 365 * 200},
+    ):
+        answer = app.handler(bad, LambdaContext())
+        assert answer["error"]["type"] == "bad_event", bad
+        assert limit in answer["error"]["message"], answer
+    assert listed == []
+    assert [r.getMessage() for r in caplog.records].count("event refused") == 3
+
+
 def test_drift_notice_is_published_to_the_topic(
     env: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
