@@ -64,58 +64,93 @@ def reset() -> None:
 def _int(value: Any) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    # Envelopes are read defensively: a field of the wrong type reads as absent.
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _upload(**fields: Any) -> UploadEvent | None:
+    if not fields["bucket"] or not fields["key"]:
+        logger.warning("ignored: the record names no bucket or key", extra={"record": fields})
+        return None
+    return UploadEvent(**fields)
 
 
 def _from_s3_record(record: dict[str, Any]) -> UploadEvent | None:
     if not str(record.get("eventName", "ObjectCreated")).startswith(("ObjectCreated", "s3:Obj")):
         return None
-    s3 = record.get("s3") or {}
-    obj = s3.get("object") or {}
-    return UploadEvent(
-        bucket=str((s3.get("bucket") or {}).get("name", "")),
-        key=unquote_plus(str(obj.get("key", ""))),
+    s3 = _dict(record.get("s3"))
+    obj = _dict(s3.get("object"))
+    return _upload(
+        bucket=_text(_dict(s3.get("bucket")).get("name")) or "",
+        key=unquote_plus(_text(obj.get("key")) or ""),
         etag=str(obj.get("eTag") or obj.get("etag") or ""),
         size=_int(obj.get("size")),
-        sequencer=obj.get("sequencer"),
-        event_time=record.get("eventTime"),
-        version_id=obj.get("versionId") or None,
+        sequencer=_text(obj.get("sequencer")),
+        event_time=_text(record.get("eventTime")),
+        version_id=_text(obj.get("versionId")),
     )
 
 
 def _from_eventbridge(event: dict[str, Any]) -> UploadEvent | None:
     if event.get("detail-type") != "Object Created":
         return None
-    detail = event.get("detail") or {}
-    obj = detail.get("object") or {}
-    return UploadEvent(
-        bucket=str((detail.get("bucket") or {}).get("name", "")),
+    detail = _dict(event.get("detail"))
+    obj = _dict(detail.get("object"))
+    return _upload(
+        bucket=_text(_dict(detail.get("bucket")).get("name")) or "",
         # EventBridge keys are not URL-encoded; unquote_plus would turn a literal '+' into ' '.
-        key=str(obj.get("key", "")),
+        key=_text(obj.get("key")) or "",
         etag=str(obj.get("etag") or obj.get("eTag") or ""),
         size=_int(obj.get("size")),
-        sequencer=obj.get("sequencer") or detail.get("sequencer"),
-        event_time=event.get("time") if isinstance(event.get("time"), str) else None,
-        version_id=obj.get("version-id") or None,
+        sequencer=_text(obj.get("sequencer")) or _text(detail.get("sequencer")),
+        event_time=_text(event.get("time")),
+        version_id=_text(obj.get("version-id")),
     )
 
 
-def upload_events(message: dict[str, Any]) -> list[UploadEvent]:
-    """Every ObjectCreated in one S3 notification, SNS envelope or EventBridge event."""
+def _ignored(reason: str, value: Any) -> list[UploadEvent]:
+    logger.warning(f"ignored: {reason}", extra={"value": repr(value)[:200]})
+    return []
+
+
+def upload_events(message: Any) -> list[UploadEvent]:
+    """Every ObjectCreated in one S3 notification, SNS envelope or EventBridge event; anything
+    else (a malformed envelope or record) is ignored with a warning: no retry can fix it."""
+    if not isinstance(message, dict):
+        return _ignored("the notification is not a JSON object", message)
     if message.get("Type") == "Notification" and isinstance(message.get("Message"), str):
-        return upload_events(json.loads(message["Message"]))  # SNS -> SQS
+        try:  # SNS -> SQS
+            inner = json.loads(message["Message"])
+        except ValueError:
+            return _ignored("the SNS message is not JSON", message["Message"])
+        return upload_events(inner)
     if message.get("Event") == "s3:TestEvent":
         return []
     if "detail-type" in message:
         found = _from_eventbridge(message)
         return [found] if found else []
+    records = message.get("Records")
+    if records is None:
+        return _ignored("not an S3 notification (no Records)", sorted(message)[:10])
+    if not isinstance(records, list):
+        return _ignored("Records is not a list", records)
     events = []
-    for record in message.get("Records") or []:
-        if isinstance(record, dict) and "s3" in record:
-            found = _from_s3_record(record)
-            if found is not None:
-                events.append(found)
+    for record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("s3"), dict):
+            _ignored("a record that is not an S3 record", record)
+            continue
+        found = _from_s3_record(record)
+        if found is not None:
+            events.append(found)
     return events
 
 
@@ -152,7 +187,12 @@ def _answer(outcome: Outcome) -> dict[str, Any]:
 def record_handler(record: SQSRecord) -> list[dict[str, Any]]:
     """One SQS message: every upload it notifies about. Raising marks the message failed."""
     try:
-        return [_answer(_process(e)) for e in upload_events(json.loads(record.body))]
+        body = json.loads(record.body)
+    except ValueError:
+        _ignored("the SQS message body is not JSON", record.body)
+        return []
+    try:
+        return [_answer(_process(e)) for e in upload_events(body)]
     except Exception:
         logger.exception(
             "refresh failed; the message returns to the queue",
@@ -167,10 +207,14 @@ def record_handler(record: SQSRecord) -> list[dict[str, Any]]:
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
     """Lambda entry point (template.yaml: ``app.handler``)."""
-    records = event.get("Records") or []
-    if records and all(r.get("eventSource") == "aws:sqs" for r in records):
+    records = event.get("Records") if isinstance(event, dict) else None
+    if (
+        isinstance(records, list)
+        and records
+        and all(isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records)
+    ):
         return dict(process_partial_response(event, record_handler, processor, context))
     outcomes: list[dict[str, Any]] = []
     failure: Exception | None = None

@@ -81,6 +81,21 @@ def _events(model: TrainedModel) -> list[tuple[str, dict[str, Any]]]:
             http_api_event("POST", "/predict", orjson.dumps({"instances": [rows[0]] * 2000})),
         ),
         ("percent-encoded path", http_api_event("POST", "/%70redict", body)),
+        ("trailing slash", http_api_event("POST", "/predict/", body)),
+        (
+            "trailing slash, url, csv by q",
+            http_api_event(
+                "POST",
+                "/explain/",
+                body,
+                {"accept": "application/json;q=0.5, text/csv"},
+                function_url=True,
+            ),
+        ),
+        (
+            "json by q",
+            http_api_event("POST", "/predict", body, {"accept": "text/csv;q=0, application/json"}),
+        ),
     ]
     mixed = http_api_event("POST", "/predict", body)
     mixed["headers"]["Content-Type"] = "text/xml"  # two spellings: the last one wins, as in Mangum
@@ -118,6 +133,9 @@ def test_direct_answers_equal_mangums(
         "non-latin header": 415,
         "too many rows": 413,
         "percent-encoded path": 200,
+        "trailing slash": 200,
+        "trailing slash, url, csv by q": 200,
+        "json by q": 200,
         "duplicate header names": 415,
     }
     assert not module._web, "the FastAPI app was built for requests that do not need it"

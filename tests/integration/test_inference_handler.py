@@ -436,3 +436,168 @@ def test_explain_has_its_own_row_limit(
     assert status == 413
     assert "limit" in orjson.loads(raw)["error"]["message"]
     assert invoke(module, http_api_event("POST", "/predict", body))[0] == 200
+
+
+# --- issue 13: events that are not requests, trailing slashes, bodies that are not base64 -----
+
+
+def _without_context(event: dict[str, Any]) -> dict[str, Any]:
+    event.pop("requestContext")
+    return event
+
+
+def _not_http_events() -> list[Any]:
+    from tests.conftest import EVENTS
+
+    files = ["s3-put-incoming.json", "monitoring-scheduled.json", "sqs-s3-put-incoming.json"]
+    loaded = [orjson.loads((EVENTS / name).read_bytes()) for name in files]
+    v2_no_headers = http_api_event("GET", "/health")
+    v2_no_headers["headers"] = None
+    v1_bad_identity = rest_api_event("GET", "/health")
+    v1_bad_identity["requestContext"]["identity"] = None
+    v1_bad_header = rest_api_event("GET", "/model", headers={"X-Trace": None})  # type: ignore[dict-item]
+    v2_bad_host = http_api_event("GET", "/health", headers={"host": "a:b:c"})
+    return [
+        {},
+        [],
+        "x",
+        None,
+        *loaded,
+        _without_context(http_api_event("POST", "/predict", b"{}")),
+        _without_context(rest_api_event("GET", "/health")),
+        {"version": "2.0", "requestContext": {"http": "x"}},
+        v2_no_headers,
+        v1_bad_identity,
+        v1_bad_header,
+        v2_bad_host,
+    ]
+
+
+def test_events_that_are_not_http_requests_are_refused_not_raised(
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from treeserve import endpoints
+
+    publish(registry, binary_model)
+    module = function()
+    warned: list[str] = []
+    monkeypatch.setattr(endpoints.logger, "warning", lambda msg, **kw: warned.append(msg))
+    events = _not_http_events()
+    for event in events:
+        status, headers, raw = invoke(module, event)
+        assert status == 400, (event, raw)
+        assert headers["content-type"] == "application/json"
+        assert headers["x-model-version"] == "1"
+        error = orjson.loads(raw)["error"]
+        assert error["type"] == "bad_event", event
+        assert "API Gateway" in error["message"]
+    assert warned == ["event refused"] * len(events)
+    good = orjson.dumps({"instances": binary_model.X[:2].tolist()})
+    assert invoke(module, rest_api_event("POST", "/predict", good))[0] == 200
+
+
+POWERTOOLS_BODY = "Hello from Lambda!"  # Powertools' apiGatewayProxyEvent.json: base64 claimed
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+@pytest.mark.parametrize("route", ["POST /predict", "GET /health", "POST /model"])
+def test_a_body_that_is_not_base64_is_400_on_every_event_type(
+    kind: str,
+    route: str,
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    method, path = route.split()
+    event = event_for(kind, method, path, b"{}")
+    event["body"], event["isBase64Encoded"] = POWERTOOLS_BODY, True
+    status, headers, raw = invoke(module, event)
+    assert status == 400, raw
+    assert orjson.loads(raw)["error"]["type"] == "malformed_body"
+    assert headers["x-model-version"] == "1"
+
+
+ROUTES = [
+    ("POST", "/predict"),
+    ("POST", "/explain"),
+    ("GET", "/health"),
+    ("GET", "/model"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+]
+
+
+@pytest.mark.parametrize("kind", [*EVENT_KINDS, "v1-stage"])
+def test_every_route_answers_with_a_trailing_slash(
+    kind: str,
+    registry: ModelRegistry,
+    function: Start,
+    binary_model: TrainedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = ""
+    if kind == "v1-stage":  # a custom domain's base path mapping: the stage is in the path
+        monkeypatch.setenv("API_BASE_PATH", "/prod")
+        prefix, kind = "/prod", "v1"
+    publish(registry, binary_model)
+    module = function()
+    body = orjson.dumps({"instances": binary_model.X[:3].tolist(), "ids": [1, 2, 3]})
+    for method, path in ROUTES:
+        payload = body if method == "POST" else None
+        plain = invoke(module, event_for(kind, method, prefix + path, payload))
+        slashed = invoke(module, event_for(kind, method, prefix + path + "/", payload))
+        assert plain[0] == 200, (path, plain[2][:200])
+        assert slashed[0] == 200, (path, slashed[2][:200])
+        assert slashed[2] == plain[2], path
+    for path in ("/predict//", "/nope/", "/health//"):
+        status, _, raw = invoke(module, event_for(kind, "GET", prefix + path))
+        assert status == 404, (path, raw)
+        assert orjson.loads(raw)["error"]["type"] == "not_found"
+
+
+def test_the_asgi_app_answers_a_trailing_slash_too(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from treeserve.api import create_app
+
+    publish(registry, binary_model)
+    module = function()
+    body = orjson.dumps({"instances": binary_model.X[:2].tolist(), "ids": [1, 2]})
+    for fast in (True, False):
+        app = create_app(module.service, module.settings, fast_path=fast)
+        with TestClient(app) as client:
+            for method, path in ROUTES:
+                kw: dict[str, Any] = {"content": body} if method == "POST" else {}
+                plain = client.request(method, path, follow_redirects=False, **kw)
+                slashed = client.request(method, path + "/", follow_redirects=False, **kw)
+                assert (plain.status_code, slashed.status_code) == (200, 200), path
+                assert slashed.content == plain.content, path
+            r = client.get("/health//", follow_redirects=False)
+            assert r.status_code == 404
+            assert r.json()["error"]["type"] == "not_found"
+
+
+def test_accept_q_values_through_every_path(
+    registry: ModelRegistry, function: Start, binary_model: TrainedModel
+) -> None:
+    publish(registry, binary_model)
+    module = function()
+    body = orjson.dumps({"instances": binary_model.X[:2].tolist()})
+    for kind in EVENT_KINDS:
+        for accept, csv_out in (
+            ("text/csv;q=0, application/json", False),
+            ("application/json;q=0.5, text/csv", True),
+        ):
+            event = event_for(kind, "POST", "/predict", body, {"Accept": accept})
+            status, headers, _ = invoke(module, event)
+            assert status == 200
+            assert headers["content-type"].startswith(
+                "text/csv" if csv_out else "application/json"
+            ), (kind, accept)

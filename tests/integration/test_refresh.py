@@ -501,6 +501,57 @@ def test_test_events_and_keys_that_are_not_uploads_are_ignored(
     assert listed.get("KeyCount", 0) == 0  # nothing registered, nothing recorded
 
 
+MALFORMED_EVENTS: list[Any] = [
+    {"Records": "x"},
+    {"Records": {"s3": {}}},
+    {"Records": 7},
+    {"Records": ["x", 1, None, []]},
+    {"Records": [{"s3": "x"}, {"s3": None}, {"s3": []}]},
+    {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": "x", "object": "y"}}]},
+    {"Records": [{"s3": {"bucket": {"name": BUCKET}, "object": {}}}]},  # no key
+    {"Records": [{"s3": {"bucket": {}, "object": {"key": "incoming/default/m.ubj"}}}]},
+    {"Records": [{"s3": {"bucket": {"name": 3}, "object": {"key": ["incoming/a/b"]}}}]},
+    {"Records": [{"eventSource": "aws:sqs"}, "x"]},
+    {"Type": "Notification", "Message": "{not json"},
+    {"Type": "Notification", "Message": '"a string"'},
+    {"detail-type": "Object Created", "detail": "x"},
+    {"detail-type": "Object Created", "detail": {"bucket": [], "object": {"key": 5}}},
+    {},
+    {"unexpected": True},
+    [],
+    "x",
+    None,
+]
+
+
+@pytest.mark.filterwarnings("ignore:No application metrics to publish")
+@pytest.mark.parametrize("event", MALFORMED_EVENTS, ids=repr)
+def test_malformed_events_are_ignored_with_a_log_line(
+    stack: RefreshStack, event: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert stack.invoke(event) == {"outcomes": []}
+    assert any(r.getMessage().startswith("ignored: ") for r in caplog.records), caplog.records
+    listed = stack.s3.list_objects_v2(Bucket=BUCKET, Prefix="registry/")
+    assert listed.get("KeyCount", 0) == 0
+
+
+@pytest.mark.filterwarnings("ignore:No application metrics to publish")
+def test_malformed_sqs_messages_are_ignored_and_the_good_one_served(
+    stack: RefreshStack, binary_model: TrainedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    (good,) = stack.put("incoming/default/model.ubj", binary_model.ubj())
+    bad = [
+        dict(good, MessageId=f"bad-{i}", Body=body)
+        for i, body in enumerate(["not json", '{"Records": "x"}', "[1]", '{"Records": [3]}'])
+    ]
+    assert stack.deliver_sqs([*bad, good]) == {"batchItemFailures": []}
+    current = stack.registry().current()
+    assert current is not None
+    assert current.version == 1
+    ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored: ")]
+    assert len(ignored) == 4, ignored
+
+
 @pytest.mark.filterwarnings("ignore:No application metrics to publish")
 def test_handler_module_builds_its_service_once(stack: RefreshStack) -> None:
     record = {
