@@ -240,3 +240,36 @@ def test_a_reference_with_an_unseen_category_is_refused(
     assert outcome["code"] == "csv_invalid"
     assert "'platinum'" in outcome["message"]
     assert "'plan'" in outcome["message"]
+
+
+def test_monitoring_names_categories_by_value(stack: RefreshStack, data: pd.DataFrame) -> None:
+    from tests.integration.test_monitoring import NOW, capture_lines, put_captures, run
+    from treeserve.report_html import render_html
+
+    model = fit("binary", data)
+    reference = data[data["plan"] != "tin"].iloc[:300]  # "tin" never in the reference sample
+    publish(stack, "shift", model, reference)
+    manifest = stack.registry("shift").manifest(1)
+    assert manifest.reference is not None
+    plan_stats = manifest.reference["features"][1]
+    assert plan_stats["category_values"] == sorted(PLANS)
+
+    # Traffic: mostly "tin" (code 3), as the inference function captures it (codes).
+    live = frame(400, 9)
+    live["plan"] = pd.Categorical(["tin"] * 300 + ["gold"] * 100, categories=sorted(PLANS))
+    X = live.assign(plan=live["plan"].cat.codes, region=live["region"].cat.codes).to_numpy(
+        dtype=float
+    )
+    preds = model.get_booster().inplace_predict(X)
+    ts = NOW - pd.Timedelta(hours=1)
+    lines = capture_lines(1, X, np.asarray(preds), [f"r{i}" for i in range(len(X))], ts)
+    put_captures(stack.s3, "shift", lines, ts, "a")
+
+    report = run(stack.s3, "shift")
+    plan = next(f for f in report["versions"][0]["features"] if f["name"] == "plan")
+    assert plan["new_categories"] == ["tin"]
+    assert plan["new_category_share"] == pytest.approx(0.75)
+    assert "gold" in plan["chart"]["labels"]
+    assert "plan" in report["summary"]["drifted_features"]
+    html = render_html(report)
+    assert ">gold<" in html
