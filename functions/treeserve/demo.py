@@ -225,6 +225,7 @@ if __name__ == "__main__":
 # --- the second demo: Palmer Penguins, with categorical columns ---------------------------------
 
 PENGUINS_FILE = "penguins.csv"
+PENGUINS_MODEL = "penguins"  # the name the local stack publishes it under
 PENGUINS_LABEL = "sex"
 PENGUINS_CLASSES = ["female", "male"]
 PENGUINS_CATEGORICAL = ("species", "island")
