@@ -273,3 +273,47 @@ def test_monitoring_names_categories_by_value(stack: RefreshStack, data: pd.Data
     assert "plan" in report["summary"]["drifted_features"]
     html = render_html(report)
     assert ">gold<" in html
+
+
+def test_penguins_demo_is_served_with_category_values(
+    stack: RefreshStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The local stack's categorical demo: codes trained, manifest.json names the categories."""
+    from treeserve.demo import write_penguins_package
+
+    demo = write_penguins_package(tmp_path)
+    assert demo.holdout_auc > 0.9
+    key = "incoming/penguins/penguins-package.tar.gz"
+    stack.deliver_sqs(stack.put(key, demo.package.read_bytes()))
+    outcome = stack.outcome(key, "penguins")
+    assert outcome is not None
+    assert outcome["status"] == "promoted", outcome
+    manifest = stack.registry("penguins").manifest(1)
+    assert manifest.categories == demo.categories
+    assert manifest.reference is not None
+    assert manifest.reference["features"][0]["category_values"] == ["Adelie", "Chinstrap", "Gentoo"]
+
+    # As pandas would see the same records (category columns with the model's categories).
+    df = pd.DataFrame(demo.example_records)
+    for name, cats in demo.categories.items():
+        df[name] = pd.Categorical(df[name], categories=cats)
+    booster = xgb.Booster()
+    booster.load_model(bytearray(stack.registry("penguins").model_bytes(1, manifest)))
+    want = booster.predict(xgb.DMatrix(df, enable_categorical=True))
+    status, answer = call(
+        monkeypatch,
+        "penguins",
+        "/predict",
+        json.dumps({"instances": demo.example_records}).encode(),
+        "application/json",
+    )
+    assert status == 200, answer
+    np.testing.assert_array_equal(np.asarray(answer["predictions"], dtype=np.float32), want)
+    status, answer = call(
+        monkeypatch,
+        "penguins",
+        "/predict",
+        demo.reference.read_bytes()[:2000].rsplit(b"\n", 1)[0],
+        "text/csv",
+    )
+    assert status == 200, answer
