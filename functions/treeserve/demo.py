@@ -220,3 +220,134 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- the second demo: Palmer Penguins, with categorical columns ---------------------------------
+
+PENGUINS_FILE = "penguins.csv"
+PENGUINS_MODEL = "penguins"  # the name the local stack publishes it under
+PENGUINS_LABEL = "sex"
+PENGUINS_CLASSES = ["female", "male"]
+PENGUINS_CATEGORICAL = ("species", "island")
+PENGUINS_NUMERIC = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g")
+PENGUINS_DESCRIPTION = (
+    "Demo: probability that a penguin is male, from its species and island (categorical) and "
+    "body measurements (Palmer Penguins, Gorman et al., CC0)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PenguinsPackage:
+    """Files written by :func:`write_penguins_package` and examples for the curl lines."""
+
+    package: Path
+    reference: Path
+    feature_names: list[str]
+    categories: dict[str, list[str]]
+    example_records: list[dict[str, str | float | None]]
+    holdout_auc: float
+
+
+def load_penguins() -> tuple[list[str], list[list[str]]]:
+    """Header and rows (text) of the bundled Palmer Penguins data, rows without a sex dropped."""
+    text = resources.files("treeserve").joinpath("data", PENGUINS_FILE).read_text("utf-8")
+    rows = list(csv.reader(io.StringIO(text)))
+    header = rows[0]
+    sex = header.index(PENGUINS_LABEL)
+    return header, [r for r in rows[1:] if r[sex] in PENGUINS_CLASSES]
+
+
+def _penguin_matrix(
+    header: list[str], rows: list[list[str]], categories: dict[str, list[str]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features as XGBoost reads a DataFrame's category columns: codes in category order."""
+    names = [*PENGUINS_CATEGORICAL, *PENGUINS_NUMERIC]
+    X = np.full((len(rows), len(names)), np.nan)
+    for j, name in enumerate(names):
+        k = header.index(name)
+        for i, row in enumerate(rows):
+            cell = row[k]
+            if cell in ("", "NA"):
+                continue
+            X[i, j] = categories[name].index(cell) if name in categories else float(cell)
+    sex = header.index(PENGUINS_LABEL)
+    y = np.array([PENGUINS_CLASSES.index(r[sex]) for r in rows], dtype=np.float64)
+    return X, y
+
+
+def write_penguins_package(directory: Path, *, seed: int = 0) -> PenguinsPackage:
+    """Train a categorical model on Palmer Penguins and write it as a model package.
+
+    Trained from a DMatrix of codes with ``feature_types="c"`` (no pandas in treeserve): such a
+    model stores no category values, so ``manifest.json`` lists them (``categories``, in code
+    order, as pandas orders a ``category`` column: sorted); the CSVs hold the values themselves.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    header, rows = load_penguins()
+    categories = {
+        name: sorted({r[header.index(name)] for r in rows} - {"", "NA"})
+        for name in PENGUINS_CATEGORICAL
+    }
+    X, y = _penguin_matrix(header, rows, categories)
+    names = [*PENGUINS_CATEGORICAL, *PENGUINS_NUMERIC]
+    data = split(Dataset(names, X, y), seed=seed + SPLIT_SEED)
+    train, holdout = data
+    types = ["c"] * len(PENGUINS_CATEGORICAL) + ["float"] * len(PENGUINS_NUMERIC)
+    dtrain = xgb.DMatrix(
+        train.X, label=train.y, feature_names=names, feature_types=types, enable_categorical=True
+    )
+    params = {"objective": "binary:logistic", "max_depth": 3, "eta": 0.2, "nthread": 1}
+    booster = xgb.train({**params, "seed": seed}, dtrain, num_boost_round=DEFAULT_ROUNDS)
+    scores = booster.predict(
+        xgb.DMatrix(holdout.X, feature_names=names, feature_types=types, enable_categorical=True)
+    )
+    holdout_auc = auc(holdout.y, np.asarray(scores))
+
+    def as_text(X_: np.ndarray) -> list[list[str]]:
+        return [
+            [
+                ("" if np.isnan(v) else categories[n][int(v)] if n in categories else _num(v))
+                for n, v in zip(names, row, strict=True)
+            ]
+            for row in X_
+        ]
+
+    members: dict[str, bytes] = {"model.ubj": bytes(booster.save_raw("ubj"))}
+    reference = directory / "reference.csv"
+    reference.write_text(_csv_text(names, as_text(train.X)), encoding="utf-8")
+    members["reference.csv"] = reference.read_bytes()
+    members["holdout.csv"] = _csv_text(
+        [*names, PENGUINS_LABEL],
+        [
+            [*r, PENGUINS_CLASSES[int(c)]]
+            for r, c in zip(as_text(holdout.X), holdout.y, strict=True)
+        ],
+    ).encode()
+    manifest = {
+        "description": PENGUINS_DESCRIPTION,
+        "class_names": PENGUINS_CLASSES,
+        "label": PENGUINS_LABEL,
+        "categories": categories,
+        "metrics": {"holdout_auc": round(holdout_auc, 6)},
+    }
+    members["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    package = directory / "penguins-package.tar.gz"
+    with tarfile.open(package, "w:gz") as tar:
+        for member, content in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    examples = [dict(zip(names, r, strict=True)) for r in as_text(holdout.X[:2])]
+    records: list[dict[str, str | float | None]] = [
+        {k: (v if k in categories else float(v)) if v else None for k, v in e.items()}
+        for e in examples
+    ]
+    return PenguinsPackage(package, reference, names, categories, records, holdout_auc)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(list(header))
+    writer.writerows(rows)
+    return out.getvalue()

@@ -291,11 +291,12 @@ def compare_feature(acc: FeatureAccumulator) -> dict[str, Any]:
     ref_missing = int(ref.get("n_missing") or 0)
     if acc.categorical:
         cur = np.concatenate([acc.cat_counts, [n_missing]])
-        labels = [_label(c) for c in acc.categories.tolist()] + ["other/new", "missing"]
+        values = ref.get("category_values")
+        labels = [_label(c, values) for c in acc.categories.tolist()] + ["other/new", "missing"]
         new = sorted(acc.new.items(), key=lambda kv: -kv[1])
         other = int(ref.get("other_count") or 0)
         out["new_categories"] = (
-            [_label(c) for c, _ in new[:MAX_LISTED_CATEGORIES]] if not other else []
+            [_label(c, values) for c, _ in new[:MAX_LISTED_CATEGORIES]] if not other else []
         )
         out["new_category_share"] = (
             sum(v for _, v in new) / (n - n_missing) if (n - n_missing) and not other else 0.0
@@ -333,8 +334,13 @@ def compare_feature(acc: FeatureAccumulator) -> dict[str, Any]:
     return out
 
 
-def _label(code: float) -> str:
-    return str(int(code)) if float(code).is_integer() else repr(code)
+def _label(code: float, values: list[Any] | None = None) -> str:
+    """A category by its value (the model's training categories), else by its code."""
+    if float(code).is_integer():
+        if values and 0 <= int(code) < len(values):
+            return str(values[int(code)])
+        return str(int(code))
+    return repr(code)
 
 
 def _bin_labels(edges: F32) -> list[str]:

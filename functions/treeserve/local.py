@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
 
-    from treeserve.demo import DemoPackage
+    from treeserve.demo import DemoPackage, PenguinsPackage
 
 logger = logging.getLogger("treeserve.local")
 
@@ -355,6 +355,8 @@ class LocalStack:
     demo_dir: Path | None = None
     demo: DemoPackage | None = None
     demo_version: int | None = None
+    penguins: PenguinsPackage | None = None
+    penguins_version: int | None = None
 
     def stop(self) -> None:
         """Stop in reverse start order; every step runs even when an earlier one failed."""
@@ -688,6 +690,13 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             "Breast Cancer Wisconsin "
             f"(Diagnostic), holdout AUC {demo.holdout_auc:.4f}), package {demo.package}"
         )
+        penguins = stack.penguins
+        if penguins is not None:
+            lines.append(
+                f"  second model         penguins v{stack.penguins_version} (demo: P(male) on "
+                "Palmer Penguins, categorical species/island, holdout AUC "
+                f"{penguins.holdout_auc:.4f})"
+            )
     else:
         lines.append(f"  model in service     none yet: publish one ({treeserve} publish ...)")
     settings = function_env(spec, opts.env)
@@ -719,6 +728,15 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             "-H 'content-type: text/csv' -H 'accept: text/csv' --data-binary @-",
             f"  curl -s {api}/explain -H 'content-type: application/json' "
             f"-d '{_json({'instances': demo.example_rows[:1]})}'",
+        ]
+    if stack.penguins is not None:
+        penguins_api = f"{api}/models/penguins"
+        lines += [
+            "  # the categorical model: category values as strings (codes: see GET /models/penguins)",
+            f"  curl -s {penguins_api}/predict -H 'content-type: application/json' "
+            f"-d '{_json({'instances': stack.penguins.example_records})}'",
+            f"  head -4 {shlex.quote(str(stack.penguins.reference))} | curl -s "
+            f"{penguins_api}/predict -H 'content-type: text/csv' --data-binary @-",
         ]
     lines += [
         "",
@@ -808,6 +826,11 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
             _say(
                 out, f"treeserve local: the demo model is version {stack.demo_version}, in service"
             )
+            from treeserve.demo import PENGUINS_MODEL, write_penguins_package  # noqa: PLC0415
+
+            _say(out, "treeserve local: training the categorical demo model (Palmer Penguins)")
+            stack.penguins = write_penguins_package(stack.demo_dir / "penguins")
+            stack.penguins_version = publish_demo(stack.penguins.package, spec, PENGUINS_MODEL)
 
         inference = load_handler(spec.inference, own_env(spec.inference, options.env))
         stack.handlers[spec.inference.logical_id] = inference

@@ -35,7 +35,10 @@ Schema (``REFERENCE_SCHEMA_VERSION`` = 1)::
     FeatureStats (categorical, XGBoost type "c"):
       {"name", "xgb_type": "c", "kind": "categorical", "n", "n_missing", "missing_rate",
        "categories": [codes as floats], "category_counts": [ints] | null,
-       "other_count": int | null}   # rows of categories beyond MAX_CATEGORIES (rarest first)
+       "other_count": int | null,   # rows of categories beyond MAX_CATEGORIES (rarest first)
+       "category_values": [the model's categories in code order] | null}
+    ``category_values`` (from the model, or manifest.json's ``categories``) names code i by
+    ``category_values[i]``: drift results and reports show categories by value.
 
 Numeric edges are the reference deciles (duplicates merged; a constant column has the single
 edge [c], so anything above it is a different bin). ``sample`` is a seeded random subsample of
@@ -142,7 +145,9 @@ def numeric_stats(
     }
 
 
-def categorical_stats(name: str, column: npt.ArrayLike) -> dict[str, Any]:
+def categorical_stats(
+    name: str, column: npt.ArrayLike, values: list[Any] | None = None
+) -> dict[str, Any]:
     """FeatureStats of one categorical column (category codes; NaN is missing)."""
     col = np.asarray(column, dtype=np.float32).ravel()
     finite = np.isfinite(col)
@@ -163,6 +168,7 @@ def categorical_stats(name: str, column: npt.ArrayLike) -> dict[str, Any]:
         "categories": _floats(cats),
         "category_counts": [int(c) for c in counts],
         "other_count": other,
+        "category_values": values,
     }
 
 
@@ -191,6 +197,7 @@ def compute_reference(
     feature_names: Sequence[str],
     feature_types: Sequence[str] | None,
     predictions: np.ndarray | None,
+    categories: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Reference statistics of a training sample ``X`` (rows x features, NaN missing)."""
     X = np.asarray(X, dtype=np.float32)
@@ -200,7 +207,7 @@ def compute_reference(
         )
     types = list(feature_types) if feature_types else [None] * len(feature_names)
     features = [
-        categorical_stats(name, X[:, j])
+        categorical_stats(name, X[:, j], (categories or {}).get(name))
         if is_categorical(types[j])
         else numeric_stats(name, types[j], X[:, j])
         for j, name in enumerate(feature_names)
@@ -249,6 +256,7 @@ def reference_from_model(
     booster_or_model_ubj: Any,
     feature_names: Sequence[str],
     feature_types: Sequence[str] | None,
+    categories: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """What the model itself records: split thresholds as bin edges, split categories.
 
@@ -264,7 +272,7 @@ def reference_from_model(
     doc, _ = decode_ubj(raw)
     num_features = len(feature_names)
     thresholds = split_thresholds(doc, num_features)
-    categories = _model_categories(doc, num_features)
+    split_categories = _model_categories(doc, num_features)
     types = list(feature_types) if feature_types else [None] * num_features
     features: list[dict[str, Any]] = []
     for j, name in enumerate(feature_names):
@@ -278,9 +286,10 @@ def reference_from_model(
         if is_categorical(types[j]):
             base.update(
                 kind="categorical",
-                categories=_floats(categories[j]),
+                categories=_floats(split_categories[j]),
                 category_counts=None,
                 other_count=None,
+                category_values=(categories or {}).get(name),
             )
         else:
             edges = np.unique(thresholds[j].astype(np.float32))

@@ -313,11 +313,15 @@ def reference_statistics(upload: ModelUpload) -> tuple[dict[str, Any] | None, st
     if upload.reference is not None and upload.reference.size:
         predictions = np.asarray(upload.smoke_predictions)
         stats = reference.compute_reference(
-            upload.reference, upload.feature_names, upload.feature_types, predictions
+            upload.reference,
+            upload.feature_names,
+            upload.feature_types,
+            predictions,
+            upload.categories,
         )
         return stats, "reference.csv"
     return reference.reference_from_model(
-        upload.model_ubj, upload.feature_names, upload.feature_types
+        upload.model_ubj, upload.feature_names, upload.feature_types, upload.categories
     ), "model"
 
 

@@ -240,3 +240,80 @@ def test_a_reference_with_an_unseen_category_is_refused(
     assert outcome["code"] == "csv_invalid"
     assert "'platinum'" in outcome["message"]
     assert "'plan'" in outcome["message"]
+
+
+def test_monitoring_names_categories_by_value(stack: RefreshStack, data: pd.DataFrame) -> None:
+    from tests.integration.test_monitoring import NOW, capture_lines, put_captures, run
+    from treeserve.report_html import render_html
+
+    model = fit("binary", data)
+    reference = data[data["plan"] != "tin"].iloc[:300]  # "tin" never in the reference sample
+    publish(stack, "shift", model, reference)
+    manifest = stack.registry("shift").manifest(1)
+    assert manifest.reference is not None
+    plan_stats = manifest.reference["features"][1]
+    assert plan_stats["category_values"] == sorted(PLANS)
+
+    # Traffic: mostly "tin" (code 3), as the inference function captures it (codes).
+    live = frame(400, 9)
+    live["plan"] = pd.Categorical(["tin"] * 300 + ["gold"] * 100, categories=sorted(PLANS))
+    X = live.assign(plan=live["plan"].cat.codes, region=live["region"].cat.codes).to_numpy(
+        dtype=float
+    )
+    preds = model.get_booster().inplace_predict(X)
+    ts = NOW - pd.Timedelta(hours=1)
+    lines = capture_lines(1, X, np.asarray(preds), [f"r{i}" for i in range(len(X))], ts)
+    put_captures(stack.s3, "shift", lines, ts, "a")
+
+    report = run(stack.s3, "shift")
+    plan = next(f for f in report["versions"][0]["features"] if f["name"] == "plan")
+    assert plan["new_categories"] == ["tin"]
+    assert plan["new_category_share"] == pytest.approx(0.75)
+    assert "gold" in plan["chart"]["labels"]
+    assert "plan" in report["summary"]["drifted_features"]
+    html = render_html(report)
+    assert ">gold<" in html
+
+
+def test_penguins_demo_is_served_with_category_values(
+    stack: RefreshStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The local stack's categorical demo: codes trained, manifest.json names the categories."""
+    from treeserve.demo import write_penguins_package
+
+    demo = write_penguins_package(tmp_path)
+    assert demo.holdout_auc > 0.9
+    key = "incoming/penguins/penguins-package.tar.gz"
+    stack.deliver_sqs(stack.put(key, demo.package.read_bytes()))
+    outcome = stack.outcome(key, "penguins")
+    assert outcome is not None
+    assert outcome["status"] == "promoted", outcome
+    manifest = stack.registry("penguins").manifest(1)
+    assert manifest.categories == demo.categories
+    assert manifest.reference is not None
+    assert manifest.reference["features"][0]["category_values"] == ["Adelie", "Chinstrap", "Gentoo"]
+
+    # As pandas would see the same records (category columns with the model's categories).
+    df = pd.DataFrame(demo.example_records)
+    for name, cats in demo.categories.items():
+        df[name] = pd.Categorical(df[name], categories=cats)
+    booster = xgb.Booster()
+    booster.load_model(bytearray(stack.registry("penguins").model_bytes(1, manifest)))
+    want = booster.predict(xgb.DMatrix(df, enable_categorical=True))
+    status, answer = call(
+        monkeypatch,
+        "penguins",
+        "/predict",
+        json.dumps({"instances": demo.example_records}).encode(),
+        "application/json",
+    )
+    assert status == 200, answer
+    np.testing.assert_array_equal(np.asarray(answer["predictions"], dtype=np.float32), want)
+    status, answer = call(
+        monkeypatch,
+        "penguins",
+        "/predict",
+        demo.reference.read_bytes()[:2000].rsplit(b"\n", 1)[0],
+        "text/csv",
+    )
+    assert status == 200, answer
