@@ -695,8 +695,14 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             lines.append(
                 f"  second model         penguins v{stack.penguins_version} (demo: P(male) on "
                 "Palmer Penguins, categorical species/island, holdout AUC "
-                f"{penguins.holdout_auc:.4f})"
+                f"{penguins.holdout_auc:.4f}); serve it with: {treeserve} local --env "
+                "MODEL_NAME=penguins"
             )
+    elif stack.penguins is not None:
+        lines.append(
+            f"  model in service     penguins v{stack.penguins_version} (demo: P(male) on Palmer "
+            f"Penguins, categorical species/island, holdout AUC {stack.penguins.holdout_auc:.4f})"
+        )
     else:
         lines.append(f"  model in service     none yet: publish one ({treeserve} publish ...)")
     settings = function_env(spec, opts.env)
@@ -729,10 +735,10 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             f"  curl -s {api}/explain -H 'content-type: application/json' "
             f"-d '{_json({'instances': demo.example_rows[:1]})}'",
         ]
-    if stack.penguins is not None:
-        penguins_api = f"{api}/models/penguins"
+    if stack.penguins is not None and demo is None:
+        penguins_api = api
         lines += [
-            "  # the categorical model: category values as strings (codes: see GET /models/penguins)",
+            "  # category values as strings (GET /model lists them; a number is the model's code):",
             f"  curl -s {penguins_api}/predict -H 'content-type: application/json' "
             f"-d '{_json({'instances': stack.penguins.example_records})}'",
             f"  head -4 {shlex.quote(str(stack.penguins.reference))} | curl -s "
@@ -814,20 +820,25 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
         stack.poller.start()
 
         if options.demo:
-            from treeserve.demo import write_demo_package  # noqa: PLC0415
+            from treeserve.demo import (  # noqa: PLC0415
+                PENGUINS_MODEL,
+                write_demo_package,
+                write_penguins_package,
+            )
 
             stack.demo_dir = Path(tempfile.mkdtemp(prefix="treeserve-demo-"))
-            _say(out, "treeserve local: training the demo model (Breast Cancer Wisconsin)")
-            stack.demo = write_demo_package(stack.demo_dir)
-            _say(
-                out, f"treeserve local: publishing it to s3://{spec.bucket}/{spec.incoming_prefix}"
-            )
-            stack.demo_version = publish_demo(stack.demo.package, spec, model_name)
-            _say(
-                out, f"treeserve local: the demo model is version {stack.demo_version}, in service"
-            )
-            from treeserve.demo import PENGUINS_MODEL, write_penguins_package  # noqa: PLC0415
-
+            if model_name != PENGUINS_MODEL:
+                _say(out, "treeserve local: training the demo model (Breast Cancer Wisconsin)")
+                stack.demo = write_demo_package(stack.demo_dir)
+                _say(
+                    out,
+                    f"treeserve local: publishing it to s3://{spec.bucket}/{spec.incoming_prefix}",
+                )
+                stack.demo_version = publish_demo(stack.demo.package, spec, model_name)
+                _say(
+                    out,
+                    f"treeserve local: the demo model is version {stack.demo_version}, in service",
+                )
             _say(out, "treeserve local: training the categorical demo model (Palmer Penguins)")
             stack.penguins = write_penguins_package(stack.demo_dir / "penguins")
             stack.penguins_version = publish_demo(stack.penguins.package, spec, PENGUINS_MODEL)

@@ -660,14 +660,19 @@ def _read_csv(raw: bytes, what: str, limits: Limits) -> _Table:
             raise UploadRejected(
                 "csv_invalid", f"{what} is empty: it needs a header row of feature names"
             )
+        # DataFrame.to_csv() writes the index first, under an empty name: not a feature.
+        index_column = len(header) > 1 and not header[0] and all(header[1:])
+        if index_column:
+            header = header[1:]
         if any(not h for h in header) or len(set(header)) != len(header):
             raise UploadRejected(
                 "csv_invalid", f"{what} has empty or duplicate column names in its header"
             )
         rows: list[list[str]] = []
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
+        for line in reader:
+            if not line or (len(line) == 1 and not line[0].strip()):
                 continue
+            row = line[1:] if index_column else line
             if len(row) != len(header):
                 raise UploadRejected(
                     "csv_mismatch",

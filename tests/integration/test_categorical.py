@@ -65,7 +65,7 @@ def fit(kind: str, df: pd.DataFrame) -> Any:
 def package(model: Any, reference: pd.DataFrame) -> bytes:
     members = {
         "model.ubj": bytes(model.get_booster().save_raw("ubj")),
-        "reference.csv": reference.to_csv(index=False).encode(),
+        "reference.csv": reference.to_csv().encode(),  # as users write it: index first
     }
     return tar_gz(file_member(k, v) for k, v in members.items())
 
