@@ -317,3 +317,58 @@ def test_penguins_demo_is_served_with_category_values(
         "text/csv",
     )
     assert status == 200, answer
+
+
+def test_published_through_the_cli_with_the_dataframes_own_csvs(
+    stack: RefreshStack,
+    data: pd.DataFrame,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As a user publishes: `treeserve publish model.ubj --reference X_train.to_csv()
+    --holdout ...` (category values as the DataFrame writes them), then the S3 event."""
+    from tests.conftest import BUCKET
+    from treeserve.cli import main
+
+    train, test = data.iloc[:400], data.iloc[400:]
+    y = (target(data, 1) > 0).astype(int)
+    model = xgb.XGBClassifier(n_estimators=15, max_depth=4, enable_categorical=True)
+    model.fit(train, y[:400])
+    model.save_model(tmp_path / "model.ubj")
+    train.to_csv(tmp_path / "reference.csv")
+    test.assign(churned=y[400:]).to_csv(tmp_path / "holdout.csv")
+    monkeypatch.setenv("MODEL_BUCKET", BUCKET)
+    code = main(
+        [
+            "publish",
+            str(tmp_path / "model.ubj"),
+            "--name",
+            "plans",
+            "--reference",
+            str(tmp_path / "reference.csv"),
+            "--holdout",
+            str(tmp_path / "holdout.csv"),
+            "--label",
+            "churned",
+        ]
+    )
+    assert code == 0, capsys.readouterr()
+    outcome = stack.deliver_sqs(stack.receive())
+    assert not outcome.get("batchItemFailures"), outcome
+    registry = stack.registry("plans")
+    manifest = registry.manifest(registry.versions()[-1])
+    assert manifest.categories is not None
+    assert set(manifest.categories["plan"]) == set(PLANS)
+    assert manifest.validation["holdout_rows"] == len(test)
+
+    status, body = call(
+        monkeypatch,
+        "plans",
+        "/predict",
+        json.dumps({"instances": records(test)}).encode(),
+        "application/json",
+    )
+    assert status == 200, body
+    np.testing.assert_allclose(body["predictions"], own_output(model, test), rtol=1e-6, atol=1e-6)
+    assert body["labels"] == model.predict(test).tolist()
