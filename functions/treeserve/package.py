@@ -17,7 +17,16 @@ Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these sta
 ``special_member``, ``path_traversal``, ``duplicate_member``, ``unexpected_member``,
 ``too_many_members``, ``missing_model``, ``too_many_features``, ``manifest_invalid``,
 ``manifest_mismatch``, ``csv_invalid``, ``csv_mismatch``, ``too_many_rows``, ``missing_label``,
-``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``.
+``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``, ``too_deep``,
+``bad_category``, ``bad_feature_names``, ``over_budget``.
+
+``non_finite`` also covers a NaN/inf leaf, split condition or base_score found statically (a
+leaf the smoke rows never reach); ``too_deep``: a tree deeper than ``MAX_TREE_DEPTH`` (TreeSHAP
+memory grows with depth squared); ``bad_category``: a category code outside ``0..MAX_CATEGORY-1``
+(XGBoost allocates up to the largest code at load); ``bad_feature_names``: names XGBoost refuses
+(``[``, ``]``, ``<``, duplicates); ``manifest_mismatch`` also covers declared feature types the
+splits contradict; ``over_budget``: the measured footprint (loaded size, load time, one explain
+at ``MAX_EXPLAIN_ROWS``) does not fit the inference function (``INFERENCE_MEMORY_MB``).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import re
 import tarfile
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Any, Literal, cast
@@ -46,7 +56,9 @@ from treeserve.sandbox import (
     ModelFormat,
     ModelInfo,
     UBJDecodeError,
+    UnsafeModel,
     check_trees,
+    split_features,
     decode_ubj,
     inspect_model,
     model_facts,
@@ -295,6 +307,17 @@ def _trailing(rest: bytes, what: str) -> UploadRejected:
     )
 
 
+def feature_name_problem(names: list[str]) -> str | None:
+    """Why XGBoost's DMatrix would refuse these feature names, or None."""
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        return f"duplicated: {dupes[:5]}"
+    bad = [n for n in names if any(c in n for c in "[]<")]
+    if bad:
+        return f"with '[', ']' or '<': {[b[:40] for b in bad[:5]]}"
+    return None
+
+
 def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, Any]:
     """Decode the model document without XGBoost and read its facts (refuses on any defect)."""
     if fmt == "ubj":
@@ -330,13 +353,26 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
         ) from None
     try:
         check_trees(doc, facts["num_features"], max(facts["num_class"], facts["num_target"]))
+    except UnsafeModel as exc:
+        raise UploadRejected(exc.code, f"{what}: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise UploadRejected(
             "corrupt",
             f"{what} has malformed trees ({exc}): XGBoost would read out of bounds with it; "
             "re-save the model with Booster.save_model",
         ) from None
+    numeric, categorical = split_features(doc, facts["num_features"])
+    facts["numeric_splits"] = np.flatnonzero(numeric).tolist()
+    facts["categorical_splits"] = np.flatnonzero(categorical).tolist()
     names = facts["feature_names"]
+    if names is not None:
+        problem = feature_name_problem(names)
+        if problem:
+            raise UploadRejected(
+                "bad_feature_names",
+                f"{what} has feature names XGBoost refuses ({problem}), so every /explain would "
+                "fail: rename the columns (no '[', ']' or '<', each name once) and retrain",
+            )
     if names is not None and len(names) != facts["num_features"]:
         raise UploadRejected(
             "corrupt",
@@ -540,6 +576,11 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
             out[key] = value
     if data.get("feature_names") is not None:
         out["feature_names"] = _names(data["feature_names"], "feature_names")
+        problem = feature_name_problem(out["feature_names"])
+        if problem:
+            raise _manifest_error(
+                f"feature_names XGBoost refuses ({problem}): no '[', ']' or '<' in a name"
+            )
     if data.get("feature_types") is not None:
         types = data["feature_types"]
         if not isinstance(types, list) or not all(t in FEATURE_TYPES for t in types):
@@ -752,6 +793,29 @@ def _check_manifest_against_model(declared: dict[str, Any], facts: dict[str, Any
         raise _mismatch(f"threshold applies to binary models, this one is {facts['objective']}")
 
 
+def check_types_against_splits(
+    types: list[str], names: list[str], facts: dict[str, Any], source: str
+) -> None:
+    """Refuse feature types the model's own splits contradict (a numeric feature declared 'c'
+    would be served and monitored as categories, and the other way round)."""
+    wrong = [
+        f"{names[j]!r} is split numerically but declared 'c'"
+        for j in facts["numeric_splits"]
+        if types[j] == "c"
+    ] + [
+        f"{names[j]!r} is split by category but declared {types[j]!r}"
+        for j in facts["categorical_splits"]
+        if types[j] != "c"
+    ]
+    if wrong:
+        raise UploadRejected(
+            "manifest_mismatch",
+            f"the feature types from {source} contradict the model's splits ({'; '.join(wrong[:5])}"
+            f"{f'; {len(wrong) - 5} more' if len(wrong) > 5 else ''}): declare 'c' only for the "
+            "features trained as categorical (pandas category dtype), or drop feature_types",
+        )
+
+
 def expected_shape(info: ModelInfo, n: int) -> tuple[int, ...]:
     """The shape ``inplace_predict`` (output_margin=False) gives for n rows of this model."""
     if info.objective == "multi:softprob" and info.num_class > 1:
@@ -901,6 +965,8 @@ def read_upload(
     if names is None:
         names, names_source = [f"f{i}" for i in range(n)], "default"
     types: list[str] = facts["feature_types"] or declared.get("feature_types") or ["float"] * n
+    types_source = "the model" if facts["feature_types"] else "manifest.json"
+    check_types_against_splits(types, names, facts, types_source)
 
     reference = holdout_X = holdout_y = None
     if "reference.csv" in tables:
