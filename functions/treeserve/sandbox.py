@@ -490,7 +490,7 @@ def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> None:
             "too_deep",
             f"tree {i} is more than {MAX_TREE_DEPTH} levels deep: explaining one row with it "
             f"would need about {8 * depth * depth >> 20} MiB or more; retrain with max_depth "
-            f"<= {MAX_TREE_DEPTH}"
+            f"<= {MAX_TREE_DEPTH}",
         )
 
 
@@ -502,7 +502,7 @@ def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int
         raise UnsafeModel(
             "bad_category",
             f"tree {i}: a categorical split names category {bad}, outside 0..{MAX_CATEGORY - 1}; "
-            "encode categories as codes 0..k-1 (pandas category dtype) and retrain"
+            "encode categories as codes 0..k-1 (pandas category dtype) and retrain",
         )
     where = _int_array(tree, "categories_nodes", i)
     start = _int_array(tree, "categories_segments", i)
