@@ -58,10 +58,10 @@ from treeserve.sandbox import (
     UBJDecodeError,
     UnsafeModel,
     check_trees,
-    split_features,
     decode_ubj,
     inspect_model,
     model_facts,
+    split_features,
 )
 
 MiB = 1 << 20
