@@ -486,3 +486,62 @@ def bad_uploads(good: TrainedModel) -> list[BadUpload]:
         "csv_invalid",
     )
     return cases
+
+
+# --- crafted models the structural checks refuse (issue 13) --------------------------------------
+
+
+def _json_doc(model: TrainedModel) -> dict[str, Any]:
+    return json.loads(model.json())  # type: ignore[no-any-return]
+
+
+def _trees_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["learner"]["gradient_booster"]["model"]["trees"]  # type: ignore[no-any-return]
+
+
+def chain_tree_model(model: TrainedModel, depth: int) -> bytes:
+    """The model as JSON with tree 0 replaced by a chain ``depth`` splits deep.
+
+    Inner node 2k splits feature k % d at 0 (missing goes right) and has a leaf on its left and
+    the next inner node on its right: a valid tree that XGBoost loads and predicts with, whose
+    TreeSHAP working memory grows with the square of its depth.
+    """
+    doc = _json_doc(model)
+    tree = _trees_of(doc)[0]
+    d = int(doc["learner"]["learner_model_param"]["num_feature"])
+    n = 2 * depth + 1
+    inner = [2 * k for k in range(depth)]
+    left, right = [-1] * n, [-1] * n
+    parents = [2147483647] * n
+    index, cond = [0] * n, [0.0] * n
+    for k, node in enumerate(inner):
+        left[node], right[node] = node + 1, node + 2
+        parents[node + 1] = parents[node + 2] = node
+        index[node] = k % d
+        cond[node] = 0.0
+    for node in range(n):
+        if left[node] == -1:
+            cond[node] = 0.01  # leaf value
+    tree.update(
+        {
+            "left_children": left,
+            "right_children": right,
+            "parents": parents,
+            "split_indices": index,
+            "split_conditions": cond,
+            "split_type": [0] * n,
+            "default_left": [0] * n,
+            "base_weights": cond,
+            "loss_changes": [1.0] * n,
+            "sum_hessian": [float(n - i) for i in range(n)],
+        }
+    )
+    tree["tree_param"]["num_nodes"] = str(n)
+    return json.dumps(doc).encode()
+
+
+def edited_model(model: TrainedModel, edit: Any) -> bytes:
+    """The model as JSON after ``edit(doc)``."""
+    doc = _json_doc(model)
+    edit(doc)
+    return json.dumps(doc).encode()

@@ -18,7 +18,14 @@ Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these sta
 ``too_many_members``, ``missing_model``, ``too_many_features``, ``manifest_invalid``,
 ``manifest_mismatch``, ``csv_invalid``, ``csv_mismatch``, ``too_many_rows``, ``missing_label``,
 ``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``,
-``unsupported_booster``.
+``unsupported_booster``, ``too_deep``, ``bad_category``, ``bad_feature_names``.
+
+``non_finite`` also covers a NaN/inf leaf, split condition or base_score found statically (a
+leaf the smoke rows never reach); ``too_deep``: a tree deeper than ``MAX_TREE_DEPTH`` (TreeSHAP
+memory grows with depth squared); ``bad_category``: a category code outside ``0..MAX_CATEGORY-1``
+(XGBoost allocates up to the largest code at load); ``bad_feature_names``: names XGBoost refuses
+(``[``, ``]``, ``<``, duplicates); ``manifest_mismatch`` also covers declared feature types the
+splits contradict.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import re
 import tarfile
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Any, Literal, cast
@@ -47,11 +55,13 @@ from treeserve.sandbox import (
     ModelFormat,
     ModelInfo,
     UBJDecodeError,
+    UnsafeModel,
     category_codes_used,
     check_trees,
     decode_ubj,
     inspect_model,
     model_facts,
+    split_features,
 )
 
 MiB = 1 << 20
@@ -338,6 +348,17 @@ def _trailing(rest: bytes, what: str) -> UploadRejected:
     )
 
 
+def feature_name_problem(names: list[str]) -> str | None:
+    """Why XGBoost's DMatrix would refuse these feature names, or None."""
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        return f"duplicated: {dupes[:5]}"
+    bad = [n for n in names if any(c in n for c in "[]<")]
+    if bad:
+        return f"with '[', ']' or '<': {[b[:40] for b in bad[:5]]}"
+    return None
+
+
 def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, Any]:
     """Decode the model document without XGBoost and read its facts (refuses on any defect)."""
     if fmt == "ubj":
@@ -373,6 +394,8 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
         ) from None
     try:
         check_trees(doc, facts["num_features"], max(facts["num_class"], facts["num_target"]))
+    except UnsafeModel as exc:
+        raise UploadRejected(exc.code, f"{what}: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise UploadRejected(
             "corrupt",
@@ -380,7 +403,18 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
             "re-save the model with Booster.save_model",
         ) from None
     facts["category_codes_used"] = category_codes_used(doc)
+    numeric, categorical = split_features(doc, facts["num_features"])
+    facts["numeric_splits"] = np.flatnonzero(numeric).tolist()
+    facts["categorical_splits"] = np.flatnonzero(categorical).tolist()
     names = facts["feature_names"]
+    if names is not None:
+        problem = feature_name_problem(names)
+        if problem:
+            raise UploadRejected(
+                "bad_feature_names",
+                f"{what} has feature names XGBoost refuses ({problem}), so every /explain would "
+                "fail: rename the columns (no '[', ']' or '<', each name once) and retrain",
+            )
     if names is not None and len(names) != facts["num_features"]:
         raise UploadRejected(
             "corrupt",
@@ -584,6 +618,11 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
             out[key] = value
     if data.get("feature_names") is not None:
         out["feature_names"] = _names(data["feature_names"], "feature_names")
+        problem = feature_name_problem(out["feature_names"])
+        if problem:
+            raise _manifest_error(
+                f"feature_names XGBoost refuses ({problem}): no '[', ']' or '<' in a name"
+            )
     if data.get("feature_types") is not None:
         types = data["feature_types"]
         if not isinstance(types, list) or not all(t in FEATURE_TYPES for t in types):
@@ -922,6 +961,29 @@ def _check_categories_against_model(
             )
 
 
+def check_types_against_splits(
+    types: list[str], names: list[str], facts: dict[str, Any], source: str
+) -> None:
+    """Refuse feature types the model's own splits contradict (a numeric feature declared 'c'
+    would be served and monitored as categories, and the other way round)."""
+    wrong = [
+        f"{names[j]!r} is split numerically but declared 'c'"
+        for j in facts["numeric_splits"]
+        if types[j] == "c"
+    ] + [
+        f"{names[j]!r} is split by category but declared {types[j]!r}"
+        for j in facts["categorical_splits"]
+        if types[j] != "c"
+    ]
+    if wrong:
+        raise UploadRejected(
+            "manifest_mismatch",
+            f"the feature types from {source} contradict the model's splits ({'; '.join(wrong[:5])}"
+            f"{f'; {len(wrong) - 5} more' if len(wrong) > 5 else ''}): declare 'c' only for the "
+            "features trained as categorical (pandas category dtype), or drop feature_types",
+        )
+
+
 def expected_shape(info: ModelInfo, n: int) -> tuple[int, ...]:
     """The shape ``inplace_predict`` (output_margin=False) gives for n rows of this model."""
     if info.objective == "multi:softprob" and info.num_class > 1:
@@ -1080,6 +1142,8 @@ def read_upload(
         names, names_source = [f"f{i}" for i in range(n)], "default"
     types: list[str] = facts["feature_types"] or declared.get("feature_types") or ["float"] * n
     categories = facts.get("categories") or declared.get("categories")
+    types_source = "the model" if facts["feature_types"] else "manifest.json"
+    check_types_against_splits(types, names, facts, types_source)
 
     reference = holdout_X = holdout_y = None
     if "reference.csv" in tables:

@@ -49,6 +49,13 @@ DEFAULT_MEMORY_BYTES = 2 << 30
 # allowance, and the load timeout starts once the child says it is ready.
 STARTUP_TIMEOUT_SECONDS = 30.0
 MAX_UBJ_DEPTH = 64
+# TreeSHAP (``/explain``) keeps a path buffer of about 8 * depth**2 bytes per thread: 8 MB at
+# this depth (measured: 115 MB at 4,000, 1.2 GB at 12,000). Trained trees are a few dozen deep.
+MAX_TREE_DEPTH = 1000
+# XGBoost stores a categorical split as the set of its category codes and allocates a bitset up
+# to the largest code at load: a code of 2**30 costs 128 MB per split. Real codes are indices
+# into the training data's categories (pandas codes), far below this bound.
+MAX_CATEGORY = 1 << 16
 # How much of the child's stderr a rejection message quotes (XGBoost's own error line).
 _STDERR_TAIL = 400
 _RESAVE_HINT = (
@@ -63,6 +70,14 @@ _BOOTSTRAP = (
     "from treeserve.sandbox import _child_main\n"
     "sys.exit(_child_main(setup))\n"
 )
+
+
+class UnsafeModel(ValueError):
+    """A well-formed model that production cannot serve safely; ``code`` is the refusal code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class SandboxUnavailable(TreeserveError):
@@ -479,9 +494,13 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
 
     XGBoost trusts these indices: a crafted split index or child id makes it read out of bounds
     (a segfault in xgboost-cpu 3.2), possibly only for some inputs, so a model that survived the
-    smoke test could still crash the serving process later. Raises ValueError naming the defect.
+    smoke test could still crash the serving process later. Raises ValueError naming the defect,
+    or :class:`UnsafeModel` for a valid model production cannot serve: non-finite values
+    (``non_finite``), trees deeper than :data:`MAX_TREE_DEPTH` (``too_deep``), category codes
+    outside ``0..MAX_CATEGORY-1`` (``bad_category``).
     """
     trees = model_trees(doc)
+    _check_base_score(doc)
     gb = _get(doc, "learner", "gradient_booster")
     model = gb.get("model") if gb.get("name") != "dart" else gb.get("gbtree", {}).get("model")
     if isinstance(model, Mapping) and len(trees):
@@ -528,6 +547,8 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
             raise ValueError(
                 f"tree {i} splits on feature {bad} but the model has {num_features} features"
             )
+        _check_values(tree, i, leaf)
+        _check_depth(left, right, i)
         if "split_type" in tree:
             kind = _int_array(tree, "split_type", i)
             categorical = np.flatnonzero(inner & (kind == 1))
@@ -571,8 +592,74 @@ def _check_vector_leaves(
     return out
 
 
+def _check_base_score(doc: Any) -> None:
+    param = _get(doc, "learner", "learner_model_param")
+    score = _base_score(param.get("base_score", "0"))
+    if not all(math.isfinite(v) for v in score):
+        raise UnsafeModel(
+            "non_finite", f"base_score is {score} (not finite): retrain or re-save the model"
+        )
+
+
+def _check_values(tree: Mapping[str, Any], i: int, leaf: np.ndarray) -> None:
+    """Leaf values and split conditions must be finite: a NaN leaf reached only by inputs the
+    smoke rows never send would answer ``null`` in production."""
+    try:
+        cond = np.asarray(_get(tree, "split_conditions"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"tree {i}: split_conditions is not a number array") from None
+    bad = ~np.isfinite(cond)
+    if bad.any():
+        node = int(np.flatnonzero(bad)[0])
+        what = "leaf value" if leaf[node] else "split condition"
+        raise UnsafeModel(
+            "non_finite",
+            f"tree {i} node {node}: its {what} is {cond[node]} (not finite), so some inputs "
+            "would be answered NaN: retrain the model (check the training labels and weights)",
+        )
+    weights = tree.get("base_weights")
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape == leaf.shape and not np.isfinite(w[leaf]).all():
+            raise UnsafeModel(
+                "non_finite", f"tree {i}: a leaf weight is not finite: retrain the model"
+            )
+
+
+def tree_depth(left: np.ndarray, right: np.ndarray, limit: int) -> int:
+    """The tree's depth (root = 0), counting at most ``limit + 1`` levels."""
+    frontier = np.zeros(1, dtype=np.int64)
+    depth = 0
+    while depth <= limit:
+        inner = frontier[left[frontier] != -1]
+        if not inner.size:
+            return depth
+        frontier = np.concatenate([left[inner], right[inner]])
+        depth += 1
+    return depth
+
+
+def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> None:
+    depth = tree_depth(left, right, MAX_TREE_DEPTH)
+    if depth > MAX_TREE_DEPTH:
+        raise UnsafeModel(
+            "too_deep",
+            f"tree {i} is more than {MAX_TREE_DEPTH} levels deep: explaining one row with it "
+            f"would need about {8 * depth * depth >> 20} MiB or more; retrain with max_depth "
+            f"<= {MAX_TREE_DEPTH}",
+        )
+
+
 def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int) -> None:
-    cats = len(np.atleast_1d(np.asarray(_get(tree, "categories"))))
+    values = np.atleast_1d(np.asarray(_get(tree, "categories"), dtype=np.int64))
+    cats = len(values)
+    if cats and (values.min() < 0 or values.max() >= MAX_CATEGORY):
+        bad = int(values[(values < 0) | (values >= MAX_CATEGORY)][0])
+        raise UnsafeModel(
+            "bad_category",
+            f"tree {i}: a categorical split names category {bad}, outside 0..{MAX_CATEGORY - 1}; "
+            "encode categories as codes 0..k-1 (pandas category dtype) and retrain",
+        )
     where = _int_array(tree, "categories_nodes", i)
     start = _int_array(tree, "categories_segments", i)
     size = _int_array(tree, "categories_sizes", i)
@@ -584,6 +671,20 @@ def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int
         raise ValueError(f"tree {i}: a categorical split points outside its category list")
     if not np.isin(nodes, where).all():
         raise ValueError(f"tree {i}: a categorical split has no categories")
+
+
+def split_features(doc: Any, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two boolean masks over the features: split numerically, split by category."""
+    numeric = np.zeros(num_features, dtype=bool)
+    categorical = np.zeros(num_features, dtype=bool)
+    for tree in model_trees(doc):
+        left = np.asarray(_get(tree, "left_children"), dtype=np.int64)
+        idx = np.asarray(_get(tree, "split_indices"), dtype=np.int64)
+        kind = np.asarray(tree.get("split_type", np.zeros_like(left)), dtype=np.int64)
+        inner = (left != -1) & (idx >= 0) & (idx < num_features)
+        numeric[idx[inner & (kind == 0)]] = True
+        categorical[idx[inner & (kind == 1)]] = True
+    return numeric, categorical
 
 
 def split_thresholds(doc: Any, num_features: int) -> list[np.ndarray]:
