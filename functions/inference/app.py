@@ -7,10 +7,10 @@ Function URL) go straight to the endpoints (:func:`treeserve.endpoints.answer_v2
 answer Mangum would give, without its event loop). An event that is not an HTTP request
 Mangum can read (``{}``, an S3 or scheduled event, fields of the wrong type, a body that is not
 base64) is refused with a JSON 400 (:func:`treeserve.endpoints.refuse_event`), never raised.
-Everything else (REST API events, docs, health, model) goes through Mangum to the FastAPI app, which is built on the first such request
-(``app``/``asgi`` are lazy module attributes): importing FastAPI costs about half a second of
-cold start that a function serving only predictions never needs. Before a SnapStart snapshot,
-:func:`warm` builds it too. Mangum runs with ``lifespan="off"`` (``"auto"`` would run the app's
+Everything else (REST API events, docs, health, model) goes through Mangum to the FastAPI app,
+which is built on the first such request (``app``/``asgi`` are lazy module attributes):
+importing FastAPI costs about half a second of cold start that a function serving only
+predictions never needs. Before a SnapStart snapshot, :func:`warm` builds it too. Mangum runs with ``lifespan="off"`` (``"auto"`` would run the app's
 startup on every invocation).
 """
 
