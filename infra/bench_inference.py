@@ -9,7 +9,7 @@ as a warm function serves requests: the bare ``inplace_predict`` then keeps the 
 while the handler's parsing evicts them on every request). Per-call medians and their ratio.
 
 A third timing, for context and without a target, sets the handler against XGBoost's C function
-alone (``XGBoosterPredictFromDense`` through ``treeserve.predictor.DenseCall``, without
+alone (``XGBoosterPredictFromDense`` through ``treeserve.model.predictor.DenseCall``, without
 ``inplace_predict``'s per-call Python work): what the handler costs on top of the model itself.
 treeserve predicts through that same call, which is why the whole handler can come in under
 ``inplace_predict`` for small batches.
@@ -100,7 +100,7 @@ def train_model(trees: int, depth: int, seed: int = 0) -> tuple[Any, np.ndarray]
 def manifest_for(booster: Any, raw: bytes, name: str) -> Any:
     import xgboost as xgb
 
-    from treeserve.manifest import ModelManifest
+    from treeserve.model.manifest import ModelManifest
 
     return ModelManifest(
         name=name,
@@ -198,8 +198,9 @@ def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, fl
     from moto import mock_aws
 
     from treeserve.aws import reset_clients, s3_client
-    from treeserve.predictor import DenseCall
-    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.model.predictor import DenseCall
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
 
     booster, rows = train_model(trees, depth)
     dense = DenseCall(booster)
@@ -331,7 +332,8 @@ def bench_cold(trees: int, depth: int, runs: int) -> tuple[float, float]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
 
     booster, rows = train_model(trees, depth)
     raw = bytes(booster.save_raw("ubj"))

@@ -13,9 +13,9 @@ Timed, each in a fresh child process (wall, CPU, peak RSS from ``VmHWM``), twice
 by the moto server over HTTP, and by moto inside the child (no HTTP; the bucket's objects then
 live in the child, so its peak includes them):
 
-- ``treeserve``: :func:`treeserve.monitoring.run_monitoring` over the window, from listing the
+- ``treeserve``: :func:`treeserve.monitoring.pipeline.run_monitoring` over the window, from listing the
   captures to writing the report (the function's code path), with its default parse workers
-  (:mod:`treeserve.parse_pool`: one per CPU, two here). CPU includes the workers'; memory is the
+  (:mod:`treeserve.monitoring.parse_pool`: one per CPU, two here). CPU includes the workers'; memory is the
   function process's peak plus each worker's peak beyond the pages the fork shares with it;
 - the same listing, downloads and gunzip alone (what S3 and gzip cost by themselves);
 - ``numpy``: numpy alone reading the same numbers: the same features and predictions as
@@ -45,9 +45,10 @@ import orjson
 import xgboost as xgb
 from moto.server import ThreadedMotoServer
 
-from treeserve.manifest import ModelManifest
-from treeserve.reference import compute_reference
-from treeserve.registry import ModelRegistry, S3RegistryStore
+from treeserve.model.manifest import ModelManifest
+from treeserve.model.reference import compute_reference
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
 
 ROWS = int(os.environ.get("TREESERVE_BENCH_ROWS", "1000000"))
 FEATURES = 30
@@ -100,7 +101,7 @@ rss_before = status_mb("VmRSS")
 TREESERVE_RUN = f"""
 import json, time
 from datetime import datetime, timedelta, UTC
-from treeserve.monitoring import run_monitoring
+from treeserve.monitoring.pipeline import run_monitoring
 end = datetime.now(UTC) + timedelta(minutes=1)
 t, c = time.perf_counter(), cpu_s()
 stats = {{}}
@@ -119,7 +120,7 @@ FETCH_RUN = f"""
 import json, time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, UTC
-from treeserve import monitoring
+from treeserve.monitoring import pipeline as monitoring
 from treeserve.aws import s3_client
 s3 = s3_client()
 end = datetime.now(UTC) + timedelta(minutes=1)

@@ -34,8 +34,8 @@ import xgboost as xgb
 from moto import mock_aws
 
 from treeserve.aws import reset_clients, s3_client
-from treeserve.invoke import import_handler
-from treeserve.package import read_upload
+from treeserve.model.package import read_upload
+from treeserve_cli.invoke import import_handler
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "treeserve-bench-refresh"
@@ -200,7 +200,7 @@ def report(rows: list[Row]) -> str:
             f" {r.validate_median * 1e3:>18.0f}ms  {len(r.refresh_seconds)}/{len(r.load_seconds)}"
         )
     lines.append(
-        "validation = treeserve.package.read_upload alone (checks + the sandboxed load in a "
+        "validation = treeserve.model.package.read_upload alone (checks + the sandboxed load in a "
         "child Python that imports XGBoost); the rest is reference statistics and S3 I/O"
     )
     return "\n".join(lines)

@@ -64,7 +64,7 @@ FUNCTIONS: dict[str, FunctionSpec] = {
     "inference": FunctionSpec((*COMMON, "scipy", "xgboost-cpu", "fastapi", "mangum"), 200),
     "refresh": FunctionSpec((*COMMON, "scipy", "xgboost-cpu"), 190),
     # Monitoring never loads a model (scipy for the statistics, no XGBoost). isal: ISA-L gzip,
-    # about 3x faster than zlib on captures (treeserve.monitoring falls back to zlib).
+    # about 3x faster than zlib on captures (treeserve.monitoring.pipeline falls back to zlib).
     "monitoring": FunctionSpec((*COMMON, "scipy", "isal"), 170),
 }
 
@@ -267,30 +267,31 @@ def pip_install_lambda(requirements: tuple[str, ...], target: Path, arch: str) -
 # --- assembling, pruning, measuring -----------------------------------------------------------
 
 
-# The user's shell tools (CLI, local stack, template reader, demo, HTML report): no function
-# imports them, and some cannot even import in Lambda (the template reader needs yaml).
-SHELL_MODULES = (
-    "cli.py",
-    "commands.py",
-    "monitoring_cli.py",
-    "local.py",
-    "template.py",
-    "invoke.py",
-    "demo.py",
-    "report_html.py",
-)
+# Each function's artifact holds treeserve's top-level modules (settings, errors, the AWS
+# adapter) and the subpackages that function imports; never the shell tools (the separate
+# `treeserve_cli` package: CLI, local stack, template reader, demo, HTML report).
+SUBPACKAGES: dict[str, tuple[str, ...]] = {
+    "inference": ("model", "registry", "serving"),
+    "refresh": ("model", "registry", "refresh"),
+    "monitoring": ("model", "registry", "monitoring"),
+}
 
 
 def copy_sources(function: str, target: Path) -> None:
-    """The treeserve package (without the shell tools and the demo data) and the function's
-    handler module."""
+    """treeserve's top-level modules, the subpackages the function imports, and its handler."""
+    if function not in SUBPACKAGES:
+        raise SystemExit(f"build: no subpackage list for function {function!r} in infra/build.py")
     package = FUNCTIONS_DIR / "treeserve"
-    shutil.copytree(
-        package,
-        target / "treeserve",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data", *SHELL_MODULES),
-        dirs_exist_ok=True,
-    )
+    (target / "treeserve").mkdir(parents=True, exist_ok=True)
+    for source in [*package.glob("*.py"), package / "py.typed"]:
+        shutil.copy2(source, target / "treeserve" / source.name)
+    for sub in SUBPACKAGES[function]:
+        shutil.copytree(
+            package / sub,
+            target / "treeserve" / sub,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            dirs_exist_ok=True,
+        )
     handler_dir = FUNCTIONS_DIR / function
     handler = handler_dir / "app.py"
     if not handler.is_file():

@@ -13,7 +13,7 @@ accepted: this tool never sends traffic anywhere else.
 
 With no ``--url`` it starts its own server in a child process: a small real XGBoost model
 (30 features, as the demo dataset) registered and promoted in an in-process moto S3, served by
-``treeserve.api.create_app`` under uvicorn on 127.0.0.1 (a free port). Capture is on
+``treeserve.serving.api.create_app`` under uvicorn on 127.0.0.1 (a free port). Capture is on
 (``--capture-rate``) so the S3 write path runs under load too.
 """
 
@@ -336,14 +336,15 @@ def serve(port: int, capture_rate: float) -> None:
     import uvicorn
     from moto import mock_aws
 
-    from treeserve.api import create_app
     from treeserve.aws import reset_clients, s3_client
-    from treeserve.capture import CaptureBuffer
-    from treeserve.demo import write_demo_package
-    from treeserve.package import read_upload
-    from treeserve.registry import ModelRegistry, S3RegistryStore
-    from treeserve.serving import ModelService
+    from treeserve.model.package import read_upload
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
+    from treeserve.serving.api import create_app
+    from treeserve.serving.capture import CaptureBuffer
+    from treeserve.serving.service import ModelService
     from treeserve.settings import Settings
+    from treeserve_cli.demo import write_demo_package
 
     bucket, name = "treeserve-load", "default"
     reset_clients()

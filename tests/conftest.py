@@ -120,8 +120,8 @@ def _fresh_metrics() -> Iterator[None]:
 
 @pytest.fixture
 def atomic_moto_s3() -> Iterator[None]:
-    """moto with S3's per-request atomicity (see treeserve.local.make_moto_s3_atomic)."""
-    from treeserve.local import make_moto_s3_atomic
+    """moto with S3's per-request atomicity (see treeserve_cli.local.make_moto_s3_atomic)."""
+    from treeserve_cli.local import make_moto_s3_atomic
 
     undo = make_moto_s3_atomic()
     yield

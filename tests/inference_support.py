@@ -13,7 +13,7 @@ from typing import Any
 import xgboost as xgb
 
 from tests.conftest import TrainedModel
-from treeserve.manifest import ModelManifest, task_of
+from treeserve.model.manifest import ModelManifest, task_of
 
 
 def manifest_for(

@@ -3,10 +3,10 @@
 Built once per execution environment, at import: settings, the registry client, the model in
 service (read from S3 and loaded now, so with SnapStart it is in the snapshot), the capture
 buffer and the endpoints. ``POST /predict`` and ``/explain`` in payload 2.0 events (HTTP API,
-Function URL) go straight to the endpoints (:func:`treeserve.endpoints.answer_v2_event`: the
+Function URL) go straight to the endpoints (:func:`treeserve.serving.endpoints.answer_v2_event`: the
 answer Mangum would give, without its event loop). An event that is not an HTTP request
 Mangum can read (``{}``, an S3 or scheduled event, fields of the wrong type, a body that is not
-base64) is refused with a JSON 400 (:func:`treeserve.endpoints.refuse_event`), never raised.
+base64) is refused with a JSON 400 (:func:`treeserve.serving.endpoints.refuse_event`), never raised.
 Everything else (REST API events, docs, health, model) goes through Mangum to the FastAPI app,
 which is built on the first such request (``app``/``asgi`` are lazy module attributes):
 importing FastAPI costs about half a second of cold start that a function serving only
@@ -27,10 +27,11 @@ from aws_lambda_powertools.logging.utils import copy_config_to_registered_logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from treeserve.aws import reset_clients
-from treeserve.capture import CaptureBuffer
-from treeserve.endpoints import Endpoints, answer_v2_event, proxy_response, refuse_event
-from treeserve.registry import ModelRegistry, S3RegistryStore
-from treeserve.serving import ModelService
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
+from treeserve.serving.capture import CaptureBuffer
+from treeserve.serving.endpoints import Endpoints, answer_v2_event, proxy_response, refuse_event
+from treeserve.serving.service import ModelService
 from treeserve.settings import Settings
 
 # GET routes add no metrics; an empty flush is expected, not worth a warning per request.
@@ -82,7 +83,7 @@ def _build_web() -> dict[str, Any]:
     if not _web:
         from mangum import Mangum  # noqa: PLC0415 -- lazy: see the module docstring
 
-        from treeserve.api import create_app  # noqa: PLC0415
+        from treeserve.serving.api import create_app  # noqa: PLC0415
 
         app = create_app(service, settings, capture, metrics=metrics, endpoints=endpoints)
         _web["asgi"] = Mangum(app, lifespan="off", api_gateway_base_path=base_path)

@@ -13,8 +13,6 @@ storage failure raises so Lambda's retry and the on-failure destination take ove
 
 from __future__ import annotations
 
-import os
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,17 +21,14 @@ from aws_lambda_powertools.logging.utils import copy_config_to_registered_logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from treeserve.errors import ConfigurationError, TreeserveError
-from treeserve.monitoring import notify_drift, parse_time, run_monitoring
-from treeserve.settings import Settings
+from treeserve.monitoring.parse_pool import default_workers
+from treeserve.monitoring.pipeline import notify_drift, parse_time, run_monitoring
+from treeserve.settings import MAX_WINDOW_HOURS, MODEL_NAME_RULE, Settings, valid_model_name
 
 logger = Logger()
 metrics = Metrics()
 tracer = Tracer()
 copy_config_to_registered_loggers(source_logger=logger, include={"treeserve"})
-
-DEFAULT_WINDOW_HOURS = 24.0
-MAX_WINDOW_HOURS = 24.0 * 31
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class BadEvent(TreeserveError):
@@ -56,14 +51,12 @@ def window(event: Any, settings: Settings, now: datetime) -> tuple[str, datetime
     """(model, start, end) of an invocation event."""
     if not isinstance(event, dict):
         raise BadEvent("the event must be a JSON object")
-    default_hours = _hours(
-        os.environ.get("MONITORING_WINDOW_HOURS") or DEFAULT_WINDOW_HOURS, "MONITORING_WINDOW_HOURS"
-    )
+    default_hours = settings.monitoring_window_hours
     if event.get("detail-type") == "Scheduled Event":
         return settings.model_name, now - timedelta(hours=default_hours), now
     model = str(event.get("model") or settings.model_name)
-    if not MODEL_NAME_RE.match(model):
-        raise BadEvent(f"model {model[:40]!r} is not a valid model name")
+    if not valid_model_name(model):
+        raise BadEvent(f"model {model[:40]!r} is not a valid model name: use {MODEL_NAME_RULE}")
     try:
         end = parse_time(str(event["end"])) if event.get("end") else now
         if event.get("start"):
@@ -89,14 +82,21 @@ def window(event: Any, settings: Settings, now: datetime) -> tuple[str, datetime
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Run monitoring for the event's window; return the report's summary."""
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
         model, start, end = window(event, settings, datetime.now(UTC))
     except (BadEvent, ConfigurationError) as exc:
         logger.warning("event refused", extra={"reason": str(exc)})
         return {"error": {"type": "bad_event", "message": str(exc)}}
     metrics.add_metadata(key="model", value=model)
-    report = run_monitoring(settings.model_bucket, model, start, end, metrics=metrics)
+    report = run_monitoring(
+        settings.model_bucket,
+        model,
+        start,
+        end,
+        metrics=metrics,
+        workers=default_workers(settings.monitoring_workers),
+    )
     summary = report["summary"]
     if summary["n_drifted"] or summary["prediction_drifted"]:
         notify_drift(report, settings.notification_topic_arn)

@@ -29,7 +29,7 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from treeserve.refresh import Outcome, RefreshService, UploadEvent
+from treeserve.refresh.pipeline import Outcome, RefreshService, UploadEvent
 from treeserve.settings import Settings
 
 logger = Logger()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -12,6 +13,17 @@ from treeserve.errors import ConfigurationError
 PromotionMode = Literal["auto", "manual"]
 
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024
+# A monitoring window is read in one invocation: past a month it cannot finish in the timeout.
+MAX_WINDOW_HOURS = 24.0 * 31
+MAX_MONITORING_WORKERS = 8
+# Model names are S3 key segments and metric dimensions: keep them boring.
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODEL_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def valid_model_name(name: object) -> bool:
+    """A model name treeserve accepts anywhere (see :data:`MODEL_NAME_RULE`)."""
+    return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -43,6 +55,22 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
     return value
 
 
+def _workers(env: Mapping[str, str]) -> int | None:
+    raw = env.get("MONITORING_WORKERS", "").strip()
+    if not raw:
+        return None
+    try:
+        count = int(raw)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= MAX_MONITORING_WORKERS:
+        raise ConfigurationError(
+            f"MONITORING_WORKERS={raw!r}: set it to a whole number from 0 to "
+            f"{MAX_MONITORING_WORKERS} (0 or 1 parse in the function's own process)"
+        )
+    return count
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """treeserve's configuration. Build it with :meth:`from_env`; tests may build it directly."""
@@ -59,6 +87,9 @@ class Settings:
     promotion_tolerance: float = 0.0
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
+    monitoring_window_hours: float = 24.0
+    # Parse workers of a monitoring run; None: decided from the machine (parse_pool).
+    monitoring_workers: int | None = None
 
     @classmethod
     def from_env(
@@ -69,9 +100,12 @@ class Settings:
         mode = _text(env, "PROMOTION_MODE", "auto").lower()
         if mode not in ("auto", "manual"):
             raise ConfigurationError(f"PROMOTION_MODE={mode!r}: set it to 'auto' or 'manual'")
+        name = _text(env, "MODEL_NAME", "default")
+        if not valid_model_name(name):
+            raise ConfigurationError(f"MODEL_NAME={name[:80]!r}: use {MODEL_NAME_RULE}")
         return cls(
             model_bucket=bucket or _text(env, "MODEL_BUCKET", None),
-            model_name=_text(env, "MODEL_NAME", "default"),
+            model_name=name,
             model_refresh_seconds=_number(env, "MODEL_REFRESH_SECONDS", 60.0, 0.0, 86_400.0),
             max_rows=int(_number(env, "MAX_ROWS", 10_000, 1, 1_000_000)),
             max_body_bytes=int(
@@ -86,4 +120,8 @@ class Settings:
             promotion_tolerance=_number(env, "PROMOTION_TOLERANCE", 0.0, 0.0, 1e9),
             notification_topic_arn=env.get("NOTIFICATION_TOPIC_ARN", "").strip() or None,
             log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
+            monitoring_window_hours=_number(
+                env, "MONITORING_WINDOW_HOURS", 24.0, 1 / 60, MAX_WINDOW_HOURS
+            ),
+            monitoring_workers=_workers(env),
         )

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from treeserve import demo
 from treeserve.errors import ConfigurationError
-from treeserve.local import (
+from treeserve_cli import demo
+from treeserve_cli.local import (
     NotificationPoller,
     PortInUse,
     check_ports,
@@ -218,8 +218,8 @@ def test_demo_package_trains_a_good_model_and_packs_it(tmp_path: Path) -> None:
 
 def test_the_stack_plan_comes_from_the_template() -> None:
     from tests.conftest import ROOT
-    from treeserve.local import read_stack
-    from treeserve.template import load_template
+    from treeserve_cli.local import read_stack
+    from treeserve_cli.template import load_template
 
     spec = read_stack(load_template(ROOT / "template.yaml", region="us-east-1"))
     assert spec.bucket == "treeserve-us-east-1-123456789012"  # the template's !Sub, resolved
@@ -238,8 +238,8 @@ def test_the_stack_plan_comes_from_the_template() -> None:
 
 def test_resources_are_created_and_uploads_notify_the_queue(moto_server: str) -> None:
     from tests.conftest import ROOT
-    from treeserve.local import create_resources, read_stack
-    from treeserve.template import load_template
+    from treeserve_cli.local import create_resources, read_stack
+    from treeserve_cli.template import load_template
 
     spec = read_stack(load_template(ROOT / "template.yaml", region="us-east-1"))
     kw: dict[str, Any] = {"endpoint_url": moto_server, "region_name": "us-east-1"}
@@ -300,7 +300,7 @@ def doc_commands(prefix: str) -> list[str]:
 def test_every_treeserve_command_in_the_walkthrough_parses() -> None:
     import shlex
 
-    from treeserve.cli import build_parser
+    from treeserve_cli.cli import build_parser
 
     commands = doc_commands(".venv/bin/treeserve ")
     assert len(commands) >= 8
@@ -313,7 +313,7 @@ def test_every_treeserve_command_in_the_walkthrough_parses() -> None:
             assert exited.value.code == 0
         else:
             parser.parse_args(argv)  # SystemExit (a usage error) fails the test
-    demo_commands = doc_commands(".venv/bin/python -m treeserve.demo ")
+    demo_commands = doc_commands(".venv/bin/python -m treeserve_cli.demo ")
     assert demo_commands
     for command in demo_commands:
         with pytest.raises(SystemExit) as exited:
@@ -326,8 +326,8 @@ def test_every_treeserve_command_in_the_walkthrough_parses() -> None:
 def test_moto_losing_its_port_after_the_check_is_an_error_not_a_hang(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from treeserve import local
     from treeserve.errors import TreeserveError
+    from treeserve_cli import local
 
     monkeypatch.setattr(local, "MOTO_START_SECONDS", 1.0)
     with socket.socket() as taken:

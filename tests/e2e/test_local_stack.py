@@ -33,7 +33,7 @@ import pytest
 import xgboost as xgb
 
 from tests.conftest import ROOT
-from treeserve import demo
+from treeserve_cli import demo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -128,7 +128,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             [
                 sys.executable,
                 "-m",
-                "treeserve.cli",
+                "treeserve_cli.cli",
                 "local",
                 "--port",
                 str(port),
@@ -275,7 +275,7 @@ def test_a_published_better_model_is_promoted_and_served(
 ) -> None:
     # the two commands the stack printed: train a second model, publish it and wait
     v2 = str(tmp_path / "v2")
-    done = stack.printed("-m treeserve.demo", **{"/tmp/treeserve-v2": v2})
+    done = stack.printed("-m treeserve_cli.demo", **{"/tmp/treeserve-v2": v2})
     assert done.returncode == 0, done.stdout + done.stderr
     done = stack.printed(" publish ", **{"/tmp/treeserve-v2": v2})
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import BUCKET, ROOT, TrainedModel
 from tests.inference_support import manifest_for
-from treeserve.invoke import import_handler, module_name
-from treeserve.registry import ModelRegistry, S3RegistryStore
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
+from treeserve_cli.invoke import import_handler, module_name
 
 APP_PATH = ROOT / "functions" / "inference" / "app.py"
 

@@ -19,7 +19,8 @@ import xgboost as xgb
 
 from tests.conftest import BUCKET, ROOT, LambdaContext, TrainedModel, make_data
 from tests.corpus import csv_bytes
-from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+from treeserve.registry.model_registry import ModelRegistry, upload_id
+from treeserve.registry.store import S3RegistryStore
 
 REFRESH_DIR = ROOT / "functions" / "refresh"
 INFERENCE_DIR = ROOT / "functions" / "inference"
@@ -136,7 +137,7 @@ class RefreshStack:
 def build_stack(monkeypatch: pytest.MonkeyPatch, s3: Any, **env: str) -> RefreshStack:
     """Queue + notification configuration + topic, the environment, a cold refresh handler."""
     from treeserve.aws import sns_client, sqs_client
-    from treeserve.invoke import import_handler
+    from treeserve_cli.invoke import import_handler
 
     sqs = sqs_client()
     queue_url = sqs.create_queue(QueueName="refresh-uploads")["QueueUrl"]

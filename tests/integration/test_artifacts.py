@@ -28,8 +28,8 @@ import pytest
 from infra import build
 
 from tests.conftest import EVENTS, ROOT, train
-from treeserve.invoke import function_environment, runtime_environment
-from treeserve.template import Template, load_template
+from treeserve_cli.invoke import function_environment, runtime_environment
+from treeserve_cli.template import Template, load_template
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -78,7 +78,7 @@ def stack(s3: Any, monkeypatch: pytest.MonkeyPatch) -> RefreshStack:
 def call(
     monkeypatch: pytest.MonkeyPatch, name: str, route: str, body: bytes, ctype: str
 ) -> tuple[int, Any]:
-    from treeserve.invoke import import_handler
+    from treeserve_cli.invoke import import_handler
 
     monkeypatch.setenv("MODEL_NAME", name)
     monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "treeserve-inference")
@@ -244,7 +244,7 @@ def test_a_reference_with_an_unseen_category_is_refused(
 
 def test_monitoring_names_categories_by_value(stack: RefreshStack, data: pd.DataFrame) -> None:
     from tests.integration.test_monitoring import NOW, capture_lines, put_captures, run
-    from treeserve.report_html import render_html
+    from treeserve_cli.report_html import render_html
 
     model = fit("binary", data)
     reference = data[data["plan"] != "tin"].iloc[:300]  # "tin" never in the reference sample
@@ -279,7 +279,7 @@ def test_penguins_demo_is_served_with_category_values(
     stack: RefreshStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     """The local stack's categorical demo: codes trained, manifest.json names the categories."""
-    from treeserve.demo import write_penguins_package
+    from treeserve_cli.demo import write_penguins_package
 
     demo = write_penguins_package(tmp_path)
     assert demo.holdout_auc > 0.9
@@ -329,7 +329,7 @@ def test_published_through_the_cli_with_the_dataframes_own_csvs(
     """As a user publishes: `treeserve publish model.ubj --reference X_train.to_csv()
     --holdout ...` (category values as the DataFrame writes them), then the S3 event."""
     from tests.conftest import BUCKET
-    from treeserve.cli import main
+    from treeserve_cli.cli import main
 
     train, test = data.iloc[:400], data.iloc[400:]
     y = (target(data, 1) > 0).astype(int)

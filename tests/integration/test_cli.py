@@ -1,4 +1,4 @@
-"""The CLI in-process (``treeserve.cli.main``) against moto: output, files uploaded, exit codes.
+"""The CLI in-process (``treeserve_cli.cli.main``) against moto: output, files uploaded, exit codes.
 
 ``publish --wait`` is tested with a fake refresh (a thread that writes the outcome record
 through ModelRegistry, as the refresh function does) and once with the real RefreshService.
@@ -22,9 +22,10 @@ import pytest
 
 from tests.conftest import BUCKET, TrainedModel
 from tests.unit.test_registry_contract import manifest_for
-from treeserve import commands
-from treeserve.cli import main
-from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+from treeserve.registry.model_registry import ModelRegistry, upload_id
+from treeserve.registry.store import S3RegistryStore
+from treeserve_cli import commands
+from treeserve_cli.cli import main
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +182,7 @@ def test_publish_packs_model_reference_and_holdout(
         assert json.loads(read("manifest.json")) == {"label": "churned"}
 
     # What publish packs is what the refresh function accepts (the real validation).
-    from treeserve.package import read_upload
+    from treeserve.model.package import read_upload
 
     upload = read_upload(data, obj["Key"].rsplit("/", 1)[1])
     assert upload.label == "churned"
@@ -431,7 +432,7 @@ def test_wait_with_the_real_refresh_function(
     env: Any, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """End to end in one process: publish --wait while RefreshService handles the upload."""
-    from treeserve.refresh import RefreshService
+    from treeserve.refresh.pipeline import RefreshService
     from treeserve.settings import Settings
 
     service = RefreshService(Settings(model_bucket=BUCKET), s3=env)
@@ -670,7 +671,7 @@ def _packed_manifest(env: Any) -> dict[str, Any]:
         fh = tar.extractfile("manifest.json")
         assert fh is not None
         manifest: dict[str, Any] = json.loads(fh.read())
-    from treeserve.package import read_upload
+    from treeserve.model.package import read_upload
 
     upload = read_upload(data, obj["Key"].rsplit("/", 1)[1])
     assert upload.to_manifest(NAME).class_names == manifest["class_names"]

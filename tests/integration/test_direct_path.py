@@ -24,10 +24,10 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     publish,
     registry_fixture,
 )
-from treeserve.api import create_app
-from treeserve.endpoints import answer_v2_event, strip_base_path
-from treeserve.predictor import DenseCall, Predictor
-from treeserve.registry import ModelRegistry
+from treeserve.model.predictor import DenseCall, Predictor
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.serving.api import create_app
+from treeserve.serving.endpoints import answer_v2_event, strip_base_path
 
 pytestmark = pytest.mark.integration
 
@@ -222,7 +222,7 @@ def test_base_path_rule_matches_mangums() -> None:
 
 def test_endpoints_do_not_import_the_web_framework() -> None:
     code = (
-        "import sys, treeserve.endpoints, treeserve.serving, treeserve.capture\n"
+        "import sys, treeserve.serving.endpoints, treeserve.serving.service, treeserve.serving.capture\n"
         "heavy = sorted(m for m in ('fastapi', 'starlette', 'mangum', 'pydantic') if m in sys.modules)\n"
         "print(heavy)\n"
     )

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import EVENTS, ROOT, TrainedModel, train
-from treeserve.invoke import InvokeResult, invoke
-from treeserve.template import Template, load_template
+from treeserve_cli.invoke import InvokeResult, invoke
+from treeserve_cli.template import Template, load_template
 
 pytestmark = pytest.mark.integration
 
@@ -260,7 +260,8 @@ def test_health_is_503_before_any_model(stack: Any, template: Template) -> None:
 
 @pytest.mark.parametrize("name", sorted(REFRESH))
 def test_refresh_event(name: str, stack: Any, template: Template, model: TrainedModel) -> None:
-    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
 
     bucket = template.bucket_name()
     key = REFRESH[name]
@@ -307,7 +308,8 @@ def test_refresh_event(name: str, stack: Any, template: Template, model: Trained
 
 def test_refresh_event_for_a_vanished_object_is_ignored(stack: Any, template: Template) -> None:
     """An event whose object is gone (deleted before delivery): recorded as ignored, no version."""
-    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
 
     event = load_event("s3-put-incoming.json")  # names an object this moto world never had
     result = invoke(template, "RefreshFunction", event, fresh=True)

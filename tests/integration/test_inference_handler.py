@@ -26,7 +26,7 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     publish,
     registry_fixture,
 )
-from treeserve.registry import ModelRegistry
+from treeserve.registry.model_registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -308,7 +308,7 @@ def test_fast_path_and_fastapi_routes_answer_alike(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from treeserve.api import create_app
+    from treeserve.serving.api import create_app
 
     publish(registry, multiclass_model, class_names=["a", "b", "c"])
     module = function()
@@ -426,7 +426,7 @@ def test_streamed_body_is_read_whole_and_bounded(
 def test_explain_has_its_own_row_limit(
     registry: ModelRegistry, function: Start, binary_model: TrainedModel
 ) -> None:
-    from treeserve.endpoints import MAX_EXPLAIN_ROWS
+    from treeserve.serving.endpoints import MAX_EXPLAIN_ROWS
 
     publish(registry, binary_model)
     module = function()
@@ -479,7 +479,7 @@ def test_events_that_are_not_http_requests_are_refused_not_raised(
     binary_model: TrainedModel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from treeserve import endpoints
+    from treeserve.serving import endpoints
 
     publish(registry, binary_model)
     module = function()
@@ -565,7 +565,7 @@ def test_the_asgi_app_answers_a_trailing_slash_too(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from treeserve.api import create_app
+    from treeserve.serving.api import create_app
 
     publish(registry, binary_model)
     module = function()

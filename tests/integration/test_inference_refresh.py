@@ -19,7 +19,7 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     publish,
     registry_fixture,
 )
-from treeserve.registry import ModelRegistry
+from treeserve.registry.model_registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,11 @@ import xgboost as xgb
 
 from tests.conftest import BUCKET, TrainedModel, train
 from tests.unit.test_reference import walk_numbers
-from treeserve import monitoring
-from treeserve.manifest import ModelManifest, task_of
-from treeserve.reference import compute_reference, reference_from_model
-from treeserve.registry import ModelRegistry, S3RegistryStore
+from treeserve.model.manifest import ModelManifest, task_of
+from treeserve.model.reference import compute_reference, reference_from_model
+from treeserve.monitoring import pipeline as monitoring
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import BUCKET, train
 from tests.integration.test_monitoring import register, traffic
-from treeserve.cli import main
+from treeserve_cli.cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import BUCKET, EVENTS, ROOT, LambdaContext, train
 from tests.integration.test_monitoring import register, traffic
-from treeserve.invoke import import_handler, module_name
+from treeserve_cli.invoke import import_handler, module_name
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Monitoring with parse workers (treeserve.parse_pool): the same report as parsing in-process,
+"""Monitoring with parse workers (treeserve.monitoring.parse_pool): the same report as parsing in-process,
 whatever the files hold and whatever happens to a worker."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from tests.integration.test_monitoring import (
     register,
     traffic,
 )
-from treeserve import monitoring, parse_pool
 from treeserve.errors import ConfigurationError
-from treeserve.monitoring import Group, Split
+from treeserve.monitoring import parse_pool
+from treeserve.monitoring import pipeline as monitoring
+from treeserve.monitoring.pipeline import Group, Split
+from treeserve.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -181,23 +183,25 @@ def test_wire_format_round_trip() -> None:
 
 
 def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert parse_pool.default_workers({"MONITORING_WORKERS": "0"}) == 0
-    assert parse_pool.default_workers({"MONITORING_WORKERS": "1"}) == 0
-    assert parse_pool.default_workers({"MONITORING_WORKERS": " 3 "}) == 3
+    def configured(raw: str) -> int | None:
+        return Settings.from_env(
+            {"MODEL_BUCKET": "b", "MONITORING_WORKERS": raw}
+        ).monitoring_workers
+
+    assert parse_pool.default_workers(configured("0"), {}) == 0
+    assert parse_pool.default_workers(configured("1"), {}) == 0
+    assert parse_pool.default_workers(configured(" 3 "), {}) == 3
     lambda_sizes = {"1769": 0, "3008": 2, "10240": 4}  # Lambda: one vCPU per 1769 MB
     for memory, workers in lambda_sizes.items():
-        assert parse_pool.default_workers({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": memory}) == workers
-    assert (
-        parse_pool.default_workers(
-            {"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1769", "MONITORING_WORKERS": "2"}
+        assert (
+            parse_pool.default_workers(None, {"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": memory}) == workers
         )
-        == 2
-    )
+    assert parse_pool.default_workers(2, {"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1769"}) == 2
     cpus = len(os.sched_getaffinity(0))
-    assert parse_pool.default_workers({}) == (min(4, cpus) if cpus >= 2 else 0)
+    assert parse_pool.default_workers(None, {}) == (min(4, cpus) if cpus >= 2 else 0)
     monkeypatch.setattr(parse_pool.sys, "platform", "darwin")
-    assert parse_pool.default_workers({}) == 0
-    assert parse_pool.default_workers({"MONITORING_WORKERS": "2"}) == 2
+    assert parse_pool.default_workers(None, {}) == 0
+    assert parse_pool.default_workers(configured("2"), {}) == 2
     for bad in ("two", "-1", "9", "1.5"):
         with pytest.raises(ConfigurationError, match="MONITORING_WORKERS"):
-            parse_pool.default_workers({"MONITORING_WORKERS": bad})
+            configured(bad)

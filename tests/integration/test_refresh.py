@@ -24,7 +24,7 @@ from tests.integration.refresh_stack import (
 )
 from tests.reliability.faults import S3Faults, no_backoff
 from treeserve.errors import StorageUnavailable
-from treeserve.registry import upload_id
+from treeserve.registry.model_registry import upload_id
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def stack(s3: Any, monkeypatch: pytest.MonkeyPatch) -> RefreshStack:
 
 def serve(monkeypatch: pytest.MonkeyPatch, name: str, rows: list[list[float]]) -> dict[str, Any]:
     """POST /predict through a cold inference handler for model ``name``."""
-    from treeserve.invoke import import_handler
+    from treeserve_cli.invoke import import_handler
 
     monkeypatch.setenv("MODEL_NAME", name)
     monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "treeserve-inference")

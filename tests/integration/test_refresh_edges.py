@@ -23,8 +23,8 @@ from tests.integration.refresh_stack import (
 )
 from tests.reliability.faults import S3Faults, no_backoff
 from treeserve.errors import StorageUnavailable
-from treeserve.package import Limits
-from treeserve.refresh import RefreshService, S3UploadSource, UploadEvent, UploadObject
+from treeserve.model.package import Limits
+from treeserve.refresh.pipeline import RefreshService, S3UploadSource, UploadEvent, UploadObject
 from treeserve.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -227,7 +227,8 @@ def test_a_lower_copy_committed_by_a_racing_delivery_ends_up_in_service(
 ) -> None:
     """The interleaving a race can produce: a racing writer allocated version 1 first but
     commits it only after this delivery registered version 2 and is about to promote it."""
-    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
 
     store = S3RegistryStore(BUCKET, s3)
     racing: dict[str, Any] = {}
@@ -266,9 +267,10 @@ def test_a_registration_claim_is_waited_for_then_taken_over_once_expired(
 ) -> None:
     import time
 
-    from treeserve import refresh
-    from treeserve.package import read_upload
-    from treeserve.registry import ModelRegistry, S3RegistryStore
+    from treeserve.model.package import read_upload
+    from treeserve.refresh import pipeline as refresh
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
 
     monkeypatch.setattr(refresh, "CLAIM_WAIT_SECONDS", 0.3)
     sha = read_upload(binary_model.ubj(), "model.ubj").sha256

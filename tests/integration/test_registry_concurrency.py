@@ -28,7 +28,8 @@ import pytest
 from tests.conftest import BUCKET
 from tests.unit.test_registry_contract import distinct_models, manifest_for
 from treeserve.errors import PreconditionFailed, RegistryError
-from treeserve.registry import InMemoryRegistryStore, ModelRegistry, Pointer, S3RegistryStore
+from treeserve.registry.model_registry import ModelRegistry, Pointer
+from treeserve.registry.store import InMemoryRegistryStore, S3RegistryStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 

@@ -27,12 +27,8 @@ from treeserve.errors import (
     RegistryError,
     StorageUnavailable,
 )
-from treeserve.registry import (
-    BucketNotFound,
-    ModelRegistry,
-    S3RegistryStore,
-    StorageAccessDenied,
-)
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import BucketNotFound, S3RegistryStore, StorageAccessDenied
 
 pytestmark = pytest.mark.integration
 

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from treeserve.cli import main
 from treeserve.errors import ConfigurationError
-from treeserve.invoke import (
+from treeserve_cli.cli import main
+from treeserve_cli.invoke import (
     environment,
     function_environment,
     import_handler,
     module_name,
     runtime_environment,
 )
-from treeserve.template import Template, load_template, parse_template
+from treeserve_cli.template import Template, load_template, parse_template
 
 pytestmark = pytest.mark.integration
 

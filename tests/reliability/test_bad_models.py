@@ -31,8 +31,9 @@ from tests.reliability.hostile import (
     latent_crash_model,
 )
 from treeserve.errors import UploadRejected
-from treeserve.package import read_upload
-from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+from treeserve.model.package import read_upload
+from treeserve.registry.model_registry import ModelRegistry, upload_id
+from treeserve.registry.store import S3RegistryStore
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -25,7 +25,8 @@ from tests.corpus import make_package
 from tests.inference_support import http_api_event, manifest_for
 from tests.reliability import stack
 from tests.reliability.faults import FaultKind, S3Faults, no_backoff
-from treeserve.registry import ModelRegistry, S3RegistryStore
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
@@ -498,7 +499,7 @@ def test_a_capture_write_cannot_outlast_the_inference_timeout(
 ) -> None:
     """The request that crosses the capture bound pays for the write: however S3 misbehaves,
     that write must end well inside the inference function's timeout (template.yaml)."""
-    from treeserve.template import parse_template
+    from treeserve_cli.template import parse_template
 
     template = parse_template((ROOT / "template.yaml").read_text())
     props = template["Resources"]["InferenceFunction"]["Properties"]

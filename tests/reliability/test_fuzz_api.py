@@ -1,6 +1,6 @@
 """API fuzzing: schemathesis against the app's own OpenAPI document, in-process over ASGI.
 
-The app is the real one (``treeserve.api.create_app``) serving a real XGBoost model registered
+The app is the real one (``treeserve.serving.api.create_app``) serving a real XGBoost model registered
 and promoted in the in-memory registry. For every operation, schemathesis generates requests
 that follow the schema (positive) and requests that break it (negative), sends them through the
 ASGI app and runs its checks: no 5xx, status codes, content types, headers and JSON bodies as
@@ -32,9 +32,10 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from tests.conftest import TrainedModel, train
 from tests.inference_support import manifest_for
 from tests.reliability.test_fuzz_inputs import HOSTILE_BODIES
-from treeserve.api import create_app
-from treeserve.registry import InMemoryRegistryStore, ModelRegistry
-from treeserve.serving import ModelService
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import InMemoryRegistryStore
+from treeserve.serving.api import create_app
+from treeserve.serving.service import ModelService
 from treeserve.settings import Settings
 
 pytestmark = pytest.mark.reliability

@@ -1,4 +1,4 @@
-"""Property tests of the request parsers (``treeserve.inputs``): any bytes, any content type.
+"""Property tests of the request parsers (``treeserve.serving.inputs``): any bytes, any content type.
 
 The property: ``parse_body`` either returns a well-formed ``ParsedInput`` (float32 matrix of the
 model's width, at most ``max_rows`` rows, one id per row, no infinities) or raises an
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from treeserve.errors import InvalidInput
-from treeserve.inputs import FeatureSchema, ParsedInput, parse_body
+from treeserve.serving.inputs import FeatureSchema, ParsedInput, parse_body
 
 pytestmark = [pytest.mark.reliability, pytest.mark.unit]
 

@@ -27,7 +27,8 @@ from tests.corpus import make_package
 from tests.inference_support import manifest_for
 from tests.reliability import stack
 from treeserve.errors import RegistryError
-from treeserve.registry import ModelRegistry, Pointer, S3RegistryStore, upload_id
+from treeserve.registry.model_registry import ModelRegistry, Pointer, upload_id
+from treeserve.registry.store import S3RegistryStore
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

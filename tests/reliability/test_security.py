@@ -21,7 +21,8 @@ from tests.conftest import BUCKET, TrainedModel
 from tests.inference_support import http_api_event, manifest_for
 from tests.reliability import stack
 from tests.reliability.faults import S3Faults, no_backoff
-from treeserve.registry import ModelRegistry, S3RegistryStore
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
@@ -102,7 +103,7 @@ def test_logs_carry_no_payloads(
         faults.detach()
         # Canaries: the capture sees both Powertools' logger and the library's loggers.
         function.logger.info("canary-powertools")
-        logging.getLogger("treeserve.api").error("canary-library")
+        logging.getLogger("treeserve.serving.api").error("canary-library")
     out, err = capfd.readouterr()
     text = logs.getvalue() + out + err
     assert "canary-powertools" in text

@@ -147,7 +147,7 @@ def test_the_sandbox_child_loads_and_predicts_without_unpickling(
     import numpy as np
 
     from tests.conftest import train
-    from treeserve import sandbox
+    from treeserve.model import sandbox
 
     model = train("multi:softprob", n=120, rounds=3)
     monkeypatch.setattr(sandbox, "_BOOTSTRAP", _AUDIT + sandbox._BOOTSTRAP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from treeserve.endpoints import _wants_csv
+from treeserve.serving.endpoints import _wants_csv
 
 CSV = [
     "text/csv",

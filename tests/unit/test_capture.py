@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from treeserve.capture import CaptureBuffer
+from treeserve.serving.capture import CaptureBuffer
 
 pytestmark = pytest.mark.unit
 

@@ -11,8 +11,8 @@ import pytest
 import xgboost as xgb
 
 from treeserve.errors import InputMismatch, UploadRejected
-from treeserve.inputs import FeatureSchema, parse_body
-from treeserve.package import read_upload
+from treeserve.model.package import read_upload
+from treeserve.serving.inputs import FeatureSchema, parse_body
 
 SCHEMA = FeatureSchema(["plan", "k", "x"], {"plan": ["bronze", "gold"], "k": [3, 7, 10]})
 

@@ -13,8 +13,8 @@ import xgboost as xgb
 from tests.conftest import TrainedModel
 from tests.corpus import chain_tree_model, edited_model, make_package
 from treeserve.errors import UploadRejected
-from treeserve.package import read_upload
-from treeserve.sandbox import MAX_TREE_DEPTH
+from treeserve.model.package import read_upload
+from treeserve.model.sandbox import MAX_TREE_DEPTH
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from tests.unit.test_reference import walk_numbers
-from treeserve import drift
-from treeserve.reference import categorical_stats, compute_reference, numeric_stats
+from treeserve.model.reference import categorical_stats, compute_reference, numeric_stats
+from treeserve.monitoring import drift
 
 pytestmark = pytest.mark.unit
 

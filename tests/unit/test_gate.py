@@ -9,8 +9,9 @@ import pytest
 import xgboost as xgb
 
 from tests.conftest import TrainedModel, train
-from treeserve import gate
 from treeserve.errors import UploadRejected
+from treeserve.model import metrics
+from treeserve.refresh import gate
 
 pytestmark = pytest.mark.unit
 
@@ -26,32 +27,32 @@ def test_auc_matches_the_definition_with_ties() -> None:
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, size=300).astype(float)
     s = np.round(rng.normal(size=300) + y, 1)  # rounding creates many ties
-    assert gate.roc_auc(y, s) == pytest.approx(brute_force_auc(y, s), abs=1e-12)
-    assert gate.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert gate.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
-    assert gate.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert metrics.roc_auc(y, s) == pytest.approx(brute_force_auc(y, s), abs=1e-12)
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert metrics.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert metrics.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
 
 
 def test_auc_of_a_single_class_is_nan_and_logloss_decides() -> None:
-    assert math.isnan(gate.roc_auc([1, 1, 1], [0.2, 0.5, 0.9]))
-    metrics = gate.score("binary", np.ones(3), np.array([0.2, 0.5, 0.9]))
-    assert "auc" not in metrics
-    assert gate.primary_metric("binary", metrics) == ("logloss", False)
+    assert math.isnan(metrics.roc_auc([1, 1, 1], [0.2, 0.5, 0.9]))
+    scores = gate.score("binary", np.ones(3), np.array([0.2, 0.5, 0.9]))
+    assert "auc" not in scores
+    assert gate.primary_metric("binary", scores) == ("logloss", False)
 
 
 def test_log_loss_binary_and_multiclass_known_values() -> None:
-    assert gate.log_loss([1, 0], [0.8, 0.2]) == pytest.approx(-math.log(0.8))
+    assert metrics.log_loss([1, 0], [0.8, 0.2]) == pytest.approx(-math.log(0.8))
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    assert gate.log_loss([0, 2], p) == pytest.approx(-(math.log(0.7) + math.log(0.8)) / 2)
+    assert metrics.log_loss([0, 2], p) == pytest.approx(-(math.log(0.7) + math.log(0.8)) / 2)
     # A confident mistake is large but finite.
-    assert math.isfinite(gate.log_loss([1], [0.0]))
-    assert gate.log_loss([1], [0.0]) > 30
+    assert math.isfinite(metrics.log_loss([1], [0.0]))
+    assert metrics.log_loss([1], [0.0]) > 30
 
 
 def test_rmse_known_value() -> None:
-    assert gate.rmse([1.0, 2.0, 3.0], [1.0, 2.0, 5.0]) == pytest.approx(math.sqrt(4 / 3))
+    assert metrics.rmse([1.0, 2.0, 3.0], [1.0, 2.0, 5.0]) == pytest.approx(math.sqrt(4 / 3))
     with pytest.raises(ValueError, match="differ"):
-        gate.rmse([1.0, 2.0], [1.0])
+        metrics.rmse([1.0, 2.0], [1.0])
 
 
 def test_model_outputs_are_probabilities_matching_xgboost(

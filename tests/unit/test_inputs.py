@@ -15,7 +15,7 @@ from treeserve.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from treeserve.inputs import FeatureSchema, media_type, parse_body
+from treeserve.serving.inputs import FeatureSchema, media_type, parse_body
 
 pytestmark = pytest.mark.unit
 
@@ -210,7 +210,7 @@ def test_null_everywhere_is_all_missing() -> None:
     ],
 )
 def test_fast_row_path_only_for_plain_numbers(body: str, fast: bool) -> None:
-    from treeserve.inputs import _fast_rows
+    from treeserve.serving.inputs import _fast_rows
 
     raw = body.encode()
     document = orjson.loads(raw)

@@ -14,11 +14,13 @@ import pytest
 import xgboost as xgb
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
-from treeserve import decision, gate, monitoring
 from treeserve.errors import UploadRejected
-from treeserve.package import read_upload
-from treeserve.predictor import Predictor
-from treeserve.sandbox import check_trees, model_facts
+from treeserve.model import decision
+from treeserve.model.package import read_upload
+from treeserve.model.predictor import Predictor
+from treeserve.model.sandbox import check_trees, model_facts
+from treeserve.monitoring import pipeline as monitoring
+from treeserve.refresh import gate
 
 
 @pytest.fixture(scope="module")

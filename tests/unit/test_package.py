@@ -1,4 +1,4 @@
-"""treeserve.package: every bad upload refused with its own reason, valid ones accepted intact."""
+"""treeserve.model.package: every bad upload refused with its own reason, valid ones accepted intact."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from tests.corpus import (
     tar_gz,
 )
 from treeserve.errors import UploadRejected
-from treeserve.package import Limits, ModelUpload, check_predictions, read_upload
-from treeserve.sandbox import ModelInfo
+from treeserve.model.package import Limits, ModelUpload, check_predictions, read_upload
+from treeserve.model.sandbox import ModelInfo
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import TrainedModel, train
 from tests.corpus import make_package
 from treeserve.errors import UploadRejected
-from treeserve.package import (
+from treeserve.model.package import (
     Limits,
     ModelUpload,
     parse_manifest,
@@ -23,7 +23,7 @@ from treeserve.package import (
     read_upload,
     sniff,
 )
-from treeserve.sandbox import UBJDecodeError, decode_ubj
+from treeserve.model.sandbox import UBJDecodeError, decode_ubj
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import xgboost as xgb
 from tests.conftest import TrainedModel
 from tests.inference_support import manifest_for
 from treeserve.errors import ModelLoadError
-from treeserve.predictor import Predictor
+from treeserve.model.predictor import Predictor
 
 pytestmark = pytest.mark.unit
 

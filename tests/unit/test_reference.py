@@ -12,7 +12,7 @@ import pytest
 import xgboost as xgb
 
 from tests.conftest import TrainedModel
-from treeserve.reference import (
+from treeserve.model.reference import (
     MODEL_CHECKS,
     SAMPLE_SIZE,
     bin_counts,

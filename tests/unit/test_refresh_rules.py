@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from treeserve.refresh import (
+from treeserve.refresh.pipeline import (
     Outcome,
     compare_sequencers,
     is_newer,
@@ -99,7 +99,7 @@ def test_outcome_round_trips_without_the_redelivered_flag() -> None:
 def app() -> Any:
     import sys
 
-    from treeserve.invoke import import_handler
+    from treeserve_cli.invoke import import_handler
 
     handler = import_handler(ROOT / "functions" / "refresh", "app.handler", fresh=True)
     return sys.modules[handler.__module__]

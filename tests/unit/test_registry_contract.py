@@ -23,15 +23,12 @@ from treeserve.errors import (
     PreconditionFailed,
     RegistryError,
 )
-from treeserve.manifest import ModelManifest
-from treeserve.registry import (
-    HISTORY_LIMIT,
+from treeserve.model.manifest import ModelManifest
+from treeserve.registry.model_registry import HISTORY_LIMIT, ModelRegistry, Pointer, upload_id
+from treeserve.registry.store import (
     InMemoryRegistryStore,
-    ModelRegistry,
-    Pointer,
     RegistryStore,
     S3RegistryStore,
-    upload_id,
 )
 
 MODEL = "churn"

@@ -1,4 +1,4 @@
-"""treeserve.sandbox: untrusted model bytes are loaded in a child process, never in ours."""
+"""treeserve.model.sandbox: untrusted model bytes are loaded in a child process, never in ours."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import treeserve
 from tests.conftest import TrainedModel, train
 from tests.corpus import crafted_ubj
 from treeserve.errors import UploadRejected
-from treeserve.sandbox import (
+from treeserve.model.sandbox import (
     SandboxUnavailable,
     UBJDecodeError,
     _child_env,
@@ -208,7 +208,7 @@ def test_child_imports_from_the_parents_sys_path(
     script = (
         "import sys\n"
         f"sys.path[:] = [{str(task)!r}] + {site_dirs!r}\n"
-        "import treeserve.sandbox as s\n"
+        "import treeserve.model.sandbox as s\n"
         f"assert s.__file__.startswith({str(task)!r}), s.__file__\n"
         "r = s.inspect_model(open(sys.argv[1], 'rb').read(), 'ubj', None)\n"
         "print(r.info.num_features, r.info.objective)\n"
@@ -230,7 +230,7 @@ def test_a_model_that_segfaults_xgboost_is_contained(
     binary_model: TrainedModel, key: str, value: int
 ) -> None:
     # Structurally valid UBJ whose tree indices XGBoost trusts: it crashes the process that
-    # loads it. (treeserve.package refuses these before loading; here we load them anyway.)
+    # loads it. (treeserve.model.package refuses these before loading; here we load them anyway.)
     with pytest.raises(UploadRejected) as caught:
         inspect_model(crafted_ubj(binary_model.ubj(), key, value), "ubj", None)
     assert caught.value.code == "load_failed"

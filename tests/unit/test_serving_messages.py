@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from treeserve.errors import NoModelInService, StorageUnavailable
-from treeserve.registry import InMemoryRegistryStore, ModelRegistry
-from treeserve.serving import ModelService
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import InMemoryRegistryStore
+from treeserve.serving.service import ModelService
 from treeserve.settings import Settings
 
 

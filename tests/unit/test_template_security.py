@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from treeserve.template import Template, load_template, parse_template
+from treeserve_cli.template import Template, load_template, parse_template
 
 pytestmark = pytest.mark.unit
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import xgboost as xgb
 
-from treeserve import decision
 from treeserve.errors import ExplainUnavailable, ModelLoadError
-from treeserve.manifest import ModelManifest
+from treeserve.model import decision
+from treeserve.model.manifest import ModelManifest
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Predictor:
         values = self.raw_predict(X)
         if self.task == "binary":
             table = self._label_table
-            decided = (values > self._cut).tolist()  # see treeserve.decision
+            decided = (values > self._cut).tolist()  # see treeserve.model.decision
             return Prediction(values, [table[1] if d else table[0] for d in decided])
         if self.task == "multiclass":
             if values.ndim == 2:

@@ -9,7 +9,7 @@ size caps, serialized-Python sniffing (pickle, joblib, object ``.npy``: detected
 never unpickled), archive structure (links, devices, paths, duplicates, member and byte caps
 counted while streaming), a structural parse of the model document (truncation, trailing bytes,
 feature count), the manifest and the CSVs. Only then is the model loaded by XGBoost, in
-:mod:`treeserve.sandbox`, which also re-saves it as UBJ and smoke-predicts.
+:mod:`treeserve.model.sandbox`, which also re-saves it as UBJ and smoke-predicts.
 
 Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these stable codes:
 
@@ -50,8 +50,8 @@ from typing import IO, Any, Literal, cast
 import numpy as np
 
 from treeserve.errors import UploadRejected
-from treeserve.manifest import ModelManifest, category_codes, task_of
-from treeserve.sandbox import (
+from treeserve.model.manifest import ModelManifest, category_codes, task_of
+from treeserve.model.sandbox import (
     ModelFormat,
     ModelInfo,
     UBJDecodeError,
@@ -1021,7 +1021,7 @@ def read_upload(
     """Check an uploaded object completely; raise UploadRejected with a stable code if refused.
 
     ``label`` names the holdout's label column (default: the manifest's ``label``, else
-    ``"label"``). :class:`treeserve.sandbox.SandboxUnavailable` (the child could not start)
+    ``"label"``). :class:`treeserve.model.sandbox.SandboxUnavailable` (the child could not start)
     is not a verdict on the upload and propagates: fail the invocation so it is retried.
     """
     limits = limits or Limits()

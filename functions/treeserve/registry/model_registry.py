@@ -47,27 +47,16 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import IO, TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
-from boto3.exceptions import S3UploadFailedError
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    NoCredentialsError,
-    NoRegionError,
-    ParamValidationError,
-    PartialCredentialsError,
-)
 
-from treeserve.aws import s3_client
 from treeserve.errors import (
     ConfigurationError,
     ModelLoadError,
@@ -77,24 +66,11 @@ from treeserve.errors import (
     RegistryError,
     StorageUnavailable,
 )
-from treeserve.manifest import ModelManifest
+from treeserve.model.manifest import ModelManifest
+from treeserve.registry.store import RegistryStore, etag_moved
+from treeserve.settings import MODEL_NAME_RULE, valid_model_name
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
-__all__ = [
-    "ANY",
-    "MODEL_NAME_RE",
-    "BucketNotFound",
-    "InMemoryRegistryStore",
-    "ModelRegistry",
-    "Pointer",
-    "RegistryStore",
-    "S3RegistryStore",
-    "StorageAccessDenied",
-    "StoredObject",
-    "upload_id",
-]
+__all__ = ["ANY", "ModelRegistry", "Pointer", "upload_id"]
 
 HISTORY_LIMIT: Final = 20
 # Compare-and-swap attempts of promote/rollback before giving up (StorageUnavailable: retry).
@@ -102,304 +78,8 @@ CAS_ATTEMPTS: Final = 16
 # Upward probes per allocation pass; after that the registry lists versions/ again.
 PROBES_PER_PASS: Final = 64
 ALLOCATION_PASSES: Final = 8
-# Model names are S3 key segments and metric dimensions: keep them boring (as refresh does).
-MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_KEY_RE = re.compile(r"versions/(\d+)/(model\.ubj|manifest\.json)$")
-
-
-class BucketNotFound(RegistryError):
-    """The model bucket does not exist."""
-
-
-class StorageAccessDenied(RegistryError):
-    """The credentials in use may not read or write the model bucket."""
-
-
-# --- the storage protocol ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """An object's bytes and its ETag (quoted, as S3 returns it)."""
-
-    body: bytes
-    etag: str
-
-
-class RegistryStore(Protocol):
-    """Key-value storage with S3's conditional-request semantics."""
-
-    def get(self, key: str) -> StoredObject:
-        """The object; NotFound if absent."""
-        ...
-
-    def get_if_changed(self, key: str, etag: str | None) -> StoredObject | None:
-        """The object unless its ETag is still ``etag`` (then None); NotFound if absent."""
-        ...
-
-    def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
-    ) -> str:
-        """Write; returns the new ETag. PreconditionFailed when a condition does not hold
-        (``if_none_match``: the key exists; ``if_match``: the key is absent or has another ETag)."""
-        ...
-
-    def head(self, key: str) -> str | None:
-        """The ETag, or None if absent."""
-        ...
-
-    def list_keys(self, prefix: str) -> Iterator[str]:
-        """Every key under ``prefix``, in lexicographic order, page by page."""
-        ...
-
-
-def _same_etag(a: str, b: str) -> bool:
-    return a.strip('"') == b.strip('"')
-
-
-def _moved(seen: str | None, expected: str | None) -> bool:
-    """Whether the object's ETag (None: absent) is not the one expected (None: absent)."""
-    if seen is None or expected is None:
-        return (seen is None) != (expected is None)
-    return not _same_etag(seen, expected)
-
-
-class InMemoryRegistryStore:
-    """A thread-safe in-memory :class:`RegistryStore` (ETags are quoted md5, like S3's)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._objects: dict[str, StoredObject] = {}
-        # How many successful writes each key saw; tests use it to prove immutability.
-        self.writes: dict[str, int] = {}
-
-    def get(self, key: str) -> StoredObject:
-        with self._lock:
-            obj = self._objects.get(key)
-        if obj is None:
-            raise NotFound(key)
-        return obj
-
-    def get_if_changed(self, key: str, etag: str | None) -> StoredObject | None:
-        obj = self.get(key)
-        if etag is not None and _same_etag(obj.etag, etag):
-            return None
-        return obj
-
-    def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
-    ) -> str:
-        etag = f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
-        with self._lock:
-            existing = self._objects.get(key)
-            if if_none_match and existing is not None:
-                raise PreconditionFailed(f"{key} exists")
-            if if_match is not None and (
-                existing is None or not _same_etag(existing.etag, if_match)
-            ):
-                raise PreconditionFailed(f"{key} changed")
-            self._objects[key] = StoredObject(bytes(body), etag)
-            self.writes[key] = self.writes.get(key, 0) + 1
-        return etag
-
-    def head(self, key: str) -> str | None:
-        with self._lock:
-            obj = self._objects.get(key)
-        return None if obj is None else obj.etag
-
-    def list_keys(self, prefix: str) -> Iterator[str]:
-        with self._lock:
-            keys = sorted(k for k in self._objects if k.startswith(prefix))
-        yield from keys
-
-
-# --- the S3 adapter ------------------------------------------------------------------------------
-
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "AllAccessDisabled",
-}
-_RETRYABLE = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
-    "OperationAborted",
-}
-
-
-@contextmanager
-def _translate(
-    bucket: str, key: str, *, absent_is: type[RegistryError] = NotFound
-) -> Iterator[None]:
-    """Turn botocore's errors into treeserve's (the one place that knows botocore)."""
-    try:
-        yield
-    except ClientError as exc:
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        where = f"s3://{bucket}/{key}"
-        if code == "NoSuchBucket":
-            raise BucketNotFound(
-                f"bucket {bucket!r} does not exist: create it, or point --bucket/MODEL_BUCKET "
-                "at the model bucket (and AWS_ENDPOINT_URL at its endpoint)"
-            ) from None
-        if code in _PRECONDITION or status in (409, 412):
-            raise PreconditionFailed(f"{where}: condition did not hold ({code})") from None
-        if code in _NOT_FOUND or status == 404:
-            raise absent_is(f"{where} does not exist") from None
-        if code in _DENIED or status == 403:
-            raise StorageAccessDenied(
-                f"access denied to {where} ({code}): use credentials allowed to read and write "
-                f"s3://{bucket}/registry/ and incoming/ (check AWS_PROFILE and the bucket policy)"
-            ) from None
-        if code in _RETRYABLE or status >= 500 or status == 429:
-            raise StorageUnavailable(f"S3 is unavailable for {where} ({code}); retry") from exc
-        raise RegistryError(
-            f"S3 refused an operation on {where}: {code} {err.get('Message', '')}"
-        ) from exc
-    except (NoCredentialsError, PartialCredentialsError):
-        raise ConfigurationError(
-            "no AWS credentials found: configure them (aws configure, AWS_PROFILE, or "
-            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-        ) from None
-    except NoRegionError:
-        raise ConfigurationError(
-            "no AWS region configured: set AWS_REGION or AWS_DEFAULT_REGION (e.g. us-east-1)"
-        ) from None
-    except ParamValidationError as exc:
-        raise ConfigurationError(f"S3 refused the request for s3://{bucket}/{key}: {exc}") from None
-    except BotoCoreError as exc:
-        # Connection refused or reset, timeouts, truncated bodies: all worth a retry.
-        raise StorageUnavailable(
-            f"cannot reach S3 for s3://{bucket}/{key}: {exc} (check the network, or "
-            "AWS_ENDPOINT_URL if you use a local endpoint)"
-        ) from exc
-
-
-class S3RegistryStore:
-    """:class:`RegistryStore` on an S3 bucket. ``page_size`` bounds each LIST request."""
-
-    def __init__(self, bucket: str, s3: S3Client | None = None, *, page_size: int = 1000) -> None:
-        self.bucket = bucket
-        self._s3 = s3
-        self.page_size = page_size
-
-    @property
-    def s3(self) -> S3Client:
-        if self._s3 is None:
-            self._s3 = s3_client()
-        return self._s3
-
-    def get(self, key: str) -> StoredObject:
-        with _translate(self.bucket, key):
-            resp = self.s3.get_object(Bucket=self.bucket, Key=key)
-            body = resp["Body"].read()
-        return StoredObject(body, resp["ETag"])
-
-    def get_if_changed(self, key: str, etag: str | None) -> StoredObject | None:
-        if etag is None:
-            return self.get(key)
-        with _translate(self.bucket, key):
-            try:
-                resp = self.s3.get_object(Bucket=self.bucket, Key=key, IfNoneMatch=etag)
-            except ClientError as exc:
-                if _not_modified(exc):
-                    return None
-                raise
-            body = resp["Body"].read()
-        return StoredObject(body, resp["ETag"])
-
-    def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
-    ) -> str:
-        kwargs: dict[str, Any] = {}
-        if if_none_match:
-            kwargs["IfNoneMatch"] = "*"
-        if if_match is not None:
-            kwargs["IfMatch"] = if_match
-        # With If-Match, an absent key means the condition did not hold (S3 answers 404).
-        absent_is = PreconditionFailed if if_match is not None else NotFound
-        with _translate(self.bucket, key, absent_is=absent_is):
-            resp = self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **kwargs)
-        return resp["ETag"]
-
-    def head(self, key: str) -> str | None:
-        try:
-            with _translate(self.bucket, key):
-                resp = self.s3.head_object(Bucket=self.bucket, Key=key)
-        except NotFound:
-            return None
-        return resp["ETag"]
-
-    def list_keys(self, prefix: str) -> Iterator[str]:
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "Bucket": self.bucket,
-                "Prefix": prefix,
-                "MaxKeys": self.page_size,
-            }
-            if token:
-                kwargs["ContinuationToken"] = token
-            with _translate(self.bucket, prefix):
-                page = self.s3.list_objects_v2(**kwargs)
-            for item in page.get("Contents", []):
-                yield item["Key"]
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-
-    # -- used by the CLI, kept here so botocore errors are translated in one place
-
-    def check_bucket(self) -> None:
-        """Raise BucketNotFound / StorageAccessDenied / StorageUnavailable unless usable."""
-        try:
-            with _translate(self.bucket, "", absent_is=BucketNotFound):
-                self.s3.head_bucket(Bucket=self.bucket)
-        except BucketNotFound:
-            raise BucketNotFound(
-                f"bucket {self.bucket!r} does not exist: create it, or point --bucket/"
-                "MODEL_BUCKET at the model bucket (and AWS_ENDPOINT_URL at its endpoint)"
-            ) from None
-
-    def upload(
-        self, key: str, fileobj: IO[bytes], *, callback: Callable[[int], None] | None = None
-    ) -> str:
-        """Upload a file object (multipart above the transfer threshold); returns its ETag."""
-        try:
-            with _translate(self.bucket, key):
-                self.s3.upload_fileobj(fileobj, self.bucket, key, Callback=callback)
-        except S3UploadFailedError as exc:
-            raise StorageUnavailable(f"upload to s3://{self.bucket}/{key} failed: {exc}") from exc
-        etag = self.head(key)
-        if etag is None:
-            raise StorageUnavailable(f"s3://{self.bucket}/{key} is missing right after its upload")
-        return etag
-
-
-def _not_modified(exc: ClientError) -> bool:
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("304", "NotModified") or status == 304
-
-
-# --- the registry --------------------------------------------------------------------------------
 
 
 class _Unset(Enum):
@@ -492,11 +172,8 @@ class ModelRegistry:
     """The registry of one model name on a :class:`RegistryStore` (see the module docstring)."""
 
     def __init__(self, store: RegistryStore, name: str) -> None:
-        if not MODEL_NAME_RE.match(name):
-            raise ConfigurationError(
-                f"model name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        if not valid_model_name(name):
+            raise ConfigurationError(f"model name {name!r} is not valid: use {MODEL_NAME_RULE}")
         self.store = store
         self.name = name
         self.prefix = f"registry/{name}/"
@@ -672,7 +349,7 @@ class ModelRegistry:
         attempts = 1 if expected_etag is not ANY else CAS_ATTEMPTS
         for attempt in range(attempts):
             current, seen = self._read_pointer()
-            if expected_etag is not ANY and _moved(seen, expected_etag):
+            if expected_etag is not ANY and etag_moved(seen, expected_etag):
                 raise PreconditionFailed(f"{self.current_key} moved since it was read")
             new = compute(current)
             if new is None:

@@ -1,7 +1,7 @@
 """The inference HTTP API: a FastAPI app (DESIGN.md "HTTP API").
 
 Routes: ``POST /predict``, ``POST /explain``, ``GET /health``, ``GET /model``, ``GET /docs``,
-``GET /openapi.json``. Bodies are parsed by :mod:`treeserve.inputs` from the raw bytes (the
+``GET /openapi.json``. Bodies are parsed by :mod:`treeserve.serving.inputs` from the raw bytes (the
 OpenAPI document still describes them, through ``openapi_extra``); answers are serialised with
 orjson. Every answer, errors included, carries ``x-model-version``; errors are
 ``{"error": {"type", "message"}}`` and client input never yields a 5xx.
@@ -13,7 +13,7 @@ request/response objects (about 90 microseconds per request on the bench machine
 Everything else (docs, health, errors from the framework) goes through FastAPI as usual.
 ``create_app(..., fast_path=False)`` serves the two routes through FastAPI; the tests run both
 ways and compare. On Lambda, payload 2.0 events skip even this app
-(:func:`treeserve.endpoints.answer_v2_event`).
+(:func:`treeserve.serving.endpoints.answer_v2_event`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from treeserve.endpoints import (
+from treeserve.errors import NoModelInService
+from treeserve.serving.endpoints import (
     FAST_ROUTES,
     VERSION_HEADER,
     Answer,
@@ -40,11 +41,10 @@ from treeserve.endpoints import (
     route_path,
     scope_request_id,
 )
-from treeserve.errors import NoModelInService
 
 if TYPE_CHECKING:
-    from treeserve.capture import CaptureBuffer
-    from treeserve.serving import MetricsSink, ModelService
+    from treeserve.serving.capture import CaptureBuffer
+    from treeserve.serving.service import MetricsSink, ModelService
     from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 
 from treeserve.errors import InputMismatch, MalformedBody, PayloadTooLarge, UnsupportedMediaType
-from treeserve.manifest import category_codes
+from treeserve.model.manifest import category_codes
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
 CSV_TYPES = frozenset({"text/csv", "application/csv"})

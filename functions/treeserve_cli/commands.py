@@ -1,6 +1,6 @@
 """CLI commands: ``treeserve publish``, ``status``, ``promote``, ``rollback``.
 
-Each takes the parsed ``argparse`` namespace (see :mod:`treeserve.cli`) and returns an exit code.
+Each takes the parsed ``argparse`` namespace (see :mod:`treeserve_cli.cli`) and returns an exit code.
 Results go to stdout; progress, spinners and errors to stderr. Expected failures raise
 :class:`~treeserve.errors.TreeserveError` with a message that says what to do; ``cli.main``
 prints it on one line and exits 1.
@@ -28,15 +28,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final, TextIO
 
 from treeserve.errors import StorageUnavailable, TreeserveError
-from treeserve.registry import (
-    MODEL_NAME_RE,
-    ModelRegistry,
-    Pointer,
-    S3RegistryStore,
-    StorageAccessDenied,
-    upload_id,
-)
-from treeserve.settings import Settings
+from treeserve.registry.model_registry import ModelRegistry, Pointer, upload_id
+from treeserve.registry.store import S3RegistryStore, StorageAccessDenied
+from treeserve.settings import MODEL_NAME_RULE, Settings, valid_model_name
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -65,10 +59,9 @@ class UsageError(TreeserveError):
 def _target(args: argparse.Namespace) -> tuple[Settings, str, S3RegistryStore, ModelRegistry]:
     settings = Settings.from_env(bucket=getattr(args, "bucket", None))
     name = getattr(args, "name", None) or settings.model_name
-    if not MODEL_NAME_RE.match(name):
+    if not valid_model_name(name):
         raise UsageError(
-            f"model name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (--name or MODEL_NAME)"
+            f"model name {name!r} is not valid: use {MODEL_NAME_RULE} (--name or MODEL_NAME)"
         )
     store = S3RegistryStore(settings.model_bucket)
     return settings, name, store, ModelRegistry(store, name)

@@ -16,13 +16,13 @@ from treeserve.errors import TreeserveError
 
 # command -> "module:function"; the function takes the parsed namespace and returns an exit code.
 COMMANDS = {
-    "publish": "treeserve.commands:publish",
-    "status": "treeserve.commands:status",
-    "promote": "treeserve.commands:promote",
-    "rollback": "treeserve.commands:rollback",
-    "monitor": "treeserve.monitoring_cli:monitor",
-    "invoke": "treeserve.invoke:invoke_command",
-    "local": "treeserve.local:local_command",
+    "publish": "treeserve_cli.commands:publish",
+    "status": "treeserve_cli.commands:status",
+    "promote": "treeserve_cli.commands:promote",
+    "rollback": "treeserve_cli.commands:rollback",
+    "monitor": "treeserve_cli.monitoring_cli:monitor",
+    "invoke": "treeserve_cli.invoke:invoke_command",
+    "local": "treeserve_cli.local:local_command",
 }
 
 

@@ -3,9 +3,9 @@
 :func:`run_monitoring` lists ``captures/<model>/dt=YYYY-MM-DD/`` for the days of the window,
 downloads and inflates the files on a few threads (both release the GIL) while they are parsed
 one at a time by the caller's thread or, with more than one CPU, by forked parse workers
-(:mod:`treeserve.parse_pool`; parsing holds the GIL), keeps rows whose ``ts`` falls in
+(:mod:`treeserve.monitoring.parse_pool`; parsing holds the GIL), keeps rows whose ``ts`` falls in
 ``[start, end)``, groups them by model version and streams each version's columns into
-:class:`treeserve.drift` accumulators. Only counts stay in memory (plus, when labels exist, the
+:class:`treeserve.monitoring.drift` accumulators. Only counts stay in memory (plus, when labels exist, the
 predictions of labelled rows), so memory is bounded by a few capture files, not by the window.
 
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
@@ -37,7 +37,6 @@ import numpy.typing as npt
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from treeserve import decision, drift, gate
 from treeserve.aws import s3_client, sns_client
 from treeserve.errors import (
     ConfigurationError,
@@ -45,14 +44,17 @@ from treeserve.errors import (
     StorageUnavailable,
     TreeserveError,
 )
-from treeserve.manifest import ModelManifest
+from treeserve.model import decision
+from treeserve.model.manifest import ModelManifest
+from treeserve.model.metrics import log_loss, roc_auc
+from treeserve.monitoring import drift
 
 if TYPE_CHECKING:
     from aws_lambda_powertools import Metrics
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
 
-    from treeserve.parse_pool import Parsed, ParsePool
+    from treeserve.monitoring.parse_pool import Parsed, ParsePool
 
 # ISA-L inflates gzip about 3x faster than zlib (same format); zlib where no wheel exists.
 _inflate: Any
@@ -78,7 +80,7 @@ METRIC_FEATURE_DRIFT = "FeatureDrift"
 
 
 class ManifestSource(Protocol):
-    """What monitoring needs of the registry (``treeserve.registry.ModelRegistry``)."""
+    """What monitoring needs of the registry (``treeserve.registry.model_registry.ModelRegistry``)."""
 
     def manifest(self, version: int) -> ModelManifest: ...
 
@@ -238,10 +240,10 @@ def performance(
     threshold: float | None = 0.5,
     objective: str = "binary:logistic",
 ) -> dict[str, Any]:
-    """Performance of predictions against labels (metrics from :mod:`treeserve.gate`).
+    """Performance of predictions against labels (metrics from :mod:`treeserve.model.metrics`).
 
     Binary ``predictions`` are the values the model served (a margin for ``binary:logitraw``):
-    accuracy decides labels as serving does (:mod:`treeserve.decision`), log loss on
+    accuracy decides labels as serving does (:mod:`treeserve.model.decision`), log loss on
     probabilities."""
     y_arr = np.asarray(y, dtype=np.float64)
     p = np.asarray(predictions, dtype=np.float64)
@@ -250,10 +252,10 @@ def performance(
         return out
     if task == "binary":
         p = p.reshape(-1)
-        out["auc"] = drift.finite(gate.roc_auc(y_arr, p))
+        out["auc"] = drift.finite(roc_auc(y_arr, p))
         labels = decision.positive(objective, threshold, p)
         out["accuracy"] = float(np.mean(labels == (y_arr == 1.0)))
-        out["log_loss"] = drift.finite(gate.log_loss(y_arr, decision.probabilities(objective, p)))
+        out["log_loss"] = drift.finite(log_loss(y_arr, decision.probabilities(objective, p)))
     elif task == "multiclass":
         p = p.reshape(y_arr.size, -1)
         valid = (y_arr >= 0) & (y_arr < p.shape[1]) & (y_arr == np.round(y_arr))
@@ -261,7 +263,7 @@ def performance(
         out["rows"] = int(y_arr.size)
         if y_arr.size:
             out["accuracy"] = float(np.mean(np.argmax(p, axis=1) == y_arr))
-            out["log_loss"] = drift.finite(gate.log_loss(y_arr, p))
+            out["log_loss"] = drift.finite(log_loss(y_arr, p))
     else:
         p = p.reshape(-1)
         err = p - y_arr
@@ -367,7 +369,7 @@ def _parse(raw: bytes) -> list[dict[str, Any]]:
 
 
 # The inference function writes every line with the same keys in the same order (see
-# treeserve.capture), so each field can be cut out of the whole file with one regular expression
+# treeserve.serving.capture), so each field can be cut out of the whole file with one regular expression
 # and the numbers of all rows parsed by one orjson call: about twice as fast as one orjson.loads
 # per line, whose cost is mostly building a dict per row. Any file where a field does not occur
 # exactly once per line, or where rows differ in width, takes the general per-line path.
@@ -675,7 +677,8 @@ class Monitor:
 
 
 def _default_registry(bucket: str, model: str, s3: S3Client) -> ManifestSource:
-    from treeserve.registry import ModelRegistry, S3RegistryStore  # noqa: PLC0415
+    from treeserve.registry.model_registry import ModelRegistry  # noqa: PLC0415
+    from treeserve.registry.store import S3RegistryStore  # noqa: PLC0415
 
     return ModelRegistry(S3RegistryStore(bucket, s3=s3), model)
 
@@ -812,8 +815,8 @@ def run_monitoring(
     """Monitor ``model_name`` over ``[start, end)``; write and return the report.
 
     ``progress(done, total)`` is called after each capture file (the CLI shows it).
-    ``workers``: parse processes (:mod:`treeserve.parse_pool`; default from
-    ``MONITORING_WORKERS`` or the CPUs available; 0 or 1: parse here). ``stats``, when given,
+    ``workers``: parse processes (:mod:`treeserve.monitoring.parse_pool`; default from the
+    CPUs available; 0 or 1: parse here; the function passes ``MONITORING_WORKERS``). ``stats``, when given,
     receives each worker's peak memory beyond what it shares with this process
     (``worker_own_kb``).
     """
@@ -828,7 +831,7 @@ def run_monitoring(
     labels = read_labels(s3, bucket, model_name)
     mon = Monitor(model_name, start, end, source, labels)
     files = _files(s3, bucket, model_name, start, end)
-    from treeserve.parse_pool import ParsePool, default_workers  # noqa: PLC0415 -- cycle
+    from treeserve.monitoring.parse_pool import ParsePool, default_workers  # noqa: PLC0415 -- cycle
 
     workers = default_workers() if workers is None else workers
     # Forked before the download threads start: a fork copies only the calling thread.

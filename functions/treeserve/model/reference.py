@@ -2,7 +2,7 @@
 
 Built once at registration (:func:`compute_reference` from ``reference.csv`` and the model's
 predictions on it, or :func:`reference_from_model` from the model alone) and read by
-:mod:`treeserve.drift` / :mod:`treeserve.monitoring`. Plain JSON: lists, ints, floats, strings,
+:mod:`treeserve.monitoring.drift` / :mod:`treeserve.monitoring.pipeline`. Plain JSON: lists, ints, floats, strings,
 ``null``; never NaN or infinity.
 
 Every value is stored at float32 precision, the precision XGBoost itself reads features at and
@@ -233,7 +233,7 @@ def compute_reference(
 
 def _model_categories(doc: Any, num_features: int) -> list[npt.NDArray[np.float32]]:
     """Per feature, the category codes the model's categorical splits mention."""
-    from treeserve.sandbox import model_trees  # noqa: PLC0415
+    from treeserve.model.sandbox import model_trees  # noqa: PLC0415
 
     found: list[list[np.ndarray]] = [[] for _ in range(num_features)]
     for tree in model_trees(doc):
@@ -263,7 +263,7 @@ def reference_from_model(
     Accepts the canonical UBJ bytes the registry stores (decoded with the pure-Python reader,
     no XGBoost load) or an ``xgboost.Booster``. Counts are unknown (see the module docstring).
     """
-    from treeserve.sandbox import decode_ubj, split_thresholds  # noqa: PLC0415
+    from treeserve.model.sandbox import decode_ubj, split_thresholds  # noqa: PLC0415
 
     if isinstance(booster_or_model_ubj, bytes | bytearray | memoryview):
         raw = bytes(booster_or_model_ubj)

@@ -73,7 +73,7 @@ class ModelManifest:
     metrics: dict[str, float] = field(default_factory=dict)  # as declared by the uploader
     holdout_metrics: dict[str, float] = field(default_factory=dict)  # as measured by the gate
     validation: dict[str, Any] = field(default_factory=dict)  # the validation report
-    reference: dict[str, Any] | None = None  # reference statistics (treeserve.reference)
+    reference: dict[str, Any] | None = None  # reference statistics (treeserve.model.reference)
     reference_source: str | None = None  # "reference.csv" or "model"
     source: dict[str, Any] = field(default_factory=dict)  # bucket, key, etag, upload sha256, size
     created_at: str | None = None  # ISO 8601 UTC

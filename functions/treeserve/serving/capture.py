@@ -44,7 +44,7 @@ from treeserve.aws import capture_s3_client
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from treeserve.serving import MetricsSink
+    from treeserve.serving.service import MetricsSink
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ What runs, all in this process, all on loopback:
 - a moto server (``ThreadedMotoServer``) as the embedded AWS; this process, its functions and
   the user's CLI reach it through the standard ``AWS_ENDPOINT_URL``;
 - the resources template.yaml declares (bucket, SNS topics, SQS queues), created from the
-  template with its intrinsics resolved locally (:mod:`treeserve.template`);
+  template with its intrinsics resolved locally (:mod:`treeserve_cli.template`);
 - the bucket's real S3 event notifications for the refresh function's prefix, sent by moto to an
   SQS queue (the local stand-in for the Lambda trigger), long-polled by a thread that invokes the
   refresh handler with the SQS event, through the template's handler wiring;
-- a demo model (:mod:`treeserve.demo`) published the way a user would: a package uploaded to
+- a demo model (:mod:`treeserve_cli.demo`) published the way a user would: a package uploaded to
   ``incoming/``, validated and promoted by the refresh handler;
 - the inference function's FastAPI app (the same object its Lambda handler wraps) under uvicorn;
 - the monitoring handler on a timer (and on demand: ``treeserve monitor`` with the printed env).
@@ -42,8 +42,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from treeserve.errors import ConfigurationError, TreeserveError
-from treeserve.invoke import LambdaContext, environment, import_handler, runtime_environment
-from treeserve.template import FunctionDef, Template, load_template
+from treeserve_cli.invoke import LambdaContext, environment, import_handler, runtime_environment
+from treeserve_cli.template import FunctionDef, Template, load_template
 
 # boto3, moto, uvicorn, xgboost and the command modules are imported where they are used (and
 # PLC0415 is silenced there): `treeserve local` reports a port in use or a bad option at once,
@@ -54,9 +54,9 @@ if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
 
-    from treeserve.demo import DemoPackage, PenguinsPackage
+    from treeserve_cli.demo import DemoPackage, PenguinsPackage
 
-logger = logging.getLogger("treeserve.local")
+logger = logging.getLogger("treeserve_cli.local")
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -626,7 +626,9 @@ def _command(name: str) -> str:
     if found and Path(found).resolve() == exe.resolve():
         return name
     if not exe.exists():
-        return f"{shlex.quote(sys.executable)} -m treeserve.cli" if name == "treeserve" else name
+        return (
+            f"{shlex.quote(sys.executable)} -m treeserve_cli.cli" if name == "treeserve" else name
+        )
     try:
         rel = os.path.relpath(exe)
     except ValueError:
@@ -749,7 +751,7 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
         "Use the CLI against this stack (another shell):",
         "  export " + " ".join(f"{k}={v}" for k, v in env.items()),
         f"  {treeserve} status",
-        f"  {python} -m treeserve.demo /tmp/treeserve-v2 --rounds 80   # train a second model",
+        f"  {python} -m treeserve_cli.demo /tmp/treeserve-v2 --rounds 80   # train a second model",
         f"  {treeserve} publish /tmp/treeserve-v2/demo-package.tar.gz --wait",
         f"  {treeserve} rollback",
         f"  {treeserve} monitor --html /tmp/treeserve-monitor.html",
@@ -820,7 +822,7 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
         stack.poller.start()
 
         if options.demo:
-            from treeserve.demo import (  # noqa: PLC0415
+            from treeserve_cli.demo import (  # noqa: PLC0415
                 PENGUINS_MODEL,
                 write_demo_package,
                 write_penguins_package,
@@ -984,7 +986,7 @@ def read_stack(template: Template) -> StackSpec:
 
 
 def load_handler(fn: FunctionDef, env: Mapping[str, str]) -> Callable[..., Any]:
-    """Import ``fn``'s handler from its own folder (:mod:`treeserve.invoke`), with the function's
+    """Import ``fn``'s handler from its own folder (:mod:`treeserve_cli.invoke`), with the function's
     environment set while it imports: module-level objects (Powertools' service name, settings)
     see what they would in their own Lambda execution environment."""
     with environment(runtime_environment(fn, env)):
@@ -1006,9 +1008,10 @@ def asgi_app(handler: Callable[..., Any]) -> Any:
 
 def publish_demo(package: Path, spec: StackSpec, model_name: str) -> int:
     """``treeserve publish PACKAGE --wait``, as a user would run it; the version promoted."""
-    from treeserve.cli import build_parser  # noqa: PLC0415
-    from treeserve.commands import publish  # noqa: PLC0415
-    from treeserve.registry import ModelRegistry, S3RegistryStore  # noqa: PLC0415
+    from treeserve.registry.model_registry import ModelRegistry  # noqa: PLC0415
+    from treeserve.registry.store import S3RegistryStore  # noqa: PLC0415
+    from treeserve_cli.cli import build_parser  # noqa: PLC0415
+    from treeserve_cli.commands import publish  # noqa: PLC0415
 
     args = build_parser().parse_args(
         [

@@ -75,7 +75,7 @@ def monitor(args: argparse.Namespace) -> int:
     hours = float(args.hours)
     if not 0 < hours <= 24 * 366:
         raise TreeserveError(f"--hours must be in (0, {24 * 366}], got {args.hours}")
-    from treeserve.monitoring import run_monitoring  # noqa: PLC0415 - keeps --help fast
+    from treeserve.monitoring.pipeline import run_monitoring  # noqa: PLC0415 - keeps --help fast
 
     end = datetime.now(UTC)
 
@@ -91,7 +91,7 @@ def monitor(args: argparse.Namespace) -> int:
     print_summary(report, sys.stdout)
     sys.stdout.write(f"report: s3://{settings.model_bucket}/{report['report_key']}\n")
     if args.html:
-        from treeserve.report_html import render_html  # noqa: PLC0415
+        from treeserve_cli.report_html import render_html  # noqa: PLC0415
 
         path = Path(args.html)
         path.write_text(render_html(report), encoding="utf-8")

@@ -1,11 +1,11 @@
 """Capture files parsed in worker processes, for monitoring runs with more than one CPU.
 
-Parsing a capture file (:func:`treeserve.monitoring.fast_split`: a regular expression, orjson,
+Parsing a capture file (:func:`treeserve.monitoring.pipeline.fast_split`: a regular expression, orjson,
 ``np.fromiter``) holds the GIL for all but a few milliseconds, so threads cannot share it; on a
 machine or Lambda size with two or more vCPUs, processes can. Workers are forked when the run
 starts (Lambda has no ``/dev/shm``, so no ``multiprocessing.Queue`` or ``Pool``; a ``Pipe`` is a
 socketpair and works there). Each one receives inflated capture files over its pipe and answers
-with the file's :class:`~treeserve.monitoring.Split`: a JSON header and the arrays' raw bytes.
+with the file's :class:`~treeserve.monitoring.pipeline.Split`: a JSON header and the arrays' raw bytes.
 Nothing is pickled, and workers touch neither S3 nor the registry: every storage call, and every
 fault a test injects into one, stays in the calling process.
 
@@ -30,35 +30,24 @@ from typing import Any
 import numpy as np
 import orjson
 
-from treeserve.errors import ConfigurationError
-from treeserve.monitoring import Group, Split, fast_split
+from treeserve.monitoring.pipeline import Group, Split, fast_split
 
 logger = logging.getLogger(__name__)
 
-WORKERS_ENV = "MONITORING_WORKERS"
-MAX_WORKERS = 8
 LAMBDA_MB_PER_VCPU = 1769
 # A capture file is at most MAX_CAPTURE_FILE_BYTES inflated, which parses in a few seconds; a
 # worker silent for this long is stuck, and its files are parsed in the calling process.
 ANSWER_TIMEOUT_SECONDS = 60.0
 
 
-def default_workers(env: Mapping[str, str] | None = None) -> int:
-    """Parse workers for this environment: ``MONITORING_WORKERS`` when set (0 or 1: parse in
-    the calling process); else on Lambda one per vCPU its memory size buys (3008 MB: 2), on
-    other Linux one per CPU this process may run on, up to 4 (0 with one CPU); 0 elsewhere."""
+def default_workers(configured: int | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Parse workers for this environment: ``configured`` when given (``MONITORING_WORKERS``
+    through :class:`~treeserve.settings.Settings`; 0 or 1: parse in the calling process); else on
+    Lambda one per vCPU its memory size buys (3008 MB: 2), on other Linux one per CPU this
+    process may run on, up to 4 (0 with one CPU); 0 elsewhere."""
     env = os.environ if env is None else env
-    raw = env.get(WORKERS_ENV, "").strip()
-    if raw:
-        try:
-            count = int(raw)
-        except ValueError:
-            count = -1
-        if not 0 <= count <= MAX_WORKERS:
-            raise ConfigurationError(
-                f"{WORKERS_ENV}={raw!r}: set it to a whole number from 0 to {MAX_WORKERS} "
-                "(0 or 1 parse in the function's own process)"
-            )
+    if configured is not None:
+        count = configured
     elif env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "").strip().isdigit():
         # Lambda shows more CPUs than it grants: compute is one vCPU per 1769 MB.
         count = min(4, round(int(env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"]) / LAMBDA_MB_PER_VCPU))
@@ -87,7 +76,7 @@ def encode_split(split: Split, **extra: Any) -> list[bytes]:
             parts.append(P.tobytes())
         ids_format = None
         if g.ids is not None:
-            # Plain-string ids as bytes hold no newline (treeserve.monitoring._ROW_ID).
+            # Plain-string ids as bytes hold no newline (treeserve.monitoring.pipeline._ROW_ID).
             ids_format = "lines" if g.ids_are_bytes else "json"
             parts.append(b"\n".join(g.ids) if g.ids_are_bytes else orjson.dumps(g.ids))
         groups.append(

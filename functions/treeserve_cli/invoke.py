@@ -1,6 +1,6 @@
 """``treeserve invoke FUNCTION --event FILE``: `sam local invoke`, in-process and without Docker.
 
-The function is resolved in template.yaml (:mod:`treeserve.template`: Globals merged, Environment
+The function is resolved in template.yaml (:mod:`treeserve_cli.template`: Globals merged, Environment
 with ``!Ref``/``!Sub`` resolved to local values, overridden by ``--env-vars`` as sam reads it);
 its handler module is imported from the function's own source folder under a module name unique
 to that folder (every handler file is called ``app.py``), with the function's environment set
@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from treeserve.errors import ConfigurationError
-from treeserve.template import FunctionDef, Template, load_template
+from treeserve_cli.template import FunctionDef, Template, load_template
 
 # Variables the shell owns: the template never overrides them, so a moto server in
 # AWS_ENDPOINT_URL and the caller's credentials keep working.

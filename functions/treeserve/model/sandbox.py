@@ -67,7 +67,7 @@ _BOOTSTRAP = (
     "n=struct.unpack('>I',sys.stdin.buffer.read(4))[0]\n"
     "setup=json.loads(sys.stdin.buffer.read(n))\n"
     "sys.path[:]=setup['sys_path']\n"
-    "from treeserve.sandbox import _child_main\n"
+    "from treeserve.model.sandbox import _child_main\n"
     "sys.exit(_child_main(setup))\n"
 )
 

@@ -4,7 +4,7 @@ Current data is streamed in (:class:`FeatureAccumulator.add`, one float32 column
 file, NaN missing); only counts are kept, so memory does not grow with the number of rows. Then
 :func:`compare_feature` gives one feature's statistics and :func:`assess` makes the decisions.
 
-Statistics (reference layout in :mod:`treeserve.reference`):
+Statistics (reference layout in :mod:`treeserve.model.reference`):
 
 - **PSI** over the reference bins (numeric: open-ended quantile bins; categorical: the reference
   categories, plus one bin for new/other categories) plus one bin for missing values:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from treeserve.errors import ModelLoadError, NoModelInService
-from treeserve.inputs import FeatureSchema
-from treeserve.manifest import ModelManifest
-from treeserve.predictor import Predictor
-from treeserve.registry import ModelRegistry, Pointer
+from treeserve.model.manifest import ModelManifest
+from treeserve.model.predictor import Predictor
+from treeserve.registry.model_registry import ModelRegistry, Pointer
+from treeserve.serving.inputs import FeatureSchema
 from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)

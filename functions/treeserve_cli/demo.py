@@ -5,7 +5,7 @@ features, label ``malignant``; source and licence in ``treeserve/data/README.md`
 needs no network. :func:`write_demo_package` writes what a user would publish: a model package
 (``model.ubj``, ``manifest.json``, ``reference.csv``, ``holdout.csv``) as one ``.tar.gz``.
 
-Run ``python -m treeserve.demo OUTDIR`` to write a package (and its parts) to try
+Run ``python -m treeserve_cli.demo OUTDIR`` to write a package (and its parts) to try
 ``treeserve publish`` with; ``--rounds``/``--depth`` train a different model.
 """
 
@@ -192,9 +192,9 @@ def write_demo_package(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m treeserve.demo OUTDIR``: write a demo model package to publish."""
+    """``python -m treeserve_cli.demo OUTDIR``: write a demo model package to publish."""
     parser = argparse.ArgumentParser(
-        prog="python -m treeserve.demo",
+        prog="python -m treeserve_cli.demo",
         description="Train the demo XGBoost model (Breast Cancer Wisconsin (Diagnostic)) and "
         "write it as a model package: model.ubj, manifest.json, reference.csv, holdout.csv and "
         "demo-package.tar.gz with all four.",

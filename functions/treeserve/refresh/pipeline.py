@@ -7,7 +7,7 @@ One call of :meth:`RefreshService.process` handles one ``ObjectCreated`` notific
 2. **Read** the object (refused unread above ``Limits.max_upload_bytes``), pinned to the event's
    version (``VersionId``) or ETag (``If-Match``): an object overwritten since its event is not
    this event's business (``ignored/superseded``; the newer object has its own event).
-3. **Validate** through :func:`treeserve.package.read_upload` (sandboxed load + smoke test).
+3. **Validate** through :func:`treeserve.model.package.read_upload` (sandboxed load + smoke test).
    A refusal is recorded with :meth:`ModelRegistry.reject`; the upload stays where it is.
 4. **Same bytes already registered?** (sha256 of the canonical ``model.ubj``.) If that version
    came from this very upload, an earlier attempt crashed after registering it: carry on with
@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -74,7 +73,6 @@ from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import BotoCoreError, ClientError
 
-from treeserve import gate, reference
 from treeserve.aws import s3_client, sns_client
 from treeserve.errors import (
     NotFound,
@@ -83,15 +81,20 @@ from treeserve.errors import (
     TreeserveError,
     UploadRejected,
 )
-from treeserve.package import Limits, ModelUpload, read_upload
-from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
+from treeserve.model import reference
+from treeserve.model.package import Limits, ModelUpload, read_upload
+from treeserve.refresh import gate
+from treeserve.registry.model_registry import ModelRegistry, upload_id
+from treeserve.registry.store import S3RegistryStore
+from treeserve.settings import valid_model_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
 
-    from treeserve.manifest import ModelManifest
-    from treeserve.registry import Pointer, RegistryStore
+    from treeserve.model.manifest import ModelManifest
+    from treeserve.registry.model_registry import Pointer
+    from treeserve.registry.store import RegistryStore
     from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -99,7 +102,6 @@ metrics = Metrics()
 
 INCOMING_PREFIX = "incoming/"
 # Model names become S3 key segments and metric/log values: keep them boring.
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 READ_CHUNK_BYTES = 1024 * 1024
 # A promotion that keeps losing the compare-and-swap race gives up and lets Lambda retry.
 PROMOTE_ATTEMPTS = 5
@@ -174,11 +176,6 @@ def parse_incoming_key(key: str) -> tuple[str, str] | None:
     if len(parts) < 2 or not parts[0] or not parts[-1]:
         return None
     return parts[0], parts[-1]
-
-
-def valid_model_name(name: str) -> bool:
-    """Letters, digits, ``.``, ``_``, ``-``; starting with a letter or digit; 1-64 characters."""
-    return MODEL_NAME_RE.fullmatch(name) is not None
 
 
 def compare_sequencers(a: str, b: str) -> int:
@@ -305,7 +302,7 @@ class _s3_errors:  # noqa: N801 - used as a context manager, reads like one
             raise StorageUnavailable(f"S3 failed reading the upload: {type(exc).__name__}") from exc
 
 
-# --- reference statistics (treeserve.reference) ------------------------------------------------
+# --- reference statistics (treeserve.model.reference) ------------------------------------------------
 
 
 def reference_statistics(upload: ModelUpload) -> tuple[dict[str, Any] | None, str]:

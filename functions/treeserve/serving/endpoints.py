@@ -1,7 +1,7 @@
 """Predict and explain from raw bytes to (status, headers, body), without a web framework.
 
 :class:`Endpoints` is what ``POST /predict`` and ``POST /explain`` do, whoever calls: the FastAPI
-app's routes (:mod:`treeserve.api`), its ASGI fast path (:meth:`Endpoints.asgi`, skipping
+app's routes (:mod:`treeserve.serving.api`), its ASGI fast path (:meth:`Endpoints.asgi`, skipping
 Starlette's middleware and routing and FastAPI's request/response objects) and, on Lambda,
 :func:`answer_v2_event`, which answers payload 2.0 events (HTTP API, Function URL) without Mangum
 or FastAPI at all. Every answer, errors included, carries ``x-model-version``; errors are
@@ -28,11 +28,11 @@ import numpy as np
 import orjson
 
 from treeserve.errors import InvalidInput, NoModelInService, PayloadTooLarge
-from treeserve.inputs import parse_body
+from treeserve.serving.inputs import parse_body
 
 if TYPE_CHECKING:
-    from treeserve.capture import CaptureBuffer
-    from treeserve.serving import LoadedModel, MetricsSink, ModelService
+    from treeserve.serving.capture import CaptureBuffer
+    from treeserve.serving.service import LoadedModel, MetricsSink, ModelService
     from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The model: manifest, upload checks, the sandbox, the predictor."""

@@ -1,0 +1,1 @@
+"""Monitoring: captured traffic against the training reference."""

@@ -1,0 +1,1 @@
+"""Refresh: a model upload checked, gated, registered and promoted."""

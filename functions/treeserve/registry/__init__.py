@@ -1,0 +1,1 @@
+"""The model registry on S3: versions, the pointer, outcomes."""

@@ -1,0 +1,1 @@
+"""Serving: the model service, inputs, codecs, the FastAPI app, capture."""

@@ -1,0 +1,1 @@
+"""The user's shell tools: CLI, local stack, template reader, demo, report."""
