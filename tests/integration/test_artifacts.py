@@ -299,9 +299,7 @@ def test_handlers_answer_from_their_artifacts_alone(
     assert isinstance(report["result"], dict)
 
 
-SHELL_ONLY = {"yaml", "moto", "uvicorn"} | {
-    f"treeserve.{m.removesuffix('.py')}" for m in build.SHELL_MODULES
-}
+SHELL_ONLY = {"yaml", "moto", "uvicorn", "treeserve_cli"}
 
 
 def _imports(source: str) -> set[str]:
@@ -315,9 +313,18 @@ def _imports(source: str) -> set[str]:
     return found
 
 
+def _module_file(root: Path, dotted: str) -> Path | None:
+    base = root.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def test_artifact_code_imports_no_shell_tool(artifacts: Artifacts) -> None:
     """Our code in every artifact (the handler and the treeserve package) imports none of the
-    shell tools or what only they need, and the tools' modules are not there at all."""
+    shell tools or what only they need; the tools' package is not there at all; and the
+    artifact holds exactly the treeserve subpackages its handler reaches by import."""
     for name, path in artifacts.paths.items():
         files = [path / "app.py", *(path / "treeserve").rglob("*.py")]
         assert len(files) > 10, name
@@ -325,9 +332,33 @@ def test_artifact_code_imports_no_shell_tool(artifacts: Artifacts) -> None:
             imported = _imports(file.read_text())
             bad = {i for i in imported if i in SHELL_ONLY or i.split(".")[0] in SHELL_ONLY}
             assert not bad, (name, file.relative_to(path), sorted(bad))
-        for module in build.SHELL_MODULES:
-            assert not (path / "treeserve" / module).exists(), (name, module)
-        assert not (path / "treeserve" / "data").exists(), name
+        assert not (path / "treeserve_cli").exists(), name
+        assert not list((path / "treeserve").rglob("*.csv")), (
+            name
+        )  # the demo data stays with the shell tools
+        # The import closure from the handler, over treeserve's own modules.
+        seen: set[Path] = set()
+        todo = [path / "app.py"]
+        while todo:
+            file = todo.pop()
+            if file in seen:
+                continue
+            seen.add(file)
+            for dotted in _imports(file.read_text()):
+                if dotted.split(".")[0] == "treeserve":
+                    found = _module_file(path, dotted)
+                    if found is not None:
+                        todo.append(found)
+                    elif "." in dotted:  # from treeserve.x import name: the module is x
+                        parent = _module_file(path, dotted.rsplit(".", 1)[0])
+                        assert parent is not None, (name, file.relative_to(path), dotted)
+        package = path / "treeserve"
+        reached = {f.relative_to(package).parts[0] for f in seen if f.is_relative_to(package)}
+        held = {
+            p.name for p in (path / "treeserve").iterdir() if p.is_dir() and p.name != "__pycache__"
+        }
+        assert held == {r for r in reached if not r.endswith(".py")}, (name, held, reached)
+        assert held == set(build.SUBPACKAGES[name]), name
 
 
 def test_build_fails_over_budget_and_with_forbidden_distributions(
