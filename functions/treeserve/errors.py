@@ -47,6 +47,18 @@ class StorageUnavailable(TreeserveError):
     """The store failed (throttling, 5xx, timeout). Retryable: let Lambda retry the invocation."""
 
 
+class StorageError(RegistryError):
+    """The store refused an operation for a reason treeserve has no better name for."""
+
+
+class BucketNotFound(RegistryError, ConfigurationError):
+    """The bucket does not exist: a setup problem, not the registry's state."""
+
+
+class StorageAccessDenied(RegistryError, ConfigurationError):
+    """The credentials in use may not read or write the bucket: a setup problem."""
+
+
 class NoModelInService(TreeserveError):
     """No version has been promoted yet for this model name."""
 

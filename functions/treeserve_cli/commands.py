@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final, TextIO
 
-from treeserve.errors import StorageUnavailable, TreeserveError
+from treeserve.errors import StorageAccessDenied, StorageUnavailable, TreeserveError
 from treeserve.registry.model_registry import ModelRegistry, Pointer, upload_id
-from treeserve.registry.store import S3RegistryStore, StorageAccessDenied
+from treeserve.registry.store import S3RegistryStore
 from treeserve.settings import MODEL_NAME_RULE, Settings, valid_model_name
 
 EXIT_OK: Final = 0

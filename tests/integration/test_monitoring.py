@@ -434,7 +434,7 @@ def test_corrupt_file_is_skipped_and_storage_errors_are_domain_errors(s3: Any) -
     assert report["rows"] == 30
     assert report["skipped_files"] == 1
 
-    with pytest.raises(ConfigurationError, match="bucket does not exist"):
+    with pytest.raises(ConfigurationError, match="does not exist"):
         monitoring.run_monitoring("no-such-bucket", "m", START, NOW, s3=s3)
 
     class Throttled:

@@ -21,14 +21,16 @@ from tests.conftest import BUCKET
 from tests.reliability.faults import S3Faults, no_backoff
 from tests.unit.test_registry_contract import distinct_models, manifest_for
 from treeserve.errors import (
+    BucketNotFound,
     ConfigurationError,
     NotFound,
     PreconditionFailed,
-    RegistryError,
+    StorageAccessDenied,
+    StorageError,
     StorageUnavailable,
 )
 from treeserve.registry.model_registry import ModelRegistry
-from treeserve.registry.store import BucketNotFound, S3RegistryStore, StorageAccessDenied
+from treeserve.registry.store import S3RegistryStore
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +86,7 @@ def test_transient_failures_are_storage_unavailable_after_retries(
         ("get_object", "NoSuchKey", 404, NotFound),
         ("get_object", "NoSuchBucket", 404, BucketNotFound),
         ("get_object", "SlowDown", 503, StorageUnavailable),
-        ("get_object", "InvalidRequest", 400, RegistryError),
+        ("get_object", "InvalidRequest", 400, StorageError),
     ],
 )
 def test_error_codes_map_to_domain_errors(

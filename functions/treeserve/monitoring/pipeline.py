@@ -37,11 +37,10 @@ import numpy.typing as npt
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from treeserve.aws import s3_client, sns_client
+from treeserve.aws import s3_client, s3_errors, sns_client
 from treeserve.errors import (
-    ConfigurationError,
+    NotFound,
     RegistryError,
-    StorageUnavailable,
     TreeserveError,
 )
 from treeserve.model import decision
@@ -128,10 +127,8 @@ def _list(s3: S3Client, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         if token:
             kwargs["ContinuationToken"] = token
-        try:
+        with s3_errors(bucket, prefix):
             page = s3.list_objects_v2(**kwargs)
-        except (BotoCoreError, ClientError) as exc:
-            raise _storage_error(exc, f"s3://{bucket}/{prefix}") from exc
         for obj in page.get("Contents", []):
             yield obj["Key"], int(obj.get("Size", 0))
         if not page.get("IsTruncated"):
@@ -147,32 +144,14 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
-class ObjectGone(TreeserveError):
-    """A listed object was deleted (lifecycle rule, a user) before it was read."""
-
-
-# A file that cannot be read this way is skipped and counted, never fatal.
-SKIPPABLE: tuple[type[Exception], ...] = (*INFLATE_ERRORS, ObjectGone)
-
-
-def _storage_error(exc: BotoCoreError | ClientError, where: str) -> TreeserveError:
-    """An S3 failure as a domain error: missing bucket / denied (a setup problem, say which)
-    or unavailable (retryable)."""
-    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-    if code in ("NoSuchKey", "404"):
-        return ObjectGone(f"{where} no longer exists")
-    if code == "NoSuchBucket":
-        return ConfigurationError(f"{where}: the bucket does not exist (check MODEL_BUCKET)")
-    if code in ("AccessDenied", "403"):
-        return ConfigurationError(f"{where}: access denied (check the function's S3 policy)")
-    return StorageUnavailable(f"S3 failed on {where}: {code or type(exc).__name__}")
+# A file that cannot be read this way is skipped and counted, never fatal; so is one deleted
+# (a lifecycle rule, a user) between the listing and the read (NotFound).
+SKIPPABLE: tuple[type[Exception], ...] = (*INFLATE_ERRORS, NotFound)
 
 
 def _fetch(s3: S3Client, bucket: str, key: str, limit: int) -> bytes:
-    try:
+    with s3_errors(bucket, key):
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (BotoCoreError, ClientError) as exc:
-        raise _storage_error(exc, f"s3://{bucket}/{key}") from exc
     return _gunzip(body, limit) if key.endswith(".gz") else body
 
 
@@ -702,10 +681,8 @@ def _day_prefixes(
         }
         if token:
             kwargs["ContinuationToken"] = token
-        try:
+        with s3_errors(bucket, root):
             page = s3.list_objects_v2(**kwargs)
-        except (BotoCoreError, ClientError) as exc:
-            raise _storage_error(exc, f"s3://{bucket}/{root}") from exc
         for entry in page.get("CommonPrefixes", []):
             prefix = entry.get("Prefix", "")
             if prefix > last:  # listed in key order: nothing later is in the window
@@ -851,15 +828,13 @@ def run_monitoring(
     if write:
         key = report_key(model_name, now)
         report["report_key"] = key
-        try:
+        with s3_errors(bucket, key):
             s3.put_object(
                 Bucket=bucket,
                 Key=key,
                 Body=orjson.dumps(report, option=orjson.OPT_INDENT_2),
                 ContentType="application/json",
             )
-        except (BotoCoreError, ClientError) as exc:
-            raise _storage_error(exc, f"s3://{bucket}/{key}") from exc
     if metrics is not None:
         emit_metrics(report, metrics)
     return report

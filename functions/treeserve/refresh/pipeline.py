@@ -73,7 +73,7 @@ from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import BotoCoreError, ClientError
 
-from treeserve.aws import s3_client, sns_client
+from treeserve.aws import s3_client, s3_errors, sns_client
 from treeserve.errors import (
     NotFound,
     PreconditionFailed,
@@ -250,7 +250,7 @@ class S3UploadSource:
             kwargs["VersionId"] = event.version_id
         elif event.etag:
             kwargs["IfMatch"] = f'"{event.etag}"'
-        with _s3_errors():
+        with s3_errors(event.bucket, event.key):
             response = self.s3.get_object(**kwargs)
             body = response["Body"]
             try:
@@ -280,26 +280,6 @@ def _too_large(size: int, max_bytes: int) -> UploadRejected:
     return UploadRejected(
         "too_large", f"the upload is {size} bytes or more; the limit is {max_bytes} bytes"
     )
-
-
-class _s3_errors:  # noqa: N801 - used as a context manager, reads like one
-    """Turn botocore errors into domain errors (the one adapter for reads of uploads)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchKey", "NoSuchVersion", "404", "NotFound") or status == 404:
-                raise NotFound(f"the upload is gone: {code}") from exc
-            if code in ("PreconditionFailed", "412") or status == 412:
-                raise PreconditionFailed("the upload was overwritten since its event") from exc
-            raise StorageUnavailable(f"S3 failed reading the upload: {code or status}") from exc
-        if isinstance(exc, BotoCoreError):
-            raise StorageUnavailable(f"S3 failed reading the upload: {type(exc).__name__}") from exc
 
 
 # --- reference statistics (treeserve.model.reference) ------------------------------------------------

@@ -12,26 +12,19 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
-    NoCredentialsError,
-    NoRegionError,
-    ParamValidationError,
-    PartialCredentialsError,
 )
 
-from treeserve.aws import s3_client
+from treeserve.aws import s3_client, s3_errors
 from treeserve.errors import (
-    ConfigurationError,
+    BucketNotFound,
     NotFound,
     PreconditionFailed,
-    RegistryError,
     StorageUnavailable,
 )
 
@@ -39,21 +32,11 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 __all__ = [
-    "BucketNotFound",
     "InMemoryRegistryStore",
     "RegistryStore",
     "S3RegistryStore",
-    "StorageAccessDenied",
     "StoredObject",
 ]
-
-
-class BucketNotFound(RegistryError):
-    """The model bucket does not exist."""
-
-
-class StorageAccessDenied(RegistryError):
-    """The credentials in use may not read or write the model bucket."""
 
 
 # --- the storage protocol ------------------------------------------------------------------------
@@ -156,81 +139,6 @@ class InMemoryRegistryStore:
 
 # --- the S3 adapter ------------------------------------------------------------------------------
 
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "AllAccessDisabled",
-}
-_RETRYABLE = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
-    "OperationAborted",
-}
-
-
-@contextmanager
-def _translate(
-    bucket: str, key: str, *, absent_is: type[RegistryError] = NotFound
-) -> Iterator[None]:
-    """Turn botocore's errors into treeserve's (the one place that knows botocore)."""
-    try:
-        yield
-    except ClientError as exc:
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        where = f"s3://{bucket}/{key}"
-        if code == "NoSuchBucket":
-            raise BucketNotFound(
-                f"bucket {bucket!r} does not exist: create it, or point --bucket/MODEL_BUCKET "
-                "at the model bucket (and AWS_ENDPOINT_URL at its endpoint)"
-            ) from None
-        if code in _PRECONDITION or status in (409, 412):
-            raise PreconditionFailed(f"{where}: condition did not hold ({code})") from None
-        if code in _NOT_FOUND or status == 404:
-            raise absent_is(f"{where} does not exist") from None
-        if code in _DENIED or status == 403:
-            raise StorageAccessDenied(
-                f"access denied to {where} ({code}): use credentials allowed to read and write "
-                f"s3://{bucket}/registry/ and incoming/ (check AWS_PROFILE and the bucket policy)"
-            ) from None
-        if code in _RETRYABLE or status >= 500 or status == 429:
-            raise StorageUnavailable(f"S3 is unavailable for {where} ({code}); retry") from exc
-        raise RegistryError(
-            f"S3 refused an operation on {where}: {code} {err.get('Message', '')}"
-        ) from exc
-    except (NoCredentialsError, PartialCredentialsError):
-        raise ConfigurationError(
-            "no AWS credentials found: configure them (aws configure, AWS_PROFILE, or "
-            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-        ) from None
-    except NoRegionError:
-        raise ConfigurationError(
-            "no AWS region configured: set AWS_REGION or AWS_DEFAULT_REGION (e.g. us-east-1)"
-        ) from None
-    except ParamValidationError as exc:
-        raise ConfigurationError(f"S3 refused the request for s3://{bucket}/{key}: {exc}") from None
-    except BotoCoreError as exc:
-        # Connection refused or reset, timeouts, truncated bodies: all worth a retry.
-        raise StorageUnavailable(
-            f"cannot reach S3 for s3://{bucket}/{key}: {exc} (check the network, or "
-            "AWS_ENDPOINT_URL if you use a local endpoint)"
-        ) from exc
-
 
 class S3RegistryStore:
     """:class:`RegistryStore` on an S3 bucket. ``page_size`` bounds each LIST request."""
@@ -247,7 +155,7 @@ class S3RegistryStore:
         return self._s3
 
     def get(self, key: str) -> StoredObject:
-        with _translate(self.bucket, key):
+        with s3_errors(self.bucket, key):
             resp = self.s3.get_object(Bucket=self.bucket, Key=key)
             body = resp["Body"].read()
         return StoredObject(body, resp["ETag"])
@@ -255,7 +163,7 @@ class S3RegistryStore:
     def get_if_changed(self, key: str, etag: str | None) -> StoredObject | None:
         if etag is None:
             return self.get(key)
-        with _translate(self.bucket, key):
+        with s3_errors(self.bucket, key):
             try:
                 resp = self.s3.get_object(Bucket=self.bucket, Key=key, IfNoneMatch=etag)
             except ClientError as exc:
@@ -275,13 +183,13 @@ class S3RegistryStore:
             kwargs["IfMatch"] = if_match
         # With If-Match, an absent key means the condition did not hold (S3 answers 404).
         absent_is = PreconditionFailed if if_match is not None else NotFound
-        with _translate(self.bucket, key, absent_is=absent_is):
+        with s3_errors(self.bucket, key, absent_is=absent_is):
             resp = self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **kwargs)
         return resp["ETag"]
 
     def head(self, key: str) -> str | None:
         try:
-            with _translate(self.bucket, key):
+            with s3_errors(self.bucket, key):
                 resp = self.s3.head_object(Bucket=self.bucket, Key=key)
         except NotFound:
             return None
@@ -297,7 +205,7 @@ class S3RegistryStore:
             }
             if token:
                 kwargs["ContinuationToken"] = token
-            with _translate(self.bucket, prefix):
+            with s3_errors(self.bucket, prefix):
                 page = self.s3.list_objects_v2(**kwargs)
             for item in page.get("Contents", []):
                 yield item["Key"]
@@ -310,7 +218,7 @@ class S3RegistryStore:
     def check_bucket(self) -> None:
         """Raise BucketNotFound / StorageAccessDenied / StorageUnavailable unless usable."""
         try:
-            with _translate(self.bucket, "", absent_is=BucketNotFound):
+            with s3_errors(self.bucket, "", absent_is=BucketNotFound):
                 self.s3.head_bucket(Bucket=self.bucket)
         except BucketNotFound:
             raise BucketNotFound(
@@ -323,7 +231,7 @@ class S3RegistryStore:
     ) -> str:
         """Upload a file object (multipart above the transfer threshold); returns its ETag."""
         try:
-            with _translate(self.bucket, key):
+            with s3_errors(self.bucket, key):
                 self.s3.upload_fileobj(fileobj, self.bucket, key, Callback=callback)
         except S3UploadFailedError as exc:
             raise StorageUnavailable(f"upload to s3://{self.bucket}/{key} failed: {exc}") from exc
