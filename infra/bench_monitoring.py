@@ -45,6 +45,7 @@ import orjson
 import xgboost as xgb
 from moto.server import ThreadedMotoServer
 
+from treeserve import captures
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.reference import compute_reference
 from treeserve.registry.model_registry import ModelRegistry
@@ -207,20 +208,12 @@ def _setup(s3: Any) -> tuple[int, int]:
     rows, preds = X.tolist(), P.tolist()
     blocks = []
     for start in range(0, DISTINCT, ROWS_PER_FILE):
-        lines = [
-            orjson.dumps(
-                {
-                    "id": f"req-#-{i:07d}",
-                    "ts": ts,
-                    "version": version,
-                    "features": rows[i],
-                    "prediction": preds[i],
-                    "label": int(preds[i] >= 0.5),
-                }
+        blocks.append(
+            captures.encode_lines(
+                (f"req-#-{i:07d}", ts, version, rows[i], preds[i], int(preds[i] >= 0.5))
+                for i in range(start, min(start + ROWS_PER_FILE, DISTINCT))
             )
-            for i in range(start, min(start + ROWS_PER_FILE, DISTINCT))
-        ]
-        blocks.append(b"\n".join(lines) + b"\n")
+        )
     capture_bytes = 0
     for n, block in enumerate(blocks * COPIES):
         copy = n // len(blocks)

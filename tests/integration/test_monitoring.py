@@ -16,6 +16,7 @@ import xgboost as xgb
 
 from tests.conftest import BUCKET, TrainedModel, train
 from tests.unit.test_reference import walk_numbers
+from treeserve import captures
 from treeserve.model.manifest import ModelManifest, task_of
 from treeserve.model.reference import compute_reference, reference_from_model
 from treeserve.monitoring import pipeline as monitoring
@@ -65,25 +66,20 @@ def capture_lines(
     ids: list[str],
     ts: datetime,
 ) -> list[bytes]:
-    """One JSON object per row: id, ts, version, features (null missing), prediction, label."""
-    stamp = ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
-    out = []
-    for row_id, row, pred in zip(ids, X.tolist(), predictions.tolist(), strict=True):
-        features = [None if isinstance(v, float) and math.isnan(v) else v for v in row]
-        label = int(np.argmax(pred)) if isinstance(pred, list) else None
-        out.append(
-            orjson.dumps(
-                {
-                    "id": row_id,
-                    "ts": stamp,
-                    "version": version,
-                    "features": features,
-                    "prediction": pred,
-                    "label": label,
-                }
-            )
+    """Capture lines as the inference function writes them (:func:`captures.encode_lines`)."""
+    stamp = captures.iso_millis(ts.timestamp())
+    rows = [
+        (
+            row_id,
+            stamp,
+            version,
+            row,
+            pred,
+            int(np.argmax(pred)) if isinstance(pred, list) else None,
         )
-    return out
+        for row_id, row, pred in zip(ids, X.tolist(), predictions.tolist(), strict=True)
+    ]
+    return captures.encode_lines(rows).splitlines()
 
 
 def put_captures(s3: Any, name: str, lines: list[bytes], ts: datetime, tag: str) -> str:
@@ -326,7 +322,7 @@ def test_fast_and_general_parsers_agree_and_bad_lines_are_counted(s3: Any) -> No
     lines = capture_lines(version, X, preds, [f"x{i}" for i in range(300)], ts)
     put_captures(s3, "m", lines, ts, "fast")
     fast = run(s3, write=False)
-    assert monitoring._fast_parse(b"\n".join(lines)) is not None
+    assert captures.fast_parse(b"\n".join(lines)) is not None
     # A blank line, a broken line and a row of the wrong width send the file the general way.
     bad_width = orjson.loads(lines[0])
     bad_width["features"] = [1.0, 2.0]
@@ -404,10 +400,10 @@ def test_other_key_orders_parse_the_same(s3: Any) -> None:
     # ts+version and features+prediction still adjacent, but not all four in a row
     pairs_order = ["ts", "version", "id", "features", "prediction", "label"]
     pairs = [reorder(line, pairs_order) for line in canonical]
-    assert monitoring._fast_parse(b"\n".join(pairs)) is not None  # two-pattern fast path
+    assert captures.fast_parse(b"\n".join(pairs)) is not None  # two-pattern fast path
     shuffled_order = ["prediction", "ts", "id", "features", "label", "version"]
     shuffled = [reorder(line, shuffled_order) for line in canonical]
-    assert monitoring._fast_parse(b"\n".join(shuffled)) is None  # general path
+    assert captures.fast_parse(b"\n".join(shuffled)) is None  # general path
     for lines in (pairs, shuffled):
         for obj in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/m/")["Contents"]:
             s3.delete_object(Bucket=BUCKET, Key=obj["Key"])

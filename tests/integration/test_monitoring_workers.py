@@ -21,10 +21,11 @@ from tests.integration.test_monitoring import (
     register,
     traffic,
 )
+from treeserve import captures
+from treeserve.captures import Group, Split
 from treeserve.errors import ConfigurationError
 from treeserve.monitoring import parse_pool
 from treeserve.monitoring import pipeline as monitoring
-from treeserve.monitoring.pipeline import Group, Split
 from treeserve.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ def _window_of_everything(s3: Any) -> None:
         orjson.dumps({k: orjson.loads(line)[k] for k in order})
         for line in capture_lines(v2, X[890:], preds[90:], [f"s-{i}" for i in range(10)], ts)
     ]
-    assert monitoring._fast_parse(b"\n".join(shuffled)) is None
+    assert captures.fast_parse(b"\n".join(shuffled)) is None
     put_captures(s3, "m", shuffled, ts, "shuffled")
     put_captures(s3, "m", [], ts, "empty")
     day = ts.strftime("%Y-%m-%d")

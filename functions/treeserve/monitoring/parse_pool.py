@@ -1,11 +1,11 @@
 """Capture files parsed in worker processes, for monitoring runs with more than one CPU.
 
-Parsing a capture file (:func:`treeserve.monitoring.pipeline.fast_split`: a regular expression, orjson,
+Parsing a capture file (:func:`treeserve.captures.fast_split`: a regular expression, orjson,
 ``np.fromiter``) holds the GIL for all but a few milliseconds, so threads cannot share it; on a
 machine or Lambda size with two or more vCPUs, processes can. Workers are forked when the run
 starts (Lambda has no ``/dev/shm``, so no ``multiprocessing.Queue`` or ``Pool``; a ``Pipe`` is a
 socketpair and works there). Each one receives inflated capture files over its pipe and answers
-with the file's :class:`~treeserve.monitoring.pipeline.Split`: a JSON header and the arrays' raw bytes.
+with the file's :class:`~treeserve.captures.Split`: a JSON header and the arrays' raw bytes.
 Nothing is pickled, and workers touch neither S3 nor the registry: every storage call, and every
 fault a test injects into one, stays in the calling process.
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from treeserve.monitoring.pipeline import Group, Split, fast_split
+from treeserve.captures import Group, Split, fast_split
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,7 @@ buffer is written to S3 as ONE gzipped JSON Lines object,
 ``captures/<model>/dt=YYYY-MM-DD/<time>-<random>.jsonl.gz``, when it holds
 ``CAPTURE_MAX_ROWS`` rows or its oldest row is ``CAPTURE_MAX_AGE_SECONDS`` old. Both bounds are
 checked on each request, so there is never one S3 call per request; the request that crosses a
-bound pays for the write. Line schema (docs/ARCHITECTURE.md "Capture line")::
-
-    {"id": ..., "ts": "2026-11-29T04:40:50.123Z", "version": 3, "features": [0.1, null, 2.0],
-     "prediction": 0.93 | [0.1, 0.2, 0.7], "label": "yes" | 1 | null}
+bound pays for the write. The line format and the key are :mod:`treeserve.captures`'.
 
 What can be lost, and the bound: sampled rows live only in the environment's memory until the
 next write. Lambda can reclaim an idle environment without running any more code, so at most
@@ -30,16 +27,14 @@ import os
 import random
 import signal
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 
 from treeserve.aws import capture_s3_client
+from treeserve.captures import encode_lines, iso_millis, object_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -61,12 +56,6 @@ class _Batch:
     X: np.ndarray
     values: np.ndarray
     labels: list[Any] | None
-
-
-def iso_millis(ts: float) -> str:
-    """``2026-11-29T04:40:50.123Z`` for a POSIX time."""
-    moment = datetime.fromtimestamp(ts, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class CaptureBuffer:
@@ -177,7 +166,7 @@ class CaptureBuffer:
         self._batches, self._rows, self._oldest = [], 0, None
         if not batches:
             return False
-        key = self._key(batches[0].ts)
+        key = object_key(self.model_name, batches[0].ts)
         try:
             body = gzip.compress(self.encode(batches), compresslevel=GZIP_LEVEL, mtime=0)
             self.s3().put_object(
@@ -203,41 +192,22 @@ class CaptureBuffer:
             self.metrics.add_metric(name=CAPTURED_ROWS_METRIC, unit="Count", value=rows)
         return True
 
-    def _key(self, ts: float) -> str:
-        moment = datetime.fromtimestamp(ts, tz=UTC)
-        stamp = moment.strftime("%Y%m%dT%H%M%S") + f"{moment.microsecond // 1000:03d}Z"
-        return (
-            f"captures/{self.model_name}/dt={moment:%Y-%m-%d}/"
-            f"{stamp}-{uuid.uuid4().hex[:12]}.jsonl.gz"
-        )
-
     @staticmethod
     def encode(batches: Sequence[_Batch]) -> bytes:
-        """The JSON Lines text of some batches (NaN features become null)."""
-        lines: list[bytes] = []
-        dumps = orjson.dumps
-        for batch in batches:
-            ts = iso_millis(batch.ts)
-            features = batch.X.tolist()  # orjson writes NaN as null: missing stays missing
-            predictions = batch.values.tolist()
-            labels = batch.labels or [None] * len(batch.ids)
-            for row_id, row, prediction, label in zip(
-                batch.ids, features, predictions, labels, strict=True
-            ):
-                lines.append(
-                    dumps(
-                        {
-                            "id": row_id,
-                            "ts": ts,
-                            "version": batch.version,
-                            "features": row,
-                            "prediction": prediction,
-                            "label": label,
-                        }
-                    )
-                )
-        lines.append(b"")
-        return b"\n".join(lines)
+        """The JSON Lines text of some batches (:func:`treeserve.captures.encode_lines`)."""
+        return encode_lines(
+            row
+            for batch in batches
+            for row in zip(
+                batch.ids,
+                [iso_millis(batch.ts)] * len(batch.ids),
+                [batch.version] * len(batch.ids),
+                batch.X.tolist(),  # orjson writes NaN as null: missing stays missing
+                batch.values.tolist(),
+                batch.labels or [None] * len(batch.ids),
+                strict=True,
+            )
+        )
 
     def install_sigterm_flush(self) -> bool:
         """Write the buffer when the runtime sends SIGTERM (sent when an extension is present).
