@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import BUCKET, EVENTS, ROOT, LambdaContext, train
 from tests.integration.test_monitoring import register, traffic
+from treeserve.settings import MAX_WINDOW_HOURS
 from treeserve_cli.invoke import import_handler, module_name
 
 pytestmark = pytest.mark.integration
@@ -139,7 +140,7 @@ def test_a_window_longer_than_a_month_is_refused_before_any_listing(
     app = load_app()
     listed: list[str] = []
     monkeypatch.setattr(app, "run_monitoring", lambda *a, **kw: listed.append("ran"))
-    limit = f"{app.MAX_WINDOW_HOURS:g} hours"
+    limit = f"{MAX_WINDOW_HOURS:g} hours"
     for bad in (
         {"start": "1826-01-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"},  # 200 years
         {"start": "2026-01-01T00:00:00Z"},  # until now: almost a year
