@@ -1,7 +1,7 @@
 """The demo model of the local stack: XGBoost on the Breast Cancer Wisconsin (Diagnostic) data.
 
-The dataset ships with treeserve (``treeserve/data/breast_cancer.csv``, 569 rows, 30 numeric
-features, label ``malignant``; source and licence in ``treeserve/data/README.md``), so the demo
+The dataset ships with treeserve (``treeserve_cli/data/breast_cancer.csv``, 569 rows, 30 numeric
+features, label ``malignant``; source and licence in ``treeserve_cli/data/README.md``), so the demo
 needs no network. :func:`write_demo_package` writes what a user would publish: a model package
 (``model.ubj``, ``manifest.json``, ``reference.csv``, ``holdout.csv``) as one ``.tar.gz``.
 
@@ -63,7 +63,7 @@ class DemoPackage:
 
 def load_dataset() -> Dataset:
     """The bundled Breast Cancer Wisconsin (Diagnostic) data."""
-    text = resources.files("treeserve").joinpath("data", DATASET_FILE).read_text("utf-8")
+    text = resources.files("treeserve_cli").joinpath("data", DATASET_FILE).read_text("utf-8")
     rows = list(csv.reader(io.StringIO(text)))
     header, body = rows[0], rows[1:]
     if header[-1] != LABEL:
@@ -250,7 +250,7 @@ class PenguinsPackage:
 
 def load_penguins() -> tuple[list[str], list[list[str]]]:
     """Header and rows (text) of the bundled Palmer Penguins data, rows without a sex dropped."""
-    text = resources.files("treeserve").joinpath("data", PENGUINS_FILE).read_text("utf-8")
+    text = resources.files("treeserve_cli").joinpath("data", PENGUINS_FILE).read_text("utf-8")
     rows = list(csv.reader(io.StringIO(text)))
     header = rows[0]
     sex = header.index(PENGUINS_LABEL)
