@@ -49,6 +49,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         end,
         metrics=metrics,
         workers=default_workers(settings.monitoring_workers),
+        rule=settings.drift_rule,
     )
     summary = report["summary"]
     if summary["n_drifted"] or summary["prediction_drifted"]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from treeserve.errors import ConfigurationError
 
 PromotionMode = Literal["auto", "manual"]
+DriftMethod = Literal["psi", "ks", "wasserstein"]
 
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024
 # A monitoring window is read in one invocation: past a month it cannot finish in the timeout.
@@ -19,6 +21,42 @@ MAX_MONITORING_WORKERS = 8
 # Model names are S3 key segments and metric dimensions: keep them boring.
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODEL_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+# Drift rules (treeserve.monitoring.drift applies them; docs/monitoring.md shows them side by side):
+# psi: BH-adjusted p < 0.05 and PSI >= threshold; ks: the KS statistic (the L-infinity distance
+# of the CDFs, SageMaker Model Monitor's rule) >= threshold; wasserstein: the Wasserstein
+# distance divided by the reference's standard deviation (Evidently's normed rule) >= threshold.
+DRIFT_METHODS: tuple[DriftMethod, ...] = ("psi", "ks", "wasserstein")
+DEFAULT_DRIFT_THRESHOLD = 0.1  # every method's default: PSI 0.1, D 0.1, normed W 0.1
+MAX_DRIFT_THRESHOLD = {"psi": 100.0, "ks": 1.0, "wasserstein": 100.0}
+DRIFT_RULE_HELP = (
+    "method is one of psi, ks, wasserstein; threshold a number > 0 "
+    "(at most 1 for ks, at most 100 for psi and wasserstein)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DriftRule:
+    """When a feature drifts: ``method`` and its ``threshold`` (see DRIFT_METHODS)."""
+
+    method: DriftMethod = "psi"
+    threshold: float = DEFAULT_DRIFT_THRESHOLD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "threshold": self.threshold}
+
+
+def drift_rule_problem(method: object, threshold: object) -> str | None:
+    """Why ``method``/``threshold`` are not a drift rule, or None when they are."""
+    if method not in DRIFT_METHODS:
+        return f"method {str(method)[:40]!r} is not one of {', '.join(DRIFT_METHODS)}"
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        return f"threshold {str(threshold)[:40]!r} is not a number"
+    top = MAX_DRIFT_THRESHOLD[str(method)]
+    if not (0.0 < float(threshold) <= top):  # also refuses NaN
+        return f"threshold {threshold!r} for {method} is outside (0, {top:g}]"
+    return None
 
 
 def valid_model_name(name: object) -> bool:
@@ -53,6 +91,24 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
             f"{name}={raw!r} is out of range: set it to a value in [{lo}, {hi}]"
         )
     return value
+
+
+def _drift_rule(env: Mapping[str, str]) -> DriftRule:
+    method = env.get("DRIFT_METHOD", "").strip().lower() or "psi"
+    raw = env.get("DRIFT_THRESHOLD", "").strip()
+    try:
+        threshold = float(raw) if raw else DEFAULT_DRIFT_THRESHOLD
+    except ValueError:
+        threshold = math.nan
+    problem = drift_rule_problem(method, threshold)
+    if problem:
+        raise ConfigurationError(
+            f"DRIFT_METHOD={method[:40]!r} DRIFT_THRESHOLD={raw[:40]!r}: {problem}; "
+            f"set DRIFT_METHOD to psi (the default), ks or wasserstein and DRIFT_THRESHOLD "
+            f"to a number in (0, 1] for ks, (0, 100] for psi and wasserstein (default "
+            f"{DEFAULT_DRIFT_THRESHOLD})"
+        )
+    return DriftRule(method, threshold)  # type: ignore[arg-type]
 
 
 def _workers(env: Mapping[str, str]) -> int | None:
@@ -90,6 +146,8 @@ class Settings:
     monitoring_window_hours: float = 24.0
     # Parse workers of a monitoring run; None: decided from the machine (parse_pool).
     monitoring_workers: int | None = None
+    # DRIFT_METHOD / DRIFT_THRESHOLD: the drift rule of every feature without a manifest override.
+    drift_rule: DriftRule = DriftRule()
 
     @classmethod
     def from_env(
@@ -124,4 +182,5 @@ class Settings:
                 env, "MONITORING_WINDOW_HOURS", 24.0, 1 / 60, MAX_WINDOW_HOURS
             ),
             monitoring_workers=_workers(env),
+            drift_rule=_drift_rule(env),
         )

@@ -86,7 +86,12 @@ def monitor(args: argparse.Namespace) -> int:
                 sys.stderr.write("\n")
 
     report = run_monitoring(
-        settings.model_bucket, name, end - timedelta(hours=hours), end, progress=progress
+        settings.model_bucket,
+        name,
+        end - timedelta(hours=hours),
+        end,
+        progress=progress,
+        rule=settings.drift_rule,
     )
     print_summary(report, sys.stdout)
     sys.stdout.write(f"report: s3://{settings.model_bucket}/{report['report_key']}\n")

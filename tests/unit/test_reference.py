@@ -14,7 +14,7 @@ import xgboost as xgb
 from tests.conftest import TrainedModel
 from treeserve.model.reference import (
     MODEL_CHECKS,
-    SAMPLE_SIZE,
+    QUANTILES,
     bin_counts,
     compute_reference,
     reference_from_model,
@@ -40,13 +40,13 @@ def assert_json_safe(obj: Any) -> None:
     assert json.loads(json.dumps(obj, allow_nan=False)) == obj
 
 
-def test_reference_schema_counts_and_sample(binary_model: TrainedModel) -> None:
-    X = np.vstack([binary_model.X] * 3)  # 1200 rows: the KS sample is a subsample
+def test_reference_schema_counts_and_quantiles(binary_model: TrainedModel) -> None:
+    X = np.vstack([binary_model.X] * 6)  # 2400 rows: more than QUANTILES
     X[::5, 1] = np.nan
     preds = binary_model.booster.inplace_predict(X)
     ref = compute_reference(X, binary_model.feature_names, ["float"] * 6, preds)
     assert_json_safe(ref)
-    assert ref["n_rows"] == 1200
+    assert ref["n_rows"] == 2400
     assert ref["counts_exact"] is True
     assert "ks" in ref["checks"]
     for j, feat in enumerate(ref["features"]):
@@ -66,13 +66,14 @@ def test_reference_schema_counts_and_sample(binary_model: TrainedModel) -> None:
         assert feat["missing_rate"] == pytest.approx(np.isnan(col).mean())
         assert np.float32(feat["min"]) == present.min()
         assert np.float32(feat["max"]) == present.max()
-        sample = np.asarray(feat["sample"], dtype=np.float32)
-        assert sample.size == min(SAMPLE_SIZE, present.size)
-        assert np.all(np.diff(sample) >= 0)
-        assert np.all(np.isin(sample, present))
+        quantiles = np.asarray(feat["quantiles"], dtype=np.float32)
+        assert quantiles.size == min(QUANTILES, present.size)
+        assert np.all(np.diff(quantiles) >= 0)
+        assert np.all(np.isin(quantiles, present))
+        assert "sample" not in feat
     preds_ref = ref["predictions"]
     assert preds_ref["names"] == ["prediction"]
-    assert sum(preds_ref["columns"][0]["counts"]) == 1200
+    assert sum(preds_ref["columns"][0]["counts"]) == 2400
 
 
 def test_small_reference_keeps_every_value_and_float32_roundtrips(
@@ -81,11 +82,11 @@ def test_small_reference_keeps_every_value_and_float32_roundtrips(
     X = binary_model.X[:50]
     ref = compute_reference(X, binary_model.feature_names, None, None)
     assert ref["predictions"] is None
-    sample = np.asarray(ref["features"][0]["sample"], dtype=np.float32)
-    assert np.array_equal(sample, np.sort(X[:, 0].astype(np.float32)))
+    quantiles = np.asarray(ref["features"][0]["quantiles"], dtype=np.float32)
+    assert np.array_equal(quantiles, np.sort(X[:, 0].astype(np.float32)))
     # Through JSON and back, every float32 value is the same float32 value.
     back = orjson.loads(orjson.dumps(ref))
-    assert np.array_equal(np.asarray(back["features"][0]["sample"], dtype=np.float32), sample)
+    assert np.array_equal(np.asarray(back["features"][0]["quantiles"], dtype=np.float32), quantiles)
 
 
 def test_multiclass_predictions_have_one_column_per_class(multiclass_model: TrainedModel) -> None:
@@ -108,7 +109,7 @@ def test_edge_cases_constant_all_missing_one_row() -> None:
     assert gone["counts"] == [0]
     assert gone["min"] is None
     assert gone["missing_rate"] == 1.0
-    assert gone["sample"] == []
+    assert gone["quantiles"] == []
     assert cat["kind"] == "categorical"
     assert cat["categories"] == [3.0, 4.0]
     assert cat["category_counts"] == [1, 1]
@@ -153,7 +154,7 @@ def test_reference_from_model_uses_split_thresholds(regression_model: TrainedMod
     expected = _dump_thresholds(regression_model.booster, names)
     for feat in ref["features"]:
         assert feat["counts"] is None
-        assert feat["sample"] is None
+        assert feat["quantiles"] is None
         assert set(np.asarray(feat["edges"], dtype=np.float32).tolist()) == expected[feat["name"]]
     assert reference_from_model(regression_model.booster, names, None) == ref
 

@@ -75,6 +75,9 @@ class ModelManifest:
     validation: dict[str, Any] = field(default_factory=dict)  # the validation report
     reference: dict[str, Any] | None = None  # reference statistics (treeserve.model.reference)
     reference_source: str | None = None  # "reference.csv" or "model"
+    # manifest.json's drift rules: {"default": {"method", "threshold"}, "features": {name: {...}}}
+    # (validated at refresh; treeserve.monitoring.drift.resolve_rules applies them), or None.
+    drift: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)  # bucket, key, etag, upload sha256, size
     created_at: str | None = None  # ISO 8601 UTC
     schema_version: int = MANIFEST_SCHEMA_VERSION

@@ -63,6 +63,7 @@ from treeserve.model.sandbox import (
     model_facts,
     split_features,
 )
+from treeserve.settings import DEFAULT_DRIFT_THRESHOLD, DRIFT_RULE_HELP, drift_rule_problem
 
 MiB = 1 << 20
 
@@ -81,7 +82,12 @@ MANIFEST_KEYS = frozenset(
         "label",
         "output_names",
         "categories",
+        "drift",
     }
+)
+DRIFT_HINT = (
+    'drift must be {"default": {"method": M, "threshold": T}, "features": {"<feature>": '
+    '{"method": M, "threshold": T}}} (each part optional)'
 )
 FEATURE_TYPES = frozenset({"float", "int", "i", "q", "c"})
 MISSING_TOKENS = frozenset({"", "na", "nan", "null", "none"})
@@ -174,6 +180,7 @@ class ModelUpload:
             metrics=dict(self.declared.get("metrics") or {}),
             validation=dict(self.validation),
             reference_source="reference.csv" if self.reference is not None else None,
+            drift=self.declared.get("drift"),
             source={"upload_sha256": self.upload_sha256, "upload_size": self.upload_size},
         )
 
@@ -654,7 +661,61 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         out["metrics"] = {k: float(v) for k, v in metrics.items()}
     if data.get("categories") is not None:
         out["categories"] = _declared_categories(data["categories"])
+    if data.get("drift") is not None:
+        out["drift"] = _declared_drift(data["drift"])
     return out
+
+
+def _drift_rule(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not value or set(value) - {"method", "threshold"}:
+        raise _manifest_error(
+            f"{where} must be an object with method and/or threshold; {DRIFT_HINT}"
+        )
+    method = value.get("method", "psi")
+    threshold = value.get("threshold", DEFAULT_DRIFT_THRESHOLD)
+    problem = drift_rule_problem(method, threshold)
+    if problem:
+        raise _manifest_error(f"{where}: {problem} ({DRIFT_RULE_HELP})")
+    return {k: (float(v) if k == "threshold" else v) for k, v in value.items()}
+
+
+def _declared_drift(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - {"default", "features"}:
+        raise _manifest_error(DRIFT_HINT)
+    out: dict[str, Any] = {}
+    if value.get("default") is not None:
+        out["default"] = _drift_rule(value["default"], "drift.default")
+    features = value.get("features")
+    if features is not None:
+        if not isinstance(features, dict):
+            raise _manifest_error(f"drift.features must map feature names to rules; {DRIFT_HINT}")
+        out["features"] = {
+            str(name): _drift_rule(rule, f"drift.features[{str(name)[:60]!r}]")
+            for name, rule in features.items()
+        }
+    return out
+
+
+def check_drift_against_features(
+    drift: dict[str, Any] | None, names: list[str], types: list[str]
+) -> None:
+    """Refuse drift overrides of features the model does not have, or numeric rules
+    (ks, wasserstein) on a categorical feature."""
+    if not drift:
+        return
+    kinds = dict(zip(names, types, strict=True))
+    for name, rule in (drift.get("features") or {}).items():
+        if name not in kinds:
+            raise _mismatch(
+                f"drift.features names {name[:60]!r}, which is not one of the model's features "
+                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+            )
+        if kinds[name] == "c" and rule.get("method", "psi") != "psi":
+            raise _mismatch(
+                f"drift.features[{name[:60]!r}] asks for {rule['method']}, a rule for numeric "
+                "features; a categorical feature is judged by the psi rule (set only its "
+                "threshold, or method psi)"
+            )
 
 
 def _declared_categories(value: Any) -> dict[str, list[str]]:
@@ -1144,6 +1205,7 @@ def read_upload(
     categories = facts.get("categories") or declared.get("categories")
     types_source = "the model" if facts["feature_types"] else "manifest.json"
     check_types_against_splits(types, names, facts, types_source)
+    check_drift_against_features(declared.get("drift"), names, types)
 
     reference = holdout_X = holdout_y = None
     if "reference.csv" in tables:

@@ -27,10 +27,12 @@ Schema (``REFERENCE_SCHEMA_VERSION`` = 1)::
        "min", "max", "mean", "std": float | null,       # of the non-missing values
        "edges": [e0 < e1 < ... < e_{k-1}],              # interior bin edges
        "counts": [k + 1 ints] | null,                   # non-missing values per bin
-       "sample": [sorted floats] | null}                # <= SAMPLE_SIZE non-missing values
+       "quantiles": [q_1 <= ... <= q_k] | null}         # k = min(QUANTILES, non-missing)
     Bins are open at both ends: (-inf, e0], (e0, e1], ..., (e_{k-1}, +inf); a value v falls in
     bin ``searchsorted(edges, v, side="left")``. Missing values are counted separately
     (``n_missing``); drift statistics use them as one more bin.
+    References written before the quantiles hold ``"sample"`` instead (at most 1000 seeded
+    random non-missing values, sorted); monitoring still reads them, against that sample.
 
     FeatureStats (categorical, XGBoost type "c"):
       {"name", "xgb_type": "c", "kind": "categorical", "n", "n_missing", "missing_rate",
@@ -41,10 +43,18 @@ Schema (``REFERENCE_SCHEMA_VERSION`` = 1)::
     ``category_values[i]``: drift results and reports show categories by value.
 
 Numeric edges are the reference deciles (duplicates merged; a constant column has the single
-edge [c], so anything above it is a different bin). ``sample`` is a seeded random subsample of
-the non-missing reference values (all of them when there are at most ``SAMPLE_SIZE``), sorted:
-the Kolmogorov-Smirnov test runs against it, so its statistic and p-value are exactly what
-``scipy.stats.ks_2samp(sample, current)`` gives.
+edge [c], so anything above it is a different bin).
+
+``quantiles`` summarise the whole reference (not a sample of it) for the Kolmogorov-Smirnov and
+Wasserstein statistics: with the n non-missing values sorted as x_(1) <= ... <= x_(n) and
+k = min(QUANTILES, n), ``q_i = x_(ceil(n (2i - 1) / (2k)))``, the smallest value whose reference
+ECDF reaches (i - 1/2) / k. Read as k values of weight 1/k, their ECDF is
+``F_q(x) = floor(k F(x) + 1/2) / k`` (F the reference ECDF, ties included): F rounded to the
+nearest multiple of 1/k, so ``|F_q(x) - F(x)| <= 1/(2k)`` at every x. Hence the KS statistic
+against the quantiles is within 1/(2k) of ``scipy.stats.ks_2samp(reference, current)``'s on the
+full reference (1/4000 with QUANTILES = 2000), and since F_q = F outside [min, max] the
+Wasserstein distance is within ``(max - min) / (2k)`` of the full reference's. With n <= QUANTILES
+the quantiles are every value (k = n, F_q = F): both statistics are exact.
 
 Prediction columns: ``"prediction"`` (binary probability or regression value), or
 ``"prediction[i]"`` per class probability (multiclass); each is a numeric FeatureStats.
@@ -68,10 +78,9 @@ import orjson
 
 REFERENCE_SCHEMA_VERSION = 1
 N_BINS = 10
-SAMPLE_SIZE = 1000
+QUANTILES = 2000  # reference quantiles per numeric feature: KS within 1/(2 * QUANTILES)
 MAX_CATEGORIES = 1000
 MAX_MODEL_EDGES = 64
-SAMPLE_SEED = 20261129
 
 SAMPLE_CHECKS = ["psi", "js", "ks", "chi2", "missing_rate", "range", "new_categories", "prediction"]
 MODEL_CHECKS = ["bin_shares", "missing_rate", "new_categories"]
@@ -111,21 +120,29 @@ def bin_counts(
     return np.bincount(idx, minlength=edges.size + 1).astype(np.int64)
 
 
+def reference_quantiles(
+    sorted_values: npt.NDArray[np.float32], k: int = QUANTILES
+) -> npt.NDArray[np.float32]:
+    """The k = min(k, n) midpoint quantiles of n sorted values (module docstring: the bound)."""
+    n = int(sorted_values.size)
+    k = min(k, n)
+    if k == 0:
+        return np.empty(0, dtype=np.float32)
+    i = np.arange(1, k + 1, dtype=np.int64)
+    rank = (n * (2 * i - 1) + 2 * k - 1) // (2 * k)  # ceil(n (2i - 1) / (2k)), in integers
+    return sorted_values[rank - 1]
+
+
 def numeric_stats(
-    name: str, xgb_type: str | None, column: npt.ArrayLike, *, sample_size: int = SAMPLE_SIZE
+    name: str, xgb_type: str | None, column: npt.ArrayLike, *, quantiles: int = QUANTILES
 ) -> dict[str, Any]:
     """FeatureStats of one numeric column (NaN is missing)."""
     col = np.asarray(column, dtype=np.float32).ravel()
     finite = np.isfinite(col)
-    values = col[finite]
+    values = np.sort(col[finite])
     n, n_missing = int(col.size), int(col.size - values.size)
     edges = numeric_edges(values)
     counts = bin_counts(values, edges)
-    if values.size > sample_size:
-        rng = np.random.default_rng(SAMPLE_SEED)
-        sample = values[rng.choice(values.size, size=sample_size, replace=False)]
-    else:
-        sample = values
     has = values.size > 0
     v64 = values.astype(np.float64)
     return {
@@ -141,7 +158,7 @@ def numeric_stats(
         "std": _scalar(v64.std()) if has else None,
         "edges": _floats(edges),
         "counts": [int(c) for c in counts],
-        "sample": _floats(np.sort(sample)),
+        "quantiles": _floats(reference_quantiles(values, quantiles)),
     }
 
 
@@ -304,7 +321,7 @@ def reference_from_model(
                 std=None,
                 edges=_floats(edges),
                 counts=None,
-                sample=None,
+                quantiles=None,
             )
         features.append(base)
     return {

@@ -49,6 +49,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from treeserve.settings import DEFAULT_DRIFT_THRESHOLD, DriftRule, drift_rule_problem
+
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
@@ -61,6 +63,7 @@ MIN_ROWS = 30  # fewer current rows than this never make a drift verdict
 MISSING_TOLERANCE = 0.05  # absolute increase of the missing rate worth a flag
 RANGE_TOLERANCE = 0.01  # share of values outside the reference range worth a flag
 MAX_LISTED_CATEGORIES = 20
+WASSERSTEIN_MIN_NORM = 0.001  # Evidently's floor on the reference's standard deviation
 
 
 # --- statistics on binned counts ---------------------------------------------------------------
@@ -165,14 +168,36 @@ class FeatureAccumulator:
             return
         self.edges = np.asarray(reference.get("edges") or [], dtype=np.float32)
         self.bins = np.zeros(self.edges.size + 1, dtype=np.int64)
-        sample = np.asarray(reference.get("sample") or [], dtype=np.float32)
-        self.sample_size = int(sample.size)
-        self.sample = np.sort(sample)
-        self.support, ref_le = np.unique(self.sample, return_counts=True)
+        # The reference's ECDF for KS and Wasserstein: its quantiles (treeserve.model.reference:
+        # within 1/(2k) of the full reference's ECDF everywhere), or, in references written
+        # before them, a random sample of at most 1000 values.
+        quantiles = reference.get("quantiles")
+        self.legacy_sample = quantiles is None and reference.get("sample") is not None
+        points = np.sort(
+            np.asarray(
+                quantiles if quantiles is not None else (reference.get("sample") or []),
+                dtype=np.float32,
+            )
+        )
+        self.sample = points  # what ks_2samp is given when the points are the whole reference
+        self.sample_size = int(points.size)
+        n_ref = reference.get("n")
+        ref_present = int(n_ref) - int(reference.get("n_missing") or 0) if n_ref is not None else 0
+        # The points are the reference itself (every value, or the legacy sample that KS ran
+        # against): then ks_2samp(points, current) is the test; else the points summarise
+        # ref_present values and the p-value is scipy's asymptotic one for that size.
+        self.exact_reference = self.legacy_sample or self.sample_size >= ref_present
+        self.ref_size = self.sample_size if self.exact_reference else ref_present
+        self.support, ref_le = np.unique(points, return_counts=True)
+        self.ref_weights = ref_le.astype(np.float64)
         self.ref_cdf = np.cumsum(ref_le) / max(self.sample_size, 1)
-        # Per support value u: current values <= u and < u (cumulative, so batches add up).
+        # Per support value u: current values <= u and < u (cumulative, so batches add up),
+        # and the sum of the current values <= u, centred on the reference mean (Wasserstein).
         self.cum_le = np.zeros(self.support.size, dtype=np.int64)
         self.cum_lt = np.zeros(self.support.size, dtype=np.int64)
+        self.center = float(reference.get("mean") or 0.0)
+        self.sum_le = np.zeros(self.support.size, dtype=np.float64)
+        self.centred_sum = 0.0
         self.kept: list[F32] | None = []
         self.kept_n = 0
         lo, hi = reference.get("min"), reference.get("max")
@@ -210,8 +235,12 @@ class FeatureAccumulator:
             above = present - int(np.searchsorted(values, self.ref_max, side="right"))
             self.out_of_range += below + above
         if self.support.size:
-            self.cum_le += np.searchsorted(values, self.support, side="right")
+            le = np.searchsorted(values, self.support, side="right")
+            self.cum_le += le
             self.cum_lt += np.searchsorted(values, self.support, side="left")
+            running = np.cumsum(values - self.center, dtype=np.float64)
+            self.sum_le += np.where(le > 0, running[np.maximum(le - 1, 0)], 0.0)
+            self.centred_sum += float(running[-1])
         if self.kept is not None:
             self.kept_n += present
             if self.kept_n > EXACT_KS_MAX_N:
@@ -236,20 +265,75 @@ class FeatureAccumulator:
     # -- results ----------------------------------------------------------------------------
 
     def ks(self) -> tuple[float, float, str] | None:
-        """(statistic, p-value, method) against the reference sample, or None."""
-        m, n = self.sample_size, self.n - self.n_missing
+        """(statistic, p-value, method) against the reference's points, or None.
+
+        Exact (``ks_2samp`` itself) when the points are the whole reference and at most
+        EXACT_KS_MAX_N current values came in; else the statistic from the counts and scipy's
+        asymptotic p-value for the full reference's size.
+        """
+        m, n = self.ref_size, self.n - self.n_missing
         if m == 0 or n == 0:
             return None
         le = self.cum_le / n  # current ECDF at each support value
         lt = self.cum_lt / n  # current ECDF just below each support value
         prev = np.concatenate([[0.0], self.ref_cdf[:-1]])
         d = max(float(np.max(np.abs(self.ref_cdf - le))), float(np.max(lt - prev)), 0.0)
-        if self.kept is not None:
+        if self.kept is not None and self.exact_reference:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 res = stats.ks_2samp(self.sample, np.concatenate(self.kept), method="auto")
             return float(res.statistic), float(np.clip(res.pvalue, 0.0, 1.0)), "exact"
         return d, ks_asymptotic_pvalue(d, m, n), "asymp"
+
+    @property
+    def ks_bound(self) -> float | None:
+        """Bound on |KS statistic - scipy's on the full reference| (None: a legacy sample)."""
+        if self.legacy_sample or self.sample_size == 0:
+            return None
+        return 0.0 if self.exact_reference else 1.0 / (2.0 * self.sample_size)
+
+    def wasserstein(self) -> tuple[float, float | None] | None:
+        """(W1 distance, bound on its error) against the reference's points, or None.
+
+        W1 is computed exactly between the points (weight 1/k each) and the current values
+        with each run of values strictly between two consecutive points replaced by one atom
+        at its mean. That changes nothing where the reference ECDF (constant there) stays on
+        one side of the current ECDF, and at most ``count / n * width / 2`` where it crosses
+        it; the bound adds those terms and, for a reference summarised by k < n quantiles,
+        ``(max - min) / (2k)`` (treeserve.model.reference). None for a legacy sample.
+        """
+        n = self.n - self.n_missing
+        if self.support.size == 0 or n == 0:
+            return None
+        u = self.support.astype(np.float64)
+        le, lt = self.cum_le.astype(np.float64), self.cum_lt.astype(np.float64)
+        at_u = le - lt
+        sum_lt = self.sum_le - at_u * (u - self.center)  # centred sum of values < u
+        # Runs: below u_0, between u_j and u_{j+1}, above u_last.
+        counts = np.concatenate([[lt[0]], lt[1:] - le[:-1], [n - le[-1]]])
+        sums = np.concatenate(
+            [[sum_lt[0]], sum_lt[1:] - self.sum_le[:-1], [self.centred_sum - self.sum_le[-1]]]
+        )
+        lo = np.concatenate([[-np.inf], u])
+        hi = np.concatenate([u, [np.inf]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means = np.where(counts > 0, self.center + sums / np.maximum(counts, 1.0), 0.0)
+        means = np.clip(means, lo, hi)
+        values = np.concatenate([u, means])
+        weights = np.concatenate([at_u, np.maximum(counts, 0.0)])
+        distance = float(stats.wasserstein_distance(u, values, self.ref_weights, weights))
+        inner = counts[1:-1]
+        level = self.ref_cdf[:-1]  # the reference ECDF on [u_j, u_{j+1})
+        crossing = (le[:-1] / n < level) & (level < lt[1:] / n)
+        bound = float(np.sum(np.where(crossing, inner / n * np.diff(u) / 2.0, 0.0)))
+        if self.legacy_sample:
+            return distance, None
+        if not self.exact_reference:
+            lo_ref, hi_ref = self.ref.get("min"), self.ref.get("max")
+            if lo_ref is None or hi_ref is None:
+                return distance, None
+            bound += (float(hi_ref) - float(lo_ref)) / (2.0 * self.sample_size)
+        return distance, bound
 
 
 def _current_summary(acc: FeatureAccumulator) -> dict[str, float | None]:
@@ -284,6 +368,11 @@ def compare_feature(acc: FeatureAccumulator) -> dict[str, Any]:
         "test": None,
         "p_value": None,
         "statistic": None,
+        "ks_statistic": None,
+        "ks_bound": None,
+        "wasserstein_distance": None,
+        "wasserstein_normed": None,
+        "wasserstein_bound": None,
     }
     has_counts = (
         ref.get("counts") if not acc.categorical else ref.get("category_counts")
@@ -328,6 +417,13 @@ def compare_feature(acc: FeatureAccumulator) -> dict[str, Any]:
     ks = None if acc.categorical else acc.ks()
     if ks is not None:
         out.update(test="ks", statistic=finite(ks[0]), p_value=finite(ks[1]), ks_method=ks[2])
+        out.update(ks_statistic=finite(ks[0]), ks_bound=acc.ks_bound)
+        w = acc.wasserstein()
+        if w is not None:
+            norm = max(float(ref.get("std") or 0.0), WASSERSTEIN_MIN_NORM)
+            out["wasserstein_distance"] = finite(w[0])
+            out["wasserstein_normed"] = finite(w[0] / norm)
+            out["wasserstein_bound"] = finite(w[1] / norm) if w[1] is not None else None
     else:
         stat, p, dof = chi2_homogeneity(refc, cur)
         out.update(test="chi2", statistic=finite(stat), p_value=finite(p), dof=dof)
@@ -350,19 +446,85 @@ def _bin_labels(edges: F32) -> list[str]:
     return [f"<= {e[0]}"] + [f"({a}, {b}]" for a, b in itertools.pairwise(e)] + [f"> {e[-1]}"]
 
 
-def assess(results: list[dict[str, Any]], *, alpha: float = ALPHA) -> list[dict[str, Any]]:
-    """Add ``p_adjusted``, ``drifted``, ``severity`` and quality ``flags`` to each result."""
+def resolve_rules(
+    columns: Sequence[dict[str, Any]],
+    section: dict[str, Any] | None,
+    default: DriftRule,
+    *,
+    overrides: bool = True,
+) -> list[DriftRule]:
+    """Each column's DriftRule: the manifest's ``drift.features[name]``, else its
+    ``drift.default``, else ``default`` (DRIFT_METHOD/DRIFT_THRESHOLD).
+
+    An override inherits a field it leaves out; a threshold only with the method it belongs
+    to (a new method without a threshold gets DEFAULT_DRIFT_THRESHOLD). ``ks`` and
+    ``wasserstein`` are numeric rules: a categorical column keeps the psi rule (at PSI_MODERATE
+    unless the inherited rule is psi or its own override sets a threshold). ``overrides=False`` (prediction
+    columns) applies only ``drift.default``.
+    """
+    section = section or {}
+    base = _merge(default, section.get("default"))
+    per_feature = (section.get("features") or {}) if overrides else {}
+    rules: list[DriftRule] = []
+    categorical_base = base if base.method == "psi" else DriftRule("psi", PSI_MODERATE)
+    for column in columns:
+        override = per_feature.get(str(column.get("name")))
+        if column.get("kind") == "categorical":
+            rule = _merge(categorical_base, override)
+            rules.append(rule if rule.method == "psi" else categorical_base)
+        else:
+            rules.append(_merge(base, override))
+    return rules
+
+
+def _merge(base: DriftRule, override: Any) -> DriftRule:
+    if not isinstance(override, dict) or not override:
+        return base
+    method = override.get("method", base.method)
+    if "threshold" in override:
+        threshold = override["threshold"]
+    else:
+        threshold = base.threshold if method == base.method else DEFAULT_DRIFT_THRESHOLD
+    if drift_rule_problem(method, threshold) is not None:  # refused at refresh; never here
+        return base
+    return DriftRule(method, float(threshold))
+
+
+def assess(
+    results: list[dict[str, Any]],
+    rules: Sequence[DriftRule] | None = None,
+    *,
+    alpha: float = ALPHA,
+) -> list[dict[str, Any]]:
+    """Add ``p_adjusted``, ``rule``, ``drifted``, ``severity`` and quality ``flags``.
+
+    ``rules``: one per result (:func:`resolve_rules`); None: the psi rule at PSI_MODERATE.
+    With at least MIN_ROWS current rows, ``psi`` drifts when the Benjamini-Hochberg-adjusted
+    p-value is below ``alpha`` and PSI >= threshold; ``ks`` when the KS statistic >= threshold;
+    ``wasserstein`` when the normed Wasserstein distance >= threshold. A drifted feature is
+    ``major`` when its PSI >= PSI_MAJOR, else ``moderate``.
+    """
+    if rules is None:
+        rules = [DriftRule("psi", PSI_MODERATE)] * len(results)
+    if len(rules) != len(results):
+        raise ValueError(f"{len(rules)} drift rules for {len(results)} results")
     tested = [i for i, r in enumerate(results) if r.get("p_value") is not None]
     adjusted = benjamini_hochberg([results[i]["p_value"] for i in tested])
     for r in results:
         r["p_adjusted"] = None
     for i, p in zip(tested, adjusted, strict=True):
         results[i]["p_adjusted"] = p
-    for r in results:
+    for r, rule in zip(results, rules, strict=True):
         value = r.get("psi")
-        significant = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
         enough = int(r["n"]) >= MIN_ROWS
-        r["drifted"] = bool(enough and significant and value is not None and value >= PSI_MODERATE)
+        if rule.method == "psi":
+            significant = r["p_adjusted"] is not None and r["p_adjusted"] < alpha
+            hit = significant and value is not None and value >= rule.threshold
+        else:
+            measured = r.get("ks_statistic" if rule.method == "ks" else "wasserstein_normed")
+            hit = measured is not None and measured >= rule.threshold
+        r["rule"] = rule.to_dict()
+        r["drifted"] = bool(enough and hit)
         r["severity"] = (
             ("major" if value is not None and value >= PSI_MAJOR else "moderate")
             if r["drifted"]

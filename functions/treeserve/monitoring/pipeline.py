@@ -46,6 +46,7 @@ from treeserve.model import decision
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import log_loss, roc_auc
 from treeserve.monitoring import drift
+from treeserve.settings import DriftRule
 
 if TYPE_CHECKING:
     from aws_lambda_powertools import Metrics
@@ -70,6 +71,7 @@ MAX_LABELS = 5_000_000
 FETCH_THREADS = 8  # S3 GETs wait on the network; inflating releases the GIL
 MAX_IN_FLIGHT_FILES = 16
 MAX_IN_FLIGHT_BYTES = 48 * 1024 * 1024  # compressed; bounds memory to a few inflated files
+DEFAULT_RULE = DriftRule()  # DRIFT_METHOD=psi, DRIFT_THRESHOLD=0.1
 METRIC_DRIFTED_FEATURES = "DriftedFeatures"
 METRIC_PREDICTION_DRIFT = "PredictionDrift"
 METRIC_ROWS_SEEN = "RowsSeen"
@@ -264,9 +266,14 @@ class VersionState:
     """Accumulators of one model version's rows in the window."""
 
     def __init__(
-        self, version: int, manifest: ModelManifest | None, error: str | None = None
+        self,
+        version: int,
+        manifest: ModelManifest | None,
+        error: str | None = None,
+        rule: DriftRule = DEFAULT_RULE,
     ) -> None:
         self.version = version
+        self.rule = rule
         self.manifest = manifest
         self.error = error
         self.rows = 0
@@ -310,8 +317,15 @@ class VersionState:
             out.setdefault("error", "this version has no reference statistics")
             out.update(features=[], predictions=[], drifted_features=[], prediction_drift=None)
             return out
-        features = drift.assess([drift.compare_feature(a) for a in self.features])
-        predictions = drift.assess([drift.compare_feature(a) for a in self.predictions])
+        section = m.drift if m else None
+        feature_rules = drift.resolve_rules([a.ref for a in self.features], section, self.rule)
+        prediction_rules = drift.resolve_rules(
+            [a.ref for a in self.predictions], section, self.rule, overrides=False
+        )
+        features = drift.assess([drift.compare_feature(a) for a in self.features], feature_rules)
+        predictions = drift.assess(
+            [drift.compare_feature(a) for a in self.predictions], prediction_rules
+        )
         out["features"] = features
         out["predictions"] = predictions
         out["drifted_features"] = [f["name"] for f in features if f["drifted"]]
@@ -338,8 +352,11 @@ class Monitor:
         end: datetime,
         source: ManifestSource,
         labels: dict[str, Any],
+        *,
+        rule: DriftRule = DEFAULT_RULE,
     ) -> None:
         self.model = model
+        self.rule = rule
         self.start_key = _ts_key(start)
         self.end_key = _ts_key(end)
         self.source = source
@@ -355,9 +372,9 @@ class Monitor:
         st = self.versions.get(version)
         if st is None:
             try:
-                st = VersionState(version, self.source.manifest(version))
+                st = VersionState(version, self.source.manifest(version), rule=self.rule)
             except RegistryError as exc:  # no manifest, or an unreadable one
-                st = VersionState(version, None, str(exc))
+                st = VersionState(version, None, str(exc), rule=self.rule)
             self.versions[version] = st
         return st
 
@@ -590,8 +607,12 @@ def run_monitoring(
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
     stats: dict[str, Any] | None = None,
+    rule: DriftRule = DEFAULT_RULE,
 ) -> dict[str, Any]:
     """Monitor ``model_name`` over ``[start, end)``; write and return the report.
+
+    ``rule``: the drift rule of every column without an override in its version's manifest
+    (the function passes ``DRIFT_METHOD``/``DRIFT_THRESHOLD``; :func:`drift.resolve_rules`).
 
     ``progress(done, total)`` is called after each capture file (the CLI shows it).
     ``workers``: parse processes (:mod:`treeserve.monitoring.parse_pool`; default from the
@@ -608,7 +629,7 @@ def run_monitoring(
     now = _utc(now or datetime.now(UTC))
     source = registry or _default_registry(bucket, model_name, s3)
     labels = read_labels(s3, bucket, model_name)
-    mon = Monitor(model_name, start, end, source, labels)
+    mon = Monitor(model_name, start, end, source, labels, rule=rule)
     files = _files(s3, bucket, model_name, start, end)
     from treeserve.monitoring.parse_pool import ParsePool, default_workers  # noqa: PLC0415 -- cycle
 
@@ -693,6 +714,8 @@ def build_report(
             "prediction_drifted": any(p["drifted"] for p in pred),
             "performance": overall_perf,
             "thresholds": {
+                "method": mon.rule.method,
+                "threshold": mon.rule.threshold,
                 "alpha": drift.ALPHA,
                 "correction": "benjamini-hochberg",
                 "psi_moderate": drift.PSI_MODERATE,
