@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -96,10 +95,11 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
 def _drift_rule(env: Mapping[str, str]) -> DriftRule:
     method = env.get("DRIFT_METHOD", "").strip().lower() or "psi"
     raw = env.get("DRIFT_THRESHOLD", "").strip()
+    threshold: float | str
     try:
         threshold = float(raw) if raw else DEFAULT_DRIFT_THRESHOLD
     except ValueError:
-        threshold = math.nan
+        threshold = raw  # drift_rule_problem says it is not a number
     problem = drift_rule_problem(method, threshold)
     if problem:
         raise ConfigurationError(
@@ -108,7 +108,7 @@ def _drift_rule(env: Mapping[str, str]) -> DriftRule:
             f"to a number in (0, 1] for ks, (0, 100] for psi and wasserstein (default "
             f"{DEFAULT_DRIFT_THRESHOLD})"
         )
-    return DriftRule(method, threshold)  # type: ignore[arg-type]
+    return DriftRule(method, float(threshold))  # type: ignore[arg-type]
 
 
 def _workers(env: Mapping[str, str]) -> int | None:

@@ -18,10 +18,11 @@ from tests.conftest import BUCKET, TrainedModel, train
 from tests.unit.test_reference import walk_numbers
 from treeserve import captures
 from treeserve.model.manifest import ModelManifest, task_of
-from treeserve.model.reference import compute_reference, reference_from_model
+from treeserve.model.reference import QUANTILES, compute_reference, reference_from_model
 from treeserve.monitoring import pipeline as monitoring
 from treeserve.registry.model_registry import ModelRegistry
 from treeserve.registry.store import S3RegistryStore
+from treeserve.settings import DriftRule
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,13 @@ START = NOW - timedelta(hours=24)
 # --- helpers: register a model, write captures exactly as the inference function does ---------
 
 
-def register(s3: Any, model: TrainedModel, name: str = "m", X_ref: np.ndarray | None = None) -> int:
+def register(
+    s3: Any,
+    model: TrainedModel,
+    name: str = "m",
+    X_ref: np.ndarray | None = None,
+    drift: dict[str, Any] | None = None,
+) -> int:
     booster = model.booster
     ubj = model.ubj()
     X_ref = model.X if X_ref is None else X_ref
@@ -55,6 +62,7 @@ def register(s3: Any, model: TrainedModel, name: str = "m", X_ref: np.ndarray | 
             X_ref, model.feature_names, None, booster.inplace_predict(X_ref)
         ),
         reference_source="reference.csv",
+        drift=drift,
     )
     return ModelRegistry(S3RegistryStore(BUCKET, s3=s3), name).register(ubj, manifest)
 
@@ -479,3 +487,34 @@ def test_csv_labels_plain_quoted_and_reordered() -> None:
     reordered: dict[str, Any] = {}
     monitoring._read_csv_labels("label,id\n1,x\n", reordered)
     assert reordered == {"x": "1"}
+
+
+def test_drift_rules_from_settings_and_manifest_overrides(s3: Any) -> None:
+    model = train("binary:logistic", n=3000)
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(5000, 6))
+    X[:, 1] += 0.4  # KS about 0.16, normed Wasserstein about 0.4
+    X[:, 3] *= 1.3  # KS about 0.07, normed Wasserstein about 0.24
+    plain = register(s3, model, "plain")
+    traffic(s3, model, plain, X, name="plain")
+    report = run(s3, "plain", rule=DriftRule("wasserstein", 0.1))
+    assert report["summary"]["drifted_features"] == ["f1", "f3"]
+    assert report["summary"]["thresholds"]["method"] == "wasserstein"
+    (v,) = report["versions"]
+    for f in v["features"]:
+        assert f["rule"] == {"method": "wasserstein", "threshold": 0.1}
+        for key in ("psi", "js_distance", "ks_statistic", "wasserstein_normed"):
+            assert isinstance(f[key], float), key
+        assert f["ks_bound"] == 1 / (2 * QUANTILES)  # 3000 reference rows, QUANTILES kept
+    assert v["predictions"][0]["rule"] == {"method": "wasserstein", "threshold": 0.1}
+    assert run(s3, "plain", rule=DriftRule("ks", 0.1))["summary"]["drifted_features"] == ["f1"]
+
+    # The manifest's rules win over the environment's: f3 judged by KS keeps quiet.
+    drift = {"default": {"method": "wasserstein"}, "features": {"f3": {"method": "ks"}}}
+    tuned = register(s3, model, "tuned", drift=drift)
+    traffic(s3, model, tuned, X, name="tuned")
+    report = run(s3, "tuned", rule=DriftRule("psi", 0.1))
+    assert report["summary"]["drifted_features"] == ["f1"]
+    (v,) = report["versions"]
+    assert v["features"][3]["rule"] == {"method": "ks", "threshold": 0.1}
+    assert v["features"][0]["rule"] == {"method": "wasserstein", "threshold": 0.1}

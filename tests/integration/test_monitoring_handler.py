@@ -183,3 +183,24 @@ def test_drift_notice_is_published_to_the_topic(
     assert notice["model"] == "m"
     assert notice["drifted_features"] == ["f4"]
     assert notice["report_key"] == result["report_key"]
+
+
+def test_drift_method_and_threshold_come_from_the_environment(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = train("binary:logistic", n=1000)
+    version = register(env, model)
+    X = np.random.default_rng(1).normal(size=(3000, 6))
+    X[:, 4] += 0.35  # KS about 0.14: the psi rule (PSI about 0.1) is not sure, KS >= 0.1 is
+    traffic(env, model, version, X, ts=datetime.now(UTC) - timedelta(hours=1))
+    monkeypatch.setenv("DRIFT_METHOD", "ks")
+    monkeypatch.setenv("DRIFT_THRESHOLD", "0.1")
+    result = load_app().handler({"hours": 6}, LambdaContext())
+    assert result["drifted_features"] == ["f4"]
+    stored = json.loads(env.get_object(Bucket=BUCKET, Key=result["report_key"])["Body"].read())
+    assert stored["summary"]["thresholds"]["method"] == "ks"
+    monkeypatch.setenv("DRIFT_THRESHOLD", "0.5")
+    assert load_app().handler({"hours": 6}, LambdaContext())["drifted_features"] == []
+    monkeypatch.setenv("DRIFT_METHOD", "entropy")
+    refused = load_app().handler({"hours": 6}, LambdaContext())
+    assert "DRIFT_METHOD" in refused["error"]["message"]

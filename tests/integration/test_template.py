@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from treeserve.errors import ConfigurationError
+from treeserve.settings import DRIFT_METHODS, MAX_DRIFT_THRESHOLD, DriftRule, Settings
 from treeserve_cli.cli import main
 from treeserve_cli.invoke import (
     environment,
@@ -59,6 +60,23 @@ def test_functions_have_globals_merged_and_environment_resolved(template: Templa
     assert inference.timeout < 30
     refresh = functions["RefreshFunction"]
     assert refresh.environment["NOTIFICATION_TOPIC_ARN"] == template.topics()["AlarmTopic"]
+
+
+def test_drift_rule_parameters_agree_with_settings(template: Template) -> None:
+    params = template.data["Parameters"]
+    assert tuple(params["DriftMethod"]["AllowedValues"]) == DRIFT_METHODS
+    assert params["DriftMethod"]["Default"] == DriftRule().method
+    assert float(params["DriftThreshold"]["Default"]) == DriftRule().threshold
+    env = template.function("MonitoringFunction").environment
+    assert Settings.from_env(env).drift_rule == DriftRule()
+    for method in DRIFT_METHODS:  # every allowed value, at the parameter's bounds, is accepted
+        for bound in ("MinValue", "MaxValue"):
+            value = min(float(params["DriftThreshold"][bound]), MAX_DRIFT_THRESHOLD[method])
+            t = load_template(
+                TEMPLATE, parameter_overrides={"DriftMethod": method, "DriftThreshold": str(value)}
+            )
+            rule = Settings.from_env(t.function("MonitoringFunction").environment).drift_rule
+            assert rule == DriftRule(method, value)
 
 
 def test_parameter_overrides_change_the_environment() -> None:

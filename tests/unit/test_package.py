@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import tracemalloc
 from collections.abc import Callable
 
@@ -25,7 +26,14 @@ from tests.corpus import (
     tar_gz,
 )
 from treeserve.errors import UploadRejected
-from treeserve.model.package import Limits, ModelUpload, check_predictions, read_upload
+from treeserve.model.manifest import ModelManifest
+from treeserve.model.package import (
+    Limits,
+    ModelUpload,
+    check_drift_against_features,
+    check_predictions,
+    read_upload,
+)
 from treeserve.model.sandbox import ModelInfo
 
 pytestmark = pytest.mark.unit
@@ -415,3 +423,64 @@ def test_prediction_checks_accept_good_shapes() -> None:
 def test_model_wider_than_the_cap_is_refused_before_loading() -> None:
     wide = train("reg:squarederror", d=12, n=60, rounds=2)
     assert _refused(wide.ubj(), "model.ubj", Limits(max_features=10)) == "too_many_features"
+
+
+# --- manifest.json's drift rules ------------------------------------------------------------------
+
+
+def test_drift_rules_are_validated_and_recorded_in_the_manifest(binary_model: TrainedModel) -> None:
+    names = binary_model.feature_names
+    drift = {
+        "default": {"method": "ks", "threshold": 0.08},
+        "features": {
+            names[2]: {"method": "wasserstein", "threshold": 0.2},
+            names[0]: {"threshold": 0.3},
+        },
+    }
+    upload = read_upload(make_package(binary_model, manifest={"drift": drift}), "m.tar.gz")
+    manifest = upload.to_manifest("churn")
+    assert manifest.drift == {
+        "default": {"method": "ks", "threshold": 0.08},
+        "features": {
+            names[2]: {"method": "wasserstein", "threshold": 0.2},
+            names[0]: {"threshold": 0.3},
+        },
+    }
+    assert ModelManifest.from_json(manifest.to_json()).drift == manifest.drift
+    assert (
+        read_upload(make_package(binary_model, manifest={}), "m.tar.gz").to_manifest("churn").drift
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("drift", "code", "says"),
+    [
+        ({"default": {"method": "chi2"}}, "manifest_invalid", "not one of psi, ks, wasserstein"),
+        ({"default": {"method": "ks", "threshold": 2}}, "manifest_invalid", r"outside \(0, 1\]"),
+        ({"default": {"threshold": 0}}, "manifest_invalid", "outside"),
+        ({"default": {"threshold": "high"}}, "manifest_invalid", "not a number"),
+        ({"default": {"threshold": True}}, "manifest_invalid", "not a number"),
+        ({"default": {"method": "ks", "alpha": 0.1}}, "manifest_invalid", "method and/or"),
+        ({"rules": {}}, "manifest_invalid", "drift must be"),
+        ([], "manifest_invalid", "drift must be"),
+        ({"features": ["f0"]}, "manifest_invalid", "map feature names"),
+        ({"features": {"nope": {"method": "ks"}}}, "manifest_mismatch", "'nope'"),
+    ],
+)
+def test_bad_drift_section_is_refused_with_a_clear_reason(
+    binary_model: TrainedModel, drift: object, code: str, says: str
+) -> None:
+    with pytest.raises(UploadRejected) as caught:
+        read_upload(make_package(binary_model, manifest={"drift": drift}), "m.tar.gz")
+    assert caught.value.code == code, caught.value.message
+    assert re.search(says, caught.value.message), caught.value.message
+    assert "drift" in caught.value.message
+
+
+def test_numeric_drift_rules_are_refused_on_categorical_features() -> None:
+    drift = {"features": {"plan": {"method": "ks"}}}
+    with pytest.raises(UploadRejected, match="categorical feature is judged by the psi rule"):
+        check_drift_against_features(drift, ["plan", "age"], ["c", "float"])
+    check_drift_against_features({"features": {"plan": {"threshold": 0.2}}}, ["plan"], ["c"])
+    check_drift_against_features({"features": {"age": {"method": "ks"}}}, ["age"], ["float"])

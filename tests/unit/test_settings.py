@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from treeserve.errors import ConfigurationError
-from treeserve.settings import MAX_LAMBDA_PAYLOAD_BYTES, Settings
+from treeserve.settings import MAX_LAMBDA_PAYLOAD_BYTES, DriftRule, Settings
 
 
 def test_defaults_follow_design() -> None:
@@ -17,6 +19,7 @@ def test_defaults_follow_design() -> None:
     assert s.capture_sample_rate == 0.0
     assert s.promotion_mode == "auto"
     assert s.max_body_bytes == MAX_LAMBDA_PAYLOAD_BYTES
+    assert s.drift_rule == DriftRule("psi", 0.1)
 
 
 def test_values_are_parsed_and_typed() -> None:
@@ -65,3 +68,39 @@ def test_bucket_argument_overrides_environment() -> None:
 def test_malformed_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=name):
         Settings.from_env({"MODEL_BUCKET": "b", name: value})
+
+
+@pytest.mark.parametrize(
+    ("method", "threshold", "expected"),
+    [
+        ("", "", DriftRule("psi", 0.1)),
+        ("KS", "", DriftRule("ks", 0.1)),
+        ("ks", "0.05", DriftRule("ks", 0.05)),
+        ("wasserstein", "0.2", DriftRule("wasserstein", 0.2)),
+        ("psi", "0.25", DriftRule("psi", 0.25)),
+    ],
+)
+def test_drift_rule_from_the_environment(method: str, threshold: str, expected: DriftRule) -> None:
+    env = {"MODEL_BUCKET": "b", "DRIFT_METHOD": method, "DRIFT_THRESHOLD": threshold}
+    assert Settings.from_env(env).drift_rule == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "threshold", "says"),
+    [
+        ("chi2", "", "not one of psi, ks, wasserstein"),
+        ("ks", "1.5", r"outside \(0, 1\]"),
+        ("wasserstein", "0", "outside"),
+        ("psi", "-0.1", "outside"),
+        ("psi", "nan", "outside"),
+        ("ks", "often", "not a number"),
+    ],
+)
+def test_bad_drift_rule_is_refused_naming_both_variables(
+    method: str, threshold: str, says: str
+) -> None:
+    env = {"MODEL_BUCKET": "b", "DRIFT_METHOD": method, "DRIFT_THRESHOLD": threshold}
+    with pytest.raises(ConfigurationError, match="DRIFT_METHOD") as info:
+        Settings.from_env(env)
+    assert "DRIFT_THRESHOLD" in str(info.value)
+    assert re.search(says, str(info.value))

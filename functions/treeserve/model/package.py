@@ -666,12 +666,12 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
     return out
 
 
-def _drift_rule(value: Any, where: str) -> dict[str, Any]:
+def _drift_rule(value: Any, where: str, inherited: str = "psi") -> dict[str, Any]:
     if not isinstance(value, dict) or not value or set(value) - {"method", "threshold"}:
         raise _manifest_error(
             f"{where} must be an object with method and/or threshold; {DRIFT_HINT}"
         )
-    method = value.get("method", "psi")
+    method = value.get("method", inherited)
     threshold = value.get("threshold", DEFAULT_DRIFT_THRESHOLD)
     problem = drift_rule_problem(method, threshold)
     if problem:
@@ -689,8 +689,9 @@ def _declared_drift(value: Any) -> dict[str, Any]:
     if features is not None:
         if not isinstance(features, dict):
             raise _manifest_error(f"drift.features must map feature names to rules; {DRIFT_HINT}")
+        inherited = (out.get("default") or {}).get("method", "psi")
         out["features"] = {
-            str(name): _drift_rule(rule, f"drift.features[{str(name)[:60]!r}]")
+            str(name): _drift_rule(rule, f"drift.features[{str(name)[:60]!r}]", inherited)
             for name, rule in features.items()
         }
     return out
