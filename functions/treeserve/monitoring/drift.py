@@ -191,13 +191,12 @@ class FeatureAccumulator:
         self.support, ref_le = np.unique(points, return_counts=True)
         self.ref_weights = ref_le.astype(np.float64)
         self.ref_cdf = np.cumsum(ref_le) / max(self.sample_size, 1)
-        # Per support value u: current values <= u and < u (cumulative, so batches add up),
-        # and the sum of the current values <= u, centred on the reference mean (Wasserstein).
+        # Per support value u_j: current values <= u_j and < u_j (cumulative, so batches add
+        # up), and (Wasserstein) the sum of the current values in (u_{j-1}, u_j] for j = 0..K
+        # (u_{-1} = -inf, u_K = +inf).
         self.cum_le = np.zeros(self.support.size, dtype=np.int64)
         self.cum_lt = np.zeros(self.support.size, dtype=np.int64)
-        self.center = float(reference.get("mean") or 0.0)
-        self.sum_le = np.zeros(self.support.size, dtype=np.float64)
-        self.centred_sum = 0.0
+        self.segment_sums = np.zeros(self.support.size + 1, dtype=np.float64)
         self.kept: list[F32] | None = []
         self.kept_n = 0
         lo, hi = reference.get("min"), reference.get("max")
@@ -235,18 +234,28 @@ class FeatureAccumulator:
             above = present - int(np.searchsorted(values, self.ref_max, side="right"))
             self.out_of_range += below + above
         if self.support.size:
-            le = np.searchsorted(values, self.support, side="right")
-            self.cum_le += le
-            self.cum_lt += np.searchsorted(values, self.support, side="left")
-            running = np.cumsum(values - self.center, dtype=np.float64)
-            self.sum_le += np.where(le > 0, running[np.maximum(le - 1, 0)], 0.0)
-            self.centred_sum += float(running[-1])
+            self._add_to_support(values)
         if self.kept is not None:
             self.kept_n += present
             if self.kept_n > EXACT_KS_MAX_N:
                 self.kept = None  # scipy is asymptotic above this size: counts suffice
             else:
                 self.kept.append(values.copy())
+
+    def _add_to_support(self, values: F32) -> None:
+        lt = np.searchsorted(values, self.support, side="left")
+        # Values equal to a support point are rare in continuous data: search those alone.
+        tied = np.flatnonzero(values[np.minimum(lt, values.size - 1)] == self.support)
+        le = lt.copy()
+        if tied.size:
+            le[tied] = np.searchsorted(values, self.support[tied], side="right")
+        self.cum_lt += lt
+        self.cum_le += le
+        starts = np.concatenate([[0], le])
+        ends = np.concatenate([le, [values.size]])
+        full = np.flatnonzero(ends > starts)
+        # reduceat sums values[starts[i]:starts[i+1]]: consecutive non-empty segments abut.
+        self.segment_sums[full] += np.add.reduceat(values, starts[full], dtype=np.float64)
 
     def _add_categories(self, values: F32) -> None:
         codes, counts = np.unique(values, return_counts=True)
@@ -308,17 +317,14 @@ class FeatureAccumulator:
         u = self.support.astype(np.float64)
         le, lt = self.cum_le.astype(np.float64), self.cum_lt.astype(np.float64)
         at_u = le - lt
-        sum_lt = self.sum_le - at_u * (u - self.center)  # centred sum of values < u
-        # Runs: below u_0, between u_j and u_{j+1}, above u_last.
+        # Runs strictly between consecutive points: below u_0, (u_j, u_{j+1}), above u_last;
+        # segment j is (u_{j-1}, u_j], so a run's sum is its segment's less the values at u_j.
         counts = np.concatenate([[lt[0]], lt[1:] - le[:-1], [n - le[-1]]])
-        sums = np.concatenate(
-            [[sum_lt[0]], sum_lt[1:] - self.sum_le[:-1], [self.centred_sum - self.sum_le[-1]]]
-        )
+        sums = self.segment_sums - np.concatenate([at_u * u, [0.0]])
         lo = np.concatenate([[-np.inf], u])
         hi = np.concatenate([u, [np.inf]])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            means = np.where(counts > 0, self.center + sums / np.maximum(counts, 1.0), 0.0)
-        means = np.clip(means, lo, hi)
+        empty_at = np.concatenate([[u[0]], u])  # a finite place for runs of no values
+        means = np.clip(np.where(counts > 0, sums / np.maximum(counts, 1.0), empty_at), lo, hi)
         values = np.concatenate([u, means])
         weights = np.concatenate([at_u, np.maximum(counts, 0.0)])
         distance = float(stats.wasserstein_distance(u, values, self.ref_weights, weights))
