@@ -64,7 +64,7 @@ def verdicts(X: np.ndarray, Y: np.ndarray) -> tuple[list[dict[str, Any]], dict[s
         for part in np.array_split(Y[:, j], 4):  # streamed in batches, as capture files come
             acc.add(part)
         results.append(drift.compare_feature(acc))
-    flagged = {}
+    flagged: dict[str, list[str]] = {}
     for method in DRIFT_METHODS:
         rule = DriftRule(method, THRESHOLD)
         assessed = drift.assess(copy.deepcopy(results), [rule] * FEATURES)
@@ -103,7 +103,9 @@ def table(seed: int = SEED) -> str:
 
 def sweep(seeds: int) -> str:
     """How often each method flags each planted feature over seeds 0..seeds-1."""
-    counts = {m: dict.fromkeys(("f3", "f5", "f9", "other"), 0) for m in DRIFT_METHODS}
+    counts: dict[str, dict[str, int]] = {
+        m: dict.fromkeys(("f3", "f5", "f9", "other"), 0) for m in DRIFT_METHODS
+    }
     for seed in range(seeds):
         _, flagged = verdicts(*planted(seed))
         for method, names in flagged.items():

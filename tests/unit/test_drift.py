@@ -11,6 +11,8 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
+from infra import drift_rules
+from tests.conftest import ROOT
 from tests.unit.test_reference import walk_numbers
 from treeserve.model.reference import (
     QUANTILES,
@@ -405,3 +407,14 @@ def test_numeric_methods_need_min_rows() -> None:
     many = run(ref, np.full(MIN_ROWS, 50.0), batches=1)
     for method in ("ks", "wasserstein"):
         assert drift.assess([dict(many)], [DriftRule(method, 0.1)])[0]["drifted"]  # type: ignore[arg-type]
+
+
+def test_docs_side_by_side_table_is_what_the_code_computes() -> None:
+    text = (ROOT / "docs" / "monitoring.md").read_text(encoding="utf-8")
+    table = text.split("<!-- drift-table:start -->\n")[1].split("<!-- drift-table:end -->")[0]
+    assert table == drift_rules.table()
+    sweep = text.split("<!-- drift-sweep:start -->\n```\n")[1].split("```\n<!-- drift-sweep")[0]
+    assert sweep == drift_rules.sweep(20)
+    # The anchors' verdicts on the documented seed, as the page states them.
+    _, flagged = drift_rules.verdicts(*drift_rules.planted(drift_rules.SEED))
+    assert flagged == {"psi": [], "ks": ["f5"], "wasserstein": ["f3", "f5", "f9"]}
