@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from infra import drift_rules
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from infra import drift_rules
 from tests.conftest import ROOT
 from tests.unit.test_reference import walk_numbers
 from treeserve.model.reference import (
