@@ -59,8 +59,8 @@ the quantiles are every value (k = n, F_q = F): both statistics are exact.
 Prediction columns: ``"prediction"`` (binary probability or regression value), or
 ``"prediction[i]"`` per class probability (multiclass); each is a numeric FeatureStats.
 
-``checks``: from a sample, ``psi``, ``js``, ``ks``, ``chi2``, ``missing_rate``, ``range``,
-``new_categories``, ``prediction``. From the model alone (``source: "model"``): the edges are the
+``checks``: from a sample, ``psi``, ``js``, ``ks``, ``wasserstein``, ``chi2``, ``missing_rate``,
+``range``, ``new_categories``, ``prediction``. From the model alone (``source: "model"``): the edges are the
 model's own split thresholds (at most ``MAX_MODEL_EDGES``; values between two thresholds are
 treated identically by every tree) and the categories those it splits on, with no counts, so
 only ``bin_shares`` (the current distribution over the model's bins), ``missing_rate`` (current,
@@ -82,7 +82,17 @@ QUANTILES = 2000  # reference quantiles per numeric feature: KS within 1/(2 * QU
 MAX_CATEGORIES = 1000
 MAX_MODEL_EDGES = 64
 
-SAMPLE_CHECKS = ["psi", "js", "ks", "chi2", "missing_rate", "range", "new_categories", "prediction"]
+SAMPLE_CHECKS = [
+    "psi",
+    "js",
+    "ks",
+    "wasserstein",
+    "chi2",
+    "missing_rate",
+    "range",
+    "new_categories",
+    "prediction",
+]
 MODEL_CHECKS = ["bin_shares", "missing_rate", "new_categories"]
 
 

@@ -12,27 +12,37 @@ Statistics (reference layout in :mod:`treeserve.model.reference`):
   ``PSI_EPS`` (1e-4) so the sum stays finite.
 - **Jensen-Shannon distance** (base 2, in [0, 1]) over the same bins, as
   ``scipy.spatial.distance.jensenshannon(r, c, base=2)``; it needs no epsilon.
-- **Kolmogorov-Smirnov** (numeric, non-missing values) two-sample test against the reference
-  sample stored in the reference (at most 1000 values, all of them for small references). The
-  statistic is computed exactly from counts of current values below and at each sample value
-  (the supremum of the ECDF difference is attained at those points), so it equals
-  ``scipy.stats.ks_2samp(sample, current).statistic`` without keeping the current values. The
-  p-value follows ``ks_2samp``'s ``method="auto"``: when the current sample has at most 10,000
-  values they are kept and ``ks_2samp`` itself computes the exact p-value; above that scipy
-  uses the asymptotic ``kstwo.sf(D, round(m n / (m + n)))`` and so does this module.
+- **Kolmogorov-Smirnov** (numeric, non-missing values) two-sample test against the reference's
+  quantiles (k = min(2000, n) of the whole reference; every value for n <= 2000). The statistic
+  is computed exactly against them from counts of current values below and at each quantile
+  (the supremum of the ECDF difference is attained at those points), without keeping the
+  current values; since the quantiles' ECDF is within 1/(2k) of the reference's, it is within
+  ``ks_bound`` = 1/(2k) of ``scipy.stats.ks_2samp(full reference, current).statistic`` (0 for
+  n <= 2000). p-value: when the quantiles are the whole reference and at most 10,000 current
+  values came in, they are kept and ``ks_2samp`` itself computes it (``method="auto"``: exact);
+  else scipy's asymptotic ``kstwo.sf(D, round(m n / (m + n)))`` with m the full reference's
+  size. References written before the quantiles hold a 1000-value random sample: KS runs
+  against it exactly as it did (m = the sample's size), with no bound.
+- **Wasserstein** (numeric): W1 between the reference's quantiles and the current values, from
+  per-run counts and sums (:meth:`FeatureAccumulator.wasserstein` states the error bound), and
+  ``wasserstein_normed`` = W1 / max(reference std, 0.001), Evidently's "normed" distance.
 - **Chi-squared** test of homogeneity (categorical) on the 2 x k table reference vs current over
   categories (+ new/other, + missing), no continuity correction, empty columns dropped; equals
   ``scipy.stats.chi2_contingency(table, correction=False)``.
 - **Missing-rate change**, **share out of the reference range** (numeric), **new categories**.
 
-Decisions (:func:`assess`): one p-value per feature (KS for numeric features, chi-squared for
-categorical ones and for numeric features without a usable sample) is adjusted with
-Benjamini-Hochberg across the features (and separately across prediction columns). A feature
-drifts when its adjusted p-value is below ``ALPHA`` (0.05) *and* its PSI is at least
-``PSI_MODERATE`` (0.1), with at least ``MIN_ROWS`` (30) current rows; ``PSI_MAJOR`` (0.25)
-marks it major. The test makes a small sample need a large effect, and a handful of rows (an
-outlier or two) never makes a verdict; the PSI floor keeps a huge sample from flagging a shift
-too small to matter. Data-quality flags (missing-rate increase, out of range) need both an absolute
+Decisions (:func:`assess`), by each feature's rule (:func:`resolve_rules`: ``DRIFT_METHOD`` /
+``DRIFT_THRESHOLD``, overridden by the manifest's ``drift`` section; docs/monitoring.md). One
+p-value per feature (KS for numeric features, chi-squared for categorical ones and for numeric
+features without usable quantiles) is adjusted with Benjamini-Hochberg across the features (and
+separately across prediction columns). With at least ``MIN_ROWS`` (30) current rows, under
+``psi`` (the default) a feature drifts when its adjusted p-value is below ``ALPHA`` (0.05)
+*and* its PSI is at least the threshold (default ``PSI_MODERATE``, 0.1): the test makes a small
+sample need a large effect, the PSI floor keeps a huge sample from flagging a shift too small
+to matter. Under ``ks`` it drifts when the KS statistic is at least the threshold (SageMaker
+Model Monitor's rule), under ``wasserstein`` when the normed Wasserstein distance is
+(Evidently's); categorical features keep the psi rule. ``PSI_MAJOR`` (0.25) marks a drifted
+feature major. Data-quality flags (missing-rate increase, out of range) need both an absolute
 excess and a one-sided binomial test against the reference rate at ``ALPHA``, so they also
 account for sample size. Every number is finite; what cannot be computed is ``None``.
 """
@@ -309,7 +319,8 @@ class FeatureAccumulator:
         at its mean. That changes nothing where the reference ECDF (constant there) stays on
         one side of the current ECDF, and at most ``count / n * width / 2`` where it crosses
         it; the bound adds those terms and, for a reference summarised by k < n quantiles,
-        ``(max - min) / (2k)`` (treeserve.model.reference). None for a legacy sample.
+        ``(max - min) / (2k)`` (treeserve.model.reference). The bound is None against a legacy
+        random sample, whose own distance from the reference no bound covers.
         """
         n = self.n - self.n_missing
         if self.support.size == 0 or n == 0:
