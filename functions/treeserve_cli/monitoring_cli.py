@@ -22,6 +22,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _rule(rule: dict[str, Any] | None) -> str:
+    if not rule:
+        return "-"
+    measure = {"psi": "PSI", "ks": "KS", "wasserstein": "W/sd"}.get(rule["method"], "?")
+    return f"{measure}>={rule['threshold']:g}"
+
+
 def print_summary(report: dict[str, Any], out: TextIO) -> None:
     """A human summary: window, rows, then one line per feature of each version."""
     s = report["summary"]
@@ -39,7 +46,21 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
             f"{v.get('reference_source')}{'  ERROR ' + v['error'] if v.get('error') else ''}\n"
         )
         rows = [
-            ("feature", "kind", "rows", "missing", "PSI", "JS", "test", "p(BH)", "drift", "flags")
+            (
+                "feature",
+                "kind",
+                "rows",
+                "missing",
+                "PSI",
+                "JS",
+                "KS",
+                "W/sd",
+                "test",
+                "p(BH)",
+                "rule",
+                "drift",
+                "flags",
+            )
         ]
         for f in [*v.get("features", []), *v.get("predictions", [])]:
             rows.append(
@@ -50,8 +71,11 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
                     _fmt(f["missing_rate"]),
                     _fmt(f["psi"]),
                     _fmt(f["js_distance"]),
+                    _fmt(f.get("ks_statistic")),
+                    _fmt(f.get("wasserstein_normed")),
                     f["test"] or "-",
                     _fmt(f["p_adjusted"]),
+                    _rule(f.get("rule")),
                     f["severity"] if f["drifted"] else "-",
                     ",".join(f["flags"]) or "-",
                 )

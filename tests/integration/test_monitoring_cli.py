@@ -60,6 +60,13 @@ def test_monitor_html_report(
     out = capsys.readouterr().out
     assert code == 0
     assert "drifted features: f3" in out
+    header = next(line for line in out.splitlines() if line.startswith("feature"))
+    assert header.split() == [
+        "feature", "kind", "rows", "missing", "PSI", "JS", "KS", "W/sd", "test", "p(BH)", "rule",
+        "drift", "flags",
+    ]  # fmt: skip
+    f3 = next(line for line in out.splitlines() if line.startswith("f3 "))
+    assert "PSI>=0.1" in f3  # the default rule, DRIFT_METHOD=psi
     assert "rows 500" in out
     key = next(line.split(f"s3://{BUCKET}/")[1] for line in out.splitlines() if "s3://" in line)
     assert s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"] > 0
