@@ -13,10 +13,13 @@ import xgboost as xgb
 
 from tests.conftest import TrainedModel
 from treeserve.model.reference import (
+    MIN_QUANTILES,
     MODEL_CHECKS,
+    QUANTILE_BUDGET,
     QUANTILES,
     bin_counts,
     compute_reference,
+    quantiles_per_column,
     reference_from_model,
 )
 
@@ -183,3 +186,15 @@ def test_reference_from_model_records_split_categories() -> None:
     assert colour["categories"], "the categorical splits name at least one category"
     assert set(colour["categories"]) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
     assert x["kind"] == "numeric"
+
+
+def test_wide_models_share_the_quantile_budget() -> None:
+    assert quantiles_per_column(30) == QUANTILES
+    assert quantiles_per_column(300) == QUANTILE_BUDGET // 300
+    assert quantiles_per_column(10_000) == MIN_QUANTILES
+    X = np.random.default_rng(4).normal(size=(3000, 299))
+    ref = compute_reference(X, [f"f{j}" for j in range(299)], None, X[:, 0])  # 300 columns
+    sizes = {len(f["quantiles"]) for f in ref["features"]}
+    sizes.add(len(ref["predictions"]["columns"][0]["quantiles"]))
+    assert sizes == {QUANTILE_BUDGET // 300}
+    assert len(orjson.dumps(ref)) < 3 << 20

@@ -27,7 +27,7 @@ Schema (``REFERENCE_SCHEMA_VERSION`` = 1)::
        "min", "max", "mean", "std": float | null,       # of the non-missing values
        "edges": [e0 < e1 < ... < e_{k-1}],              # interior bin edges
        "counts": [k + 1 ints] | null,                   # non-missing values per bin
-       "quantiles": [q_1 <= ... <= q_k] | null}         # k = min(QUANTILES, non-missing)
+       "quantiles": [q_1 <= ... <= q_k] | null}         # k <= QUANTILES (below)
     Bins are open at both ends: (-inf, e0], (e0, e1], ..., (e_{k-1}, +inf); a value v falls in
     bin ``searchsorted(edges, v, side="left")``. Missing values are counted separately
     (``n_missing``); drift statistics use them as one more bin.
@@ -54,17 +54,21 @@ nearest multiple of 1/k, so ``|F_q(x) - F(x)| <= 1/(2k)`` at every x. Hence the 
 against the quantiles is within 1/(2k) of ``scipy.stats.ks_2samp(reference, current)``'s on the
 full reference (1/4000 with QUANTILES = 2000), and since F_q = F outside [min, max] the
 Wasserstein distance is within ``(max - min) / (2k)`` of the full reference's. With n <= QUANTILES
-the quantiles are every value (k = n, F_q = F): both statistics are exact.
+the quantiles are every value (k = n, F_q = F): both statistics are exact. A model with more
+than 100 numeric columns (features and prediction columns) shares ``QUANTILE_BUDGET`` (200,000)
+quantiles among them, at least ``MIN_QUANTILES`` (100) each, so k = min(n, max(100,
+min(2000, 200000 // columns))); monitoring reports each feature's bound (``ks_bound``).
 
 Prediction columns: ``"prediction"`` (binary probability or regression value), or
 ``"prediction[i]"`` per class probability (multiclass); each is a numeric FeatureStats.
 
 ``checks``: from a sample, ``psi``, ``js``, ``ks``, ``wasserstein``, ``chi2``, ``missing_rate``,
-``range``, ``new_categories``, ``prediction``. From the model alone (``source: "model"``): the edges are the
-model's own split thresholds (at most ``MAX_MODEL_EDGES``; values between two thresholds are
-treated identically by every tree) and the categories those it splits on, with no counts, so
-only ``bin_shares`` (the current distribution over the model's bins), ``missing_rate`` (current,
-no baseline) and ``new_categories`` (categories no split has seen) are available.
+``range``, ``new_categories``, ``prediction``. From the model alone (``source: "model"``): the
+edges are the model's own split thresholds (at most ``MAX_MODEL_EDGES``; values between two
+thresholds are treated identically by every tree) and the categories those it splits on, with
+no counts, so only ``bin_shares`` (the current distribution over the model's bins),
+``missing_rate`` (current, no baseline) and ``new_categories`` (categories no split has seen)
+are available.
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ import orjson
 REFERENCE_SCHEMA_VERSION = 1
 N_BINS = 10
 QUANTILES = 2000  # reference quantiles per numeric feature: KS within 1/(2 * QUANTILES)
+# Quantiles of all numeric columns together: past 100 columns each keeps fewer (never fewer than
+# MIN_QUANTILES, KS within 1/200), so a wide model's manifest stays a few MB.
+QUANTILE_BUDGET = 200_000
+MIN_QUANTILES = 100
 MAX_CATEGORIES = 1000
 MAX_MODEL_EDGES = 64
 
@@ -141,6 +149,12 @@ def reference_quantiles(
     i = np.arange(1, k + 1, dtype=np.int64)
     rank = (n * (2 * i - 1) + 2 * k - 1) // (2 * k)  # ceil(n (2i - 1) / (2k)), in integers
     return sorted_values[rank - 1]
+
+
+def quantiles_per_column(numeric_columns: int) -> int:
+    """Quantiles each numeric column keeps: QUANTILES, fewer past QUANTILE_BUDGET in all."""
+    share = QUANTILE_BUDGET // max(numeric_columns, 1)
+    return max(MIN_QUANTILES, min(QUANTILES, share))
 
 
 def numeric_stats(
@@ -233,19 +247,24 @@ def compute_reference(
             f"reference matrix of shape {X.shape} does not match {len(feature_names)} features"
         )
     types = list(feature_types) if feature_types else [None] * len(feature_names)
+    given = np.asarray(predictions if predictions is not None else [])
+    preds_given = given.size > 0
+    P = prediction_matrix(given) if preds_given else np.empty((0, 0), np.float32)
+    k = quantiles_per_column(sum(not is_categorical(t) for t in types) + P.shape[1])
     features = [
         categorical_stats(name, X[:, j], (categories or {}).get(name))
         if is_categorical(types[j])
-        else numeric_stats(name, types[j], X[:, j])
+        else numeric_stats(name, types[j], X[:, j], quantiles=k)
         for j, name in enumerate(feature_names)
     ]
     preds: dict[str, Any] | None = None
-    if predictions is not None and np.asarray(predictions).size:
-        P = prediction_matrix(predictions)
-        names = prediction_names(predictions)
+    if preds_given:
+        names = prediction_names(given)
         preds = {
             "names": names,
-            "columns": [numeric_stats(nm, "float", P[:, i]) for i, nm in enumerate(names)],
+            "columns": [
+                numeric_stats(nm, "float", P[:, i], quantiles=k) for i, nm in enumerate(names)
+            ],
         }
     return {
         "schema_version": REFERENCE_SCHEMA_VERSION,
