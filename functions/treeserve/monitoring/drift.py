@@ -207,7 +207,8 @@ class FeatureAccumulator:
         self.cum_le = np.zeros(self.support.size, dtype=np.int64)
         self.cum_lt = np.zeros(self.support.size, dtype=np.int64)
         self.segment_sums = np.zeros(self.support.size + 1, dtype=np.float64)
-        self.kept: list[F32] | None = []
+        # Current values kept for ks_2samp's exact p-value (only against the whole reference).
+        self.kept: list[F32] | None = [] if self.exact_reference else None
         self.kept_n = 0
         lo, hi = reference.get("min"), reference.get("max")
         self.ref_min = np.float32(lo) if lo is not None else None
