@@ -59,6 +59,9 @@ class Settings:
     promotion_tolerance: float = 0.0
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
+    # The path prefix a custom domain's base path mapping adds before every route ("/prod"):
+    # Mangum's api_gateway_base_path, removed before routing.
+    api_base_path: str = "/"
 
     @classmethod
     def from_env(
@@ -86,4 +89,5 @@ class Settings:
             promotion_tolerance=_number(env, "PROMOTION_TOLERANCE", 0.0, 0.0, 1e9),
             notification_topic_arn=env.get("NOTIFICATION_TOPIC_ARN", "").strip() or None,
             log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
+            api_base_path=_text(env, "API_BASE_PATH", "/"),
         )

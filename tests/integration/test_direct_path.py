@@ -1,13 +1,8 @@
-"""The Lambda hot path without Mangum and FastAPI, and XGBoost's C call without its wrapper.
-
-``answer_v2_event`` must give, for every payload 2.0 event it takes, the dict Mangum gives for the
-same event through the FastAPI app; ``DenseCall`` must give what ``inplace_predict`` gives.
-"""
+"""Predict and explain events through the whole handler, and XGBoost's C call without its
+Python wrapper: ``DenseCall`` must give what ``inplace_predict`` gives, bit for bit."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -15,30 +10,20 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from mangum import Mangum
 
-from tests.conftest import ROOT, LambdaContext, TrainedModel
-from tests.inference_support import http_api_event, rest_api_event
+from tests.conftest import LambdaContext, TrainedModel
+from tests.inference_support import http_api_event
 from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     function_fixture,
     publish,
     registry_fixture,
 )
-from treeserve.api import create_app
-from treeserve.endpoints import answer_v2_event, strip_base_path
 from treeserve.predictor import DenseCall, Predictor
 from treeserve.registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[[], ModuleType]
-
-
-def _via_mangum(module: ModuleType, event: dict[str, Any], base_path: str) -> dict[str, Any]:
-    app = create_app(
-        module.service, module.settings, metrics=module.metrics, endpoints=module.endpoints
-    )
-    return Mangum(app, lifespan="off", api_gateway_base_path=base_path)(event, LambdaContext())
 
 
 def _events(model: TrainedModel) -> list[tuple[str, dict[str, Any]]]:
@@ -104,7 +89,7 @@ def _events(model: TrainedModel) -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("base_path", ["/", "/prod"])
-def test_direct_answers_equal_mangums(
+def test_answers_through_the_handler(
     base_path: str,
     registry: ModelRegistry,
     function: Start,
@@ -115,14 +100,14 @@ def test_direct_answers_equal_mangums(
     monkeypatch.setenv("MAX_ROWS", "1000")
     publish(registry, multiclass_model, class_names=["a", "b", "c"])
     module = function()
+    assert module.settings.api_base_path == base_path
     prefix = "" if base_path == "/" else base_path
     statuses = []
     for label, event in _events(multiclass_model):
         event["requestContext"]["http"]["path"] = prefix + event["requestContext"]["http"]["path"]
-        direct = answer_v2_event(module.endpoints, event, base_path)
-        assert direct is not None, label
-        assert direct == _via_mangum(module, event, base_path), label
-        statuses.append((label, direct["statusCode"]))
+        answer = module.handler(event, LambdaContext())
+        assert answer["headers"]["x-model-version"] == "1", label
+        statuses.append((label, answer["statusCode"]))
     assert dict(statuses) == {
         **{label: 200 for label, _ in statuses[:8]},
         "malformed": 400,
@@ -138,45 +123,17 @@ def test_direct_answers_equal_mangums(
         "json by q": 200,
         "duplicate header names": 415,
     }
-    assert not module._web, "the FastAPI app was built for requests that do not need it"
 
 
-def test_no_model_answer_equals_mangums(registry: ModelRegistry, function: Start) -> None:
+def test_no_model_is_503(registry: ModelRegistry, function: Start) -> None:
     module = function()
     event = http_api_event("POST", "/predict", b'{"instances": [[1]]}')
-    direct = answer_v2_event(module.endpoints, event)
-    assert direct is not None
-    assert direct["statusCode"] == 503
-    assert direct == _via_mangum(module, event, "/")
+    answer = module.handler(event, LambdaContext())
+    assert answer["statusCode"] == 503
+    assert answer["headers"]["x-model-version"] == "none"
 
 
-def test_other_events_are_left_to_mangum(
-    registry: ModelRegistry, function: Start, binary_model: TrainedModel
-) -> None:
-    publish(registry, binary_model)
-    module = function()
-    body = orjson.dumps({"instances": binary_model.X[:1].tolist()})
-    for event in (
-        http_api_event("GET", "/predict"),
-        http_api_event("GET", "/health"),
-        http_api_event("POST", "/model", body),
-        http_api_event("POST", "/predict/more", body),
-        rest_api_event("POST", "/predict", body),
-        {"version": "2.0", "requestContext": "nonsense"},
-        {"version": "2.0", "requestContext": {"http": {"method": "POST", "path": None}}},
-        {},
-    ):
-        assert answer_v2_event(module.endpoints, event) is None
-    # ... and the handler still answers them (through the FastAPI app, built on demand)
-    assert not module._web
-    health = module.handler(http_api_event("GET", "/health"), LambdaContext())
-    assert health["statusCode"] == 200
-    assert module._web
-    rest = module.handler(rest_api_event("POST", "/predict", body), LambdaContext())
-    assert rest["statusCode"] == 200
-
-
-def test_a_body_that_is_not_base64_is_a_client_error(
+def test_a_body_that_is_not_base64_or_text_is_a_client_error(
     registry: ModelRegistry, function: Start, binary_model: TrainedModel
 ) -> None:
     publish(registry, binary_model)
@@ -189,52 +146,8 @@ def test_a_body_that_is_not_base64_is_a_client_error(
     assert response["headers"]["x-model-version"] == "1"
     event["body"], event["isBase64Encoded"] = "\udcff", False  # not text: cannot come from JSON
     assert module.handler(event, LambdaContext())["statusCode"] == 400
-
-
-def test_the_handler_answers_predictions_without_fastapi(
-    registry: ModelRegistry, function: Start, binary_model: TrainedModel
-) -> None:
-    publish(registry, binary_model)
-    module = function()
-    body = orjson.dumps({"instances": binary_model.X[:3].tolist()})
-    for event in (
-        http_api_event("POST", "/predict", body),
-        http_api_event("POST", "/explain", body, function_url=True),
-    ):
-        assert module.handler(event, LambdaContext())["statusCode"] == 200
-    assert not module._web  # neither FastAPI nor Mangum was built: the direct path answered
-    event = http_api_event("POST", "/predict", body)
     event["body"] = 10**10  # not text (a direct Invoke could send it): no 10 GB of zeros
-    event["headers"]["accept"] = None
-    response = module.handler(event, LambdaContext())
-    assert response["statusCode"] == 400
-
-
-def test_base_path_rule_matches_mangums() -> None:
-    from mangum.handlers.utils import strip_api_gateway_path
-
-    for path in ("", "/", "/predict", "/prod/predict", "/prodx/predict", "/a%20b", "/prod"):
-        for base in ("/", "", "/prod", "prod"):
-            assert strip_base_path(path, base) == strip_api_gateway_path(
-                path, api_gateway_base_path=base
-            ), (path, base)
-
-
-def test_endpoints_do_not_import_the_web_framework() -> None:
-    code = (
-        "import sys, treeserve.endpoints, treeserve.serving, treeserve.capture\n"
-        "heavy = sorted(m for m in ('fastapi', 'starlette', 'mangum', 'pydantic') if m in sys.modules)\n"
-        "print(heavy)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT / "functions"), "PATH": ""},
-    )
-    assert out.stdout.strip() == "[]"
+    assert module.handler(event, LambdaContext())["statusCode"] == 400
 
 
 # --- DenseCall ---------------------------------------------------------------------------------
