@@ -702,7 +702,12 @@ def proxy_answer(answer: Mapping[str, Any]) -> tuple[int, list[tuple[bytes, byte
 
 
 def make_server(
-    app: LambdaGateway, port: int, every_second: Callable[[], Any] | None = None
+    app: LambdaGateway,
+    port: int,
+    every_second: Callable[[], Any] | None = None,
+    *,
+    log_level: str = "info",
+    access_log: bool = True,
 ) -> Any:
     """A uvicorn server for ``app`` that stops on SIGINT/SIGTERM and lets us exit 0 after.
 
@@ -740,8 +745,8 @@ def make_server(
         app,
         host=HOST,
         port=port,
-        log_level="info",
-        access_log=True,
+        log_level=log_level,
+        access_log=access_log,
         lifespan="auto",
         timeout_graceful_shutdown=5,
     )
