@@ -1,8 +1,11 @@
-"""Predict and explain events through the whole handler, and XGBoost's C call without its
-Python wrapper: ``DenseCall`` must give what ``inplace_predict`` gives, bit for bit."""
+"""Predict and explain events through the whole handler; XGBoost's C call without its Python
+wrapper (``DenseCall`` must give what ``inplace_predict`` gives, bit for bit); and the model
+loaded through libxgboost's C API alone, which serves only what ``inplace_predict`` answers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -11,7 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.conftest import LambdaContext, TrainedModel
+from tests.conftest import ROOT, LambdaContext, TrainedModel
 from tests.inference_support import http_api_event
 from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     function_fixture,
@@ -195,8 +198,10 @@ def test_predictor_uses_the_direct_call_only_where_it_applies(
 ) -> None:
     from tests.inference_support import manifest_for
 
-    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
+    # the xgboost package's Booster (no recorded smoke rows: the C API alone is not used)
+    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model, smoke_check=False))
     assert predictor._dense is not None
+    assert not predictor.native
     calls: list[tuple[int, ...]] = []
     real = predictor._dense
 
@@ -230,7 +235,7 @@ def test_the_public_path_serves_when_the_direct_call_cannot(
     from tests.inference_support import manifest_for
 
     monkeypatch.setattr(DenseCall, name, replacement)
-    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
+    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model, smoke_check=False))
     assert predictor._dense is None
     X = binary_model.X[:10].astype(np.float32)
     np.testing.assert_array_equal(
@@ -255,3 +260,106 @@ def test_a_failing_c_call_raises_xgboosts_error(binary_model: TrainedModel) -> N
     call = DenseCall(binary_model.booster)
     with pytest.raises(xgb.core.XGBoostError):
         call(np.zeros((2, len(binary_model.feature_names) + 3), dtype=np.float32))
+
+
+# --- the model through libxgboost's C API alone ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["binary_model", "multiclass_model", "regression_model"])
+def test_the_c_api_alone_serves_what_inplace_predict_answers(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    from tests.inference_support import manifest_for
+
+    model: TrainedModel = request.getfixturevalue(name)
+    predictor = Predictor.load(model.ubj(), manifest_for(model))
+    assert predictor.native
+    assert predictor._booster is None  # the package's Booster is not loaded to predict
+    X = model.X[:300].astype(np.float32)
+    X[::5, 2] = np.nan
+    expected = model.booster.inplace_predict(X, validate_features=False)
+    for variant in (X, X.astype(np.float64), np.asfortranarray(X)):
+        got = predictor.raw_predict(variant)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(predictor.raw_predict(X[:1]), expected[:1])
+    # explain loads the package's Booster from the same bytes, on first need
+    contribs = predictor.explain(X[:4])
+    assert predictor._booster is not None
+    margin = model.booster.predict(xgb_dmatrix(X[:4], model.feature_names), output_margin=True)
+    np.testing.assert_allclose(
+        contribs.contributions.sum(axis=-1) + contribs.bias, margin, rtol=1e-4, atol=1e-4
+    )
+
+
+def xgb_dmatrix(X: np.ndarray, names: list[str]) -> Any:
+    import xgboost as xgb
+
+    return xgb.DMatrix(X, feature_names=names)
+
+
+def test_the_c_api_is_not_used_when_the_recorded_answers_differ(
+    binary_model: TrainedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.inference_support import manifest_for
+
+    manifest = manifest_for(binary_model)
+    assert manifest.smoke_check is not None
+    manifest.smoke_check["predictions"][0] += 1e-6  # one value off, by a hair
+    predictor = Predictor.load(binary_model.ubj(), manifest)
+    assert not predictor.native
+    assert "differ from the recorded ones" in caplog.text
+    X = binary_model.X[:20].astype(np.float32)
+    np.testing.assert_array_equal(predictor.raw_predict(X), binary_model.booster.inplace_predict(X))
+
+
+def test_the_c_api_is_not_used_for_an_xgboost_major_it_was_not_written_for(
+    binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.inference_support import manifest_for
+    from treeserve import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "SUPPORTED_XGBOOST_MAJORS", ("99",))
+    predictor_module.native_library.cache_clear()
+    try:
+        assert predictor_module.native_library() is None
+        predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
+        assert not predictor.native
+    finally:
+        predictor_module.native_library.cache_clear()
+
+
+def test_serving_does_not_import_the_xgboost_package_until_explain(
+    binary_model: TrainedModel, tmp_path: Any
+) -> None:
+    from tests.inference_support import manifest_for
+
+    (tmp_path / "model.ubj").write_bytes(binary_model.ubj())
+    (tmp_path / "manifest.json").write_bytes(manifest_for(binary_model).to_json())
+    X = binary_model.X[:5].astype(np.float32)
+    np.save(tmp_path / "rows.npy", X)
+    code = f"""
+import sys, numpy as np
+from pathlib import Path
+from treeserve.manifest import ModelManifest
+from treeserve.predictor import Predictor
+folder = Path({str(tmp_path)!r})
+manifest = ModelManifest.from_json((folder / "manifest.json").read_bytes())
+predictor = Predictor.load((folder / "model.ubj").read_bytes(), manifest)
+values = predictor.predict(np.load(folder / "rows.npy")).values
+print(predictor.native, "xgboost" in sys.modules, values.tobytes().hex())
+predictor.explain(np.load(folder / "rows.npy"))
+print("xgboost" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT / "functions"), "PATH": ""},
+    )
+    first, second = out.stdout.split("\n")[:2]
+    native, imported, values = first.split()
+    assert (native, imported, second) == ("True", "False", "True")
+    assert bytes.fromhex(values) == binary_model.booster.inplace_predict(X).tobytes()
