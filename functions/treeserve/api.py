@@ -17,14 +17,16 @@ requests Mangum can read are answered before it (:func:`treeserve.endpoints.refu
 from __future__ import annotations
 
 import base64
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from mangum import Mangum
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -176,6 +178,43 @@ def _without_trailing_slash(scope: Scope) -> Scope:
     return scope
 
 
+class RequestRoute(APIRoute):
+    """The route class of the app's own routes, whose endpoints take the request alone and
+    answer a :class:`Response` (FastAPI's extension point for custom routes, "Custom Request
+    and APIRoute class"). With nothing for FastAPI to solve, validate or serialise, the handler
+    awaits the endpoint with the request; routing, the middleware stack and the exception
+    handlers are FastAPI's as for any route. A route with parameters or dependencies gets
+    FastAPI's own handler."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        dependant = self.dependant
+        if not _only_the_request(dependant) or not inspect.iscoroutinefunction(self.endpoint):
+            return super().get_route_handler()
+        endpoint, name = self.endpoint, dependant.request_param_name
+
+        async def handler(request: Request) -> Response:
+            response: Response = await (endpoint(request) if name else endpoint())
+            return response
+
+        return handler
+
+
+def _only_the_request(dependant: Any) -> bool:
+    return not (
+        dependant.path_params
+        or dependant.query_params
+        or dependant.header_params
+        or dependant.cookie_params
+        or dependant.body_params
+        or dependant.dependencies
+        or dependant.websocket_param_name
+        or dependant.http_connection_param_name
+        or dependant.response_param_name
+        or dependant.background_tasks_param_name
+        or dependant.security_scopes_param_name
+    )
+
+
 def answer(result: Answer) -> Response:
     """A response carrying ``result``'s status, headers (content type included) and body."""
     status, headers, payload = result
@@ -202,6 +241,7 @@ def create_app(
         redirect_slashes=False,  # see ServingConventions
     )
     app.add_middleware(ServingConventions, service=service)
+    app.router.route_class = RequestRoute  # the routes below; a user's are FastAPI's own
 
     async def serve(kind: Kind, request: Request) -> Response:
         content_type: str | None = None
@@ -272,6 +312,8 @@ def create_app(
         except NoModelInService as exc:
             return answer(endpoints.error(503, "no_model", str(exc)))
         return Response(orjson.dumps(loaded.manifest.public()), media_type="application/json")
+
+    app.router.route_class = APIRoute
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101 -- registered for it
