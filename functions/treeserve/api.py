@@ -239,6 +239,7 @@ def create_app(
         description="Predictions and TreeSHAP explanations from the XGBoost model in service.",
         version="1",
         redirect_slashes=False,  # see ServingConventions
+        openapi_url=None,  # the docs routes come after the app's own (see below)
     )
     app.add_middleware(ServingConventions, service=service)
     app.router.route_class = RequestRoute  # the routes below; a user's are FastAPI's own
@@ -314,6 +315,9 @@ def create_app(
         return Response(orjson.dumps(loaded.manifest.public()), media_type="application/json")
 
     app.router.route_class = APIRoute
+    # Routes match in order: the hot ones first, then OpenAPI and the docs pages.
+    app.openapi_url = "/openapi.json"
+    app.setup()
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101 -- registered for it
