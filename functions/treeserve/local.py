@@ -1026,6 +1026,8 @@ def run(options: LocalOptions, out: TextIO = sys.stdout) -> int:
         api_socket.close()
         raise
     try:
+        if stack.app is None:  # start() sets it or raises
+            raise TreeserveError("the inference function's gateway was not started")
         server = make_server(stack.app, options.port, every_second=stack.flush_due_captures)
         _say(out, banner(stack, resources))
         server.run(sockets=[api_socket])

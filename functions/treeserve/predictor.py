@@ -271,13 +271,13 @@ class NativeBooster:
 
 
 def _package_booster(model_ubj: bytes) -> xgb.Booster:
-    xgb = _package()
+    package = _package()
     try:
-        booster = xgb.Booster(params={"nthread": 1})
+        booster: xgb.Booster = package.Booster(params={"nthread": 1})
         booster.load_model(bytearray(model_ubj))
         # Loading may restore saved parameters; one thread per prediction on Lambda.
         booster.set_param({"nthread": 1})
-    except (xgb.core.XGBoostError, ValueError, TypeError) as exc:
+    except (package.core.XGBoostError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"XGBoost cannot load the model: {exc}") from None
     return booster
 
