@@ -363,7 +363,7 @@ class Predictor:
                     f"model has {booster.num_features()} features, manifest says "
                     f"{manifest.num_features}"
                 )
-            predictor = cls(booster, manifest, model=model_ubj)
+            predictor = cls(booster, manifest)
         predictor.smoke()
         return predictor
 
