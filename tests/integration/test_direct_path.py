@@ -363,3 +363,38 @@ print("xgboost" in sys.modules)
     native, imported, values = first.split()
     assert (native, imported, second) == ("True", "False", "True")
     assert bytes.fromhex(values) == binary_model.booster.inplace_predict(X).tobytes()
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_an_upload_is_served_through_the_c_api_as_the_sandbox_predicted(
+    reference: bool, binary_model: TrainedModel
+) -> None:
+    """What refresh records (read_upload: the sandbox's own inplace_predict, on reference.csv
+    rows with missing values or on its synthetic sample) lets serving use the C API alone."""
+    from tests.corpus import make_package
+    from treeserve.package import read_upload
+
+    names = ",".join(binary_model.feature_names)
+    rows = binary_model.X[:6].astype(str).tolist()
+    rows[0][1] = rows[3][4] = ""  # missing values: NaN, recorded as null
+    csv = (names + "\n" + "\n".join(",".join(r) for r in rows) + "\n").encode()
+    package = make_package(
+        binary_model,
+        reference=False,
+        holdout=False,
+        extra_members={"reference.csv": csv} if reference else None,
+    )
+    upload = read_upload(package, "model.tar.gz")
+    manifest = upload.to_manifest("m")
+    assert manifest.smoke_check is not None
+    recorded = manifest.smoke_check["rows"]
+    if reference:
+        assert recorded[0][1] is None
+        assert recorded[3][4] is None
+    assert "smoke_check" not in manifest.public()
+    predictor = Predictor.load(upload.model_ubj, manifest)
+    assert predictor.native
+    X = binary_model.X[:50].astype(np.float32)
+    np.testing.assert_array_equal(
+        predictor.predict(X).values, binary_model.booster.inplace_predict(X)
+    )
