@@ -13,7 +13,9 @@ accepted: this tool never sends traffic anywhere else.
 
 With no ``--url`` it starts its own server in a child process: a small real XGBoost model
 (30 features, as the demo dataset) registered and promoted in an in-process moto S3, served by
-``treeserve.serving.api.create_app`` under uvicorn on 127.0.0.1 (a free port). Capture is on
+the inference function's own handler behind the local stack's gateway
+(``treeserve_cli.local.LambdaGateway``: each request an HTTP API event, as in production) under
+uvicorn on 127.0.0.1 (a free port). Capture is on
 (``--capture-rate``) so the S3 write path runs under load too.
 """
 
@@ -319,7 +321,8 @@ class ServerProcess:
 
 def serve(port: int, capture_rate: float) -> None:
     """The server side: the demo model (30 features) promoted in an in-process moto S3, served
-    by the inference app under uvicorn on 127.0.0.1:port until SIGINT/SIGTERM."""
+    by the inference handler behind the local stack's gateway on 127.0.0.1:port until
+    SIGINT/SIGTERM."""
     os.environ.update(
         {
             "AWS_ACCESS_KEY_ID": "testing",
@@ -333,20 +336,20 @@ def serve(port: int, capture_rate: float) -> None:
     )
     import tempfile
 
-    import uvicorn
     from moto import mock_aws
 
     from treeserve.aws import reset_clients, s3_client
+    from treeserve_cli.demo import write_demo_package
+    from treeserve_cli.invoke import LambdaContext, import_handler
+    from treeserve_cli.local import LambdaGateway, make_server
     from treeserve.model.package import read_upload
     from treeserve.registry.model_registry import ModelRegistry
     from treeserve.registry.store import S3RegistryStore
-    from treeserve.serving.api import create_app
-    from treeserve.serving.capture import CaptureBuffer
-    from treeserve.serving.service import ModelService
-    from treeserve.settings import Settings
-    from treeserve_cli.demo import write_demo_package
 
     bucket, name = "treeserve-load", "default"
+    os.environ.update(
+        {"MODEL_BUCKET": bucket, "MODEL_NAME": name, "CAPTURE_SAMPLE_RATE": str(capture_rate)}
+    )
     reset_clients()
     with mock_aws(), tempfile.TemporaryDirectory() as tmp:
         s3_client().create_bucket(Bucket=bucket)
@@ -354,22 +357,15 @@ def serve(port: int, capture_rate: float) -> None:
         upload = read_upload(package.read_bytes(), package.name)
         registry = ModelRegistry(S3RegistryStore(bucket), name)
         registry.promote(registry.register(upload.model_ubj, upload.to_manifest(name)))
-        settings = Settings(
-            model_bucket=bucket,
-            model_name=name,
-            model_refresh_seconds=60.0,
-            capture_sample_rate=capture_rate,
+        handler = import_handler(ROOT / "functions" / "inference", "app.handler")
+        gateway = LambdaGateway(
+            handler,
+            lambda: LambdaContext(
+                function_name="treeserve-load", memory_limit_in_mb=1769, timeout_seconds=29
+            ),
         )
-        service = ModelService(registry, settings)
-        capture = CaptureBuffer(
-            bucket,
-            name,
-            capture_rate,
-            settings.capture_max_rows,
-            settings.capture_max_age_seconds,
-        )
-        app = create_app(service, settings, capture)
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        server = make_server(gateway, port, log_level="warning", access_log=False)
+        server.run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import xgboost as xgb
 
 from tests.conftest import TrainedModel
-from treeserve.model.manifest import ModelManifest, task_of
+from treeserve.model.manifest import SMOKE_CHECK_ROWS, ModelManifest, smoke_check_record, task_of
 
 
 def manifest_for(
@@ -23,9 +23,12 @@ def manifest_for(
     class_names: list[Any] | None = None,
     threshold: float | None = None,
     ubj: bytes | None = None,
+    smoke_check: bool = True,
 ) -> ModelManifest:
-    """The manifest the registry would record for ``model`` (sha256 of its UBJ bytes)."""
+    """The manifest the registry would record for ``model`` (sha256 of its UBJ bytes; with
+    ``smoke_check``, the rows the refresh sandbox predicts and ``inplace_predict``'s answers)."""
     raw = model.ubj() if ubj is None else ubj
+    rows = model.X[:SMOKE_CHECK_ROWS]
     num_class = 3 if model.objective.startswith("multi:") else 0
     return ModelManifest(
         name=name,
@@ -41,6 +44,9 @@ def manifest_for(
         num_trees=model.booster.num_boosted_rounds(),
         class_names=class_names,
         threshold=threshold,
+        smoke_check=smoke_check_record(rows, model.booster.inplace_predict(rows))
+        if smoke_check
+        else None,
     )
 
 

@@ -148,6 +148,9 @@ class Settings:
     monitoring_workers: int | None = None
     # DRIFT_METHOD / DRIFT_THRESHOLD: the drift rule of every feature without a manifest override.
     drift_rule: DriftRule = DriftRule()
+    # The path prefix a custom domain's base path mapping adds before every route ("/prod"):
+    # Mangum's api_gateway_base_path, removed before routing.
+    api_base_path: str = "/"
 
     @classmethod
     def from_env(
@@ -183,4 +186,5 @@ class Settings:
             ),
             monitoring_workers=_workers(env),
             drift_rule=_drift_rule(env),
+            api_base_path=_text(env, "API_BASE_PATH", "/"),
         )

@@ -11,7 +11,9 @@ What runs, all in this process, all on loopback:
   refresh handler with the SQS event, through the template's handler wiring;
 - a demo model (:mod:`treeserve_cli.demo`) published the way a user would: a package uploaded to
   ``incoming/``, validated and promoted by the refresh handler;
-- the inference function's FastAPI app (the same object its Lambda handler wraps) under uvicorn;
+- the inference function under uvicorn, through :class:`LambdaGateway`: each HTTP request becomes
+  the HTTP API (payload 2.0) event API Gateway would send, and the function's own Lambda
+  handler answers it (Mangum, then its FastAPI app), as in production;
 - the monitoring handler on a timer (and on demand: ``treeserve monitor`` with the printed env).
 
 Ctrl-C (SIGINT) or SIGTERM stops everything and exits 0.
@@ -20,6 +22,8 @@ Ctrl-C (SIGINT) or SIGTERM stops everything and exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import contextlib
 import errno
 import json
@@ -36,10 +40,12 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import parse_qsl
 
 from treeserve.errors import ConfigurationError, TreeserveError
 from treeserve_cli.invoke import LambdaContext, environment, import_handler, runtime_environment
@@ -351,7 +357,7 @@ class LocalStack:
     poller: NotificationPoller | None = None
     timer: Every | None = None
     handlers: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    app: Any = None
+    app: LambdaGateway | None = None
     demo_dir: Path | None = None
     demo: DemoPackage | None = None
     demo_version: int | None = None
@@ -367,6 +373,7 @@ class LocalStack:
             steps.append(("S3 notification poller", self.poller.stop))
         if self.app is not None:
             steps.append(("capture flush", self._flush_captures))
+            steps.append(("invocation thread", self.app.close))
         if self.moto is not None:
             steps.append(("moto server", self.moto.stop))
         if self.demo_dir is not None:
@@ -571,13 +578,143 @@ def function_env(spec: StackSpec, overrides: Mapping[str, str]) -> dict[str, str
 # --- the API server ----------------------------------------------------------------------------
 
 
-def make_server(app: Any, port: int, every_second: Callable[[], Any] | None = None) -> Any:
+class LambdaGateway:
+    """An ASGI app that does what API Gateway does in front of the inference function: each
+    HTTP request becomes an HTTP API (payload 2.0) event (the shape ``sam local start-api`` and
+    API Gateway send: lower-case headers, cookies apart, the body base64-encoded), the Lambda
+    handler answers it, and its proxy answer becomes the HTTP response. So the local stack runs
+    the code production runs, Mangum included, from the event on.
+
+    Invocations run one at a time on one thread with its own event loop, as one Lambda
+    execution environment serves them; :meth:`call` runs other work (the periodic capture
+    flush) on that thread too.
+    """
+
+    def __init__(self, handler: Callable[..., Any], context: Callable[[], Any]) -> None:
+        self.handler = handler
+        self.context = context
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lambda", initializer=_own_event_loop
+        )
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the invocation thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    self.executor.shutdown(wait=True)
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        event = http_api_event(scope, b"".join(chunks))
+        answer = await self.call(self.handler, event, self.context())
+        status, headers, body = proxy_answer(answer)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _own_event_loop() -> None:
+    # Mangum runs each invocation on the thread's event loop, as in the Lambda runtime's
+    # main thread; a worker thread has none until given one.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def http_api_event(scope: Any, body: bytes) -> dict[str, Any]:
+    """The HTTP API (payload 2.0) event API Gateway sends for this ASGI request."""
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    for raw_name, raw_value in scope["headers"]:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        if name == "cookie":
+            cookies.extend(part.strip() for part in value.split(";") if part.strip())
+        else:  # API Gateway joins repeated headers with commas
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+    path = scope.get("raw_path") or scope["path"].encode()
+    path_text = path.decode("latin-1") if isinstance(path, bytes) else str(path)
+    query = scope.get("query_string", b"").decode("latin-1")
+    client = scope.get("client") or ("127.0.0.1", 0)
+    now = time.time()
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path_text,
+        "rawQueryString": query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "local",
+            "domainName": headers.get("host", HOST),
+            "domainPrefix": "local",
+            "http": {
+                "method": scope["method"],
+                "path": path_text,
+                "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
+                "sourceIp": client[0],
+                "userAgent": headers.get("user-agent", ""),
+            },
+            "requestId": str(uuid.uuid4()),
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "timeEpoch": int(now * 1000),
+        },
+        "body": base64.b64encode(body).decode(),
+        "isBase64Encoded": True,
+    }
+    if cookies:
+        event["cookies"] = cookies
+    if query:
+        parameters: dict[str, str] = {}
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            parameters[name] = f"{parameters[name]},{value}" if name in parameters else value
+        event["queryStringParameters"] = parameters
+    return event
+
+
+def proxy_answer(answer: Mapping[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of a Lambda proxy answer, as API Gateway sends them on."""
+    headers = [
+        (str(k).lower().encode("latin-1"), str(v).encode("latin-1"))
+        for k, v in (answer.get("headers") or {}).items()
+    ]
+    for name, values in (answer.get("multiValueHeaders") or {}).items():
+        headers.extend((name.lower().encode("latin-1"), str(v).encode("latin-1")) for v in values)
+    headers.extend((b"set-cookie", str(c).encode("latin-1")) for c in answer.get("cookies") or [])
+    raw = answer.get("body") or ""
+    body = base64.b64decode(raw) if answer.get("isBase64Encoded") else str(raw).encode()
+    return int(answer.get("statusCode", 200)), headers, body
+
+
+def make_server(
+    app: LambdaGateway,
+    port: int,
+    every_second: Callable[[], Any] | None = None,
+    *,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> Any:
     """A uvicorn server for ``app`` that stops on SIGINT/SIGTERM and lets us exit 0 after.
 
     uvicorn re-raises the signal it caught once it has shut down (so a bare ``uvicorn`` exits
     like an interrupted process); the local stack has its own shutdown to run after the server
     stops, and ends with exit 0, so it keeps the signal handled. ``every_second`` runs on the
-    server's own event loop thread (the thread requests run on), about once a second.
+    thread invocations run on (:meth:`LambdaGateway.call`), about once a second.
     """
 
     import uvicorn  # noqa: PLC0415
@@ -599,7 +736,7 @@ def make_server(app: Any, port: int, every_second: Callable[[], Any] | None = No
         async def on_tick(self, counter: int) -> bool:
             if every_second is not None and counter % 10 == 0:  # ticks are 0.1 s apart
                 try:
-                    every_second()
+                    await app.call(every_second)
                 except Exception:
                     logger.exception("the local stack's periodic task failed")
             return await super().on_tick(counter)
@@ -608,8 +745,8 @@ def make_server(app: Any, port: int, every_second: Callable[[], Any] | None = No
         app,
         host=HOST,
         port=port,
-        log_level="info",
-        access_log=True,
+        log_level=log_level,
+        access_log=access_log,
         lifespan="auto",
         timeout_graceful_shutdown=5,
     )
@@ -847,7 +984,7 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
 
         inference = load_handler(spec.inference, own_env(spec.inference, options.env))
         stack.handlers[spec.inference.logical_id] = inference
-        stack.app = asgi_app(inference)
+        stack.app = LambdaGateway(inference, lambda: context_for(spec.inference))
 
         if spec.monitoring is not None:
             monitor = load_handler(spec.monitoring, own_env(spec.monitoring, options.env))
@@ -891,6 +1028,8 @@ def run(options: LocalOptions, out: TextIO = sys.stdout) -> int:
         api_socket.close()
         raise
     try:
+        if stack.app is None:  # start() sets it or raises
+            raise TreeserveError("the inference function's gateway was not started")
         server = make_server(stack.app, options.port, every_second=stack.flush_due_captures)
         _say(out, banner(stack, resources))
         server.run(sockets=[api_socket])
@@ -991,19 +1130,6 @@ def load_handler(fn: FunctionDef, env: Mapping[str, str]) -> Callable[..., Any]:
     see what they would in their own Lambda execution environment."""
     with environment(runtime_environment(fn, env)):
         return import_handler(fn.code_uri, fn.handler)
-
-
-def asgi_app(handler: Callable[..., Any]) -> Any:
-    """The ASGI app the inference handler wraps: uvicorn serves the same object Mangum does."""
-    app = getattr(handler, "app", None)  # a bare Mangum instance
-    if app is None:
-        module = sys.modules.get(getattr(handler, "__module__", ""))
-        app = getattr(module, "app", None)
-    if app is None:
-        raise TreeserveError(
-            "the inference handler exposes no ASGI app (expected a module-level `app`)"
-        )
-    return app
 
 
 def publish_demo(package: Path, spec: StackSpec, model_name: str) -> int:

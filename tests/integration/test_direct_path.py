@@ -1,8 +1,6 @@
-"""The Lambda hot path without Mangum and FastAPI, and XGBoost's C call without its wrapper.
-
-``answer_v2_event`` must give, for every payload 2.0 event it takes, the dict Mangum gives for the
-same event through the FastAPI app; ``DenseCall`` must give what ``inplace_predict`` gives.
-"""
+"""Predict and explain events through the whole handler; XGBoost's C call without its Python
+wrapper (``DenseCall`` must give what ``inplace_predict`` gives, bit for bit); and the model
+loaded through libxgboost's C API alone, which serves only what ``inplace_predict`` answers."""
 
 from __future__ import annotations
 
@@ -15,10 +13,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from mangum import Mangum
 
 from tests.conftest import ROOT, LambdaContext, TrainedModel
-from tests.inference_support import http_api_event, rest_api_event
+from tests.inference_support import http_api_event
 from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     function_fixture,
     publish,
@@ -26,19 +23,10 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
 )
 from treeserve.model.predictor import DenseCall, Predictor
 from treeserve.registry.model_registry import ModelRegistry
-from treeserve.serving.api import create_app
-from treeserve.serving.endpoints import answer_v2_event, strip_base_path
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[[], ModuleType]
-
-
-def _via_mangum(module: ModuleType, event: dict[str, Any], base_path: str) -> dict[str, Any]:
-    app = create_app(
-        module.service, module.settings, metrics=module.metrics, endpoints=module.endpoints
-    )
-    return Mangum(app, lifespan="off", api_gateway_base_path=base_path)(event, LambdaContext())
 
 
 def _events(model: TrainedModel) -> list[tuple[str, dict[str, Any]]]:
@@ -104,7 +92,7 @@ def _events(model: TrainedModel) -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("base_path", ["/", "/prod"])
-def test_direct_answers_equal_mangums(
+def test_answers_through_the_handler(
     base_path: str,
     registry: ModelRegistry,
     function: Start,
@@ -115,14 +103,14 @@ def test_direct_answers_equal_mangums(
     monkeypatch.setenv("MAX_ROWS", "1000")
     publish(registry, multiclass_model, class_names=["a", "b", "c"])
     module = function()
+    assert module.settings.api_base_path == base_path
     prefix = "" if base_path == "/" else base_path
     statuses = []
     for label, event in _events(multiclass_model):
         event["requestContext"]["http"]["path"] = prefix + event["requestContext"]["http"]["path"]
-        direct = answer_v2_event(module.endpoints, event, base_path)
-        assert direct is not None, label
-        assert direct == _via_mangum(module, event, base_path), label
-        statuses.append((label, direct["statusCode"]))
+        answer = module.handler(event, LambdaContext())
+        assert answer["headers"]["x-model-version"] == "1", label
+        statuses.append((label, answer["statusCode"]))
     assert dict(statuses) == {
         **{label: 200 for label, _ in statuses[:8]},
         "malformed": 400,
@@ -138,45 +126,17 @@ def test_direct_answers_equal_mangums(
         "json by q": 200,
         "duplicate header names": 415,
     }
-    assert not module._web, "the FastAPI app was built for requests that do not need it"
 
 
-def test_no_model_answer_equals_mangums(registry: ModelRegistry, function: Start) -> None:
+def test_no_model_is_503(registry: ModelRegistry, function: Start) -> None:
     module = function()
     event = http_api_event("POST", "/predict", b'{"instances": [[1]]}')
-    direct = answer_v2_event(module.endpoints, event)
-    assert direct is not None
-    assert direct["statusCode"] == 503
-    assert direct == _via_mangum(module, event, "/")
+    answer = module.handler(event, LambdaContext())
+    assert answer["statusCode"] == 503
+    assert answer["headers"]["x-model-version"] == "none"
 
 
-def test_other_events_are_left_to_mangum(
-    registry: ModelRegistry, function: Start, binary_model: TrainedModel
-) -> None:
-    publish(registry, binary_model)
-    module = function()
-    body = orjson.dumps({"instances": binary_model.X[:1].tolist()})
-    for event in (
-        http_api_event("GET", "/predict"),
-        http_api_event("GET", "/health"),
-        http_api_event("POST", "/model", body),
-        http_api_event("POST", "/predict/more", body),
-        rest_api_event("POST", "/predict", body),
-        {"version": "2.0", "requestContext": "nonsense"},
-        {"version": "2.0", "requestContext": {"http": {"method": "POST", "path": None}}},
-        {},
-    ):
-        assert answer_v2_event(module.endpoints, event) is None
-    # ... and the handler still answers them (through the FastAPI app, built on demand)
-    assert not module._web
-    health = module.handler(http_api_event("GET", "/health"), LambdaContext())
-    assert health["statusCode"] == 200
-    assert module._web
-    rest = module.handler(rest_api_event("POST", "/predict", body), LambdaContext())
-    assert rest["statusCode"] == 200
-
-
-def test_a_body_that_is_not_base64_is_a_client_error(
+def test_a_body_that_is_not_base64_or_text_is_a_client_error(
     registry: ModelRegistry, function: Start, binary_model: TrainedModel
 ) -> None:
     publish(registry, binary_model)
@@ -189,52 +149,8 @@ def test_a_body_that_is_not_base64_is_a_client_error(
     assert response["headers"]["x-model-version"] == "1"
     event["body"], event["isBase64Encoded"] = "\udcff", False  # not text: cannot come from JSON
     assert module.handler(event, LambdaContext())["statusCode"] == 400
-
-
-def test_the_handler_answers_predictions_without_fastapi(
-    registry: ModelRegistry, function: Start, binary_model: TrainedModel
-) -> None:
-    publish(registry, binary_model)
-    module = function()
-    body = orjson.dumps({"instances": binary_model.X[:3].tolist()})
-    for event in (
-        http_api_event("POST", "/predict", body),
-        http_api_event("POST", "/explain", body, function_url=True),
-    ):
-        assert module.handler(event, LambdaContext())["statusCode"] == 200
-    assert not module._web  # neither FastAPI nor Mangum was built: the direct path answered
-    event = http_api_event("POST", "/predict", body)
     event["body"] = 10**10  # not text (a direct Invoke could send it): no 10 GB of zeros
-    event["headers"]["accept"] = None
-    response = module.handler(event, LambdaContext())
-    assert response["statusCode"] == 400
-
-
-def test_base_path_rule_matches_mangums() -> None:
-    from mangum.handlers.utils import strip_api_gateway_path
-
-    for path in ("", "/", "/predict", "/prod/predict", "/prodx/predict", "/a%20b", "/prod"):
-        for base in ("/", "", "/prod", "prod"):
-            assert strip_base_path(path, base) == strip_api_gateway_path(
-                path, api_gateway_base_path=base
-            ), (path, base)
-
-
-def test_endpoints_do_not_import_the_web_framework() -> None:
-    code = (
-        "import sys, treeserve.serving.endpoints, treeserve.serving.service, treeserve.serving.capture\n"
-        "heavy = sorted(m for m in ('fastapi', 'starlette', 'mangum', 'pydantic') if m in sys.modules)\n"
-        "print(heavy)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT / "functions"), "PATH": ""},
-    )
-    assert out.stdout.strip() == "[]"
+    assert module.handler(event, LambdaContext())["statusCode"] == 400
 
 
 # --- DenseCall ---------------------------------------------------------------------------------
@@ -282,8 +198,10 @@ def test_predictor_uses_the_direct_call_only_where_it_applies(
 ) -> None:
     from tests.inference_support import manifest_for
 
-    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
+    # the xgboost package's Booster (no recorded smoke rows: the C API alone is not used)
+    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model, smoke_check=False))
     assert predictor._dense is not None
+    assert not predictor.native
     calls: list[tuple[int, ...]] = []
     real = predictor._dense
 
@@ -317,7 +235,7 @@ def test_the_public_path_serves_when_the_direct_call_cannot(
     from tests.inference_support import manifest_for
 
     monkeypatch.setattr(DenseCall, name, replacement)
-    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
+    predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model, smoke_check=False))
     assert predictor._dense is None
     X = binary_model.X[:10].astype(np.float32)
     np.testing.assert_array_equal(
@@ -342,3 +260,141 @@ def test_a_failing_c_call_raises_xgboosts_error(binary_model: TrainedModel) -> N
     call = DenseCall(binary_model.booster)
     with pytest.raises(xgb.core.XGBoostError):
         call(np.zeros((2, len(binary_model.feature_names) + 3), dtype=np.float32))
+
+
+# --- the model through libxgboost's C API alone ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["binary_model", "multiclass_model", "regression_model"])
+def test_the_c_api_alone_serves_what_inplace_predict_answers(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    from tests.inference_support import manifest_for
+
+    model: TrainedModel = request.getfixturevalue(name)
+    predictor = Predictor.load(model.ubj(), manifest_for(model))
+    assert predictor.native
+    assert predictor._booster is None  # the package's Booster is not loaded to predict
+    X = model.X[:300].astype(np.float32)
+    X[::5, 2] = np.nan
+    expected = model.booster.inplace_predict(X, validate_features=False)
+    for variant in (X, X.astype(np.float64), np.asfortranarray(X)):
+        got = predictor.raw_predict(variant)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(predictor.raw_predict(X[:1]), expected[:1])
+    # explain loads the package's Booster from the same bytes, on first need
+    contribs = predictor.explain(X[:4])
+    assert predictor._booster is not None
+    margin = model.booster.predict(xgb_dmatrix(X[:4], model.feature_names), output_margin=True)
+    np.testing.assert_allclose(
+        contribs.contributions.sum(axis=-1) + contribs.bias, margin, rtol=1e-4, atol=1e-4
+    )
+
+
+def xgb_dmatrix(X: np.ndarray, names: list[str]) -> Any:
+    import xgboost as xgb
+
+    return xgb.DMatrix(X, feature_names=names)
+
+
+def test_the_c_api_is_not_used_when_the_recorded_answers_differ(
+    binary_model: TrainedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.inference_support import manifest_for
+
+    manifest = manifest_for(binary_model)
+    assert manifest.smoke_check is not None
+    manifest.smoke_check["predictions"][0] += 1e-6  # one value off, by a hair
+    predictor = Predictor.load(binary_model.ubj(), manifest)
+    assert not predictor.native
+    assert "differ from the recorded ones" in caplog.text
+    X = binary_model.X[:20].astype(np.float32)
+    np.testing.assert_array_equal(predictor.raw_predict(X), binary_model.booster.inplace_predict(X))
+
+
+def test_the_c_api_is_not_used_for_an_xgboost_major_it_was_not_written_for(
+    binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.inference_support import manifest_for
+    from treeserve.model import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "SUPPORTED_XGBOOST_MAJORS", ("99",))
+    predictor_module.native_library.cache_clear()
+    try:
+        assert predictor_module.native_library() is None
+        predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
+        assert not predictor.native
+    finally:
+        predictor_module.native_library.cache_clear()
+
+
+def test_serving_does_not_import_the_xgboost_package_until_explain(
+    binary_model: TrainedModel, tmp_path: Any
+) -> None:
+    from tests.inference_support import manifest_for
+
+    (tmp_path / "model.ubj").write_bytes(binary_model.ubj())
+    (tmp_path / "manifest.json").write_bytes(manifest_for(binary_model).to_json())
+    X = binary_model.X[:5].astype(np.float32)
+    np.save(tmp_path / "rows.npy", X)
+    code = f"""
+import sys, numpy as np
+from pathlib import Path
+from treeserve.model.manifest import ModelManifest
+from treeserve.model.predictor import Predictor
+folder = Path({str(tmp_path)!r})
+manifest = ModelManifest.from_json((folder / "manifest.json").read_bytes())
+predictor = Predictor.load((folder / "model.ubj").read_bytes(), manifest)
+values = predictor.predict(np.load(folder / "rows.npy")).values
+print(predictor.native, "xgboost" in sys.modules, values.tobytes().hex())
+predictor.explain(np.load(folder / "rows.npy"))
+print("xgboost" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT / "functions"), "PATH": ""},
+    )
+    first, second = out.stdout.split("\n")[:2]
+    native, imported, values = first.split()
+    assert (native, imported, second) == ("True", "False", "True")
+    assert bytes.fromhex(values) == binary_model.booster.inplace_predict(X).tobytes()
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_an_upload_is_served_through_the_c_api_as_the_sandbox_predicted(
+    reference: bool, binary_model: TrainedModel
+) -> None:
+    """What refresh records (read_upload: the sandbox's own inplace_predict, on reference.csv
+    rows with missing values or on its synthetic sample) lets serving use the C API alone."""
+    from tests.corpus import make_package
+    from treeserve.model.package import read_upload
+
+    names = ",".join(binary_model.feature_names)
+    rows = binary_model.X[:6].astype(str).tolist()
+    rows[0][1] = rows[3][4] = ""  # missing values: NaN, recorded as null
+    csv = (names + "\n" + "\n".join(",".join(r) for r in rows) + "\n").encode()
+    package = make_package(
+        binary_model,
+        reference=False,
+        holdout=False,
+        extra_members={"reference.csv": csv} if reference else None,
+    )
+    upload = read_upload(package, "model.tar.gz")
+    manifest = upload.to_manifest("m")
+    assert manifest.smoke_check is not None
+    recorded = manifest.smoke_check["rows"]
+    if reference:
+        assert recorded[0][1] is None
+        assert recorded[3][4] is None
+    assert "smoke_check" not in manifest.public()
+    predictor = Predictor.load(upload.model_ubj, manifest)
+    assert predictor.native
+    X = binary_model.X[:50].astype(np.float32)
+    np.testing.assert_array_equal(
+        predictor.predict(X).values, binary_model.booster.inplace_predict(X)
+    )

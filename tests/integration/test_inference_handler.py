@@ -303,38 +303,6 @@ def test_unknown_route_and_method(
     assert orjson.loads(raw)["error"]["type"] == "method_not_allowed"
 
 
-def test_fast_path_and_fastapi_routes_answer_alike(
-    registry: ModelRegistry, function: Start, multiclass_model: TrainedModel
-) -> None:
-    from fastapi.testclient import TestClient
-
-    from treeserve.serving.api import create_app
-
-    publish(registry, multiclass_model, class_names=["a", "b", "c"])
-    module = function()
-    body = orjson.dumps({"instances": multiclass_model.X[:7].tolist(), "ids": list(range(7))})
-    answers = []
-    for fast in (True, False):
-        app = create_app(module.service, module.settings, fast_path=fast)
-        with TestClient(app) as client:
-            for path, extra in (
-                ("/predict", {}),
-                ("/explain", {}),
-                ("/predict", {"accept": "text/csv"}),
-            ):
-                r = client.post(
-                    path, content=body, headers={"content-type": "application/json", **extra}
-                )
-                answers.append((r.status_code, r.headers["x-model-version"], r.content))
-            bad = client.post(
-                "/predict", content=b"{", headers={"content-type": "application/json"}
-            )
-            answers.append((bad.status_code, bad.headers["x-model-version"], bad.content))
-    half = len(answers) // 2
-    assert answers[:half] == answers[half:]
-    assert [a[0] for a in answers[:half]] == [200, 200, 200, 400]
-
-
 def test_metrics_and_logs_are_emitted(
     registry: ModelRegistry,
     function: Start,
@@ -380,7 +348,7 @@ def test_streamed_body_is_read_whole_and_bounded(
     binary_model: TrainedModel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Under an ASGI server a body may arrive in chunks; the fast path reads them all."""
+    """Under an ASGI server a body may arrive in chunks; the app reads them all, bounded."""
     import asyncio
 
     monkeypatch.setenv("MAX_BODY_BYTES", "5000")
@@ -401,12 +369,19 @@ def test_streamed_body_is_read_whole_and_bounded(
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
+        scope = {  # as an ASGI server sends it
             "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
             "method": "POST",
+            "scheme": "http",
             "path": "/predict",
+            "raw_path": b"/predict",
+            "query_string": b"",
             "root_path": "",
             "headers": [(b"content-type", b"application/json")],
+            "server": ("127.0.0.1", 3000),
+            "client": ("127.0.0.1", 50000),
         }
         asyncio.run(module.app(scope, receive, send))
         return sent[0]["status"], sent[1]["body"]
@@ -565,23 +540,19 @@ def test_the_asgi_app_answers_a_trailing_slash_too(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from treeserve.serving.api import create_app
-
     publish(registry, binary_model)
     module = function()
     body = orjson.dumps({"instances": binary_model.X[:2].tolist(), "ids": [1, 2]})
-    for fast in (True, False):
-        app = create_app(module.service, module.settings, fast_path=fast)
-        with TestClient(app) as client:
-            for method, path in ROUTES:
-                kw: dict[str, Any] = {"content": body} if method == "POST" else {}
-                plain = client.request(method, path, follow_redirects=False, **kw)
-                slashed = client.request(method, path + "/", follow_redirects=False, **kw)
-                assert (plain.status_code, slashed.status_code) == (200, 200), path
-                assert slashed.content == plain.content, path
-            r = client.get("/health//", follow_redirects=False)
-            assert r.status_code == 404
-            assert r.json()["error"]["type"] == "not_found"
+    with TestClient(module.app) as client:
+        for method, path in ROUTES:
+            kw: dict[str, Any] = {"content": body} if method == "POST" else {}
+            plain = client.request(method, path, follow_redirects=False, **kw)
+            slashed = client.request(method, path + "/", follow_redirects=False, **kw)
+            assert (plain.status_code, slashed.status_code) == (200, 200), path
+            assert slashed.content == plain.content, path
+        r = client.get("/health//", follow_redirects=False)
+        assert r.status_code == 404
+        assert r.json()["error"]["type"] == "not_found"
 
 
 def test_accept_q_values_through_every_path(

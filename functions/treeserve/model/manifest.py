@@ -7,9 +7,11 @@ changed. Every part reads it: the predictor (features, classes, threshold), the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 
 Task = Literal["binary", "multiclass", "regression", "ranking", "other"]
@@ -26,6 +28,22 @@ CATEGORICAL_INPUT = (
 def category_codes(categories: list[Any]) -> dict[str, float]:
     """Each category's text (as JSON strings and CSV fields carry it) -> its code."""
     return {str(value): float(code) for code, value in enumerate(categories)}
+
+
+SMOKE_CHECK_ROWS = 8
+SMOKE_CHECK_VALUES = 4096  # rows x features at most: wide models record fewer rows
+
+
+def smoke_check_record(rows: Any, predictions: Any) -> dict[str, Any]:
+    """``manifest.smoke_check`` from rows and what ``inplace_predict`` answered for them: the
+    first few, as the float32 values XGBoost reads and writes."""
+    X = np.asarray(rows, dtype=np.float32)
+    n = max(1, min(SMOKE_CHECK_ROWS, SMOKE_CHECK_VALUES // max(1, X.shape[1])))
+    values = np.asarray(predictions, dtype=np.float32)[:n]
+    return {
+        "rows": [[None if math.isnan(v) else v for v in row] for row in X[:n].tolist()],
+        "predictions": values.tolist(),
+    }
 
 
 def task_of(objective: str, num_class: int) -> Task:
@@ -79,6 +97,10 @@ class ModelManifest:
     # (validated at refresh; treeserve.monitoring.drift.resolve_rules applies them), or None.
     drift: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)  # bucket, key, etag, upload sha256, size
+    # A few rows the refresh sandbox predicted (inplace_predict) and its answers, as float32
+    # values (NaN as null): serving loads the model through the C API alone only when it gives
+    # these bit for bit (treeserve.model.predictor). None for manifests written before.
+    smoke_check: dict[str, Any] | None = None
     created_at: str | None = None  # ISO 8601 UTC
     schema_version: int = MANIFEST_SCHEMA_VERSION
 
@@ -102,6 +124,7 @@ class ModelManifest:
         data = self.to_dict()
         data.pop("reference", None)
         data.pop("source", None)
+        data.pop("smoke_check", None)
         if self.categories:
             data["categorical_input"] = CATEGORICAL_INPUT
         return data

@@ -50,7 +50,7 @@ from typing import IO, Any, Literal, cast
 import numpy as np
 
 from treeserve.errors import UploadRejected
-from treeserve.model.manifest import ModelManifest, category_codes, task_of
+from treeserve.model.manifest import ModelManifest, category_codes, smoke_check_record, task_of
 from treeserve.model.sandbox import (
     ModelFormat,
     ModelInfo,
@@ -138,6 +138,7 @@ class ModelUpload:
     holdout_y: np.ndarray | None  # float64; class index for classification
     label: str | None
     smoke_predictions: np.ndarray
+    smoke_check: dict[str, Any]  # manifest.smoke_check: rows the sandbox predicted, its answers
     holdout_predictions: np.ndarray | None = None
     validation: dict[str, Any] = field(default_factory=dict)
 
@@ -182,6 +183,7 @@ class ModelUpload:
             reference_source="reference.csv" if self.reference is not None else None,
             drift=self.declared.get("drift"),
             source={"upload_sha256": self.upload_sha256, "upload_size": self.upload_size},
+            smoke_check=self.smoke_check,
         )
 
 
@@ -1293,6 +1295,7 @@ def read_upload(
         holdout_y=holdout_y,
         label=label_name,
         smoke_predictions=smoke,
+        smoke_check=smoke_check_record(result.rows, predictions),
         holdout_predictions=holdout_predictions,
         validation=validation,
     )

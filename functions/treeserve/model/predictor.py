@@ -11,27 +11,43 @@ In-place prediction is one C function, ``XGBoosterPredictFromDense``. ``Booster.
 wraps it in Python work that is the same on every call (a dozen input-type probes, two
 ``json.dumps``, a class built per call to copy the output): about half of a 1-row prediction of a
 300-tree model on the bench machine. :class:`DenseCall` makes the same C call with its constant
-arguments prepared once. It is used only after it answered the load-time smoke rows bit for bit
-as ``inplace_predict`` did; anything unusual (a non-contiguous or non-float32 matrix, an XGBoost
-without the private names it needs) goes through ``inplace_predict``.
+arguments prepared once.
+
+Importing the xgboost package costs more cold start than anything else the inference function
+does (it imports scipy.sparse, about half a second on the bench machine), and serving needs only
+libxgboost. So :meth:`Predictor.load` first loads the model through libxgboost's C API alone
+(:class:`NativeBooster`: the library found where the package keeps it, the package not
+imported), and serves through it only when it answered the rows the refresh sandbox predicted
+(``manifest.smoke_check``, recorded with ``inplace_predict``) bit for bit. Anything else takes the
+package's Booster: a manifest without that record, categorical features, an XGBoost major the C
+signatures were not written against, a disagreement; explain always does (TreeSHAP through the
+package, the Booster loaded from the same bytes on first need).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xgboost as xgb
 
 from treeserve.errors import ExplainUnavailable, ModelLoadError
 from treeserve.model import decision
 from treeserve.model.manifest import ModelManifest
+
+if TYPE_CHECKING:
+    import xgboost as xgb
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +112,36 @@ _INTERFACE = (
 )
 
 
+def _package() -> Any:
+    """The xgboost package, imported on first need (see the module docstring)."""
+    import xgboost  # noqa: PLC0415
+
+    return xgboost
+
+
 class DenseCall:
     """``XGBoosterPredictFromDense`` for one booster, as ``inplace_predict`` calls it."""
 
     def __init__(self, booster: xgb.Booster, iteration_range: tuple[int, int] = (0, 0)) -> None:
-        core = xgb.core
+        core = _package().core
+        self._setup(booster, booster.handle, core._LIB.XGBoosterPredictFromDense, core._check_call)
         self._args = _predict_args(iteration_range)
-        self._booster = booster  # keeps the handle alive
-        self._handle = booster.handle
-        self._function = core._LIB.XGBoosterPredictFromDense
-        self._check = core._check_call
+
+    @classmethod
+    def native(cls, booster: NativeBooster, iteration_range: tuple[int, int] = (0, 0)) -> DenseCall:
+        """The same call on a booster loaded through the C API alone."""
+        call = cls.__new__(cls)
+        call._setup(booster, booster.handle, booster.lib.XGBoosterPredictFromDense, booster.check)
+        call._args = _predict_args(iteration_range)
+        return call
+
+    def _setup(
+        self, owner: object, handle: Any, function: Any, check: Callable[[int], None]
+    ) -> None:
+        self._owner = owner  # keeps the handle alive
+        self._handle = handle
+        self._function = function
+        self._check = check
         self._ulong = ctypes.c_uint64  # bst_ulong in XGBoost's C API
         self._ulong_p = ctypes.POINTER(ctypes.c_uint64)
         self._float_p = ctypes.POINTER(ctypes.c_float)
@@ -118,6 +154,7 @@ class DenseCall:
 
         Only for the XGBoost majors whose C signature it was written against (2 and 3): a
         changed signature would not raise here, it could crash the process."""
+        xgb = _package()
         major = xgb.__version__.split(".", 1)[0]
         if major not in SUPPORTED_XGBOOST_MAJORS:
             logger.info("direct prediction call not used with XGBoost %s", xgb.__version__)
@@ -165,11 +202,102 @@ class DenseCall:
         return result.reshape(sizes)
 
 
+# --- libxgboost without the package ------------------------------------------------------------
+
+_LIBRARY_NAMES = {"linux": "libxgboost.so", "darwin": "libxgboost.dylib", "win32": "xgboost.dll"}
+
+
+class NativeError(RuntimeError):
+    """libxgboost answered an error (its own message)."""
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """libxgboost, loaded from where the xgboost package keeps it without importing the package
+    (``find_spec`` only locates it); None when it is not there or of an XGBoost major the C
+    signatures here were not written against. The package, imported later, loads the same
+    library (the same handle: boosters of either are interchangeable)."""
+    spec = importlib.util.find_spec("xgboost")
+    name = _LIBRARY_NAMES.get(sys.platform)
+    if spec is None or not spec.submodule_search_locations or name is None:
+        return None
+    found = [Path(p) / "lib" / name for p in spec.submodule_search_locations]
+    path = next((p for p in found if p.is_file()), None)
+    if path is None:
+        return None
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        lib.XGBGetLastError.restype = ctypes.c_char_p
+        major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        lib.XGBoostVersion(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
+    except (OSError, AttributeError) as exc:
+        logger.info("libxgboost not loaded on its own (%s): the xgboost package serves", exc)
+        return None
+    if str(major.value) not in SUPPORTED_XGBOOST_MAJORS:
+        logger.info("libxgboost %d.%d: the xgboost package serves", major.value, minor.value)
+        return None
+    return lib
+
+
+class NativeBooster:
+    """A booster created and loaded through libxgboost's C API: one thread, freed with it."""
+
+    def __init__(self, lib: ctypes.CDLL, model: bytes) -> None:
+        self.lib = lib
+        self.handle = ctypes.c_void_p()
+        self.check(lib.XGBoosterCreate(None, ctypes.c_uint64(0), ctypes.byref(self.handle)))
+        self.check(
+            lib.XGBoosterLoadModelFromBuffer(
+                self.handle, ctypes.c_char_p(model), ctypes.c_uint64(len(model))
+            )
+        )
+        # Loading may restore saved parameters; one thread per prediction on Lambda.
+        self.check(lib.XGBoosterSetParam(self.handle, b"nthread", b"1"))
+
+    def check(self, status: int) -> None:
+        if status != 0:
+            message = self.lib.XGBGetLastError() or b"unknown error"
+            raise NativeError(message.decode("utf-8", "replace"))
+
+    def num_features(self) -> int:
+        out = ctypes.c_uint64()
+        self.check(self.lib.XGBoosterGetNumFeature(self.handle, ctypes.byref(out)))
+        return int(out.value)
+
+    def __del__(self) -> None:
+        handle = getattr(self, "handle", None)
+        if handle is not None and handle.value:
+            self.lib.XGBoosterFree(handle)
+
+
+def _package_booster(model_ubj: bytes) -> xgb.Booster:
+    package = _package()
+    try:
+        booster: xgb.Booster = package.Booster(params={"nthread": 1})
+        booster.load_model(bytearray(model_ubj))
+        # Loading may restore saved parameters; one thread per prediction on Lambda.
+        booster.set_param({"nthread": 1})
+    except (package.core.XGBoostError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"XGBoost cannot load the model: {exc}") from None
+    return booster
+
+
 class Predictor:
     """A model version in memory. Build it with :meth:`load`; thread-safe for prediction."""
 
-    def __init__(self, booster: xgb.Booster, manifest: ModelManifest) -> None:
-        self.booster = booster
+    def __init__(
+        self,
+        booster: xgb.Booster | None,
+        manifest: ModelManifest,
+        *,
+        model: bytes | None = None,
+    ) -> None:
+        if booster is None and model is None:
+            raise ValueError("a Predictor needs a Booster or the model's bytes")
+        self._booster = booster
+        self._model = model  # for the package's Booster, loaded on first need
+        self._booster_lock = threading.Lock()
+        self.native = False  # serving through a NativeBooster (see the module docstring)
         self.manifest = manifest
         self.version: int | None = manifest.version
         self.feature_names: list[str] = list(manifest.feature_names)
@@ -222,34 +350,71 @@ class Predictor:
                 )
         if not model_ubj or not model_ubj.startswith(_MODEL_PREFIXES):
             raise ModelLoadError("model bytes are empty or not an XGBoost UBJ/JSON model")
-        try:
-            booster = xgb.Booster(params={"nthread": 1})
-            booster.load_model(bytearray(model_ubj))
-            # Loading may restore saved parameters; one thread per prediction on Lambda.
-            booster.set_param({"nthread": 1})
-        except (xgb.core.XGBoostError, ValueError, TypeError) as exc:
-            raise ModelLoadError(f"XGBoost cannot load the model: {exc}") from None
         if len(manifest.feature_names) != manifest.num_features:
             raise ModelLoadError(
                 f"manifest lists {len(manifest.feature_names)} feature names for "
                 f"{manifest.num_features} features"
             )
-        if booster.num_features() != manifest.num_features:
-            raise ModelLoadError(
-                f"model has {booster.num_features()} features, manifest says "
-                f"{manifest.num_features}"
-            )
-        predictor = cls(booster, manifest)
+        predictor = cls._load_native(model_ubj, manifest)
+        if predictor is None:
+            booster = _package_booster(model_ubj)
+            if booster.num_features() != manifest.num_features:
+                raise ModelLoadError(
+                    f"model has {booster.num_features()} features, manifest says "
+                    f"{manifest.num_features}"
+                )
+            predictor = cls(booster, manifest)
         predictor.smoke()
         return predictor
+
+    @classmethod
+    def _load_native(cls, model_ubj: bytes, manifest: ModelManifest) -> Predictor | None:
+        """A predictor on a :class:`NativeBooster` that answers the manifest's recorded smoke
+        rows bit for bit, or None (the package's Booster serves then)."""
+        record = manifest.smoke_check
+        if not record or "c" in manifest.feature_types:
+            return None
+        lib = native_library()
+        if lib is None:
+            return None
+        try:
+            native = NativeBooster(lib, model_ubj)
+            if native.num_features() != manifest.num_features:
+                return None  # the package's load names the disagreement
+            predictor = cls(None, manifest, model=model_ubj)
+            dense = DenseCall.native(native, predictor.iteration_range)
+            rows = np.asarray(record["rows"], dtype=np.float64).astype(np.float32)
+            expected = np.asarray(record["predictions"], dtype=np.float32)
+            got = dense(np.ascontiguousarray(rows))
+        except (NativeError, KeyError, TypeError, ValueError) as exc:
+            logger.info("model not loaded through the C API alone (%s); the package serves", exc)
+            return None
+        if got.shape != expected.shape or not np.array_equal(got, expected, equal_nan=True):
+            logger.warning("the C API's predictions differ from the recorded ones; not used")
+            return None
+        predictor._dense = dense
+        predictor.native = True
+        return predictor
+
+    @property
+    def booster(self) -> xgb.Booster:
+        """The xgboost package's Booster (loaded from the model's bytes on first need)."""
+        if self._booster is None:
+            with self._booster_lock:
+                if self._booster is None:
+                    assert self._model is not None  # noqa: S101 -- see __init__
+                    self._booster = _package_booster(self._model)
+        return self._booster
 
     def smoke(self) -> None:
         """Predict a row of zeros and a row of missing values; outputs must be finite.
 
-        Also decides whether the direct C call serves (see :class:`DenseCall`)."""
+        Also decides whether the direct C call serves (see :class:`DenseCall`), when the
+        recorded smoke rows did not already."""
         rows = np.zeros((2, self.num_features), dtype=np.float32)
         rows[1, :] = np.nan
-        self._dense = DenseCall.checked(self.booster, rows, self.iteration_range)
+        if not self.native:
+            self._dense = DenseCall.checked(self.booster, rows, self.iteration_range)
         try:
             prediction = self.predict(rows)
         except Exception as exc:  # any failure here means: do not serve this model
@@ -261,8 +426,11 @@ class Predictor:
     def raw_predict(self, X: np.ndarray) -> np.ndarray:
         """XGBoost's own output for the rows (float32)."""
         dense = self._dense
-        if dense is not None and X.dtype == np.float32 and X.ndim == 2 and X.flags.c_contiguous:
-            return dense(X)
+        if dense is not None and X.ndim == 2:
+            if X.dtype == np.float32 and X.flags.c_contiguous:
+                return dense(X)
+            if self.native:  # XGBoost reads any float matrix as float32, as this does
+                return dense(np.ascontiguousarray(X, dtype=np.float32))
         return self.booster.inplace_predict(
             X, validate_features=False, iteration_range=self.iteration_range
         )
@@ -297,7 +465,7 @@ class Predictor:
 
         They add up to the margin of the same rounds that :meth:`predict` uses."""
         self.check_explainable()
-        dmatrix = xgb.DMatrix(
+        dmatrix = _package().DMatrix(
             X,
             feature_names=self.feature_names,
             feature_types=self.booster.feature_types,

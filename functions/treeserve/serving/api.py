@@ -1,35 +1,38 @@
-"""The inference HTTP API: a FastAPI app (DESIGN.md "HTTP API").
+"""The inference HTTP API: a FastAPI app (DESIGN.md "HTTP API"), and the function around it.
 
 Routes: ``POST /predict``, ``POST /explain``, ``GET /health``, ``GET /model``, ``GET /docs``,
-``GET /openapi.json``. Bodies are parsed by :mod:`treeserve.serving.inputs` from the raw bytes (the
-OpenAPI document still describes them, through ``openapi_extra``); answers are serialised with
-orjson. Every answer, errors included, carries ``x-model-version``; errors are
-``{"error": {"type", "message"}}`` and client input never yields a 5xx.
+``GET /openapi.json``, each defined once, here. Bodies are parsed by :mod:`treeserve.serving.inputs`
+from the raw bytes (the OpenAPI document still describes them, through ``openapi_extra``);
+answers are serialised with orjson. Every answer, errors included, carries ``x-model-version``;
+errors are ``{"error": {"type", "message"}}`` and client input never yields a 5xx.
 
-The hot path. :class:`InferenceApp` is a FastAPI app whose ``__call__`` hands ``POST /predict``
-and ``POST /explain`` straight to :meth:`~treeserve.endpoints.Endpoints.asgi`, the same code the
-declared FastAPI routes call, skipping Starlette's middleware and routing stack and FastAPI's
-request/response objects (about 90 microseconds per request on the bench machine).
-Everything else (docs, health, errors from the framework) goes through FastAPI as usual.
-``create_app(..., fast_path=False)`` serves the two routes through FastAPI; the tests run both
-ways and compare. On Lambda, payload 2.0 events skip even this app
-(:func:`treeserve.serving.endpoints.answer_v2_event`).
+There is one request path. :class:`InferenceFunction` wraps the app in Mangum
+(``lifespan="off"``: ``"auto"`` would run the app's startup on every invocation), and every event
+type (HTTP API 2.0, REST API 1.0, Function URL) reaches the app through it; the local stack turns
+its HTTP requests into the same events and calls the same handler. A middleware, dependency or
+route that a user adds to ``app`` therefore applies everywhere. Only events that are not HTTP
+requests Mangum can read are answered before it (:func:`treeserve.serving.endpoints.refuse_event`).
 """
 
 from __future__ import annotations
 
+import base64
+import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from mangum import Mangum
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from treeserve.errors import NoModelInService
+from treeserve.aws import reset_clients
+from treeserve.serving.capture import CaptureBuffer
 from treeserve.serving.endpoints import (
-    FAST_ROUTES,
     VERSION_HEADER,
     Answer,
     Endpoints,
@@ -38,14 +41,15 @@ from treeserve.serving.endpoints import (
     Receive,
     Scope,
     Send,
-    route_path,
+    proxy_response,
+    refuse_event,
     scope_request_id,
 )
-
-if TYPE_CHECKING:
-    from treeserve.serving.capture import CaptureBuffer
-    from treeserve.serving.service import MetricsSink, ModelService
-    from treeserve.settings import Settings
+from treeserve.errors import NoModelInService
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
+from treeserve.serving.service import MetricsSink, ModelService
+from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -137,49 +141,87 @@ PREDICT_RESPONSE = {
 # --- the app -----------------------------------------------------------------------------------
 
 
-class InferenceApp(FastAPI):
-    """FastAPI with a direct ASGI path for the two hot routes (see the module docstring)."""
+class ServingConventions:
+    """ASGI middleware for what every answer of the app shares, whatever the route: a path
+    with one trailing slash is routed as without it (Starlette would redirect: a 307 with an
+    empty body whose ``Location`` drops an API Gateway stage), and an answer without
+    ``x-model-version`` (docs, framework errors) gets the version in service."""
 
-    endpoints: Endpoints
-    fast_path: bool = True
+    def __init__(self, app: Callable[[Scope, Receive, Send], Any], service: ModelService) -> None:
+        self.app = app
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            route = route_path(scope)
-            if len(route) > 1 and route.endswith("/"):
-                scope = _without_trailing_slash(scope)
-                route = route[:-1]
-            if self.fast_path and scope["method"] == "POST":
-                kind = FAST_ROUTES.get(route)
-                if kind is not None:
-                    await self.endpoints.asgi(kind, scope, receive, send)
-                    return
-            send = self._with_version_header(send)
-        await super().__call__(scope, receive, send)
-
-    def _with_version_header(self, send: Send) -> Send:
-        service = self.endpoints.service
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = _without_trailing_slash(scope)
+        service = self.service
 
         async def sender(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    (k, v) for k, v in message.get("headers", []) if k.lower() != VERSION_HEADER
-                ]
-                headers.append((VERSION_HEADER, service.version_header()))
-                message = {**message, "headers": headers}
+                headers = message.get("headers") or []
+                if not any(key == VERSION_HEADER for key, _ in headers):
+                    headers = [*headers, (VERSION_HEADER, service.version_header())]
+                    message = {**message, "headers": headers}
             await send(message)
 
-        return sender
+        await self.app(scope, receive, sender)
 
 
 def _without_trailing_slash(scope: Scope) -> Scope:
-    # Every route answers with one trailing slash too (Starlette would redirect: a 307 with an
-    # empty body whose Location drops an API Gateway stage).
     scope = {**scope, "path": scope["path"][:-1]}
     raw = scope.get("raw_path")
     if isinstance(raw, bytes) and raw.endswith(b"/"):
         scope["raw_path"] = raw[:-1]
     return scope
+
+
+class RequestRoute(APIRoute):
+    """The route class of the app's own routes, whose endpoints take the request alone and
+    answer a :class:`Response` (FastAPI's extension point for custom routes, "Custom Request
+    and APIRoute class"). With nothing for FastAPI to solve, validate or serialise, the handler
+    awaits the endpoint with the request; routing, the middleware stack and the exception
+    handlers are FastAPI's as for any route. A route with parameters or dependencies gets
+    FastAPI's own handler."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        dependant = self.dependant
+        if not _only_the_request(dependant) or not inspect.iscoroutinefunction(self.endpoint):
+            return super().get_route_handler()
+        endpoint, name = self.endpoint, dependant.request_param_name
+
+        async def handler(request: Request) -> Response:
+            response: Response = await (endpoint(request) if name else endpoint())
+            return response
+
+        return handler
+
+
+def _only_the_request(dependant: Any) -> bool:
+    return not (
+        dependant.path_params
+        or dependant.query_params
+        or dependant.header_params
+        or dependant.cookie_params
+        or dependant.body_params
+        or dependant.dependencies
+        or dependant.websocket_param_name
+        or dependant.http_connection_param_name
+        or dependant.response_param_name
+        or dependant.background_tasks_param_name
+        or dependant.security_scopes_param_name
+    )
+
+
+def answer(result: Answer) -> Response:
+    """A response carrying ``result``'s status, headers (content type included) and body."""
+    status, headers, payload = result
+    response = Response(payload, status_code=status)  # no media type: ours is in ``headers``
+    response.raw_headers.extend(headers)
+    return response
 
 
 def create_app(
@@ -188,38 +230,31 @@ def create_app(
     capture: CaptureBuffer | None = None,
     *,
     metrics: MetricsSink | None = None,
-    fast_path: bool = True,
     endpoints: Endpoints | None = None,
 ) -> FastAPI:
-    """The inference app for one model service (around ``endpoints`` when given: the
-    inference function shares them with its direct path)."""
+    """The inference app for one model service (around ``endpoints`` when given)."""
     if endpoints is None:
         endpoints = Endpoints(service, settings, capture, metrics)
-    app = InferenceApp(
+    app = FastAPI(
         title="treeserve inference",
         description="Predictions and TreeSHAP explanations from the XGBoost model in service.",
         version="1",
-        redirect_slashes=False,  # see _without_trailing_slash
+        redirect_slashes=False,  # see ServingConventions
+        openapi_url=None,  # the docs routes come after the app's own (see below)
     )
-    app.endpoints = endpoints
-    app.fast_path = fast_path
-
-    def answer(result: Answer) -> Response:
-        status, headers, payload = result
-        response = Response(payload, status_code=status)
-        for key, value in headers:
-            response.headers[key.decode()] = value.decode()
-        return response
+    app.add_middleware(ServingConventions, service=service)
+    app.router.route_class = RequestRoute  # the routes below; a user's are FastAPI's own
 
     async def serve(kind: Kind, request: Request) -> Response:
-        # Same code as the fast path, through FastAPI's request object.
-        accept = request.headers.get("accept")
+        content_type: str | None = None
+        accept: bytes | None = None
+        for name, value in request.scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"accept":
+                accept = value
         result = await endpoints.serve_asgi_body(
-            kind,
-            request.receive,
-            request.headers.get("content-type"),
-            None if accept is None else accept.encode("latin-1"),
-            scope_request_id(request.scope),
+            kind, request.receive, content_type, accept, scope_request_id(request.scope)
         )
         return answer(result)
 
@@ -280,6 +315,11 @@ def create_app(
             return answer(endpoints.error(503, "no_model", str(exc)))
         return Response(orjson.dumps(loaded.manifest.public()), media_type="application/json")
 
+    app.router.route_class = APIRoute
+    # Routes match in order: the hot ones first, then OpenAPI and the docs pages.
+    app.openapi_url = "/openapi.json"
+    app.setup()
+
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101 -- registered for it
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -300,3 +340,92 @@ def create_app(
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_server_error)
     return app
+
+
+# --- the function -------------------------------------------------------------------------------
+
+
+class InferenceFunction:
+    """The inference function for one execution environment: the model service (the model in
+    service is loaded now, so with SnapStart it is in the snapshot), the capture buffer, the
+    FastAPI app and Mangum around it. Call it with a Lambda event and context."""
+
+    def __init__(self, settings: Settings, *, metrics: MetricsSink | None = None) -> None:
+        self.settings = settings
+        self.service = ModelService(_registry(settings), settings, metrics=metrics)
+        self.capture = CaptureBuffer(
+            settings.model_bucket,
+            settings.model_name,
+            settings.capture_sample_rate,
+            settings.capture_max_rows,
+            settings.capture_max_age_seconds,
+            metrics=metrics,
+        )
+        if self.capture.enabled:
+            self.capture.install_sigterm_flush()
+        self.endpoints = Endpoints(self.service, settings, self.capture, metrics)
+        self.app = create_app(
+            self.service, settings, self.capture, metrics=metrics, endpoints=self.endpoints
+        )
+        self.mangum = Mangum(self.app, lifespan="off", api_gateway_base_path=settings.api_base_path)
+
+    def __call__(self, event: Any, context: Any) -> dict[str, Any]:
+        """The answer to one event: through Mangum to the app, or a 400 for an event that is
+        not an HTTP request Mangum can read."""
+        refused = refuse_event(self.endpoints, event)
+        if refused is not None:
+            return refused
+        try:
+            response: dict[str, Any] = self.mangum(event, context)
+        except Exception:  # refuse_event let through an event Mangum cannot read: a bug, logged
+            logger.exception("the event could not be served")
+            return proxy_response(
+                *self.endpoints.error(
+                    500, "internal_error", "the event could not be served; see the logs"
+                )
+            )
+        return response
+
+    def warm(self, context: Any) -> None:
+        """Before a snapshot: one prediction through the whole path (imports, caches, the
+        app's middleware stack), captured nowhere."""
+        loaded = self.service.loaded
+        if loaded is None:
+            return
+        row = b"[" + b",".join([b"null"] * loaded.schema.width) + b"]"
+        capture_state, self.endpoints.capture = self.endpoints.capture, None
+        try:
+            self(warm_event(b'{"instances": [' + row + b"]}"), context)
+        finally:
+            self.endpoints.capture = capture_state
+
+    def after_restore(self) -> None:
+        """A restored snapshot may run much later, elsewhere: new clients, a fresh pointer
+        check."""
+        reset_clients()
+        self.service.registry = _registry(self.settings)
+        self.capture.reseed()
+        self.service.refresh()
+
+
+def _registry(settings: Settings) -> ModelRegistry:
+    return ModelRegistry(S3RegistryStore(settings.model_bucket), settings.model_name)
+
+
+def warm_event(body: bytes) -> dict[str, Any]:
+    """An HTTP API (payload 2.0) ``POST /predict`` event with ``body``, as API Gateway sends."""
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/predict",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "localhost"},
+        "requestContext": {
+            "http": {"method": "POST", "path": "/predict", "sourceIp": "127.0.0.1"},
+            "requestId": "warm",
+            "routeKey": "$default",
+            "stage": "$default",
+        },
+        "body": base64.b64encode(body).decode(),
+        "isBase64Encoded": True,
+    }

@@ -1,14 +1,10 @@
 """Predict and explain from raw bytes to (status, headers, body), without a web framework.
 
-:class:`Endpoints` is what ``POST /predict`` and ``POST /explain`` do, whoever calls: the FastAPI
-app's routes (:mod:`treeserve.serving.api`), its ASGI fast path (:meth:`Endpoints.asgi`, skipping
-Starlette's middleware and routing and FastAPI's request/response objects) and, on Lambda,
-:func:`answer_v2_event`, which answers payload 2.0 events (HTTP API, Function URL) without Mangum
-or FastAPI at all. Every answer, errors included, carries ``x-model-version``; errors are
-``{"error": {"type", "message"}}``; client input never yields a 5xx.
-
-This module imports neither FastAPI nor Mangum (together about 0.6 s of cold start on the bench
-machine): the inference function builds its FastAPI app only when a request needs it.
+:class:`Endpoints` is what ``POST /predict`` and ``POST /explain`` do; the FastAPI app's routes
+(:mod:`treeserve.serving.api`) call it, and nothing else serves those routes. Every answer, errors
+included, carries ``x-model-version``; errors are ``{"error": {"type", "message"}}``; client
+input never yields a 5xx. :func:`refuse_event` answers, with a 400, the Lambda events that are
+not HTTP requests Mangum can read.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote
 
 import numpy as np
 import orjson
@@ -46,7 +41,6 @@ Kind = Literal["predict", "explain"]
 VERSION_HEADER = b"x-model-version"
 JSON_TYPE = b"application/json"
 CSV_TYPE = b"text/csv; charset=utf-8"
-FAST_ROUTES: dict[str, Kind] = {"/predict": "predict", "/explain": "explain"}
 # TreeSHAP costs far more per row than prediction; keep explain well inside the timeout.
 MAX_EXPLAIN_ROWS = 1000
 LATENCY_METRIC = "PredictLatency"
@@ -244,27 +238,6 @@ class Endpoints:
         document["space"] = "margin"
         return orjson.dumps(document, option=_NUMPY)
 
-    async def asgi(self, kind: Kind, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve predict/explain as a raw ASGI app (the hot path)."""
-        content_type: str | None = None
-        accept: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value.decode("latin-1")
-            elif name == b"accept":
-                accept = value
-        message = await receive()  # Mangum delivers the whole body in one message
-        if message.get("more_body", False):
-            status, headers, payload = await self.serve_asgi_body(
-                kind, _replay(message, receive), content_type, accept, scope_request_id(scope)
-            )
-        else:
-            status, headers, payload = self.safe_handle(
-                kind, message.get("body", b""), content_type, accept, scope_request_id(scope)
-            )
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-
     async def serve_asgi_body(
         self,
         kind: Kind,
@@ -292,16 +265,6 @@ class Endpoints:
         except Exception:  # a bug or a broken model, not the client's fault: 500, logged
             logger.exception("prediction failed", extra={"route": kind})
             return self.error(500, "internal_error", "the model could not answer; see the logs")
-
-
-def _replay(first: Message, receive: Receive) -> Receive:
-    """A receive callable that yields ``first`` again, then the rest."""
-    pending = [first]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
 
 
 async def _read_body(receive: Receive, max_bytes: int) -> bytes:
@@ -332,14 +295,6 @@ def _context_request_id(context: Any) -> str | None:
         if isinstance(rid, str) and rid:
             return rid[:64]
     return None
-
-
-def route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root) :] or "/"
-    return path
 
 
 def _csv_text(rows: list[list[Any]]) -> bytes:
@@ -398,62 +353,6 @@ def _explain_csv(ids: list[Any], contributions: np.ndarray, bias: np.ndarray, ex
     return _csv_text([header, *rows])
 
 
-# --- payload 2.0 events without Mangum ----------------------------------------------------------
-
-
-def answer_v2_event(
-    endpoints: Endpoints, event: Mapping[str, Any], base_path: str = "/"
-) -> dict[str, Any] | None:
-    """Answer ``POST /predict`` or ``POST /explain`` from a payload 2.0 event (HTTP API, Function
-    URL) directly; None for any other event or route, which Mangum then serves.
-
-    This is the hot path on Lambda. Mangum's event loop, ASGI scope and response assembly cost
-    about 200 microseconds per request on the bench machine, more than half of a 1-row
-    ``inplace_predict``; the answer here is the dict Mangum returns for the same request (same
-    path and base-path rules, header folding and body decoding; the tests compare the two).
-    Where Mangum raises on an event API Gateway never sends, this answers: a body that is not
-    valid base64 or not text is a 400 here, and the fields Mangum reads for the ASGI scope only
-    (``headers`` null, no ``sourceIp``, a malformed ``host`` port) do not matter here.
-    """
-    if event.get("version") != "2.0":
-        return None
-    context = event.get("requestContext")
-    http = context.get("http") if isinstance(context, dict) else None
-    if not isinstance(http, dict) or http.get("method") != "POST":
-        return None
-    path = http.get("path")
-    if not isinstance(path, str):
-        return None
-    route = strip_base_path(path, base_path)
-    kind = FAST_ROUTES.get(route)
-    if kind is None:
-        kind = FAST_ROUTES.get(without_trailing_slash(route))
-        if kind is None:
-            return None
-    content_type: str | None = None
-    accept: bytes | None = None
-    headers = event.get("headers") or {}
-    for name, value in headers.items():
-        if not isinstance(value, str):
-            continue
-        key = name.lower()
-        if key == "content-type":  # as Mangum: the last of duplicate names wins
-            content_type = value.encode().decode("latin-1")
-        elif key == "accept":
-            accept = value.encode()
-    try:
-        body = _event_body(event)
-    except (binascii.Error, ValueError, TypeError):
-        status, answer_headers, payload = endpoints.error(
-            400, "malformed_body", "the event's body is not valid base64 or text"
-        )
-    else:
-        status, answer_headers, payload = endpoints.safe_handle(
-            kind, body, content_type, accept, _context_request_id(context)
-        )
-    return proxy_response(status, answer_headers, payload)
-
-
 # --- events Mangum cannot take -----------------------------------------------------------------
 
 NOT_HTTP = (
@@ -495,7 +394,7 @@ def _event_problem(event: Any) -> tuple[str, str] | None:
     if wrong:
         return "bad_event", f"the event's {wrong} is not what API Gateway sends; {NOT_HTTP}"
     try:
-        _event_body(event)
+        _check_event_body(event)
     except (binascii.Error, ValueError, TypeError):
         return "malformed_body", "the event's body is not valid base64 or text"
     return None
@@ -574,9 +473,8 @@ def _host_and_port(headers: dict[str, str]) -> bool:
 def proxy_response(
     status: int, headers: list[tuple[bytes, bytes]], payload: bytes
 ) -> dict[str, Any]:
-    # What Mangum's HTTPGateway makes of our answers for a 2.0 event: their header names are
-    # distinct and lower-case (nothing to fold) and their bodies UTF-8 text (JSON or CSV: no
-    # base64).
+    # A Lambda proxy answer for what Mangum never sees: header names distinct and lower-case,
+    # bodies UTF-8 text (JSON).
     return {
         "statusCode": status,
         "body": payload.decode(),
@@ -585,33 +483,17 @@ def proxy_response(
     }
 
 
-def strip_base_path(path: str, base_path: str) -> str:
-    """The route for ``path`` under a stage's base path (Mangum's ``api_gateway_base_path`` rule:
-    the prefix is removed when present, then the path is percent-decoded)."""
-    if not path:
-        return "/"
-    if base_path and base_path != "/":
-        prefix = base_path if base_path.startswith("/") else f"/{base_path}"
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-    return unquote(path)
-
-
-def without_trailing_slash(route: str) -> str:
-    """``/predict/`` is ``/predict`` for every route (one slash; ``/`` stays ``/``): a
-    redirect would answer an empty, non-JSON 307 whose ``Location`` drops the stage."""
-    return route[:-1] if len(route) > 1 and route.endswith("/") else route
-
-
-def _event_body(event: Mapping[str, Any]) -> bytes:
+def _check_event_body(event: Mapping[str, Any]) -> None:
+    """Raise unless the event's body is what Mangum can decode: base64 when it says so, else
+    text (or bytes)."""
     raw = event.get("body", b"") or b""
     if event.get("isBase64Encoded", False):
-        return base64.b64decode(raw)
-    if isinstance(raw, str):
-        try:
-            return raw.encode()
-        except UnicodeEncodeError:  # lone surrogates: not text a client can have sent
-            raise ValueError("body is not valid text") from None
-    if isinstance(raw, bytes):
-        return raw
-    raise TypeError(f"the event's body is a {type(raw).__name__}, not text")
+        base64.b64decode(raw)
+    elif isinstance(raw, str):
+        if not raw.isascii():  # most bodies are ASCII: no copy to check them
+            try:
+                raw.encode()
+            except UnicodeEncodeError:  # lone surrogates: not text a client can have sent
+                raise ValueError("body is not valid text") from None
+    elif not isinstance(raw, bytes):
+        raise TypeError(f"the event's body is a {type(raw).__name__}, not text")
