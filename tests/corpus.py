@@ -545,3 +545,30 @@ def edited_model(model: TrainedModel, edit: Any) -> bytes:
     doc = _json_doc(model)
     edit(doc)
     return json.dumps(doc).encode()
+
+
+def repeated_trees_model(model: TrainedModel, trees: int) -> bytes:
+    """The model as UBJ with its trees repeated up to ``trees`` trees (issue 13, row 2: a valid
+    model that costs the inference function as much memory and load time as one likes).
+
+    Built by editing the JSON document (cheap) and letting XGBoost write the UBJ."""
+    doc = _json_doc(model)
+    model_doc = doc["learner"]["gradient_booster"]["model"]
+    source = model_doc["trees"]
+    info = model_doc["tree_info"]
+    groups = max(1, int(model_doc["gbtree_model_param"].get("num_parallel_tree", "1")))
+    per_round = max(1, len(source) // max(1, len(model_doc["iteration_indptr"]) - 1)) * groups
+    rounds = max(1, trees // per_round)
+    count = rounds * per_round
+    out = []
+    for i in range(count):
+        tree = dict(source[i % len(source)])
+        tree["id"] = i
+        out.append(tree)
+    model_doc["trees"] = out
+    model_doc["tree_info"] = [info[i % len(info)] for i in range(count)]
+    model_doc["gbtree_model_param"]["num_trees"] = str(count)
+    model_doc["iteration_indptr"] = [r * per_round for r in range(rounds + 1)]
+    doc["learner"]["attributes"] = {}
+    booster = xgb.Booster(model_file=bytearray(json.dumps(doc).encode()))
+    return bytes(booster.save_raw("ubj"))

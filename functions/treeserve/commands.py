@@ -426,6 +426,16 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
+def _footprint_text(fp: dict[str, Any] | None) -> str:
+    """``peak/budget MB, load s`` of a version's footprint (``-`` for versions before it)."""
+    if not fp:
+        return "-"
+    return (
+        f"{fp.get('peak_mb', 0):g}/{fp.get('budget_mb', 0):g} MB "
+        f"{fp.get('inference_load_seconds', 0):.2g} s"
+    )
+
+
 def status(args: argparse.Namespace) -> int:
     """The version in service, the versions, and recent rejections with their reasons."""
     settings, name, store, registry = _target(args)
@@ -447,6 +457,7 @@ def status(args: argparse.Namespace) -> int:
                 "holdout_metrics": m.holdout_metrics,
                 "metrics": m.metrics,
                 "source_key": (m.source or {}).get("key"),
+                "footprint": m.footprint,
             }
         )
     rejections = registry.rejections(limit=STATUS_REJECTIONS)
@@ -482,14 +493,22 @@ def status(args: argparse.Namespace) -> int:
     else:
         more = len(versions) - len(shown)
         _out(f"versions ({len(versions)}{f', newest {len(shown)} shown' if more else ''}):")
-        _out(f"    {'VERSION':<8} {'CREATED':<28} {'OBJECTIVE':<18} {'SHA256':<12}  HOLDOUT")
+        _out(
+            f"    {'VERSION':<8} {'CREATED':<28} {'OBJECTIVE':<18} {'SHA256':<12}  "
+            f"{'FOOTPRINT':<24}  HOLDOUT"
+        )
         for row in rows:
             mark = "*" if pointer is not None and row["version"] == pointer.version else " "
             _out(
                 f"  {mark} {row['version']:<8} {row['created_at'] or '-':<28} "
                 f"{row['objective']:<18} {row['sha256'][:12]:<12}  "
+                f"{_footprint_text(row['footprint']):<24}  "
                 f"{_metrics_text(row['holdout_metrics'])}"
             )
+        _out(
+            "  FOOTPRINT: peak MB in the inference function (load, or loaded + one explain at "
+            "the row limit) / the MB one model may use; load seconds there"
+        )
     _out("")
     if not rejections:
         _out("rejections: none")

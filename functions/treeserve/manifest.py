@@ -73,6 +73,9 @@ class ModelManifest:
     metrics: dict[str, float] = field(default_factory=dict)  # as declared by the uploader
     holdout_metrics: dict[str, float] = field(default_factory=dict)  # as measured by the gate
     validation: dict[str, Any] = field(default_factory=dict)  # the validation report
+    # What the version costs the inference function, measured at refresh (treeserve.package
+    # footprint): loaded_mb, load_peak_mb, explain_peak_mb, peak_mb, load_seconds, budget_mb...
+    footprint: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None  # reference statistics (treeserve.reference)
     reference_source: str | None = None  # "reference.csv" or "model"
     source: dict[str, Any] = field(default_factory=dict)  # bucket, key, etag, upload sha256, size

@@ -18,7 +18,8 @@ Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these sta
 ``too_many_members``, ``missing_model``, ``too_many_features``, ``manifest_invalid``,
 ``manifest_mismatch``, ``csv_invalid``, ``csv_mismatch``, ``too_many_rows``, ``missing_label``,
 ``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``,
-``unsupported_booster``, ``too_deep``, ``bad_category``, ``bad_feature_names``.
+``unsupported_booster``, ``too_deep``, ``bad_category``, ``bad_feature_names``,
+``too_big_for_inference``, ``too_slow_to_load``.
 
 ``non_finite`` also covers a NaN/inf leaf, split condition or base_score found statically (a
 leaf the smoke rows never reach); ``too_deep``: a tree deeper than ``MAX_TREE_DEPTH`` (TreeSHAP
@@ -26,6 +27,14 @@ memory grows with depth squared); ``bad_category``: a category code outside ``0.
 (XGBoost allocates up to the largest code at load); ``bad_feature_names``: names XGBoost refuses
 (``[``, ``]``, ``<``, duplicates); ``manifest_mismatch`` also covers declared feature types the
 splits contradict.
+
+**The inference budget.** The sandbox child measures what the model costs the process that
+loads it (RSS growth and peak of the load, load time, the peak of explaining one row);
+:func:`footprint` adds the model bytes the inference function holds while loading and the
+worst explain request the limits allow, and :func:`check_footprint` refuses a model whose peak
+exceeds :attr:`InferenceBudget.model_mb` (``too_big_for_inference``) or whose load would take
+longer than :attr:`InferenceBudget.load_seconds` on the inference function
+(``too_slow_to_load``). The figures are recorded in the manifest (``footprint``).
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from treeserve.sandbox import (
     model_facts,
     split_features,
 )
+from treeserve.settings import MAX_EXPLAIN_ROWS, MAX_LAMBDA_PAYLOAD_BYTES, Settings
 
 MiB = 1 << 20
 
@@ -115,6 +125,139 @@ class Limits:
     load_memory_bytes: int = 2 << 30
 
 
+# --- what a model may cost the inference function -----------------------------------------------
+
+# Of the inference function's memory, this fraction is kept free for what no model measurement
+# sees: the Lambda runtime, request and response buffers, capture batches, allocator slack.
+INFERENCE_HEADROOM_FRACTION = 0.2
+# RSS of the inference function with no model loaded: Python, numpy, XGBoost, FastAPI, boto3,
+# Powertools (measured: 228 MB importing the inference handler, 161 MB of it numpy + XGBoost).
+INFERENCE_RUNTIME_MB = 256
+# What is left after headroom and runtime is shared by two models: at a swap the version in
+# service keeps serving (and explaining) while the next one loads. When several models share one
+# function (MODEL_CACHE_MB), the cache takes this share; each model still fits one slot.
+MODELS_AT_ONCE = 2
+# Bytes per contribution value of one explain answer, over XGBoost's float32 output: the
+# contiguous copies, the JSON or CSV text and its copies on the way out (measured: 8-17 B on the
+# JSON path, 44-65 B on the CSV path, which holds every value as a Python float); rounded up.
+EXPLAIN_BYTES_PER_VALUE = 96
+# Bytes per input value of one request once parsed (float64 matrix, float32 DMatrix copy).
+INPUT_BYTES_PER_VALUE = 16
+# A loaded model's answer to one explain, per thread, is at least its TreeSHAP path buffer of
+# about 8 * (depth + 2)**2 bytes (measured, see sandbox.MAX_TREE_DEPTH).
+TREESHAP_PATH_BYTES = 8
+# Lambda gives a function one full vCPU at 1769 MB and a proportional share below it; a model's
+# load is single-threaded, so it takes this much longer on a smaller function than in the child.
+FULL_VCPU_MB = 1769
+INFERENCE_LOAD_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class InferenceBudget:
+    """What one model may cost the inference function (its MemorySize and request limits)."""
+
+    memory_mb: int = 1024  # the inference function's MemorySize (INFERENCE_MEMORY_MB)
+    explain_rows: int = MAX_EXPLAIN_ROWS  # most rows one explain request carries
+    max_body_bytes: int = MAX_LAMBDA_PAYLOAD_BYTES  # most bytes one request carries
+    load_seconds: float = INFERENCE_LOAD_SECONDS  # most seconds a load may take there
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InferenceBudget:
+        return cls(
+            memory_mb=settings.inference_memory_mb,
+            explain_rows=settings.max_explain_rows,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+    @property
+    def model_mb(self) -> float:
+        """The peak memory one model may reach (MB): what headroom and runtime leave, shared by
+        :data:`MODELS_AT_ONCE` models."""
+        usable = self.memory_mb * (1 - INFERENCE_HEADROOM_FRACTION) - INFERENCE_RUNTIME_MB
+        return max(0.0, usable / MODELS_AT_ONCE)
+
+    @property
+    def cpu_factor(self) -> float:
+        """How much slower a single-threaded load runs there than on one full vCPU."""
+        return max(1.0, FULL_VCPU_MB / self.memory_mb)
+
+
+def _mb(n: float) -> float:
+    return round(n / MiB, 1)
+
+
+def footprint(
+    measured: dict[str, Any],
+    *,
+    model_bytes: int,
+    num_features: int,
+    num_outputs: int,
+    max_depth: int,
+    explainable: bool,
+    budget: InferenceBudget,
+) -> dict[str, Any]:
+    """What the model costs the inference function, in MB, from the sandbox child's readings.
+
+    ``load_peak_mb``: the child's load peak plus the model bytes the inference function holds
+    while loading (the bytes read from S3 and the copy XGBoost parses); ``loaded_mb``: what stays;
+    ``explain_peak_mb``: one explain request of the most rows the limits allow, over the loaded
+    model (the child's one-row TreeSHAP peak, at least the path buffer, plus the answer's values
+    and the parsed input); ``peak_mb``: the larger of the load's peak and loaded + explain.
+    """
+    load_peak = int(measured.get("load_peak_bytes", 0)) + 2 * model_bytes
+    loaded = int(measured.get("loaded_bytes", 0))
+    rows = max(1, min(budget.explain_rows, budget.max_body_bytes // max(1, num_features)))
+    explain = 0
+    if explainable:
+        one_row = int(measured.get("explain_peak_bytes") or 0)
+        path = TREESHAP_PATH_BYTES * (max_depth + 2) ** 2
+        values = rows * (num_features + 1) * max(1, num_outputs)
+        explain = (
+            max(one_row, path)
+            + values * EXPLAIN_BYTES_PER_VALUE
+            + rows * num_features * INPUT_BYTES_PER_VALUE
+        )
+    seconds = float(measured.get("load_seconds", 0.0))
+    return {
+        "loaded_mb": _mb(loaded),
+        "load_peak_mb": _mb(load_peak),
+        "explain_rows": rows if explainable else 0,
+        "explain_peak_mb": _mb(explain),
+        "peak_mb": _mb(max(load_peak, loaded + explain)),
+        "load_seconds": round(seconds, 3),
+        "inference_load_seconds": round(seconds * budget.cpu_factor, 3),
+        "budget_mb": round(budget.model_mb, 1),
+        "inference_memory_mb": budget.memory_mb,
+        "measured": bool(measured.get("baseline_bytes")),
+    }
+
+
+def check_footprint(fp: dict[str, Any], budget: InferenceBudget) -> None:
+    """Refuse a model that does not fit the inference function (see the module docstring)."""
+    fix = (
+        "upload a smaller model (fewer or shallower trees, fewer features or classes), or give "
+        "the inference function more memory (the template's InferenceMemoryMB parameter, which "
+        "sets its MemorySize and the refresh function's INFERENCE_MEMORY_MB)"
+    )
+    if fp["peak_mb"] > fp["budget_mb"]:
+        raise UploadRejected(
+            "too_big_for_inference",
+            f"the model would need {fp['peak_mb']:g} MB in the inference function (loading it "
+            f"peaks at {fp['load_peak_mb']:g} MB, it keeps {fp['loaded_mb']:g} MB, and one "
+            f"explain of {fp['explain_rows']} rows adds {fp['explain_peak_mb']:g} MB), more "
+            f"than the {fp['budget_mb']:g} MB one model may use of the function's "
+            f"{budget.memory_mb} MB: {fix}",
+        )
+    if fp["inference_load_seconds"] > budget.load_seconds:
+        raise UploadRejected(
+            "too_slow_to_load",
+            f"loading the model took {fp['load_seconds']:g} s here, about "
+            f"{fp['inference_load_seconds']:g} s on an inference function of "
+            f"{budget.memory_mb} MB, more than the {budget.load_seconds:g} s a cold start may "
+            f"spend on it: {fix}",
+        )
+
+
 @dataclass
 class ModelUpload:
     """A validated upload: the canonical model bytes plus everything checked about them."""
@@ -134,6 +277,7 @@ class ModelUpload:
     smoke_predictions: np.ndarray
     holdout_predictions: np.ndarray | None = None
     validation: dict[str, Any] = field(default_factory=dict)
+    footprint: dict[str, Any] | None = None  # what it costs the inference function (MB, s)
 
     @property
     def categories(self) -> dict[str, list[Any]] | None:
@@ -173,6 +317,7 @@ class ModelUpload:
             description=self.declared.get("description"),
             metrics=dict(self.declared.get("metrics") or {}),
             validation=dict(self.validation),
+            footprint=self.footprint,
             reference_source="reference.csv" if self.reference is not None else None,
             source={"upload_sha256": self.upload_sha256, "upload_size": self.upload_size},
         )
@@ -393,7 +538,9 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
             "corrupt", f"{what} is not an XGBoost model ({exc}): {_PACKAGE_HINT}"
         ) from None
     try:
-        check_trees(doc, facts["num_features"], max(facts["num_class"], facts["num_target"]))
+        facts["max_depth"] = check_trees(
+            doc, facts["num_features"], max(facts["num_class"], facts["num_target"])
+        )
     except UnsafeModel as exc:
         raise UploadRejected(exc.code, f"{what}: {exc}") from None
     except (ValueError, TypeError) as exc:
@@ -1016,15 +1163,22 @@ def check_predictions(info: ModelInfo, predictions: np.ndarray, n: int, source: 
 
 
 def read_upload(
-    data: bytes, filename: str, *, limits: Limits | None = None, label: str | None = None
+    data: bytes,
+    filename: str,
+    *,
+    limits: Limits | None = None,
+    label: str | None = None,
+    budget: InferenceBudget | None = None,
 ) -> ModelUpload:
     """Check an uploaded object completely; raise UploadRejected with a stable code if refused.
 
     ``label`` names the holdout's label column (default: the manifest's ``label``, else
     ``"label"``). :class:`treeserve.sandbox.SandboxUnavailable` (the child could not start)
     is not a verdict on the upload and propagates: fail the invocation so it is retried.
+    ``budget``: what the model may cost the inference function (default: 1024 MB).
     """
     limits = limits or Limits()
+    budget = budget or InferenceBudget()
     checks: list[str] = []
     size = len(data)
     if size > limits.max_upload_bytes:
@@ -1192,6 +1346,17 @@ def read_upload(
     sample = "the synthetic sample" if rows is None else "reference.csv/holdout.csv"
     check_predictions(info, predictions, len(result.rows), sample)
     checks.append("smoke_predictions")
+    cost = footprint(
+        result.footprint,
+        model_bytes=len(result.model_ubj),
+        num_features=n,
+        num_outputs=num_outputs(info),
+        max_depth=facts["max_depth"],
+        explainable=not info.vector_leaf,
+        budget=budget,
+    )
+    check_footprint(cost, budget)
+    checks.append("inference_budget")
     n_ref = 0 if reference is None else len(reference)
     holdout_predictions = predictions[n_ref:] if holdout_X is not None else None
     smoke = predictions[:n_ref] if reference is not None else predictions
@@ -1232,4 +1397,5 @@ def read_upload(
         smoke_predictions=smoke,
         holdout_predictions=holdout_predictions,
         validation=validation,
+        footprint=cost,
     )

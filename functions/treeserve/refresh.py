@@ -83,7 +83,7 @@ from treeserve.errors import (
     TreeserveError,
     UploadRejected,
 )
-from treeserve.package import Limits, ModelUpload, read_upload
+from treeserve.package import InferenceBudget, Limits, ModelUpload, read_upload
 from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
 
 if TYPE_CHECKING:
@@ -341,10 +341,12 @@ class RefreshService:
         sns: SNSClient | None = None,
         source: UploadSource | None = None,
         limits: Limits | None = None,
+        budget: InferenceBudget | None = None,
         metrics_sink: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.limits = limits or Limits()
+        self.budget = budget or InferenceBudget.from_settings(settings)
         self._s3 = s3
         self._sns = sns
         self._store = store
@@ -439,7 +441,7 @@ class RefreshService:
                     "the object was overwritten since this event; its own event handles it",
                     uid,
                 )
-            upload = read_upload(obj.data, filename, limits=self.limits)
+            upload = read_upload(obj.data, filename, limits=self.limits, budget=self.budget)
             source = self._source(event, obj, upload)
             existing = registry.find_version_by_sha256(upload.sha256)
             registered: tuple[int, ModelManifest, _Gates] | None = None

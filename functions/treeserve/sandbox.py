@@ -33,8 +33,9 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -123,6 +124,11 @@ class SandboxResult:
     rows: np.ndarray  # the rows predicted on (the given rows or the synthetic sample)
     predictions: np.ndarray  # output_margin=False
     synthetic: bool  # True when no rows were given and the child made its own sample
+    # What loading cost the child (see :func:`_memory`): ``baseline_bytes`` (RSS before the load),
+    # ``load_peak_bytes`` and ``loaded_bytes`` (peak and retained RSS growth of the load),
+    # ``explain_peak_bytes`` (peak RSS growth over the loaded model of explaining one row; None
+    # when XGBoost cannot explain it), ``load_seconds``. Empty where /proc is not available.
+    footprint: dict[str, Any] = field(default_factory=dict)
 
 
 # --- UBJSON reader -----------------------------------------------------------------------------
@@ -489,8 +495,9 @@ def _int_array(tree: Mapping[str, Any], key: str, i: int) -> np.ndarray:
         raise ValueError(f"tree {i}: {key} is not an integer array") from None
 
 
-def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
-    """Refuse trees whose indices point outside their arrays or the features.
+def check_trees(doc: Any, num_features: int, num_groups: int) -> int:
+    """Refuse trees whose indices point outside their arrays or the features; return the depth
+    of the deepest tree (root = 0; 0 without trees).
 
     XGBoost trusts these indices: a crafted split index or child id makes it read out of bounds
     (a segfault in xgboost-cpu 3.2), possibly only for some inputs, so a model that survived the
@@ -500,6 +507,7 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
     outside ``0..MAX_CATEGORY-1`` (``bad_category``).
     """
     trees = model_trees(doc)
+    deepest = 0
     _check_base_score(doc)
     gb = _get(doc, "learner", "gradient_booster")
     model = gb.get("model") if gb.get("name") != "dart" else gb.get("gbtree", {}).get("model")
@@ -548,12 +556,13 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
                 f"tree {i} splits on feature {bad} but the model has {num_features} features"
             )
         _check_values(tree, i, leaf)
-        _check_depth(left, right, i)
+        deepest = max(deepest, _check_depth(left, right, i))
         if "split_type" in tree:
             kind = _int_array(tree, "split_type", i)
             categorical = np.flatnonzero(inner & (kind == 1))
             if categorical.size:
                 _check_categories(tree, i, categorical, n)
+    return deepest
 
 
 def vector_leaf_size(tree: Mapping[str, Any]) -> int:
@@ -639,7 +648,7 @@ def tree_depth(left: np.ndarray, right: np.ndarray, limit: int) -> int:
     return depth
 
 
-def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> None:
+def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> int:
     depth = tree_depth(left, right, MAX_TREE_DEPTH)
     if depth > MAX_TREE_DEPTH:
         raise UnsafeModel(
@@ -648,6 +657,7 @@ def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> None:
             f"would need about {8 * depth * depth >> 20} MiB or more; retrain with max_depth "
             f"<= {MAX_TREE_DEPTH}",
         )
+    return depth
 
 
 def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int) -> None:
@@ -793,6 +803,65 @@ def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
+def _memory() -> tuple[int, int] | None:
+    """(current, peak) RSS of this process in bytes, from /proc (Linux, as on Lambda)."""
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith((b"VmRSS:", b"VmHWM:")):
+                    key, value = line.split(b":", 1)
+                    found[key.decode()] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None
+    if "VmRSS" not in found or "VmHWM" not in found:
+        return None
+    return found["VmRSS"], found["VmHWM"]
+
+
+def _explain_one_row(xgb: Any, booster: Any) -> bool:
+    """TreeSHAP on one row of zeros, as the inference function's explain runs it (nthread=1).
+
+    TreeSHAP's working memory depends on the trees (depth), not on the row's values. False when
+    XGBoost cannot explain the model (vector-leaf trees)."""
+    try:
+        dmatrix = xgb.DMatrix(
+            np.zeros((1, booster.num_features()), dtype=np.float32),
+            feature_names=booster.feature_names,
+            feature_types=booster.feature_types,
+            nthread=1,
+        )
+        booster.predict(dmatrix, pred_contribs=True, validate_features=False)
+    except (xgb.core.XGBoostError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _footprint(
+    before: tuple[int, int] | None,
+    loaded: tuple[int, int] | None,
+    explained: tuple[int, int] | None,
+    load_seconds: float,
+) -> dict[str, Any]:
+    """Growth figures from three (RSS, peak RSS) readings: before the load, after it, after one
+    explain (None: not explainable). The peak is a high-water mark of the whole process, so the
+    explain's own peak is only visible when it exceeds the load's: otherwise it is at most the
+    load's (``explain_peak_bytes`` then reads 0, and the caller bounds it by the trees' depth)."""
+    out: dict[str, Any] = {"load_seconds": round(load_seconds, 4)}
+    if before is None or loaded is None:
+        return out
+    rss0, peak0 = before
+    rss1, peak1 = loaded
+    out["baseline_bytes"] = rss0
+    out["loaded_bytes"] = max(0, rss1 - rss0)
+    out["load_peak_bytes"] = max(0, peak1 - rss0) if peak1 > peak0 else out["loaded_bytes"]
+    if explained is None:
+        out["explain_peak_bytes"] = None
+    else:
+        out["explain_peak_bytes"] = max(0, explained[1] - rss1) if explained[1] > peak1 else 0
+    return out
+
+
 def _child_main(setup: dict[str, Any]) -> int:
     """Child entry point (after the bootstrap has set sys.path): serve one request."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -816,9 +885,17 @@ def _child_main(setup: dict[str, Any]) -> int:
         return 0
 
     try:
+        before = _memory()
+        started = time.perf_counter()
         booster = xgb.Booster()
         booster.load_model(raw)
         booster.set_param({"nthread": 1})
+        load_seconds = time.perf_counter() - started
+        loaded = _memory()
+        # Measured before anything else allocates (the re-saved bytes, the decoded document),
+        # so the readings are what the inference function pays: load, then explain.
+        explained = _memory() if _explain_one_row(xgb, booster) else None
+        footprint = _footprint(before, loaded, explained, load_seconds)
         model_ubj = bytes(booster.save_raw("ubj"))
     except xgb.core.XGBoostError as exc:
         return fail("load_failed", first_line(exc))
@@ -860,6 +937,7 @@ def _child_main(setup: dict[str, Any]) -> int:
         "model_size": len(model_ubj),
         "rows_size": len(rows_npy),
         "pred_size": len(pred_npy),
+        "footprint": footprint,
     }
     _write_frame(stdout, header, model_ubj, rows_npy, pred_npy)
     return 0
@@ -1053,4 +1131,5 @@ def inspect_model(
         rows=used_rows,
         predictions=predictions,
         synthetic=rows is None,
+        footprint=dict(reply.get("footprint") or {}),
     )

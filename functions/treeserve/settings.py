@@ -12,6 +12,11 @@ from treeserve.errors import ConfigurationError
 PromotionMode = Literal["auto", "manual"]
 
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024
+# TreeSHAP costs far more per row than prediction: one explain request carries at most this many
+# rows (and MAX_ROWS), to stay well inside the timeout and the inference function's memory.
+MAX_EXPLAIN_ROWS = 1000
+# Lambda's MemorySize range (MB).
+LAMBDA_MEMORY_MB = (128, 10_240)
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -59,6 +64,14 @@ class Settings:
     promotion_tolerance: float = 0.0
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
+    # The inference function's MemorySize (template.yaml gives the refresh function the same
+    # value): refresh refuses a model whose footprint does not fit it (treeserve.package).
+    inference_memory_mb: int = 1024
+
+    @property
+    def max_explain_rows(self) -> int:
+        """Most rows one explain request may carry."""
+        return min(self.max_rows, MAX_EXPLAIN_ROWS)
 
     @classmethod
     def from_env(
@@ -86,4 +99,5 @@ class Settings:
             promotion_tolerance=_number(env, "PROMOTION_TOLERANCE", 0.0, 0.0, 1e9),
             notification_topic_arn=env.get("NOTIFICATION_TOPIC_ARN", "").strip() or None,
             log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
+            inference_memory_mb=int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB)),
         )

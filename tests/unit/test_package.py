@@ -185,7 +185,14 @@ def test_valid_upload_is_accepted(any_model: TrainedModel, form: str) -> None:
             "reg:squarederror": "regression",
         }[any_model.objective]
     )
-    assert manifest.validation["checks"][-1] == "smoke_predictions"
+    assert manifest.validation["checks"][-2:] == ["smoke_predictions", "inference_budget"]
+    # What the version costs the inference function, measured in the sandbox child.
+    fp = manifest.footprint
+    assert fp is not None
+    assert fp["measured"]
+    assert 0 < fp["loaded_mb"] <= fp["peak_mb"] < fp["budget_mb"]
+    assert fp["inference_memory_mb"] == 1024
+    assert fp["explain_rows"] == 1000
 
     if form == "package":
         assert upload.reference is not None
