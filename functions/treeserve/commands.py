@@ -32,6 +32,7 @@ from treeserve.registry import (
     MODEL_NAME_RE,
     ModelRegistry,
     Pointer,
+    PointerUnreadable,
     S3RegistryStore,
     StorageAccessDenied,
     upload_id,
@@ -440,7 +441,13 @@ def status(args: argparse.Namespace) -> int:
     """The version in service, the versions, and recent rejections with their reasons."""
     settings, name, store, registry = _target(args)
     store.check_bucket()
-    pointer = registry.current()
+    problem: str | None = None
+    try:
+        pointer = registry.current()
+    except PointerUnreadable as unreadable:
+        pointer, problem = None, str(unreadable)
+    if pointer is not None:
+        problem = registry.pointer_problem(pointer)
     versions = registry.versions()
     shown = list(reversed(versions))[:STATUS_VERSIONS]
     rows: list[dict[str, Any]] = []
@@ -468,6 +475,7 @@ def status(args: argparse.Namespace) -> int:
                     "model": name,
                     "bucket": settings.model_bucket,
                     "current": pointer.to_dict() if pointer else None,
+                    "pointer_problem": problem,
                     "versions_total": len(versions),
                     "versions": rows,
                     "rejections": rejections,
@@ -479,7 +487,12 @@ def status(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     _out(f"model {name} in s3://{settings.model_bucket}/registry/{name}/")
-    if pointer is None:
+    if problem is not None:
+        # Warm inference environments keep what they loaded; new ones load nothing until the
+        # pointer is repaired.
+        hint = f" (e.g. `treeserve promote {versions[-1]} --name {name}`)" if versions else ""
+        _out(f"in service: BROKEN POINTER: {problem}{hint}")
+    elif pointer is None:
         _out("in service: none (put a version in service with `treeserve promote VERSION`)")
     else:
         previous = "" if pointer.previous is None else f"; previous {pointer.previous}"
