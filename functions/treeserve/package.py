@@ -54,11 +54,14 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import IO, Any, Literal, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
 from treeserve.errors import UploadRejected
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 from treeserve.manifest import ModelManifest, category_codes, task_of
 from treeserve.sandbox import (
     ModelFormat,
@@ -117,6 +120,8 @@ class Limits:
     max_decompressed_bytes: int = 512 * MiB  # all members together, as extracted
     max_member_bytes: int = 256 * MiB
     max_csv_rows: int = 200_000
+    # Cells (rows x columns) of one CSV: its float64 matrix stays under 160 MB however wide.
+    max_csv_cells: int = 20_000_000
     max_features: int = 10_000
     # JSON models are parsed into Python objects (about 10x their size in memory); UBJ is read
     # as zero-copy array views, so only JSON gets this tighter cap.
@@ -826,27 +831,59 @@ def _no_constant(name: str) -> Any:
 # --- CSV -----------------------------------------------------------------------------------------
 
 
+# A CSV is parsed in chunks of about this many cells: a chunk's Python strings are all that
+# exists of the text at any time (the whole file as Python strings would take several times its
+# size: issue 13 measured 3.1 GB for two 258 MB CSVs).
+CSV_CHUNK_CELLS = 1 << 18
+
+
 @dataclass
 class _Table:
+    """A checked CSV: its header and row count, its bytes parsed again chunk by chunk."""
+
     header: list[str]
-    rows: list[list[str]]
+    raw: bytes
+    index_column: bool  # DataFrame.to_csv() wrote its index first, under an empty name
+    n_rows: int
+
+    def rows(self) -> Iterator[list[str]]:
+        """The data rows (blank lines skipped, the index column dropped)."""
+        # BytesIO shares the bytes it is given; the wrapper decodes a few KB at a time.
+        text = io.TextIOWrapper(io.BytesIO(self.raw), encoding="utf-8-sig", newline="")
+        reader = csv.reader(text, strict=True)
+        next(reader, None)
+        for line in reader:
+            if not line or (len(line) == 1 and not line[0].strip()):
+                continue
+            yield line[1:] if self.index_column else line
+
+    def chunks(self) -> Iterator[tuple[int, list[list[str]]]]:
+        """``(first row index, rows)`` in chunks of about :data:`CSV_CHUNK_CELLS` cells."""
+        size = max(1, CSV_CHUNK_CELLS // max(1, len(self.header)))
+        start, chunk = 0, []
+        for row in self.rows():
+            chunk.append(row)
+            if len(chunk) == size:
+                yield start, chunk
+                start, chunk = start + size, []
+        if chunk:
+            yield start, chunk
+
+    def column(self, j: int) -> list[str]:
+        return [row[j].strip() for row in self.rows()]
 
 
 def _read_csv(raw: bytes, what: str, limits: Limits) -> _Table:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UploadRejected(
-            "csv_invalid", f"{what} is not UTF-8 text: save it as UTF-8 CSV"
-        ) from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    """Check the CSV in one streaming pass (UTF-8, a header of unique names, one field per
+    column on every row, the row and cell caps); nothing of it is kept but the header."""
+    text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline="")
+    reader = csv.reader(text, strict=True)
     try:
         header = [h.strip() for h in next(reader, [])]
         if not header or not any(header):
             raise UploadRejected(
                 "csv_invalid", f"{what} is empty: it needs a header row of feature names"
             )
-        # DataFrame.to_csv() writes the index first, under an empty name: not a feature.
         index_column = len(header) > 1 and not header[0] and all(header[1:])
         if index_column:
             header = header[1:]
@@ -854,33 +891,40 @@ def _read_csv(raw: bytes, what: str, limits: Limits) -> _Table:
             raise UploadRejected(
                 "csv_invalid", f"{what} has empty or duplicate column names in its header"
             )
-        rows: list[list[str]] = []
+        max_rows = min(limits.max_csv_rows, limits.max_csv_cells // len(header))
+        width = len(header) + (1 if index_column else 0)
+        n_rows = 0
         for line in reader:
             if not line or (len(line) == 1 and not line[0].strip()):
                 continue
-            row = line[1:] if index_column else line
-            if len(row) != len(header):
+            if len(line) != width:
+                got = len(line) - (1 if index_column else 0)
                 raise UploadRejected(
                     "csv_mismatch",
-                    f"{what} line {reader.line_num} has {len(row)} fields but the header has "
+                    f"{what} line {reader.line_num} has {got} fields but the header has "
                     f"{len(header)}: every row needs one value per column",
                 )
-            rows.append(row)
-            if len(rows) > limits.max_csv_rows:
+            n_rows += 1
+            if n_rows > max_rows:
                 raise UploadRejected(
                     "too_many_rows",
-                    f"{what} has more than {limits.max_csv_rows} rows: upload a sample",
+                    f"{what} has more than {max_rows} rows (at most {limits.max_csv_rows} rows "
+                    f"and {limits.max_csv_cells} cells of {len(header)} columns): upload a "
+                    "sample",
                 )
+    except UnicodeDecodeError:
+        raise UploadRejected(
+            "csv_invalid", f"{what} is not UTF-8 text: save it as UTF-8 CSV"
+        ) from None
     except csv.Error as exc:
         raise UploadRejected("csv_invalid", f"{what} is not valid CSV ({exc})") from None
-    if not rows:
+    if not n_rows:
         raise UploadRejected("csv_invalid", f"{what} has a header but no rows")
-    return _Table(header, rows)
+    return _Table(header, raw, index_column, n_rows)
 
 
-def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
-    cells = [r[j].strip() for r in table.rows]
-    cleaned = ["nan" if c.lower() in MISSING_TOKENS else c for c in cells]
+def _numeric_cells(cells: list[str], first: int, name: str, what: str) -> np.ndarray:
+    cleaned = ["nan" if c.strip().lower() in MISSING_TOKENS else c.strip() for c in cells]
     try:
         column = np.array(cleaned, dtype=np.float64)
     except ValueError:
@@ -890,7 +934,7 @@ def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
             except ValueError:
                 raise UploadRejected(
                     "csv_invalid",
-                    f"{what} row {i + 1}, column {table.header[j]!r} holds {c[:40]!r}, not a "
+                    f"{what} row {first + i + 1}, column {name!r} holds {c[:40]!r}, not a "
                     "number: features must be numeric (leave a cell empty for missing)",
                 ) from None
         raise  # pragma: no cover - numpy and float() agree on what parses
@@ -898,12 +942,14 @@ def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
         i = int(np.flatnonzero(np.isinf(column))[0])
         raise UploadRejected(
             "csv_invalid",
-            f"{what} row {i + 1}, column {table.header[j]!r} is infinite: use finite values",
+            f"{what} row {first + i + 1}, column {name!r} is infinite: use finite values",
         )
     return column
 
 
-def _category_column(table: _Table, j: int, what: str, categories: list[Any]) -> np.ndarray:
+def _category_cells(
+    cells: list[str], first: int, name: str, what: str, categories: list[Any]
+) -> np.ndarray:
     """Category values (as a DataFrame's ``to_csv`` writes them) -> the model's codes.
 
     A number that names no category is taken as a code when the categories are strings (a
@@ -911,9 +957,9 @@ def _category_column(table: _Table, j: int, what: str, categories: list[Any]) ->
     """
     codes = category_codes(categories)
     numbers_are_codes = not isinstance(categories[0], int)
-    column = np.empty(len(table.rows), dtype=np.float64)
-    for i, row in enumerate(table.rows):
-        cell = row[j].strip()
+    column = np.empty(len(cells), dtype=np.float64)
+    for i, raw_cell in enumerate(cells):
+        cell = raw_cell.strip()
         code = codes.get(cell)
         if code is None and cell.lower() in MISSING_TOKENS:
             code = math.nan
@@ -925,7 +971,7 @@ def _category_column(table: _Table, j: int, what: str, categories: list[Any]) ->
             )
             raise UploadRejected(
                 "csv_invalid",
-                f"{what} row {i + 1}, column {table.header[j]!r} holds {cell[:40]!r}, which is "
+                f"{what} row {first + i + 1}, column {name!r} holds {cell[:40]!r}, which is "
                 f"not one of the model's categories ({shown}): the sample must come from the "
                 "data the model was trained on",
             )
@@ -963,20 +1009,24 @@ def _feature_matrix(
             f"({len(names)} columns{', plus the label' if label else ''})",
         )
     index = {h: j for j, h in enumerate(table.header)}
-    matrix = np.empty((len(table.rows), len(names)), dtype=np.float64)
-    for k, name in enumerate(names):
-        if categories and name in categories:
-            matrix[:, k] = _category_column(table, index[name], what, categories[name])
-        else:
-            matrix[:, k] = _numeric_column(table, index[name], what)
+    matrix = np.empty((table.n_rows, len(names)), dtype=np.float64)
+    plan = [(k, index[name], name, (categories or {}).get(name)) for k, name in enumerate(names)]
+    for first, chunk in table.chunks():
+        stop = first + len(chunk)
+        for k, j, name, cats in plan:
+            cells = [row[j] for row in chunk]
+            matrix[first:stop, k] = (
+                _numeric_cells(cells, first, name, what)
+                if cats is None
+                else _category_cells(cells, first, name, what, cats)
+            )
     return matrix
 
 
 def _labels(
     table: _Table, label: str, task: str, class_names: list[str] | None, num_class: int
 ) -> np.ndarray:
-    j = table.header.index(label)
-    cells = [r[j].strip() for r in table.rows]
+    cells = table.column(table.header.index(label))
     lookup = {name: float(i) for i, name in enumerate(class_names or [])}
     y = np.empty(len(cells), dtype=np.float64)
     for i, c in enumerate(cells):
@@ -1380,6 +1430,8 @@ def read_upload(
         "reference_rows": n_ref,
         "holdout_rows": 0 if holdout_X is None else len(holdout_X),
         "load_seconds": round(load_seconds, 3),
+        # The sandbox child's peak RSS: with this process's, what the refresh function holds.
+        "sandbox_peak_mb": _mb(result.footprint.get("child_peak_bytes", 0)),
     }
     return ModelUpload(
         model_ubj=result.model_ubj,

@@ -12,7 +12,8 @@ Protocol (both directions): a frame is a 4-byte big-endian length and a JSON hea
 by the raw blobs whose sizes the header gives. The parent's first frame is its ``sys.path`` (in
 Lambda ``/var/task`` is on the path through a mechanism ``-I`` does not keep); the child imports
 only from that list, so it sees exactly the parent's modules. The second frame is the request.
-Arrays travel as ``.npy`` bytes and are read back with ``allow_pickle=False``.
+The rows to predict on travel as their raw float64 buffer (shape in the header; the child
+uses it in place), the child's arrays as ``.npy`` bytes read back with ``allow_pickle=False``.
 
 This module also holds :func:`decode_ubj` and :func:`model_facts`, a small pure-Python reader
 of XGBoost's UBJSON/JSON model documents: the parent uses it for cheap structural checks before
@@ -127,7 +128,8 @@ class SandboxResult:
     # What loading cost the child (see :func:`_memory`): ``baseline_bytes`` (RSS before the load),
     # ``load_peak_bytes`` and ``loaded_bytes`` (peak and retained RSS growth of the load),
     # ``explain_peak_bytes`` (peak RSS growth over the loaded model of explaining one row; None
-    # when XGBoost cannot explain it), ``load_seconds``. Empty where /proc is not available.
+    # when XGBoost cannot explain it), ``load_seconds``, ``child_peak_bytes`` (the child's peak
+    # RSS, imports included). Only ``load_seconds`` where /proc is not available.
     footprint: dict[str, Any] = field(default_factory=dict)
 
 
@@ -747,7 +749,7 @@ def synthetic_rows(thresholds: list[np.ndarray]) -> np.ndarray:
 # --- framing -----------------------------------------------------------------------------------
 
 
-def _write_frame(out: IO[bytes], header: dict[str, Any], *blobs: bytes) -> None:
+def _write_frame(out: IO[bytes], header: dict[str, Any], *blobs: bytes | memoryview) -> None:
     head = json.dumps(header).encode()
     out.write(struct.pack(">I", len(head)))
     out.write(head)
@@ -766,6 +768,19 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def _read_buffer(stream: IO[bytes], n: int) -> bytearray:
+    """Exactly ``n`` bytes, read straight into one buffer."""
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    done = 0
+    while done < n:
+        got = stream.readinto(view[done:])  # type: ignore[attr-defined]
+        if not got:
+            raise EOFError(f"stream ended {n - done} bytes early")
+        done += got
+    return buffer
 
 
 def _read_frame(stream: IO[bytes]) -> dict[str, Any]:
@@ -872,8 +887,10 @@ def _child_main(setup: dict[str, Any]) -> int:
 
     _write_frame(stdout, {"ready": True})  # from here on, failures are the model's
     request = _read_frame(stdin)
-    raw = bytearray(_read_exact(stdin, int(request["model_size"])))
-    rows_raw = _read_exact(stdin, int(request["rows_size"]))
+    raw = _read_buffer(stdin, int(request["model_size"]))
+    # The rows arrive as the parent's float64 buffer and are used in place (no copies: a
+    # package's samples can be hundreds of MB).
+    rows_buffer = _read_buffer(stdin, int(request["rows_size"]))
 
     def first_line(exc: BaseException) -> str:
         # XGBoost prefixes "[hh:mm:ss] /path/file.cc:123: "; keep only what it says.
@@ -910,12 +927,12 @@ def _child_main(setup: dict[str, Any]) -> int:
         iteration_range = _checked_iteration_range(booster, facts["iteration_range"])
     except ValueError as exc:
         return fail("corrupt", f"the loaded model is inconsistent: {exc}")
-    synthetic = not rows_raw
+    synthetic = request.get("rows_shape") is None
     try:
         if synthetic:
             rows = synthetic_rows(split_thresholds(doc, facts["num_features"]))
         else:
-            rows = _npy_load(rows_raw).astype(np.float64, copy=False)
+            rows = np.frombuffer(rows_buffer, dtype=np.float64).reshape(request["rows_shape"])
         predictions = np.asarray(
             booster.inplace_predict(
                 rows,
@@ -929,6 +946,9 @@ def _child_main(setup: dict[str, Any]) -> int:
             "predict_failed", f"XGBoost could not predict with the model: {first_line(exc)}"
         )
     facts["xgboost_version"] = xgb.__version__
+    final = _memory()
+    if final is not None:
+        footprint["child_peak_bytes"] = final[1]  # the whole child's, imports included
     rows_npy = b"" if not synthetic else _npy_bytes(rows)
     pred_npy = _npy_bytes(predictions)
     header = {
@@ -1011,13 +1031,18 @@ def inspect_model(
     Raises UploadRejected: ``load_failed`` (XGBoost refused or the loader crashed),
     ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``.
     """
-    rows_npy = b"" if rows is None else _npy_bytes(np.asarray(rows, dtype=np.float64))
+    given = None if rows is None else np.ascontiguousarray(rows, dtype=np.float64)
     setup = {
         "sys_path": sys.path,
         "memory_bytes": int(memory_bytes),
         "cpu_seconds": math.ceil(STARTUP_TIMEOUT_SECONDS + timeout),
     }
-    request = {"format": fmt, "model_size": len(raw), "rows_size": len(rows_npy)}
+    request = {
+        "format": fmt,
+        "model_size": len(raw),
+        "rows_size": 0 if given is None else given.nbytes,
+        "rows_shape": None if given is None else list(given.shape),
+    }
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
         [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP],
         stdin=subprocess.PIPE,
@@ -1056,7 +1081,12 @@ def inspect_model(
             watchdog.daemon = True
             watchdog.start()
             try:
-                _write_frame(proc.stdin, request, bytes(raw), rows_npy)
+                _write_frame(
+                    proc.stdin,
+                    request,
+                    bytes(raw),
+                    b"" if given is None else given.data.cast("B"),
+                )
                 proc.stdin.close()
             except OSError:  # BrokenPipeError included
                 pass  # the child died or was killed; its exit status tells why

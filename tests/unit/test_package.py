@@ -341,6 +341,7 @@ def _refused(data: bytes, filename: str, limits: Limits) -> str:
         (Limits(max_member_bytes=5000), "too_large"),
         (Limits(max_decompressed_bytes=20_000), "too_large"),
         (Limits(max_csv_rows=50), "too_many_rows"),
+        (Limits(max_csv_cells=6 * 50), "too_many_rows"),  # rows x columns: the matrix's size
         (Limits(max_features=5), "too_many_features"),
     ],
 )
