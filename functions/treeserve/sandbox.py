@@ -1017,6 +1017,20 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _out_of_memory(text: str) -> bool:
+    return any(w in text for w in ("bad_alloc", "MemoryError", "Cannot allocate"))
+
+
+def _too_big(memory_bytes: int, detail: str) -> UploadRejected:
+    """A load that ran out of the child's memory: far beyond what inference can hold."""
+    return UploadRejected(
+        "too_big_for_inference",
+        f"loading the model needs more than the {memory_bytes >> 20} MiB the refresh check "
+        f"allows a load ({detail[:120]}), far more than one model may take of the inference "
+        "function: upload a smaller model (fewer or shallower trees)",
+    )
+
+
 def inspect_model(
     raw: bytes,
     fmt: ModelFormat,
@@ -1029,7 +1043,8 @@ def inspect_model(
 
     ``rows`` (float, NaN = missing, model feature order) or None for a synthetic sample.
     Raises UploadRejected: ``load_failed`` (XGBoost refused or the loader crashed),
-    ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``.
+    ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``,
+    ``too_big_for_inference`` (the load ran out of ``memory_bytes``).
     """
     given = None if rows is None else np.ascontiguousarray(rows, dtype=np.float64)
     setup = {
@@ -1139,7 +1154,9 @@ def inspect_model(
             why = f"the loader exited with status {returncode}"
         if detail:
             why += f": {detail}"
-        if any(w in detail for w in ("bad_alloc", "MemoryError", "Cannot allocate", "map")):
+        if _out_of_memory(detail):
+            raise _too_big(memory_bytes, why)
+        if "map" in detail:
             why += f" (memory limit {memory_bytes >> 20} MiB)"
         raise UploadRejected(
             "load_failed", f"XGBoost could not load the model: {why}; {_RESAVE_HINT}"
@@ -1147,6 +1164,8 @@ def inspect_model(
     if not reply.get("ok"):
         code = str(reply.get("code", "load_failed"))
         message = str(reply.get("message", ""))
+        if code == "load_failed" and _out_of_memory(message):
+            raise _too_big(memory_bytes, message)
         if code == "load_failed":
             message = f"XGBoost could not load the model: {message}; {_RESAVE_HINT}"
         raise UploadRejected(code, message)

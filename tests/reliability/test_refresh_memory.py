@@ -8,6 +8,9 @@ function's MemorySize (read from template.yaml) less a fifth of headroom:
   written with 210 digits, 244 MiB each (under the 256 MiB member cap; issue 13 measured 3.1 GB);
 - wide: 9,990 rows of 2,000 features (20 million cells, the cell cap) of 9-digit decimals.
 
+And the inference side: the footprint refresh records for the largest model the budget admits
+is what a process serving it pays.
+
 Slow (a minute each): ``make fuzz`` runs them.
 """
 
@@ -24,8 +27,8 @@ import pytest
 import xgboost as xgb
 
 from tests.conftest import ROOT, TrainedModel
-from tests.corpus import file_member, long_decimals_csv, tar_gz
-from treeserve.package import Limits
+from tests.corpus import file_member, long_decimals_csv, repeated_trees_model, tar_gz
+from treeserve.package import INFERENCE_RUNTIME_MB, Limits, read_upload
 from treeserve.template import load_template
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -91,3 +94,37 @@ def test_two_csvs_at_the_cell_cap(tmp_path: Path) -> None:
     )
     package = _package(bytes(booster.save_raw("ubj")), names, rows, 9)
     _assert_fits(_refresh_peak(package, tmp_path))
+
+
+def test_the_footprint_predicts_what_the_inference_function_pays(
+    binary_model: TrainedModel, tmp_path: Path
+) -> None:
+    """The largest model of its kind the 1024 MB budget admits (38,000 trees): its manifest's
+    footprint against a fresh process that loads it and explains 1000 rows as the inference
+    function does (tests/reliability/inference_peak.py)."""
+    upload = read_upload(repeated_trees_model(binary_model, 38_000), "model.ubj")
+    fp = upload.footprint
+    assert fp is not None
+    assert fp["budget_mb"] * 0.8 < fp["peak_mb"] <= fp["budget_mb"]
+    model, manifest = tmp_path / "model.ubj", tmp_path / "manifest.json"
+    model.write_bytes(upload.model_ubj)
+    manifest.write_bytes(upload.to_manifest("default").to_json())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.reliability.inference_peak",
+            str(model),
+            str(manifest),
+            "1000",
+        ],
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+        timeout=280,
+    )
+    served = json.loads(proc.stdout)
+    assert served["peak_mb"] <= fp["peak_mb"] * 1.05 + 2, (served, fp)
+    assert abs(served["loaded_mb"] - fp["loaded_mb"]) <= 0.1 * fp["loaded_mb"] + 2, (served, fp)
+    # The runtime the budget sets aside covers the process before any model is loaded.
+    assert served["runtime_mb"] <= INFERENCE_RUNTIME_MB
