@@ -31,7 +31,7 @@ from tests.reliability.hostile import (
     latent_crash_model,
 )
 from treeserve.errors import UploadRejected
-from treeserve.package import read_upload
+from treeserve.package import InferenceBudget, read_upload
 from treeserve.registry import ModelRegistry, S3RegistryStore, upload_id
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -250,6 +250,22 @@ def test_a_model_too_big_for_the_inference_memory_is_refused_through_the_handler
         "too_big_for_inference",
     )
     assert "more than the 8 MB one model may use of the function's 340 MB" in outcome["message"]
+
+
+def test_a_model_too_slow_to_load_is_refused_through_the_handler(
+    champion: Any, s3: Any, binary_model: TrainedModel
+) -> None:
+    # The handler's own service, with a load-time budget no real load meets.
+    service = champion.service()
+    service.budget = InferenceBudget(load_seconds=1e-6)
+    outcome = _refused_through_handler(
+        champion,
+        s3,
+        binary_model,
+        ("incoming/default/slow/model.ubj", repeated_trees_model(binary_model, 2000)),
+        "too_slow_to_load",
+    )
+    assert "on an inference function of 1024 MB" in outcome["message"]
 
 
 @pytest.mark.slow
