@@ -339,12 +339,12 @@ def serve(port: int, capture_rate: float) -> None:
     from moto import mock_aws
 
     from treeserve.aws import reset_clients, s3_client
-    from treeserve_cli.demo import write_demo_package
-    from treeserve_cli.invoke import LambdaContext, import_handler
-    from treeserve_cli.local import LambdaGateway, make_server
     from treeserve.model.package import read_upload
     from treeserve.registry.model_registry import ModelRegistry
     from treeserve.registry.store import S3RegistryStore
+    from treeserve_cli.demo import write_demo_package
+    from treeserve_cli.invoke import LambdaContext, import_handler
+    from treeserve_cli.local import LambdaGateway, make_server
 
     bucket, name = "treeserve-load", "default"
     os.environ.update(

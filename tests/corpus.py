@@ -77,10 +77,14 @@ def holdout_csv(model: TrainedModel, rows: int = HOLDOUT_ROWS, label: str = LABE
     )
 
 
-def tar_gz(members: Iterable[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+def tar_gz(
+    members: Iterable[tuple[tarfile.TarInfo, bytes | None]], *, compresslevel: int = 9
+) -> bytes:
     """A gzip tarball from explicit TarInfo records (so tests can make links, devices, paths)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(
+        fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT, compresslevel=compresslevel
+    ) as archive:
         for info, content in members:
             if content is not None:
                 info.size = len(content)
@@ -545,3 +549,55 @@ def edited_model(model: TrainedModel, edit: Any) -> bytes:
     doc = _json_doc(model)
     edit(doc)
     return json.dumps(doc).encode()
+
+
+def repeated_trees_model(model: TrainedModel, trees: int) -> bytes:
+    """The model as UBJ with its trees repeated up to ``trees`` trees (issue 13, row 2: a valid
+    model that costs the inference function as much memory and load time as one likes).
+
+    Built by editing the JSON document (cheap) and letting XGBoost write the UBJ."""
+    doc = _json_doc(model)
+    model_doc = doc["learner"]["gradient_booster"]["model"]
+    source = model_doc["trees"]
+    info = model_doc["tree_info"]
+    groups = max(1, int(model_doc["gbtree_model_param"].get("num_parallel_tree", "1")))
+    per_round = max(1, len(source) // max(1, len(model_doc["iteration_indptr"]) - 1)) * groups
+    rounds = max(1, trees // per_round)
+    count = rounds * per_round
+    out = []
+    for i in range(count):
+        tree = dict(source[i % len(source)])
+        tree["id"] = i
+        out.append(tree)
+    model_doc["trees"] = out
+    model_doc["tree_info"] = [info[i % len(info)] for i in range(count)]
+    model_doc["gbtree_model_param"]["num_trees"] = str(count)
+    model_doc["iteration_indptr"] = [r * per_round for r in range(rounds + 1)]
+    doc["learner"]["attributes"] = {}
+    booster = xgb.Booster(model_file=bytearray(json.dumps(doc).encode()))
+    return bytes(booster.save_raw("ubj"))
+
+
+def long_decimals_csv(
+    names: list[str], rows: int, digits: int, *, label: str | None = None, seed: int = 0
+) -> bytes:
+    """A CSV of ``rows`` rows whose every feature is ``0.<digits random digits>`` (issue 13,
+    row 4: 200,000 rows of long decimals stay within the caps and cost the parser dearly);
+    ``label`` adds a 0/1 label column. Built with numpy: a 258 MB file takes a second."""
+    rng = np.random.default_rng(seed)
+    width = digits + 3  # "0." + digits + separator
+    cells = np.empty((rows, len(names), width), dtype=np.uint8)
+    cells[:, :, 0] = ord("0")
+    cells[:, :, 1] = ord(".")
+    cells[:, :, 2:-1] = rng.integers(ord("0"), ord("9") + 1, size=(rows, len(names), digits))
+    cells[:, :, -1] = ord(",")
+    if label is None:
+        cells[:, -1, -1] = ord("\n")
+        body = cells.tobytes()
+    else:
+        labels = np.empty((rows, 2), dtype=np.uint8)
+        labels[:, 0] = rng.integers(ord("0"), ord("1") + 1, size=rows)
+        labels[:, 1] = ord("\n")
+        body = np.concatenate([cells.reshape(rows, -1), labels], axis=1).tobytes()
+    header = ",".join([*names, *([label] if label else [])]) + "\n"
+    return header.encode() + body

@@ -63,6 +63,13 @@ def valid_model_name(name: object) -> bool:
     return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
 
 
+# TreeSHAP costs far more per row than prediction: one explain request carries at most this many
+# rows (and MAX_ROWS), to stay well inside the timeout and the inference function's memory.
+MAX_EXPLAIN_ROWS = 1000
+# Lambda's MemorySize range (MB).
+LAMBDA_MEMORY_MB = (128, 10_240)
+
+
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
     value = env.get(name, "").strip()
     if value:
@@ -151,6 +158,14 @@ class Settings:
     # The path prefix a custom domain's base path mapping adds before every route ("/prod"):
     # Mangum's api_gateway_base_path, removed before routing.
     api_base_path: str = "/"
+    # The inference function's MemorySize (template.yaml gives the refresh function the same
+    # value): refresh refuses a model whose footprint does not fit it (treeserve.model.package).
+    inference_memory_mb: int = 1024
+
+    @property
+    def max_explain_rows(self) -> int:
+        """Most rows one explain request may carry."""
+        return min(self.max_rows, MAX_EXPLAIN_ROWS)
 
     @classmethod
     def from_env(
@@ -187,4 +202,5 @@ class Settings:
             monitoring_workers=_workers(env),
             drift_rule=_drift_rule(env),
             api_base_path=_text(env, "API_BASE_PATH", "/"),
+            inference_memory_mb=int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB)),
         )

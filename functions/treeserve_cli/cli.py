@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)"
     )
 
-    p = sub.add_parser("status", help="version in service, versions, rejections")
+    p = sub.add_parser(
+        "status",
+        help="version in service (or a broken pointer), versions and their footprints, rejections",
+    )
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

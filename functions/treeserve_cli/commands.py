@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final, TextIO
 
 from treeserve.errors import StorageAccessDenied, StorageUnavailable, TreeserveError
-from treeserve.registry.model_registry import ModelRegistry, Pointer, upload_id
+from treeserve.registry.model_registry import ModelRegistry, Pointer, PointerUnreadable, upload_id
 from treeserve.registry.store import S3RegistryStore
 from treeserve.settings import MODEL_NAME_RULE, Settings, valid_model_name
 
@@ -419,11 +419,27 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
+def _footprint_text(fp: dict[str, Any] | None) -> str:
+    """``peak/budget MB, load s`` of a version's footprint (``-`` for versions before it)."""
+    if not fp:
+        return "-"
+    return (
+        f"{fp.get('peak_mb', 0):g}/{fp.get('budget_mb', 0):g} MB "
+        f"{fp.get('inference_load_seconds', 0):.2g} s"
+    )
+
+
 def status(args: argparse.Namespace) -> int:
     """The version in service, the versions, and recent rejections with their reasons."""
     settings, name, store, registry = _target(args)
     store.check_bucket()
-    pointer = registry.current()
+    problem: str | None = None
+    try:
+        pointer = registry.current()
+    except PointerUnreadable as unreadable:
+        pointer, problem = None, str(unreadable)
+    if pointer is not None:
+        problem = registry.pointer_problem(pointer)
     versions = registry.versions()
     shown = list(reversed(versions))[:STATUS_VERSIONS]
     rows: list[dict[str, Any]] = []
@@ -440,6 +456,7 @@ def status(args: argparse.Namespace) -> int:
                 "holdout_metrics": m.holdout_metrics,
                 "metrics": m.metrics,
                 "source_key": (m.source or {}).get("key"),
+                "footprint": m.footprint,
             }
         )
     rejections = registry.rejections(limit=STATUS_REJECTIONS)
@@ -450,6 +467,7 @@ def status(args: argparse.Namespace) -> int:
                     "model": name,
                     "bucket": settings.model_bucket,
                     "current": pointer.to_dict() if pointer else None,
+                    "pointer_problem": problem,
                     "versions_total": len(versions),
                     "versions": rows,
                     "rejections": rejections,
@@ -461,7 +479,12 @@ def status(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     _out(f"model {name} in s3://{settings.model_bucket}/registry/{name}/")
-    if pointer is None:
+    if problem is not None:
+        # Warm inference environments keep what they loaded; new ones load nothing until the
+        # pointer is repaired.
+        hint = f" (e.g. `treeserve promote {versions[-1]} --name {name}`)" if versions else ""
+        _out(f"in service: BROKEN POINTER: {problem}{hint}")
+    elif pointer is None:
         _out("in service: none (put a version in service with `treeserve promote VERSION`)")
     else:
         previous = "" if pointer.previous is None else f"; previous {pointer.previous}"
@@ -475,14 +498,22 @@ def status(args: argparse.Namespace) -> int:
     else:
         more = len(versions) - len(shown)
         _out(f"versions ({len(versions)}{f', newest {len(shown)} shown' if more else ''}):")
-        _out(f"    {'VERSION':<8} {'CREATED':<28} {'OBJECTIVE':<18} {'SHA256':<12}  HOLDOUT")
+        _out(
+            f"    {'VERSION':<8} {'CREATED':<28} {'OBJECTIVE':<18} {'SHA256':<12}  "
+            f"{'FOOTPRINT':<24}  HOLDOUT"
+        )
         for row in rows:
             mark = "*" if pointer is not None and row["version"] == pointer.version else " "
             _out(
                 f"  {mark} {row['version']:<8} {row['created_at'] or '-':<28} "
                 f"{row['objective']:<18} {row['sha256'][:12]:<12}  "
+                f"{_footprint_text(row['footprint']):<24}  "
                 f"{_metrics_text(row['holdout_metrics'])}"
             )
+        _out(
+            "  FOOTPRINT: peak MB in the inference function (load, or loaded + one explain at "
+            "the row limit) / the MB one model may use; load seconds there"
+        )
     _out("")
     if not rejections:
         _out("rejections: none")

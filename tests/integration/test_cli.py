@@ -471,6 +471,12 @@ def three_versions(registry: ModelRegistry) -> list[bytes]:
     for i, model in enumerate(models):
         manifest = manifest_for(model, NAME, holdout_metrics={"auc": 0.9 + i / 100})
         manifest.source = {"key": f"incoming/{NAME}/m{i}.ubj"}
+        if i == 1:  # versions registered before issue 13 have no footprint
+            manifest.footprint = {
+                "peak_mb": 14.5,
+                "budget_mb": 281.6,
+                "inference_load_seconds": 0.03,
+            }
         registry.register(model, manifest)
     return models
 
@@ -493,6 +499,7 @@ def test_status_shows_service_versions_and_rejections(
     assert sha2[:12] in row
     assert "binary:logistic" in row
     assert "auc=0.91" in row
+    assert "14.5/281.6 MB 0.03 s" in row  # what it costs the inference function
     assert any(line.strip().startswith("3 ") for line in lines)  # listed, not in service
     assert "versions (3)" in out
     assert f"pickle  incoming/{NAME}/evil.pkl" in out
@@ -506,6 +513,8 @@ def test_status_shows_service_versions_and_rejections(
     assert [v["version"] for v in data["versions"]] == [3, 2, 1]
     assert data["versions"][1]["sha256"] == sha2
     assert data["versions"][0]["holdout_metrics"] == {"auc": 0.92}
+    assert data["versions"][1]["footprint"]["peak_mb"] == 14.5
+    assert data["versions"][0]["footprint"] is None
     assert data["rejections"][0]["code"] == "pickle"
 
 

@@ -401,7 +401,7 @@ def test_streamed_body_is_read_whole_and_bounded(
 def test_explain_has_its_own_row_limit(
     registry: ModelRegistry, function: Start, binary_model: TrainedModel
 ) -> None:
-    from treeserve.serving.endpoints import MAX_EXPLAIN_ROWS
+    from treeserve.settings import MAX_EXPLAIN_ROWS
 
     publish(registry, binary_model)
     module = function()

@@ -30,8 +30,8 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     publish,
     registry_fixture,
 )
-from treeserve_cli.local import LambdaGateway, make_server
 from treeserve.registry.model_registry import ModelRegistry
+from treeserve_cli.local import LambdaGateway, make_server
 
 pytestmark = pytest.mark.integration
 

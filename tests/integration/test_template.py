@@ -60,6 +60,19 @@ def test_functions_have_globals_merged_and_environment_resolved(template: Templa
     assert inference.timeout < 30
     refresh = functions["RefreshFunction"]
     assert refresh.environment["NOTIFICATION_TOPIC_ARN"] == template.topics()["AlarmTopic"]
+    # Refresh judges models against the inference function's own memory and request limits.
+    assert inference.memory_size == 1024
+    assert refresh.environment["INFERENCE_MEMORY_MB"] == str(inference.memory_size)
+    assert refresh.environment["MAX_ROWS"] == inference.environment["MAX_ROWS"]
+    assert refresh.memory_size == 3008
+
+
+def test_the_inference_memory_is_one_parameter_for_both_functions() -> None:
+    t = load_template(TEMPLATE, parameter_overrides={"InferenceMemoryMB": "2048"})
+    assert t.function("inference").memory_size == 2048
+    assert t.function("refresh").environment["INFERENCE_MEMORY_MB"] == "2048"
+    settings = Settings.from_env(t.function("refresh").environment)
+    assert settings.inference_memory_mb == 2048
 
 
 def test_drift_rule_parameters_agree_with_settings(template: Template) -> None:

@@ -21,7 +21,7 @@ import pytest
 import xgboost as xgb
 
 from tests.conftest import BUCKET, TrainedModel
-from tests.corpus import bad_uploads, make_package
+from tests.corpus import bad_uploads, make_package, repeated_trees_model
 from tests.inference_support import http_api_event
 from tests.reliability import stack
 from tests.reliability.hostile import (
@@ -31,7 +31,7 @@ from tests.reliability.hostile import (
     latent_crash_model,
 )
 from treeserve.errors import UploadRejected
-from treeserve.model.package import read_upload
+from treeserve.model.package import InferenceBudget, read_upload
 from treeserve.registry.model_registry import ModelRegistry, upload_id
 from treeserve.registry.store import S3RegistryStore
 
@@ -42,6 +42,17 @@ pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 def champion(s3: Any, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The refresh handler with a good model published and promoted as version 1."""
     stack.set_env(monkeypatch)
+    refresh = stack.load_handler("refresh")
+    record = stack.upload(s3, "incoming/default/champion.tar.gz", make_package(binary_model))
+    result = stack.invoke(refresh, stack.s3_event(record))
+    assert [o["status"] for o in result["outcomes"]] == ["promoted"], result
+    return refresh
+
+
+@pytest.fixture
+def small_champion(s3: Any, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """As ``champion``, with an inference function of 340 MB: 8 MB for one model."""
+    stack.set_env(monkeypatch, INFERENCE_MEMORY_MB="340")
     refresh = stack.load_handler("refresh")
     record = stack.upload(s3, "incoming/default/champion.tar.gz", make_package(binary_model))
     result = stack.invoke(refresh, stack.s3_event(record))
@@ -197,3 +208,80 @@ def test_a_latent_crash_branch_is_refused_even_with_a_reference_sample(
     with pytest.raises(UploadRejected) as info:
         read_upload(case.data, case.filename)
     assert info.value.code in case.codes
+
+
+# --- the inference budget (issue 13, rows 1 and 2) ---------------------------------------------
+
+
+def _refused_through_handler(
+    refresh: Any, s3: Any, model: TrainedModel, upload: tuple[str, bytes], code: str
+) -> dict[str, Any]:
+    """Upload ``data``; it must be refused with ``code``, recorded, and change nothing served."""
+    key, data = upload
+    registry = _registry()
+    before, versions = registry.current(), registry.versions()
+    record = stack.upload(s3, key, data)
+    (outcome,) = stack.invoke(refresh, stack.s3_event(record))["outcomes"]
+    assert (outcome["status"], outcome["code"]) == ("rejected", code), outcome
+    rejection = registry.rejection(upload_id(key, record["s3"]["object"]["eTag"]))
+    assert rejection is not None
+    assert rejection["code"] == code
+    assert rejection["reason"] == outcome["message"]
+    assert registry.current() == before
+    assert registry.versions() == versions
+    status, headers, body = _predict_through_handler(model)
+    assert status == 200, body
+    assert before is not None
+    assert headers["x-model-version"] == str(before.version)
+    return outcome
+
+
+def test_a_model_too_big_for_the_inference_memory_is_refused_through_the_handler(
+    small_champion: Any, s3: Any, binary_model: TrainedModel
+) -> None:
+    manifest = _registry().manifest(1)
+    assert manifest.footprint is not None
+    assert manifest.footprint["inference_memory_mb"] == 340  # the template's value, read by refresh
+    assert manifest.footprint["peak_mb"] <= manifest.footprint["budget_mb"] == 8.0
+    outcome = _refused_through_handler(
+        small_champion,
+        s3,
+        binary_model,
+        ("incoming/default/big/model.ubj", repeated_trees_model(binary_model, 4000)),
+        "too_big_for_inference",
+    )
+    assert "more than the 8 MB one model may use of the function's 340 MB" in outcome["message"]
+
+
+def test_a_model_too_slow_to_load_is_refused_through_the_handler(
+    champion: Any, s3: Any, binary_model: TrainedModel
+) -> None:
+    # The handler's own service, with a load-time budget no real load meets.
+    service = champion.service()
+    service.budget = InferenceBudget(load_seconds=1e-6)
+    outcome = _refused_through_handler(
+        champion,
+        s3,
+        binary_model,
+        ("incoming/default/slow/model.ubj", repeated_trees_model(binary_model, 2000)),
+        "too_slow_to_load",
+    )
+    assert "on an inference function of 1024 MB" in outcome["message"]
+
+
+@pytest.mark.slow
+def test_row2_the_real_size_model_is_refused_through_the_handler(
+    champion: Any, s3: Any, binary_model: TrainedModel
+) -> None:
+    """Issue 13 row 2 at its size: a valid model repeated to 116k trees (about 125 MB of UBJ
+    here, 187 MB in the issue) promoted and then cost every cold start 1.13 GB and 5-6 s."""
+    big = repeated_trees_model(binary_model, 116_000)
+    assert len(big) > 100 << 20
+    outcome = _refused_through_handler(
+        champion,
+        s3,
+        binary_model,
+        ("incoming/default/huge/model.ubj", big),
+        "too_big_for_inference",
+    )
+    assert "of the function's 1024 MB" in outcome["message"]

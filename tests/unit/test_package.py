@@ -193,7 +193,14 @@ def test_valid_upload_is_accepted(any_model: TrainedModel, form: str) -> None:
             "reg:squarederror": "regression",
         }[any_model.objective]
     )
-    assert manifest.validation["checks"][-1] == "smoke_predictions"
+    assert manifest.validation["checks"][-2:] == ["smoke_predictions", "inference_budget"]
+    # What the version costs the inference function, measured in the sandbox child.
+    fp = manifest.footprint
+    assert fp is not None
+    assert fp["measured"]
+    assert 0 < fp["loaded_mb"] <= fp["peak_mb"] < fp["budget_mb"]
+    assert fp["inference_memory_mb"] == 1024
+    assert fp["explain_rows"] == 1000
 
     if form == "package":
         assert upload.reference is not None
@@ -342,6 +349,7 @@ def _refused(data: bytes, filename: str, limits: Limits) -> str:
         (Limits(max_member_bytes=5000), "too_large"),
         (Limits(max_decompressed_bytes=20_000), "too_large"),
         (Limits(max_csv_rows=50), "too_many_rows"),
+        (Limits(max_csv_cells=6 * 50), "too_many_rows"),  # rows x columns: the matrix's size
         (Limits(max_features=5), "too_many_features"),
     ],
 )

@@ -15,7 +15,7 @@ import xgboost as xgb
 
 import treeserve
 from tests.conftest import TrainedModel, train
-from tests.corpus import crafted_ubj
+from tests.corpus import crafted_ubj, repeated_trees_model
 from treeserve.errors import UploadRejected
 from treeserve.model.sandbox import (
     SandboxUnavailable,
@@ -126,6 +126,21 @@ def test_a_memory_limit_too_small_to_start_is_not_the_models_fault(
 ) -> None:
     with pytest.raises(SandboxUnavailable, match="memory limit 48 MiB"):
         inspect_model(binary_model.ubj(), "ubj", None, memory_bytes=48 << 20)
+
+
+def test_a_load_that_runs_out_of_memory_is_too_big_for_inference(
+    binary_model: TrainedModel,
+) -> None:
+    """Issue 13 row 2 at the sandbox: 20,000 trees need more than 450 MiB of address space to
+    load (the same model loads with 800 MiB). Not a corrupt file: too big, with what to do."""
+    big = repeated_trees_model(binary_model, 20_000)
+    with pytest.raises(UploadRejected) as caught:
+        inspect_model(big, "ubj", None, memory_bytes=450 << 20)
+    assert caught.value.code == "too_big_for_inference"
+    assert "450 MiB" in caught.value.message
+    assert "fewer or shallower trees" in caught.value.message
+    assert "re-save" not in caught.value.message
+    assert inspect_model(big, "ubj", None, memory_bytes=800 << 20).info.num_trees == 20_000
 
 
 def test_wrong_width_rows_fail_prediction(binary_model: TrainedModel) -> None:

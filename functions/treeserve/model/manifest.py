@@ -91,6 +91,9 @@ class ModelManifest:
     metrics: dict[str, float] = field(default_factory=dict)  # as declared by the uploader
     holdout_metrics: dict[str, float] = field(default_factory=dict)  # as measured by the gate
     validation: dict[str, Any] = field(default_factory=dict)  # the validation report
+    # What the version costs the inference function, measured at refresh (treeserve.model.package
+    # footprint): loaded_mb, load_peak_mb, explain_peak_mb, peak_mb, load_seconds, budget_mb...
+    footprint: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None  # reference statistics (treeserve.model.reference)
     reference_source: str | None = None  # "reference.csv" or "model"
     # manifest.json's drift rules: {"default": {"method", "threshold"}, "features": {name: {...}}}

@@ -18,7 +18,8 @@ Every refusal is :class:`~treeserve.errors.UploadRejected` with one of these sta
 ``too_many_members``, ``missing_model``, ``too_many_features``, ``manifest_invalid``,
 ``manifest_mismatch``, ``csv_invalid``, ``csv_mismatch``, ``too_many_rows``, ``missing_label``,
 ``load_failed``, ``predict_failed``, ``timeout``, ``non_finite``, ``bad_shape``,
-``unsupported_booster``, ``too_deep``, ``bad_category``, ``bad_feature_names``.
+``unsupported_booster``, ``too_deep``, ``bad_category``, ``bad_feature_names``,
+``too_big_for_inference``, ``too_slow_to_load``.
 
 ``non_finite`` also covers a NaN/inf leaf, split condition or base_score found statically (a
 leaf the smoke rows never reach); ``too_deep``: a tree deeper than ``MAX_TREE_DEPTH`` (TreeSHAP
@@ -26,6 +27,14 @@ memory grows with depth squared); ``bad_category``: a category code outside ``0.
 (XGBoost allocates up to the largest code at load); ``bad_feature_names``: names XGBoost refuses
 (``[``, ``]``, ``<``, duplicates); ``manifest_mismatch`` also covers declared feature types the
 splits contradict.
+
+**The inference budget.** The sandbox child measures what the model costs the process that
+loads it (RSS growth and peak of the load, load time, the peak of explaining one row);
+:func:`footprint` adds the model bytes the inference function holds while loading and the
+worst explain request the limits allow, and :func:`check_footprint` refuses a model whose peak
+exceeds :attr:`InferenceBudget.model_mb` (``too_big_for_inference``) or whose load would take
+longer than :attr:`InferenceBudget.load_seconds` on the inference function
+(``too_slow_to_load``). The figures are recorded in the manifest (``footprint``).
 """
 
 from __future__ import annotations
@@ -45,11 +54,14 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import IO, Any, Literal, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
 from treeserve.errors import UploadRejected
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 from treeserve.model.manifest import ModelManifest, category_codes, smoke_check_record, task_of
 from treeserve.model.sandbox import (
     ModelFormat,
@@ -63,7 +75,14 @@ from treeserve.model.sandbox import (
     model_facts,
     split_features,
 )
-from treeserve.settings import DEFAULT_DRIFT_THRESHOLD, DRIFT_RULE_HELP, drift_rule_problem
+from treeserve.settings import (
+    DEFAULT_DRIFT_THRESHOLD,
+    DRIFT_RULE_HELP,
+    MAX_EXPLAIN_ROWS,
+    MAX_LAMBDA_PAYLOAD_BYTES,
+    Settings,
+    drift_rule_problem,
+)
 
 MiB = 1 << 20
 
@@ -113,12 +132,147 @@ class Limits:
     max_decompressed_bytes: int = 512 * MiB  # all members together, as extracted
     max_member_bytes: int = 256 * MiB
     max_csv_rows: int = 200_000
+    # Cells (rows x columns) of one CSV: its float64 matrix stays under 160 MB however wide.
+    max_csv_cells: int = 20_000_000
     max_features: int = 10_000
     # JSON models are parsed into Python objects (about 10x their size in memory); UBJ is read
     # as zero-copy array views, so only JSON gets this tighter cap.
     max_json_model_bytes: int = 64 * MiB
     load_timeout_seconds: float = 60.0
     load_memory_bytes: int = 2 << 30
+
+
+# --- what a model may cost the inference function -----------------------------------------------
+
+# Of the inference function's memory, this fraction is kept free for what no model measurement
+# sees: the Lambda runtime, request and response buffers, capture batches, allocator slack.
+INFERENCE_HEADROOM_FRACTION = 0.2
+# RSS of the inference function with no model loaded: Python, numpy, XGBoost, FastAPI, boto3,
+# Powertools (measured: 228 MB importing the inference handler, 161 MB of it numpy + XGBoost).
+INFERENCE_RUNTIME_MB = 256
+# What is left after headroom and runtime is shared by two models: at a swap the version in
+# service keeps serving (and explaining) while the next one loads. When several models share one
+# function (MODEL_CACHE_MB), the cache takes this share; each model still fits one slot.
+MODELS_AT_ONCE = 2
+# Bytes per contribution value of one explain answer, over XGBoost's float32 output: the
+# contiguous copies, the JSON or CSV text and its copies on the way out (measured: 8-17 B on the
+# JSON path, 44-65 B on the CSV path, which holds every value as a Python float); rounded up.
+EXPLAIN_BYTES_PER_VALUE = 96
+# Bytes per input value of one request once parsed (float64 matrix, float32 DMatrix copy).
+INPUT_BYTES_PER_VALUE = 16
+# A loaded model's answer to one explain, per thread, is at least its TreeSHAP path buffer of
+# about 8 * (depth + 2)**2 bytes (measured, see sandbox.MAX_TREE_DEPTH).
+TREESHAP_PATH_BYTES = 8
+# Lambda gives a function one full vCPU at 1769 MB and a proportional share below it; a model's
+# load is single-threaded, so it takes this much longer on a smaller function than in the child.
+FULL_VCPU_MB = 1769
+INFERENCE_LOAD_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class InferenceBudget:
+    """What one model may cost the inference function (its MemorySize and request limits)."""
+
+    memory_mb: int = 1024  # the inference function's MemorySize (INFERENCE_MEMORY_MB)
+    explain_rows: int = MAX_EXPLAIN_ROWS  # most rows one explain request carries
+    max_body_bytes: int = MAX_LAMBDA_PAYLOAD_BYTES  # most bytes one request carries
+    load_seconds: float = INFERENCE_LOAD_SECONDS  # most seconds a load may take there
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InferenceBudget:
+        return cls(
+            memory_mb=settings.inference_memory_mb,
+            explain_rows=settings.max_explain_rows,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+    @property
+    def model_mb(self) -> float:
+        """The peak memory one model may reach (MB): what headroom and runtime leave, shared by
+        :data:`MODELS_AT_ONCE` models."""
+        usable = self.memory_mb * (1 - INFERENCE_HEADROOM_FRACTION) - INFERENCE_RUNTIME_MB
+        return max(0.0, usable / MODELS_AT_ONCE)
+
+    @property
+    def cpu_factor(self) -> float:
+        """How much slower a single-threaded load runs there than on one full vCPU."""
+        return max(1.0, FULL_VCPU_MB / self.memory_mb)
+
+
+def _mb(n: float) -> float:
+    return round(n / MiB, 1)
+
+
+def footprint(
+    measured: dict[str, Any],
+    *,
+    model_bytes: int,
+    num_features: int,
+    num_outputs: int,
+    max_depth: int,
+    explainable: bool,
+    budget: InferenceBudget,
+) -> dict[str, Any]:
+    """What the model costs the inference function, in MB, from the sandbox child's readings.
+
+    ``load_peak_mb``: the child's load peak plus the model bytes the inference function holds
+    while loading (the bytes read from S3 and the copy XGBoost parses); ``loaded_mb``: what stays;
+    ``explain_peak_mb``: one explain request of the most rows the limits allow, over the loaded
+    model (the child's one-row TreeSHAP peak, at least the path buffer, plus the answer's values
+    and the parsed input); ``peak_mb``: the larger of the load's peak and loaded + explain.
+    """
+    load_peak = int(measured.get("load_peak_bytes", 0)) + 2 * model_bytes
+    loaded = int(measured.get("loaded_bytes", 0))
+    rows = max(1, min(budget.explain_rows, budget.max_body_bytes // max(1, num_features)))
+    explain = 0
+    if explainable:
+        one_row = int(measured.get("explain_peak_bytes") or 0)
+        path = TREESHAP_PATH_BYTES * (max_depth + 2) ** 2
+        values = rows * (num_features + 1) * max(1, num_outputs)
+        explain = (
+            max(one_row, path)
+            + values * EXPLAIN_BYTES_PER_VALUE
+            + rows * num_features * INPUT_BYTES_PER_VALUE
+        )
+    seconds = float(measured.get("load_seconds", 0.0))
+    return {
+        "loaded_mb": _mb(loaded),
+        "load_peak_mb": _mb(load_peak),
+        "explain_rows": rows if explainable else 0,
+        "explain_peak_mb": _mb(explain),
+        "peak_mb": _mb(max(load_peak, loaded + explain)),
+        "load_seconds": round(seconds, 3),
+        "inference_load_seconds": round(seconds * budget.cpu_factor, 3),
+        "budget_mb": round(budget.model_mb, 1),
+        "inference_memory_mb": budget.memory_mb,
+        "measured": bool(measured.get("baseline_bytes")),
+    }
+
+
+def check_footprint(fp: dict[str, Any], budget: InferenceBudget) -> None:
+    """Refuse a model that does not fit the inference function (see the module docstring)."""
+    fix = (
+        "upload a smaller model (fewer or shallower trees, fewer features or classes), or give "
+        "the inference function more memory (the template's InferenceMemoryMB parameter, which "
+        "sets its MemorySize and the refresh function's INFERENCE_MEMORY_MB)"
+    )
+    if fp["peak_mb"] > fp["budget_mb"]:
+        raise UploadRejected(
+            "too_big_for_inference",
+            f"the model would need {fp['peak_mb']:g} MB in the inference function (loading it "
+            f"peaks at {fp['load_peak_mb']:g} MB, it keeps {fp['loaded_mb']:g} MB, and one "
+            f"explain of {fp['explain_rows']} rows adds {fp['explain_peak_mb']:g} MB), more "
+            f"than the {fp['budget_mb']:g} MB one model may use of the function's "
+            f"{budget.memory_mb} MB: {fix}",
+        )
+    if fp["inference_load_seconds"] > budget.load_seconds:
+        raise UploadRejected(
+            "too_slow_to_load",
+            f"loading the model took {fp['load_seconds']:g} s here, about "
+            f"{fp['inference_load_seconds']:g} s on an inference function of "
+            f"{budget.memory_mb} MB, more than the {budget.load_seconds:g} s a cold start may "
+            f"spend on it: {fix}",
+        )
 
 
 @dataclass
@@ -141,6 +295,7 @@ class ModelUpload:
     smoke_check: dict[str, Any]  # manifest.smoke_check: rows the sandbox predicted, its answers
     holdout_predictions: np.ndarray | None = None
     validation: dict[str, Any] = field(default_factory=dict)
+    footprint: dict[str, Any] | None = None  # what it costs the inference function (MB, s)
 
     @property
     def categories(self) -> dict[str, list[Any]] | None:
@@ -180,6 +335,7 @@ class ModelUpload:
             description=self.declared.get("description"),
             metrics=dict(self.declared.get("metrics") or {}),
             validation=dict(self.validation),
+            footprint=self.footprint,
             reference_source="reference.csv" if self.reference is not None else None,
             drift=self.declared.get("drift"),
             source={"upload_sha256": self.upload_sha256, "upload_size": self.upload_size},
@@ -402,7 +558,9 @@ def parse_model_document(raw: bytes, fmt: ModelFormat, what: str) -> dict[str, A
             "corrupt", f"{what} is not an XGBoost model ({exc}): {_PACKAGE_HINT}"
         ) from None
     try:
-        check_trees(doc, facts["num_features"], max(facts["num_class"], facts["num_target"]))
+        facts["max_depth"] = check_trees(
+            doc, facts["num_features"], max(facts["num_class"], facts["num_target"])
+        )
     except UnsafeModel as exc:
         raise UploadRejected(exc.code, f"{what}: {exc}") from None
     except (ValueError, TypeError) as exc:
@@ -743,27 +901,59 @@ def _no_constant(name: str) -> Any:
 # --- CSV -----------------------------------------------------------------------------------------
 
 
+# A CSV is parsed in chunks of about this many cells: a chunk's Python strings are all that
+# exists of the text at any time (the whole file as Python strings would take several times its
+# size: issue 13 measured 3.1 GB for two 258 MB CSVs).
+CSV_CHUNK_CELLS = 1 << 18
+
+
 @dataclass
 class _Table:
+    """A checked CSV: its header and row count, its bytes parsed again chunk by chunk."""
+
     header: list[str]
-    rows: list[list[str]]
+    raw: bytes
+    index_column: bool  # DataFrame.to_csv() wrote its index first, under an empty name
+    n_rows: int
+
+    def rows(self) -> Iterator[list[str]]:
+        """The data rows (blank lines skipped, the index column dropped)."""
+        # BytesIO shares the bytes it is given; the wrapper decodes a few KB at a time.
+        text = io.TextIOWrapper(io.BytesIO(self.raw), encoding="utf-8-sig", newline="")
+        reader = csv.reader(text, strict=True)
+        next(reader, None)
+        for line in reader:
+            if not line or (len(line) == 1 and not line[0].strip()):
+                continue
+            yield line[1:] if self.index_column else line
+
+    def chunks(self) -> Iterator[tuple[int, list[list[str]]]]:
+        """``(first row index, rows)`` in chunks of about :data:`CSV_CHUNK_CELLS` cells."""
+        size = max(1, CSV_CHUNK_CELLS // max(1, len(self.header)))
+        start, chunk = 0, []
+        for row in self.rows():
+            chunk.append(row)
+            if len(chunk) == size:
+                yield start, chunk
+                start, chunk = start + size, []
+        if chunk:
+            yield start, chunk
+
+    def column(self, j: int) -> list[str]:
+        return [row[j].strip() for row in self.rows()]
 
 
 def _read_csv(raw: bytes, what: str, limits: Limits) -> _Table:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UploadRejected(
-            "csv_invalid", f"{what} is not UTF-8 text: save it as UTF-8 CSV"
-        ) from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    """Check the CSV in one streaming pass (UTF-8, a header of unique names, one field per
+    column on every row, the row and cell caps); nothing of it is kept but the header."""
+    text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline="")
+    reader = csv.reader(text, strict=True)
     try:
         header = [h.strip() for h in next(reader, [])]
         if not header or not any(header):
             raise UploadRejected(
                 "csv_invalid", f"{what} is empty: it needs a header row of feature names"
             )
-        # DataFrame.to_csv() writes the index first, under an empty name: not a feature.
         index_column = len(header) > 1 and not header[0] and all(header[1:])
         if index_column:
             header = header[1:]
@@ -771,33 +961,40 @@ def _read_csv(raw: bytes, what: str, limits: Limits) -> _Table:
             raise UploadRejected(
                 "csv_invalid", f"{what} has empty or duplicate column names in its header"
             )
-        rows: list[list[str]] = []
+        max_rows = min(limits.max_csv_rows, limits.max_csv_cells // len(header))
+        width = len(header) + (1 if index_column else 0)
+        n_rows = 0
         for line in reader:
             if not line or (len(line) == 1 and not line[0].strip()):
                 continue
-            row = line[1:] if index_column else line
-            if len(row) != len(header):
+            if len(line) != width:
+                got = len(line) - (1 if index_column else 0)
                 raise UploadRejected(
                     "csv_mismatch",
-                    f"{what} line {reader.line_num} has {len(row)} fields but the header has "
+                    f"{what} line {reader.line_num} has {got} fields but the header has "
                     f"{len(header)}: every row needs one value per column",
                 )
-            rows.append(row)
-            if len(rows) > limits.max_csv_rows:
+            n_rows += 1
+            if n_rows > max_rows:
                 raise UploadRejected(
                     "too_many_rows",
-                    f"{what} has more than {limits.max_csv_rows} rows: upload a sample",
+                    f"{what} has more than {max_rows} rows (at most {limits.max_csv_rows} rows "
+                    f"and {limits.max_csv_cells} cells of {len(header)} columns): upload a "
+                    "sample",
                 )
+    except UnicodeDecodeError:
+        raise UploadRejected(
+            "csv_invalid", f"{what} is not UTF-8 text: save it as UTF-8 CSV"
+        ) from None
     except csv.Error as exc:
         raise UploadRejected("csv_invalid", f"{what} is not valid CSV ({exc})") from None
-    if not rows:
+    if not n_rows:
         raise UploadRejected("csv_invalid", f"{what} has a header but no rows")
-    return _Table(header, rows)
+    return _Table(header, raw, index_column, n_rows)
 
 
-def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
-    cells = [r[j].strip() for r in table.rows]
-    cleaned = ["nan" if c.lower() in MISSING_TOKENS else c for c in cells]
+def _numeric_cells(cells: list[str], first: int, name: str, what: str) -> np.ndarray:
+    cleaned = ["nan" if c.strip().lower() in MISSING_TOKENS else c.strip() for c in cells]
     try:
         column = np.array(cleaned, dtype=np.float64)
     except ValueError:
@@ -807,7 +1004,7 @@ def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
             except ValueError:
                 raise UploadRejected(
                     "csv_invalid",
-                    f"{what} row {i + 1}, column {table.header[j]!r} holds {c[:40]!r}, not a "
+                    f"{what} row {first + i + 1}, column {name!r} holds {c[:40]!r}, not a "
                     "number: features must be numeric (leave a cell empty for missing)",
                 ) from None
         raise  # pragma: no cover - numpy and float() agree on what parses
@@ -815,12 +1012,14 @@ def _numeric_column(table: _Table, j: int, what: str) -> np.ndarray:
         i = int(np.flatnonzero(np.isinf(column))[0])
         raise UploadRejected(
             "csv_invalid",
-            f"{what} row {i + 1}, column {table.header[j]!r} is infinite: use finite values",
+            f"{what} row {first + i + 1}, column {name!r} is infinite: use finite values",
         )
     return column
 
 
-def _category_column(table: _Table, j: int, what: str, categories: list[Any]) -> np.ndarray:
+def _category_cells(
+    cells: list[str], first: int, name: str, what: str, categories: list[Any]
+) -> np.ndarray:
     """Category values (as a DataFrame's ``to_csv`` writes them) -> the model's codes.
 
     A number that names no category is taken as a code when the categories are strings (a
@@ -828,9 +1027,9 @@ def _category_column(table: _Table, j: int, what: str, categories: list[Any]) ->
     """
     codes = category_codes(categories)
     numbers_are_codes = not isinstance(categories[0], int)
-    column = np.empty(len(table.rows), dtype=np.float64)
-    for i, row in enumerate(table.rows):
-        cell = row[j].strip()
+    column = np.empty(len(cells), dtype=np.float64)
+    for i, raw_cell in enumerate(cells):
+        cell = raw_cell.strip()
         code = codes.get(cell)
         if code is None and cell.lower() in MISSING_TOKENS:
             code = math.nan
@@ -842,7 +1041,7 @@ def _category_column(table: _Table, j: int, what: str, categories: list[Any]) ->
             )
             raise UploadRejected(
                 "csv_invalid",
-                f"{what} row {i + 1}, column {table.header[j]!r} holds {cell[:40]!r}, which is "
+                f"{what} row {first + i + 1}, column {name!r} holds {cell[:40]!r}, which is "
                 f"not one of the model's categories ({shown}): the sample must come from the "
                 "data the model was trained on",
             )
@@ -880,20 +1079,24 @@ def _feature_matrix(
             f"({len(names)} columns{', plus the label' if label else ''})",
         )
     index = {h: j for j, h in enumerate(table.header)}
-    matrix = np.empty((len(table.rows), len(names)), dtype=np.float64)
-    for k, name in enumerate(names):
-        if categories and name in categories:
-            matrix[:, k] = _category_column(table, index[name], what, categories[name])
-        else:
-            matrix[:, k] = _numeric_column(table, index[name], what)
+    matrix = np.empty((table.n_rows, len(names)), dtype=np.float64)
+    plan = [(k, index[name], name, (categories or {}).get(name)) for k, name in enumerate(names)]
+    for first, chunk in table.chunks():
+        stop = first + len(chunk)
+        for k, j, name, cats in plan:
+            cells = [row[j] for row in chunk]
+            matrix[first:stop, k] = (
+                _numeric_cells(cells, first, name, what)
+                if cats is None
+                else _category_cells(cells, first, name, what, cats)
+            )
     return matrix
 
 
 def _labels(
     table: _Table, label: str, task: str, class_names: list[str] | None, num_class: int
 ) -> np.ndarray:
-    j = table.header.index(label)
-    cells = [r[j].strip() for r in table.rows]
+    cells = table.column(table.header.index(label))
     lookup = {name: float(i) for i, name in enumerate(class_names or [])}
     y = np.empty(len(cells), dtype=np.float64)
     for i, c in enumerate(cells):
@@ -1080,15 +1283,22 @@ def check_predictions(info: ModelInfo, predictions: np.ndarray, n: int, source: 
 
 
 def read_upload(
-    data: bytes, filename: str, *, limits: Limits | None = None, label: str | None = None
+    data: bytes,
+    filename: str,
+    *,
+    limits: Limits | None = None,
+    label: str | None = None,
+    budget: InferenceBudget | None = None,
 ) -> ModelUpload:
     """Check an uploaded object completely; raise UploadRejected with a stable code if refused.
 
     ``label`` names the holdout's label column (default: the manifest's ``label``, else
     ``"label"``). :class:`treeserve.model.sandbox.SandboxUnavailable` (the child could not start)
     is not a verdict on the upload and propagates: fail the invocation so it is retried.
+    ``budget``: what the model may cost the inference function (default: 1024 MB).
     """
     limits = limits or Limits()
+    budget = budget or InferenceBudget()
     checks: list[str] = []
     size = len(data)
     if size > limits.max_upload_bytes:
@@ -1257,6 +1467,17 @@ def read_upload(
     sample = "the synthetic sample" if rows is None else "reference.csv/holdout.csv"
     check_predictions(info, predictions, len(result.rows), sample)
     checks.append("smoke_predictions")
+    cost = footprint(
+        result.footprint,
+        model_bytes=len(result.model_ubj),
+        num_features=n,
+        num_outputs=num_outputs(info),
+        max_depth=facts["max_depth"],
+        explainable=not info.vector_leaf,
+        budget=budget,
+    )
+    check_footprint(cost, budget)
+    checks.append("inference_budget")
     n_ref = 0 if reference is None else len(reference)
     holdout_predictions = predictions[n_ref:] if holdout_X is not None else None
     smoke = predictions[:n_ref] if reference is not None else predictions
@@ -1280,6 +1501,8 @@ def read_upload(
         "reference_rows": n_ref,
         "holdout_rows": 0 if holdout_X is None else len(holdout_X),
         "load_seconds": round(load_seconds, 3),
+        # The sandbox child's peak RSS: with this process's, what the refresh function holds.
+        "sandbox_peak_mb": _mb(result.footprint.get("child_peak_bytes", 0)),
     }
     return ModelUpload(
         model_ubj=result.model_ubj,
@@ -1298,4 +1521,5 @@ def read_upload(
         smoke_check=smoke_check_record(result.rows, predictions),
         holdout_predictions=holdout_predictions,
         validation=validation,
+        footprint=cost,
     )

@@ -12,7 +12,8 @@ Protocol (both directions): a frame is a 4-byte big-endian length and a JSON hea
 by the raw blobs whose sizes the header gives. The parent's first frame is its ``sys.path`` (in
 Lambda ``/var/task`` is on the path through a mechanism ``-I`` does not keep); the child imports
 only from that list, so it sees exactly the parent's modules. The second frame is the request.
-Arrays travel as ``.npy`` bytes and are read back with ``allow_pickle=False``.
+The rows to predict on travel as their raw float64 buffer (shape in the header; the child
+uses it in place), the child's arrays as ``.npy`` bytes read back with ``allow_pickle=False``.
 
 This module also holds :func:`decode_ubj` and :func:`model_facts`, a small pure-Python reader
 of XGBoost's UBJSON/JSON model documents: the parent uses it for cheap structural checks before
@@ -33,8 +34,9 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -123,6 +125,12 @@ class SandboxResult:
     rows: np.ndarray  # the rows predicted on (the given rows or the synthetic sample)
     predictions: np.ndarray  # output_margin=False
     synthetic: bool  # True when no rows were given and the child made its own sample
+    # What loading cost the child (see :func:`_memory`): ``baseline_bytes`` (RSS before the load),
+    # ``load_peak_bytes`` and ``loaded_bytes`` (peak and retained RSS growth of the load),
+    # ``explain_peak_bytes`` (peak RSS growth over the loaded model of explaining one row; None
+    # when XGBoost cannot explain it), ``load_seconds``, ``child_peak_bytes`` (the child's peak
+    # RSS, imports included). Only ``load_seconds`` where /proc is not available.
+    footprint: dict[str, Any] = field(default_factory=dict)
 
 
 # --- UBJSON reader -----------------------------------------------------------------------------
@@ -489,8 +497,9 @@ def _int_array(tree: Mapping[str, Any], key: str, i: int) -> np.ndarray:
         raise ValueError(f"tree {i}: {key} is not an integer array") from None
 
 
-def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
-    """Refuse trees whose indices point outside their arrays or the features.
+def check_trees(doc: Any, num_features: int, num_groups: int) -> int:
+    """Refuse trees whose indices point outside their arrays or the features; return the depth
+    of the deepest tree (root = 0; 0 without trees).
 
     XGBoost trusts these indices: a crafted split index or child id makes it read out of bounds
     (a segfault in xgboost-cpu 3.2), possibly only for some inputs, so a model that survived the
@@ -500,6 +509,7 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
     outside ``0..MAX_CATEGORY-1`` (``bad_category``).
     """
     trees = model_trees(doc)
+    deepest = 0
     _check_base_score(doc)
     gb = _get(doc, "learner", "gradient_booster")
     model = gb.get("model") if gb.get("name") != "dart" else gb.get("gbtree", {}).get("model")
@@ -548,12 +558,13 @@ def check_trees(doc: Any, num_features: int, num_groups: int) -> None:
                 f"tree {i} splits on feature {bad} but the model has {num_features} features"
             )
         _check_values(tree, i, leaf)
-        _check_depth(left, right, i)
+        deepest = max(deepest, _check_depth(left, right, i))
         if "split_type" in tree:
             kind = _int_array(tree, "split_type", i)
             categorical = np.flatnonzero(inner & (kind == 1))
             if categorical.size:
                 _check_categories(tree, i, categorical, n)
+    return deepest
 
 
 def vector_leaf_size(tree: Mapping[str, Any]) -> int:
@@ -639,7 +650,7 @@ def tree_depth(left: np.ndarray, right: np.ndarray, limit: int) -> int:
     return depth
 
 
-def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> None:
+def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> int:
     depth = tree_depth(left, right, MAX_TREE_DEPTH)
     if depth > MAX_TREE_DEPTH:
         raise UnsafeModel(
@@ -648,6 +659,7 @@ def _check_depth(left: np.ndarray, right: np.ndarray, i: int) -> None:
             f"would need about {8 * depth * depth >> 20} MiB or more; retrain with max_depth "
             f"<= {MAX_TREE_DEPTH}",
         )
+    return depth
 
 
 def _check_categories(tree: Mapping[str, Any], i: int, nodes: np.ndarray, n: int) -> None:
@@ -737,7 +749,7 @@ def synthetic_rows(thresholds: list[np.ndarray]) -> np.ndarray:
 # --- framing -----------------------------------------------------------------------------------
 
 
-def _write_frame(out: IO[bytes], header: dict[str, Any], *blobs: bytes) -> None:
+def _write_frame(out: IO[bytes], header: dict[str, Any], *blobs: bytes | memoryview) -> None:
     head = json.dumps(header).encode()
     out.write(struct.pack(">I", len(head)))
     out.write(head)
@@ -756,6 +768,19 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def _read_buffer(stream: IO[bytes], n: int) -> bytearray:
+    """Exactly ``n`` bytes, read straight into one buffer."""
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    done = 0
+    while done < n:
+        got = stream.readinto(view[done:])  # type: ignore[attr-defined]
+        if not got:
+            raise EOFError(f"stream ended {n - done} bytes early")
+        done += got
+    return buffer
 
 
 def _read_frame(stream: IO[bytes]) -> dict[str, Any]:
@@ -793,6 +818,65 @@ def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
+def _memory() -> tuple[int, int] | None:
+    """(current, peak) RSS of this process in bytes, from /proc (Linux, as on Lambda)."""
+    found: dict[str, int] = {}
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith((b"VmRSS:", b"VmHWM:")):
+                    key, value = line.split(b":", 1)
+                    found[key.decode()] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None
+    if "VmRSS" not in found or "VmHWM" not in found:
+        return None
+    return found["VmRSS"], found["VmHWM"]
+
+
+def _explain_one_row(xgb: Any, booster: Any) -> bool:
+    """TreeSHAP on one row of zeros, as the inference function's explain runs it (nthread=1).
+
+    TreeSHAP's working memory depends on the trees (depth), not on the row's values. False when
+    XGBoost cannot explain the model (vector-leaf trees)."""
+    try:
+        dmatrix = xgb.DMatrix(
+            np.zeros((1, booster.num_features()), dtype=np.float32),
+            feature_names=booster.feature_names,
+            feature_types=booster.feature_types,
+            nthread=1,
+        )
+        booster.predict(dmatrix, pred_contribs=True, validate_features=False)
+    except (xgb.core.XGBoostError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _footprint(
+    before: tuple[int, int] | None,
+    loaded: tuple[int, int] | None,
+    explained: tuple[int, int] | None,
+    load_seconds: float,
+) -> dict[str, Any]:
+    """Growth figures from three (RSS, peak RSS) readings: before the load, after it, after one
+    explain (None: not explainable). The peak is a high-water mark of the whole process, so the
+    explain's own peak is only visible when it exceeds the load's: otherwise it is at most the
+    load's (``explain_peak_bytes`` then reads 0, and the caller bounds it by the trees' depth)."""
+    out: dict[str, Any] = {"load_seconds": round(load_seconds, 4)}
+    if before is None or loaded is None:
+        return out
+    rss0, peak0 = before
+    rss1, peak1 = loaded
+    out["baseline_bytes"] = rss0
+    out["loaded_bytes"] = max(0, rss1 - rss0)
+    out["load_peak_bytes"] = max(0, peak1 - rss0) if peak1 > peak0 else out["loaded_bytes"]
+    if explained is None:
+        out["explain_peak_bytes"] = None
+    else:
+        out["explain_peak_bytes"] = max(0, explained[1] - rss1) if explained[1] > peak1 else 0
+    return out
+
+
 def _child_main(setup: dict[str, Any]) -> int:
     """Child entry point (after the bootstrap has set sys.path): serve one request."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -803,8 +887,10 @@ def _child_main(setup: dict[str, Any]) -> int:
 
     _write_frame(stdout, {"ready": True})  # from here on, failures are the model's
     request = _read_frame(stdin)
-    raw = bytearray(_read_exact(stdin, int(request["model_size"])))
-    rows_raw = _read_exact(stdin, int(request["rows_size"]))
+    raw = _read_buffer(stdin, int(request["model_size"]))
+    # The rows arrive as the parent's float64 buffer and are used in place (no copies: a
+    # package's samples can be hundreds of MB).
+    rows_buffer = _read_buffer(stdin, int(request["rows_size"]))
 
     def first_line(exc: BaseException) -> str:
         # XGBoost prefixes "[hh:mm:ss] /path/file.cc:123: "; keep only what it says.
@@ -816,9 +902,17 @@ def _child_main(setup: dict[str, Any]) -> int:
         return 0
 
     try:
+        before = _memory()
+        started = time.perf_counter()
         booster = xgb.Booster()
         booster.load_model(raw)
         booster.set_param({"nthread": 1})
+        load_seconds = time.perf_counter() - started
+        loaded = _memory()
+        # Measured before anything else allocates (the re-saved bytes, the decoded document),
+        # so the readings are what the inference function pays: load, then explain.
+        explained = _memory() if _explain_one_row(xgb, booster) else None
+        footprint = _footprint(before, loaded, explained, load_seconds)
         model_ubj = bytes(booster.save_raw("ubj"))
     except xgb.core.XGBoostError as exc:
         return fail("load_failed", first_line(exc))
@@ -833,12 +927,12 @@ def _child_main(setup: dict[str, Any]) -> int:
         iteration_range = _checked_iteration_range(booster, facts["iteration_range"])
     except ValueError as exc:
         return fail("corrupt", f"the loaded model is inconsistent: {exc}")
-    synthetic = not rows_raw
+    synthetic = request.get("rows_shape") is None
     try:
         if synthetic:
             rows = synthetic_rows(split_thresholds(doc, facts["num_features"]))
         else:
-            rows = _npy_load(rows_raw).astype(np.float64, copy=False)
+            rows = np.frombuffer(rows_buffer, dtype=np.float64).reshape(request["rows_shape"])
         predictions = np.asarray(
             booster.inplace_predict(
                 rows,
@@ -852,6 +946,9 @@ def _child_main(setup: dict[str, Any]) -> int:
             "predict_failed", f"XGBoost could not predict with the model: {first_line(exc)}"
         )
     facts["xgboost_version"] = xgb.__version__
+    final = _memory()
+    if final is not None:
+        footprint["child_peak_bytes"] = final[1]  # the whole child's, imports included
     rows_npy = b"" if not synthetic else _npy_bytes(rows)
     pred_npy = _npy_bytes(predictions)
     header = {
@@ -860,6 +957,7 @@ def _child_main(setup: dict[str, Any]) -> int:
         "model_size": len(model_ubj),
         "rows_size": len(rows_npy),
         "pred_size": len(pred_npy),
+        "footprint": footprint,
     }
     _write_frame(stdout, header, model_ubj, rows_npy, pred_npy)
     return 0
@@ -919,6 +1017,20 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _out_of_memory(text: str) -> bool:
+    return any(w in text for w in ("bad_alloc", "MemoryError", "Cannot allocate"))
+
+
+def _too_big(memory_bytes: int, detail: str) -> UploadRejected:
+    """A load that ran out of the child's memory: far beyond what inference can hold."""
+    return UploadRejected(
+        "too_big_for_inference",
+        f"loading the model needs more than the {memory_bytes >> 20} MiB the refresh check "
+        f"allows a load ({detail[:120]}), far more than one model may take of the inference "
+        "function: upload a smaller model (fewer or shallower trees)",
+    )
+
+
 def inspect_model(
     raw: bytes,
     fmt: ModelFormat,
@@ -931,15 +1043,21 @@ def inspect_model(
 
     ``rows`` (float, NaN = missing, model feature order) or None for a synthetic sample.
     Raises UploadRejected: ``load_failed`` (XGBoost refused or the loader crashed),
-    ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``.
+    ``predict_failed``, ``corrupt`` (loaded but inconsistent), ``timeout``,
+    ``too_big_for_inference`` (the load ran out of ``memory_bytes``).
     """
-    rows_npy = b"" if rows is None else _npy_bytes(np.asarray(rows, dtype=np.float64))
+    given = None if rows is None else np.ascontiguousarray(rows, dtype=np.float64)
     setup = {
         "sys_path": sys.path,
         "memory_bytes": int(memory_bytes),
         "cpu_seconds": math.ceil(STARTUP_TIMEOUT_SECONDS + timeout),
     }
-    request = {"format": fmt, "model_size": len(raw), "rows_size": len(rows_npy)}
+    request = {
+        "format": fmt,
+        "model_size": len(raw),
+        "rows_size": 0 if given is None else given.nbytes,
+        "rows_shape": None if given is None else list(given.shape),
+    }
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and code, no shell
         [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP],
         stdin=subprocess.PIPE,
@@ -978,7 +1096,12 @@ def inspect_model(
             watchdog.daemon = True
             watchdog.start()
             try:
-                _write_frame(proc.stdin, request, bytes(raw), rows_npy)
+                _write_frame(
+                    proc.stdin,
+                    request,
+                    bytes(raw),
+                    b"" if given is None else given.data.cast("B"),
+                )
                 proc.stdin.close()
             except OSError:  # BrokenPipeError included
                 pass  # the child died or was killed; its exit status tells why
@@ -1031,7 +1154,9 @@ def inspect_model(
             why = f"the loader exited with status {returncode}"
         if detail:
             why += f": {detail}"
-        if any(w in detail for w in ("bad_alloc", "MemoryError", "Cannot allocate", "map")):
+        if _out_of_memory(detail):
+            raise _too_big(memory_bytes, why)
+        if "map" in detail:
             why += f" (memory limit {memory_bytes >> 20} MiB)"
         raise UploadRejected(
             "load_failed", f"XGBoost could not load the model: {why}; {_RESAVE_HINT}"
@@ -1039,6 +1164,8 @@ def inspect_model(
     if not reply.get("ok"):
         code = str(reply.get("code", "load_failed"))
         message = str(reply.get("message", ""))
+        if code == "load_failed" and _out_of_memory(message):
+            raise _too_big(memory_bytes, message)
         if code == "load_failed":
             message = f"XGBoost could not load the model: {message}; {_RESAVE_HINT}"
         raise UploadRejected(code, message)
@@ -1053,4 +1180,5 @@ def inspect_model(
         rows=used_rows,
         predictions=predictions,
         synthetic=rows is None,
+        footprint=dict(reply.get("footprint") or {}),
     )

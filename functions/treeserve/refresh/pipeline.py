@@ -15,7 +15,10 @@ One call of :meth:`RefreshService.process` handles one ``ObjectCreated`` notific
 5. **Reference statistics** (``reference.csv`` + smoke predictions, or what the model records)
    and **holdout metrics**, then **register**: the version exists whole or not at all.
 6. **Promote** by compare-and-swap on ``current.json`` (auto mode), re-deciding on a lost race,
-   or leave it registered: manual mode, gate held, or stale upload (below).
+   or leave it registered: manual mode, gate held, or stale upload (below). A broken pointer
+   (unreadable, or naming a version that does not exist) is replaced by compare-and-swap against
+   its ETag, as ``treeserve promote`` does, when this upload is the newest registered version
+   (no champion to gate against); an older upload waits as ``stale`` and says why.
 7. **Record the outcome** (create-only), then emit EMF metrics and an SNS notification.
 
 A retry after a crash in 1-7 reruns the pure steps and finds the durable ones done (the version
@@ -82,9 +85,9 @@ from treeserve.errors import (
     UploadRejected,
 )
 from treeserve.model import reference
-from treeserve.model.package import Limits, ModelUpload, read_upload
+from treeserve.model.package import InferenceBudget, Limits, ModelUpload, read_upload
 from treeserve.refresh import gate
-from treeserve.registry.model_registry import ModelRegistry, upload_id
+from treeserve.registry.model_registry import ModelRegistry, PointerUnreadable, upload_id
 from treeserve.registry.store import S3RegistryStore
 from treeserve.settings import valid_model_name
 
@@ -318,10 +321,12 @@ class RefreshService:
         sns: SNSClient | None = None,
         source: UploadSource | None = None,
         limits: Limits | None = None,
+        budget: InferenceBudget | None = None,
         metrics_sink: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.limits = limits or Limits()
+        self.budget = budget or InferenceBudget.from_settings(settings)
         self._s3 = s3
         self._sns = sns
         self._store = store
@@ -416,14 +421,14 @@ class RefreshService:
                     "the object was overwritten since this event; its own event handles it",
                     uid,
                 )
-            upload = read_upload(obj.data, filename, limits=self.limits)
+            upload = read_upload(obj.data, filename, limits=self.limits, budget=self.budget)
             source = self._source(event, obj, upload)
             existing = registry.find_version_by_sha256(upload.sha256)
             registered: tuple[int, ModelManifest, _Gates] | None = None
             if existing is None:
                 manifest = upload.to_manifest(model)
                 gates = _Gates(self, registry, upload, manifest)
-                verdict = gates.against(registry.current())
+                verdict = gates.against(_champion(registry).pointer)
                 manifest.holdout_metrics = dict(gates.challenger_metrics)
                 manifest.validation = {**(manifest.validation or {}), "gate": verdict.to_dict()}
                 manifest.reference, manifest.reference_source = reference_statistics(upload)
@@ -509,7 +514,17 @@ class RefreshService:
             )
 
         for _ in range(PROMOTE_ATTEMPTS):
-            current = registry.current()
+            champion = _champion(registry)
+            if champion.broken is not None:
+                return self._promote_over_broken(
+                    registry,
+                    version=version,
+                    champion=champion,
+                    gates=gates,
+                    held=held,
+                    promoted=promoted,
+                )
+            current = champion.pointer
             if current is not None and current.sha256 == manifest.sha256:
                 if current.version <= version:
                     # This version (a previous attempt promoted it, then stopped), or the lower,
@@ -565,6 +580,47 @@ class RefreshService:
             return promoted(version, f"version {version} promoted: {result.reason}", result)
         raise StorageUnavailable(
             f"current.json kept changing during {PROMOTE_ATTEMPTS} promotion attempts; retry"
+        )
+
+    def _promote_over_broken(
+        self,
+        registry: ModelRegistry,
+        *,
+        version: int,
+        champion: _Champion,
+        gates: _Gates,
+        held: Callable[..., Outcome],
+        promoted: Callable[..., Outcome],
+    ) -> Outcome:
+        """current.json is unreadable or names no version: nothing known is in service. The
+        newest registered version replaces it by compare-and-swap, as ``treeserve promote`` does
+        (the holdout gate has no champion to compare with); an older one waits."""
+        newest = max(registry.versions(), default=version)
+        if version < newest:
+            return held(
+                "stale",
+                f"registered as version {version}; {champion.broken}; version {newest} was "
+                "registered after this upload, so automatic promotion leaves the choice to you",
+            )
+        result = gates.against(None)
+        if not result.passed:
+            return held("gate", f"registered as version {version}; {result.reason}", result)
+        try:
+            registry.promote(version, expected_etag=champion.etag)
+        except PreconditionFailed:
+            # Someone repaired or replaced the pointer meanwhile: let the retry decide again.
+            raise StorageUnavailable(
+                "current.json changed while replacing a broken pointer; retry"
+            ) from None
+        logger.warning(
+            "promoted over a broken pointer",
+            extra={"model": registry.name, "version": version, "problem": champion.broken},
+        )
+        return promoted(
+            version,
+            f"version {version} promoted, replacing a broken pointer ({champion.broken}): "
+            f"{result.reason}",
+            result,
         )
 
     def _reject(
@@ -699,6 +755,29 @@ class RefreshService:
             # fail the invocation and send a finished upload to the retry queue.
             logger.error("SNS notification failed", extra={"error": type(exc).__name__})
             self._count("NotificationsFailed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Champion:
+    """What current.json says: the pointer (None: nothing in service, or broken), the ETag to
+    swap against, and why it is broken (unreadable, or naming a version that does not exist)."""
+
+    pointer: Pointer | None
+    etag: str | None
+    broken: str | None = None
+
+
+def _champion(registry: ModelRegistry) -> _Champion:
+    try:
+        pointer = registry.current()
+    except PointerUnreadable as unreadable:
+        return _Champion(None, unreadable.etag, str(unreadable))
+    if pointer is None:
+        return _Champion(None, None)
+    problem = registry.pointer_problem(pointer)
+    if problem is not None:
+        return _Champion(None, pointer.etag, problem)
+    return _Champion(pointer, pointer.etag)
 
 
 def _claim_sha256(registry: ModelRegistry, sha: str, uid: str) -> tuple[int | None, str | None]:

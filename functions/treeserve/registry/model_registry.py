@@ -67,10 +67,10 @@ from treeserve.errors import (
     StorageUnavailable,
 )
 from treeserve.model.manifest import ModelManifest
-from treeserve.registry.store import RegistryStore, etag_moved
+from treeserve.registry.store import RegistryStore, StoredObject, etag_moved
 from treeserve.settings import MODEL_NAME_RULE, valid_model_name
 
-__all__ = ["ANY", "ModelRegistry", "Pointer", "upload_id"]
+__all__ = ["ANY", "ModelRegistry", "Pointer", "PointerUnreadable", "upload_id"]
 
 HISTORY_LIMIT: Final = 20
 # Compare-and-swap attempts of promote/rollback before giving up (StorageUnavailable: retry).
@@ -80,6 +80,16 @@ PROBES_PER_PASS: Final = 64
 ALLOCATION_PASSES: Final = 8
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_KEY_RE = re.compile(r"versions/(\d+)/(model\.ubj|manifest\.json)$")
+
+
+class PointerUnreadable(RegistryError):
+    """``current.json`` exists but is not a valid pointer. ``etag`` is the broken object's: a
+    promotion replaces it by compare-and-swap against that ETag (``treeserve promote``)."""
+
+    def __init__(self, message: str, etag: str | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.etag = etag
+        self.reason = reason or message
 
 
 class _Unset(Enum):
@@ -132,9 +142,12 @@ class Pointer:
                 history=tuple(int(v) for v in history),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise RegistryError(
-                f"current.json is not a valid pointer ({exc}): fix it with "
-                "`treeserve promote VERSION`"
+            reason = f"{type(exc).__name__}: {str(exc)[:120]}"
+            raise PointerUnreadable(
+                f"current.json is not a valid pointer ({reason}): repair it with "
+                "`treeserve promote VERSION` (`treeserve status` lists the versions)",
+                etag,
+                reason,
             ) from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,12 +322,27 @@ class ModelRegistry:
     # -- the pointer
 
     def current(self) -> Pointer | None:
-        """The pointer, or None when nothing was ever promoted."""
+        """The pointer, or None when nothing was ever promoted.
+
+        Raises :class:`PointerUnreadable` (with the object's ETag) when current.json is not a
+        valid pointer; :meth:`pointer_problem` tells whether a valid one names a real version."""
         try:
             obj = self.store.get(self.current_key)
         except NotFound:
             return None
-        return Pointer.from_json(obj.body, obj.etag)
+        return self._parse_pointer(obj)
+
+    def _parse_pointer(self, obj: StoredObject) -> Pointer:
+        try:
+            return Pointer.from_json(obj.body, obj.etag)
+        except PointerUnreadable as broken:
+            raise PointerUnreadable(
+                f"{self.current_key} is not a valid pointer ({broken.reason}): repair it with "
+                f"`treeserve promote VERSION --name {self.name}` (`treeserve status` lists the "
+                "versions)",
+                obj.etag,
+                broken.reason,
+            ) from None
 
     def current_if_changed(self, etag: str | None) -> tuple[Pointer | None, bool]:
         """A cheap conditional read. ``(None, False)``: still what ``etag`` names (or still no
@@ -325,19 +353,27 @@ class ModelRegistry:
             return None, etag is not None
         if obj is None:
             return None, False
-        return Pointer.from_json(obj.body, obj.etag), True
+        return self._parse_pointer(obj), True
+
+    def pointer_problem(self, pointer: Pointer) -> str | None:
+        """Why a valid pointer cannot be served (it names a version that does not exist), with
+        how to repair it; None when its version exists."""
+        if self.store.head(self.manifest_key(pointer.version)) is not None:
+            return None
+        return (
+            f"current.json names version {pointer.version}, which does not exist: repair it "
+            f"with `treeserve promote VERSION --name {self.name}` (`treeserve status` lists "
+            "the versions)"
+        )
 
     def _read_pointer(self) -> tuple[Pointer | None, str | None]:
         """The pointer and the ETag to swap against. An unreadable current.json counts as no
         pointer with that ETag, so a promotion can replace it (still compare-and-swap)."""
         try:
-            obj = self.store.get(self.current_key)
-        except NotFound:
-            return None, None
-        try:
-            return Pointer.from_json(obj.body, obj.etag), obj.etag
-        except RegistryError:
-            return None, obj.etag
+            pointer = self.current()
+        except PointerUnreadable as broken:
+            return None, broken.etag
+        return pointer, None if pointer is None else pointer.etag
 
     def _swap(
         self,

@@ -31,6 +31,9 @@ from mangum import Mangum
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from treeserve.aws import reset_clients
+from treeserve.errors import NoModelInService
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.store import S3RegistryStore
 from treeserve.serving.capture import CaptureBuffer
 from treeserve.serving.endpoints import (
     VERSION_HEADER,
@@ -45,9 +48,6 @@ from treeserve.serving.endpoints import (
     refuse_event,
     scope_request_id,
 )
-from treeserve.errors import NoModelInService
-from treeserve.registry.model_registry import ModelRegistry
-from treeserve.registry.store import S3RegistryStore
 from treeserve.serving.service import MetricsSink, ModelService
 from treeserve.settings import Settings
 
@@ -290,14 +290,27 @@ def create_app(
         response_class=Response,
     )
     async def health() -> Response:
-        """200 with the model in service; 503 while none is promoted."""
+        """200 with the model in service ("degraded" with a broken pointer); 503 while none is
+        promoted."""
         service.maybe_refresh()
         loaded = service.loaded
+        problem = service.pointer_problem
         if loaded is None:
+            if problem is not None:
+                return answer(endpoints.error(503, "broken_pointer", problem))
             return answer(endpoints.error(503, "no_model", "no model is in service yet"))
-        body = orjson.dumps(
-            {"status": "ok", "model": {"name": service.name, "version": loaded.version}}
-        )
+        document: dict[str, Any] = {
+            "status": "ok",
+            "model": {"name": service.name, "version": loaded.version},
+        }
+        if problem is not None:
+            # Warm environments keep serving what they loaded; new ones cannot load anything.
+            document["status"] = "degraded"
+            document["problem"] = (
+                f"{problem}; this environment still serves version {loaded.version}, new "
+                "environments cannot load a model until the pointer is repaired"
+            )
+        body = orjson.dumps(document)
         return Response(body, media_type="application/json")
 
     @app.get(

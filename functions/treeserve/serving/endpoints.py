@@ -41,8 +41,6 @@ Kind = Literal["predict", "explain"]
 VERSION_HEADER = b"x-model-version"
 JSON_TYPE = b"application/json"
 CSV_TYPE = b"text/csv; charset=utf-8"
-# TreeSHAP costs far more per row than prediction; keep explain well inside the timeout.
-MAX_EXPLAIN_ROWS = 1000
 LATENCY_METRIC = "PredictLatency"
 ROWS_METRIC = "PredictedRows"
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -136,7 +134,7 @@ class Endpoints:
     ) -> None:
         self.service = service
         self.max_rows = settings.max_rows
-        self.max_explain_rows = min(settings.max_rows, MAX_EXPLAIN_ROWS)
+        self.max_explain_rows = settings.max_explain_rows
         self.max_bytes = settings.max_body_bytes
         self.capture = capture if capture is not None and capture.enabled else None
         self.metrics = metrics

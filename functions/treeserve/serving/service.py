@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from treeserve.errors import ModelLoadError, NoModelInService
+from treeserve.errors import ModelLoadError, NoModelInService, NotFound
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.predictor import Predictor
-from treeserve.registry.model_registry import ModelRegistry, Pointer
+from treeserve.registry.model_registry import ModelRegistry, Pointer, PointerUnreadable
 from treeserve.serving.inputs import FeatureSchema
 from treeserve.settings import Settings
 
@@ -84,6 +84,9 @@ class ModelService:
         self._lock = threading.Lock()
         self.reload_failures = 0
         self.last_error: str | None = None
+        # Why current.json cannot be served (unreadable, or naming a version that does not
+        # exist) and how to repair it; /health reports it. None once a pointer loads again.
+        self.pointer_problem: str | None = None
         if load:
             self.refresh()
 
@@ -133,6 +136,10 @@ class ModelService:
             self._next_check = self.clock() + self.refresh_seconds
             try:
                 pointer, changed = self.registry.current_if_changed(self._etag)
+            except PointerUnreadable as exc:  # keep serving; look again next interval
+                self.pointer_problem = str(exc)
+                self._failed("current.json is not a valid pointer", exc, None)
+                return False
             except Exception as exc:  # storage trouble: keep serving, retry next interval
                 self._failed("pointer check failed", exc, None)
                 return False
@@ -150,15 +157,21 @@ class ModelService:
                 and loaded.manifest.sha256 == pointer.sha256
             ):
                 self._etag = pointer.etag  # rewritten pointer, same model
+                self.pointer_problem = None
                 return False
             try:
                 new = self._load(pointer)
+            except NotFound as exc:  # the pointer names a version that does not exist
+                self.pointer_problem = self._missing_version(pointer)
+                self._failed("current.json names a version that does not exist", exc, None)
+                return False
             except Exception as exc:  # never let a bad version disturb the one in service
                 self._failed("new model not loaded", exc, pointer.version)
                 return False
             self._loaded = new
             self._etag = pointer.etag
             self.last_error = None
+            self.pointer_problem = None
             logger.info(
                 "model swapped in",
                 extra={
@@ -176,6 +189,16 @@ class ModelService:
                 # soon rather than answering 503 for a whole refresh interval.
                 self._next_check = min(self._next_check, self.clock() + NO_MODEL_RETRY_SECONDS)
             self._lock.release()
+
+    def _missing_version(self, pointer: Pointer) -> str:
+        try:
+            problem = self.registry.pointer_problem(pointer)
+        except Exception:
+            problem = None
+        return problem or (
+            f"current.json names version {pointer.version}, which is incomplete or does not "
+            f"exist: repair it with `treeserve promote VERSION --name {self.name}`"
+        )
 
     def _load(self, pointer: Pointer) -> LoadedModel:
         manifest = self.registry.manifest(pointer.version)
