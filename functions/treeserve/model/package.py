@@ -61,7 +61,7 @@ import numpy as np
 from treeserve.errors import UploadRejected
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 from treeserve.model.manifest import ModelManifest, category_codes, smoke_check_record, task_of
 from treeserve.model.sandbox import (
     ModelFormat,
@@ -1292,10 +1292,15 @@ def read_upload(
 ) -> ModelUpload:
     """Check an uploaded object completely; raise UploadRejected with a stable code if refused.
 
+    The checks run cheapest first, each stage named in ``validation.checks``: the object and its
+    archive (:func:`_model_member`), the model document without XGBoost
+    (:func:`_document_facts`), the manifest, the CSVs and the feature layout
+    (:func:`_feature_layout`, :func:`_matrices`), then the sandboxed load and smoke predictions,
+    and what the model would cost the inference function (``budget``, default 1024 MB).
+
     ``label`` names the holdout's label column (default: the manifest's ``label``, else
     ``"label"``). :class:`treeserve.model.sandbox.SandboxUnavailable` (the child could not start)
     is not a verdict on the upload and propagates: fail the invocation so it is retried.
-    ``budget``: what the model may cost the inference function (default: 1024 MB).
     """
     limits = limits or Limits()
     budget = budget or InferenceBudget()
@@ -1309,71 +1314,9 @@ def read_upload(
     upload_sha256 = hashlib.sha256(data).hexdigest()
     kind = sniff(data, filename)
     checks.append("format")
-
-    members: dict[str, bytes]
-    if kind == "targz":
-        members = read_package(data, limits)
-        checks.append("archive")
-        present = [m for m in MODEL_MEMBERS if m in members]
-        if not present:
-            raise UploadRejected(
-                "missing_model",
-                "the package has no model.ubj or model.json: add the model written by "
-                "Booster.save_model",
-            )
-        if len(present) > 1:
-            raise UploadRejected(
-                "duplicate_member",
-                "the package holds both model.ubj and model.json: keep one of them",
-            )
-        model_name = present[0]
-        for name, content in members.items():
-            if content:
-                _refuse_serialized_python(content, f"{name} in the package")
-        model_raw = members[model_name]
-        if not model_raw:
-            raise UploadRejected("empty", f"{model_name} in the package is empty")
-        model_raw = model_raw.removeprefix(b"\xef\xbb\xbf")
-        if model_raw.lstrip()[:1] != b"{":
-            raise UploadRejected(
-                "unknown_format", f"{model_name} in the package is not an XGBoost model"
-            )
-        fmt: ModelFormat = _json_or_ubj(model_raw)
-    else:
-        members = {}
-        model_name = filename
-        model_raw = data.removeprefix(b"\xef\xbb\xbf")
-        fmt = kind
-    if len(model_raw) > limits.max_member_bytes:
-        raise UploadRejected(
-            "too_large", f"the model is {len(model_raw)} bytes, more than {limits.max_member_bytes}"
-        )
-
-    if fmt == "json" and len(model_raw) > limits.max_json_model_bytes:
-        raise UploadRejected(
-            "too_large",
-            f"the JSON model is {len(model_raw)} bytes, more than the "
-            f"{limits.max_json_model_bytes} allowed for JSON: save it as UBJ "
-            "(Booster.save_model('model.ubj')), which is smaller and faster to check",
-        )
-    facts = parse_model_document(model_raw, fmt, model_name)
+    members, model_name, model_raw, fmt = _model_member(data, filename, kind, limits, checks)
+    facts = _document_facts(model_raw, fmt, model_name, limits)
     checks.append("model_document")
-    if facts["num_features"] > limits.max_features:
-        raise UploadRejected(
-            "too_many_features",
-            f"the model has {facts['num_features']} features, more than the "
-            f"{limits.max_features} allowed",
-        )
-    if facts["num_features"] < 1:
-        raise UploadRejected("corrupt", "the model has no features")
-    if facts["booster"] == "gblinear":
-        raise UploadRejected(
-            "unsupported_booster",
-            f"{model_name} is a linear model (booster='gblinear'), which XGBoost cannot "
-            "predict in place (treeserve's serving path) nor explain with TreeSHAP: retrain "
-            "with booster='gbtree' (the default) or 'dart', or serve it yourself with "
-            "Booster.predict(DMatrix(...))",
-        )
 
     declared: dict[str, Any] = {}
     if "manifest.json" in members:
@@ -1382,10 +1325,7 @@ def read_upload(
         checks.append("manifest")
     task = task_of(facts["objective"], facts["num_class"])
     label_name = label or declared.get("label") or None
-
-    # Feature names: the model's own, else the manifest's, else a CSV header, else f0..f{n-1}.
-    n = facts["num_features"]
-    tables = {
+    tables: dict[str, _Table] = {
         m: _read_csv(members[m], m, limits)
         for m in ("reference.csv", "holdout.csv")
         if m in members
@@ -1398,45 +1338,20 @@ def read_upload(
                 f"holdout.csv has no label column {label_name!r}: add it, or name the column "
                 "with manifest.json 'label' (treeserve publish --label COL)",
             )
-    names_source = "model"
-    names: list[str] | None = facts["feature_names"]
-    if names is None and "feature_names" in declared:
-        names, names_source = declared["feature_names"], "manifest.json"
-    if names is None:
-        for member, table in tables.items():
-            header = [h for h in table.header if h != label_name]
-            if len(header) != n:
-                raise UploadRejected(
-                    "csv_mismatch",
-                    f"{member} has {len(header)} feature columns, the model has {n} features",
-                )
-            names, names_source = header, member
-            break
-    if names is None:
-        names, names_source = [f"f{i}" for i in range(n)], "default"
-    types: list[str] = facts["feature_types"] or declared.get("feature_types") or ["float"] * n
-    categories = facts.get("categories") or declared.get("categories")
-    types_source = "the model" if facts["feature_types"] else "manifest.json"
-    check_types_against_splits(types, names, facts, types_source)
-    check_drift_against_features(declared.get("drift"), names, types)
-
-    reference = holdout_X = holdout_y = None
-    if "reference.csv" in tables:
-        reference = _feature_matrix(
-            tables["reference.csv"], names, "reference.csv", label_name, categories
-        )
-        checks.append("reference_csv")
-    if "holdout.csv" in tables:
-        assert label_name is not None  # noqa: S101 - set above when a holdout exists
-        holdout_X = _feature_matrix(
-            tables["holdout.csv"], names, "holdout.csv", label_name, categories
-        )
-        holdout_y = _labels(
-            tables["holdout.csv"], label_name, task, declared.get("class_names"), facts["num_class"]
-        )
-        checks.append("holdout_csv")
+    names, names_source, types, categories = _feature_layout(facts, declared, tables, label_name)
+    reference, holdout_X, holdout_y = _matrices(
+        tables,
+        names,
+        label_name,
+        categories,
+        task=task,
+        declared=declared,
+        num_class=facts["num_class"],
+        checks=checks,
+    )
     del tables
 
+    n = facts["num_features"]
     parts = [a for a in (reference, holdout_X) if a is not None]
     rows = np.vstack(parts) if parts else None
     started = time.monotonic()
@@ -1523,3 +1438,143 @@ def read_upload(
         validation=validation,
         footprint=cost,
     )
+
+
+def _model_member(
+    data: bytes, filename: str, kind: str, limits: Limits, checks: list[str]
+) -> tuple[dict[str, bytes], str, bytes, ModelFormat]:
+    """(members, the model's name, its bytes, its format) of a bare model or a package."""
+    members: dict[str, bytes]
+    if kind == "targz":
+        members = read_package(data, limits)
+        checks.append("archive")
+        present = [m for m in MODEL_MEMBERS if m in members]
+        if not present:
+            raise UploadRejected(
+                "missing_model",
+                "the package has no model.ubj or model.json: add the model written by "
+                "Booster.save_model",
+            )
+        if len(present) > 1:
+            raise UploadRejected(
+                "duplicate_member",
+                "the package holds both model.ubj and model.json: keep one of them",
+            )
+        model_name = present[0]
+        for name, content in members.items():
+            if content:
+                _refuse_serialized_python(content, f"{name} in the package")
+        model_raw = members[model_name]
+        if not model_raw:
+            raise UploadRejected("empty", f"{model_name} in the package is empty")
+        model_raw = model_raw.removeprefix(b"\xef\xbb\xbf")
+        if model_raw.lstrip()[:1] != b"{":
+            raise UploadRejected(
+                "unknown_format", f"{model_name} in the package is not an XGBoost model"
+            )
+        fmt: ModelFormat = _json_or_ubj(model_raw)
+    else:
+        members = {}
+        model_name = filename
+        model_raw = data.removeprefix(b"\xef\xbb\xbf")
+        fmt = cast(ModelFormat, kind)
+    if len(model_raw) > limits.max_member_bytes:
+        raise UploadRejected(
+            "too_large", f"the model is {len(model_raw)} bytes, more than {limits.max_member_bytes}"
+        )
+    return members, model_name, model_raw, fmt
+
+
+def _document_facts(
+    model_raw: bytes, fmt: ModelFormat, model_name: str, limits: Limits
+) -> dict[str, Any]:
+    """The model document's facts (no XGBoost), refused when treeserve cannot serve it."""
+    if fmt == "json" and len(model_raw) > limits.max_json_model_bytes:
+        raise UploadRejected(
+            "too_large",
+            f"the JSON model is {len(model_raw)} bytes, more than the "
+            f"{limits.max_json_model_bytes} allowed for JSON: save it as UBJ "
+            "(Booster.save_model('model.ubj')), which is smaller and faster to check",
+        )
+    facts = parse_model_document(model_raw, fmt, model_name)
+    if facts["num_features"] > limits.max_features:
+        raise UploadRejected(
+            "too_many_features",
+            f"the model has {facts['num_features']} features, more than the "
+            f"{limits.max_features} allowed",
+        )
+    if facts["num_features"] < 1:
+        raise UploadRejected("corrupt", "the model has no features")
+    if facts["booster"] == "gblinear":
+        raise UploadRejected(
+            "unsupported_booster",
+            f"{model_name} is a linear model (booster='gblinear'), which XGBoost cannot "
+            "predict in place (treeserve's serving path) nor explain with TreeSHAP: retrain "
+            "with booster='gbtree' (the default) or 'dart', or serve it yourself with "
+            "Booster.predict(DMatrix(...))",
+        )
+    return facts
+
+
+def _feature_layout(
+    facts: dict[str, Any],
+    declared: dict[str, Any],
+    tables: Mapping[str, _Table],
+    label_name: str | None,
+) -> tuple[list[str], str, list[str], Any]:
+    """(names, where they came from, types, categories), checked against the model's splits.
+
+    Names: the model's own, else the manifest's, else a CSV header, else f0..f{n-1}."""
+    n = facts["num_features"]
+    names_source = "model"
+    names: list[str] | None = facts["feature_names"]
+    if names is None and "feature_names" in declared:
+        names, names_source = declared["feature_names"], "manifest.json"
+    if names is None:
+        for member, table in tables.items():
+            header = [h for h in table.header if h != label_name]
+            if len(header) != n:
+                raise UploadRejected(
+                    "csv_mismatch",
+                    f"{member} has {len(header)} feature columns, the model has {n} features",
+                )
+            names, names_source = header, member
+            break
+    if names is None:
+        names, names_source = [f"f{i}" for i in range(n)], "default"
+    types: list[str] = facts["feature_types"] or declared.get("feature_types") or ["float"] * n
+    categories = facts.get("categories") or declared.get("categories")
+    types_source = "the model" if facts["feature_types"] else "manifest.json"
+    check_types_against_splits(types, names, facts, types_source)
+    check_drift_against_features(declared.get("drift"), names, types)
+    return names, names_source, types, categories
+
+
+def _matrices(
+    tables: Mapping[str, _Table],
+    names: list[str],
+    label_name: str | None,
+    categories: Any,
+    *,
+    task: str,
+    declared: dict[str, Any],
+    num_class: int,
+    checks: list[str],
+) -> tuple[Any, Any, Any]:
+    """(reference rows, holdout rows, holdout labels) from the package's CSVs, None if absent."""
+    reference = holdout_X = holdout_y = None
+    if "reference.csv" in tables:
+        reference = _feature_matrix(
+            tables["reference.csv"], names, "reference.csv", label_name, categories
+        )
+        checks.append("reference_csv")
+    if "holdout.csv" in tables:
+        assert label_name is not None  # noqa: S101 - set by the caller when a holdout exists
+        holdout_X = _feature_matrix(
+            tables["holdout.csv"], names, "holdout.csv", label_name, categories
+        )
+        holdout_y = _labels(
+            tables["holdout.csv"], label_name, task, declared.get("class_names"), num_class
+        )
+        checks.append("holdout_csv")
+    return reference, holdout_X, holdout_y
