@@ -283,10 +283,14 @@ def test_the_c_api_alone_serves_what_inplace_predict_answers(
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(predictor.raw_predict(X[:1]), expected[:1])
-    # explain loads the package's Booster from the same bytes, on first need
-    contribs = predictor.explain(X[:4])
-    assert predictor._booster is not None
-    margin = model.booster.predict(xgb_dmatrix(X[:4], model.feature_names), output_margin=True)
+    # explain runs TreeSHAP on the same native handle: exactly the package's pred_contribs
+    contribs = predictor.explain(X[:40])
+    assert predictor._booster is None and predictor._model is None  # one copy of the model
+    dmatrix = xgb_dmatrix(X[:40], model.feature_names)
+    package = model.booster.predict(dmatrix, pred_contribs=True)
+    np.testing.assert_array_equal(contribs.contributions, package[..., :-1])
+    np.testing.assert_array_equal(contribs.bias, package[..., -1])
+    margin = model.booster.predict(dmatrix, output_margin=True)
     np.testing.assert_allclose(
         contribs.contributions.sum(axis=-1) + contribs.bias, margin, rtol=1e-4, atol=1e-4
     )
@@ -329,7 +333,7 @@ def test_the_c_api_is_not_used_for_an_xgboost_major_it_was_not_written_for(
         predictor_module.native_library.cache_clear()
 
 
-def test_serving_does_not_import_the_xgboost_package_until_explain(
+def test_serving_and_explaining_do_not_import_the_xgboost_package(
     binary_model: TrainedModel, tmp_path: Any
 ) -> None:
     from tests.inference_support import manifest_for
@@ -361,7 +365,7 @@ print("xgboost" in sys.modules)
     )
     first, second = out.stdout.split("\n")[:2]
     native, imported, values = first.split()
-    assert (native, imported, second) == ("True", "False", "True")
+    assert (native, imported, second) == ("True", "False", "False")
     assert bytes.fromhex(values) == binary_model.booster.inplace_predict(X).tobytes()
 
 

@@ -112,5 +112,9 @@ def test_explain_contributions_sum_to_margin(any_model: TrainedModel) -> None:
 
 def test_uses_one_thread(binary_model: TrainedModel) -> None:
     predictor = Predictor.load(binary_model.ubj(), manifest_for(binary_model))
-    config = predictor.booster.save_config()
+    assert predictor.native
+    config = predictor.save_config()
     assert '"nthread":"1"' in config.replace(" ", "")
+    no_record = Predictor.load(binary_model.ubj(), manifest_for(binary_model, smoke_check=False))
+    assert not no_record.native
+    assert '"nthread":"1"' in no_record.save_config().replace(" ", "")

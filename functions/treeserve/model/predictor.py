@@ -20,8 +20,10 @@ libxgboost. So :meth:`Predictor.load` first loads the model through libxgboost's
 imported), and serves through it only when it answered the rows the refresh sandbox predicted
 (``manifest.smoke_check``, recorded with ``inplace_predict``) bit for bit. Anything else takes the
 package's Booster: a manifest without that record, categorical features, an XGBoost major the C
-signatures were not written against, a disagreement; explain always does (TreeSHAP through the
-package, the Booster loaded from the same bytes on first need).
+signatures were not written against, a disagreement. A native predictor also explains through
+the C API (``XGBoosterPredictFromDMatrix`` with TreeSHAP on the same handle, as
+``Booster.predict(pred_contribs=True)`` calls it) and keeps no copy of the model's bytes: the
+function holds one model, whichever routes it serves.
 """
 
 from __future__ import annotations
@@ -103,6 +105,19 @@ def _predict_args(iteration_range: tuple[int, int]) -> bytes:
             "missing": float("nan"),
             "strict_shape": False,
             "cache_id": 0,
+        }
+    ).encode()
+
+
+def _contribs_args(iteration_range: tuple[int, int]) -> bytes:
+    """``Booster.predict(pred_contribs=True)``'s arguments: exact TreeSHAP, the model's rounds."""
+    return json.dumps(
+        {
+            "type": 2,
+            "training": False,
+            "iteration_begin": iteration_range[0],
+            "iteration_end": iteration_range[1],
+            "strict_shape": False,
         }
     ).encode()
 
@@ -264,6 +279,52 @@ class NativeBooster:
         self.check(self.lib.XGBoosterGetNumFeature(self.handle, ctypes.byref(out)))
         return int(out.value)
 
+    def save_config(self) -> str:
+        """The booster's JSON configuration (``Booster.save_config``)."""
+        length = ctypes.c_uint64()
+        out = ctypes.c_char_p()
+        self.check(
+            self.lib.XGBoosterSaveJsonConfig(self.handle, ctypes.byref(length), ctypes.byref(out))
+        )
+        return (out.value or b"").decode()
+
+    def contribs(self, X: np.ndarray, iteration_range: tuple[int, int]) -> np.ndarray:
+        """TreeSHAP contributions of the rows (float32 (n, d + 1), or (n, k, d + 1)), as
+        ``Booster.predict(DMatrix(X), pred_contribs=True)`` computes them: a DMatrix from the
+        dense rows (NaN missing, one thread), ``XGBoosterPredictFromDMatrix`` with type 2."""
+        rows = np.ascontiguousarray(X, dtype=np.float32)
+        n, d = rows.shape
+        dmatrix = ctypes.c_void_p()
+        self.check(
+            self.lib.XGDMatrixCreateFromDense(
+                _INTERFACE % (rows.ctypes.data, n, d),
+                b'{"missing": NaN, "nthread": 1}',
+                ctypes.byref(dmatrix),
+            )
+        )
+        try:
+            shape = ctypes.POINTER(ctypes.c_uint64)()
+            dims = ctypes.c_uint64()
+            out = ctypes.POINTER(ctypes.c_float)()
+            self.check(
+                self.lib.XGBoosterPredictFromDMatrix(
+                    self.handle,
+                    dmatrix,
+                    _contribs_args(iteration_range),
+                    ctypes.byref(shape),
+                    ctypes.byref(dims),
+                    ctypes.byref(out),
+                )
+            )
+            sizes = [int(shape[i]) for i in range(dims.value)]
+            count = math.prod(sizes)
+            result = np.empty(count, dtype=np.float32)
+            if count:  # the output lives in the booster's per-thread buffer: copy it
+                ctypes.memmove(result.ctypes.data, out, count * 4)
+        finally:
+            self.lib.XGDMatrixFree(dmatrix)
+        return result.reshape(sizes)
+
     def __del__(self) -> None:
         handle = getattr(self, "handle", None)
         if handle is not None and handle.value:
@@ -298,6 +359,7 @@ class Predictor:
         self._model = model  # for the package's Booster, loaded on first need
         self._booster_lock = threading.Lock()
         self.native = False  # serving through a NativeBooster (see the module docstring)
+        self._native: NativeBooster | None = None
         self.manifest = manifest
         self.version: int | None = manifest.version
         self.feature_names: list[str] = list(manifest.feature_names)
@@ -382,6 +444,7 @@ class Predictor:
             if native.num_features() != manifest.num_features:
                 return None  # the package's load names the disagreement
             predictor = cls(None, manifest, model=model_ubj)
+            predictor._native = native
             dense = DenseCall.native(native, predictor.iteration_range)
             rows = np.asarray(record["rows"], dtype=np.float64).astype(np.float32)
             expected = np.asarray(record["predictions"], dtype=np.float32)
@@ -394,6 +457,9 @@ class Predictor:
             return None
         predictor._dense = dense
         predictor.native = True
+        # Predictions and explanations both run on the native booster: nothing else needs the
+        # bytes, and one copy of the model is all the function holds.
+        predictor._model = None
         return predictor
 
     @property
@@ -402,9 +468,16 @@ class Predictor:
         if self._booster is None:
             with self._booster_lock:
                 if self._booster is None:
-                    assert self._model is not None  # noqa: S101 -- see __init__
+                    if self._model is None:  # a native predictor keeps no bytes
+                        raise ModelLoadError("this model is served through the C API alone")
                     self._booster = _package_booster(self._model)
         return self._booster
+
+    def save_config(self) -> str:
+        """The serving booster's JSON configuration (native or the package's)."""
+        if self._native is not None:
+            return self._native.save_config()
+        return str(self.booster.save_config())
 
     def smoke(self) -> None:
         """Predict a row of zeros and a row of missing values; outputs must be finite.
@@ -431,6 +504,9 @@ class Predictor:
                 return dense(X)
             if self.native:  # XGBoost reads any float matrix as float32, as this does
                 return dense(np.ascontiguousarray(X, dtype=np.float32))
+        if self.native:
+            assert dense is not None  # noqa: S101 -- set with native
+            return dense(np.ascontiguousarray(np.atleast_2d(X), dtype=np.float32))
         return self.booster.inplace_predict(
             X, validate_features=False, iteration_range=self.iteration_range
         )
@@ -465,18 +541,21 @@ class Predictor:
 
         They add up to the margin of the same rounds that :meth:`predict` uses."""
         self.check_explainable()
-        dmatrix = _package().DMatrix(
-            X,
-            feature_names=self.feature_names,
-            feature_types=self.booster.feature_types,
-            nthread=1,
-        )
-        contribs = self.booster.predict(
-            dmatrix,
-            pred_contribs=True,
-            validate_features=False,
-            iteration_range=self.iteration_range,
-        )
+        if self._native is not None:
+            contribs = self._native.contribs(X, self.iteration_range)
+        else:
+            dmatrix = _package().DMatrix(
+                X,
+                feature_names=self.feature_names,
+                feature_types=self.booster.feature_types,
+                nthread=1,
+            )
+            contribs = self.booster.predict(
+                dmatrix,
+                pred_contribs=True,
+                validate_features=False,
+                iteration_range=self.iteration_range,
+            )
         if contribs.ndim == 3:  # multiclass or multi-output: (n, k, d + 1)
             multiclass = self.task == "multiclass"
             return Explanation(
