@@ -67,6 +67,7 @@ capture = CaptureBuffer(
     settings.capture_max_rows,
     settings.capture_max_age_seconds,
     metrics=metrics,
+    background=True,  # the request that fills the buffer does not wait for its write
 )
 if capture.enabled:
     capture.install_sigterm_flush()

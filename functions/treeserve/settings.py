@@ -15,7 +15,6 @@ PromotionMode = Literal["auto", "manual"]
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024
 # A monitoring window is read in one invocation: past a month it cannot finish in the timeout.
 MAX_WINDOW_HOURS = 24.0 * 31
-MAX_MONITORING_WORKERS = 8
 # Model names are S3 key segments and metric dimensions: keep them boring.
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODEL_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -55,22 +54,6 @@ def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: fl
     return value
 
 
-def _workers(env: Mapping[str, str]) -> int | None:
-    raw = env.get("MONITORING_WORKERS", "").strip()
-    if not raw:
-        return None
-    try:
-        count = int(raw)
-    except ValueError:
-        count = -1
-    if not 0 <= count <= MAX_MONITORING_WORKERS:
-        raise ConfigurationError(
-            f"MONITORING_WORKERS={raw!r}: set it to a whole number from 0 to "
-            f"{MAX_MONITORING_WORKERS} (0 or 1 parse in the function's own process)"
-        )
-    return count
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """treeserve's configuration. Build it with :meth:`from_env`; tests may build it directly."""
@@ -88,8 +71,6 @@ class Settings:
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
     monitoring_window_hours: float = 24.0
-    # Parse workers of a monitoring run; None: decided from the machine (parse_pool).
-    monitoring_workers: int | None = None
 
     @classmethod
     def from_env(
@@ -123,5 +104,4 @@ class Settings:
             monitoring_window_hours=_number(
                 env, "MONITORING_WINDOW_HOURS", 24.0, 1 / 60, MAX_WINDOW_HOURS
             ),
-            monitoring_workers=_workers(env),
         )
