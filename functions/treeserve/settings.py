@@ -64,7 +64,7 @@ class Settings:
     max_rows: int = 10_000
     max_body_bytes: int = MAX_LAMBDA_PAYLOAD_BYTES
     capture_sample_rate: float = 0.0
-    capture_max_rows: int = 1_000
+    capture_max_rows: int = 10_000
     capture_max_age_seconds: float = 60.0
     promotion_mode: PromotionMode = "auto"
     promotion_tolerance: float = 0.0
@@ -95,7 +95,7 @@ class Settings:
                 )
             ),
             capture_sample_rate=_number(env, "CAPTURE_SAMPLE_RATE", 0.0, 0.0, 1.0),
-            capture_max_rows=int(_number(env, "CAPTURE_MAX_ROWS", 1_000, 1, 1_000_000)),
+            capture_max_rows=int(_number(env, "CAPTURE_MAX_ROWS", 10_000, 1, 1_000_000)),
             capture_max_age_seconds=_number(env, "CAPTURE_MAX_AGE_SECONDS", 60.0, 0.0, 3_600.0),
             promotion_mode=mode,  # type: ignore[arg-type]
             promotion_tolerance=_number(env, "PROMOTION_TOLERANCE", 0.0, 0.0, 1e9),
