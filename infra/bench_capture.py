@@ -94,8 +94,9 @@ def bench_request() -> dict[str, float]:
     raw = bytes(booster.save_raw("ubj"))
     max_rows = _template_max_rows()
     logging.getLogger("treeserve.serving.capture").setLevel(logging.WARNING)
-    with moto_server() as endpoint, bi.environment(
-        {**bi._ENV, "MODEL_NAME": "bench", "AWS_ENDPOINT_URL": endpoint}
+    with (
+        moto_server() as endpoint,
+        bi.environment({**bi._ENV, "MODEL_NAME": "bench", "AWS_ENDPOINT_URL": endpoint}),
     ):
         reset_clients()
         s3_client().create_bucket(Bucket=bi.BUCKET)
@@ -187,7 +188,7 @@ def bench_monitoring_run(rounds: int = 5) -> dict[str, float]:
             return run_monitoring(bi.BUCKET, "mon", end - timedelta(hours=24), end, s3=s3)
 
         def numpy_alone() -> Any:
-            out = []
+            out: list[Any] = []
             for j in range(X.shape[1]):
                 column = X[:, j]
                 out.append(np.histogram(column[~np.isnan(column)], bins=10))

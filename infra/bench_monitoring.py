@@ -64,7 +64,7 @@ SEED = 7
 # address space, so it is the child's own peak resident set.
 PRELUDE = """
 import os as _os
-def cpu_s():  # children: the parse workers, once joined
+def cpu_s():
     t = _os.times()
     return t.user + t.system + t.children_user + t.children_system
 def status_mb(field):

@@ -193,7 +193,8 @@ def _fixed_list(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.float32]:
     n = pf.num_rows
     if n == 0:
         return np.zeros((0, 0), np.float32)
-    assert page.rep is not None and page.def_ is not None  # noqa: S101 - list leaves have both
+    assert page.rep is not None  # noqa: S101 - list leaves have both levels
+    assert page.def_ is not None  # noqa: S101
     if not page.def_.any():  # every list empty
         return np.zeros((n, 0), np.float32)
     width, rem = divmod(page.num_values, n)
@@ -235,7 +236,8 @@ def read_ids(pf: parquet.ParquetFile) -> list[bytes]:
 def _categories(pf: parquet.ParquetFile) -> dict[str, list[str | None]]:
     (kpath, krep, kdef), (vpath, vrep, vdef) = _BY_NAME["categories"].leaves()
     kpage, vpage = pf.page(kpath, krep, kdef), pf.page(vpath, vrep, vdef)
-    assert kpage.def_ is not None and vpage.def_ is not None  # noqa: S101
+    assert kpage.def_ is not None  # noqa: S101 - map leaves have both levels
+    assert vpage.def_ is not None  # noqa: S101
     n = pf.num_rows
     if n == 0 or not kpage.def_.any():
         return {}
@@ -548,7 +550,7 @@ class Split:
 def fast_split(raw: bytes, start_key: bytes, end_key: bytes, *, with_ids: bool) -> Split | None:
     """A capture file by the fast path, its rows of ``[start_key, end_key)`` grouped by model
     version (with their ids when ``with_ids``: labels are to be joined); None when the file
-    must take the general path. Runs in the caller or in a parse worker."""
+    must take the general path."""
     batch = fast_parse(raw, with_ids=with_ids)
     return None if batch is None else split_batch(batch, start_key, end_key, with_ids=with_ids)
 

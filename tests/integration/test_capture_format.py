@@ -80,7 +80,7 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
     assert manifest.categories is not None
 
     traffic = frame(40, 5)
-    ids = [f"row-{i}" if i % 7 else f"ünï \"{i}\"" for i in range(40)]  # any text is an id
+    ids = [f"row-{i}" if i % 7 else f'ünï "{i}"' for i in range(40)]  # any text is an id
     body = json.dumps({"instances": records(traffic), "ids": ids}).encode()
     _, answer = serve(monkeypatch, body)
     wait_for_writes()
@@ -122,9 +122,7 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
 
     # Monitoring reads the same bits.
     start, end = now - timedelta(hours=1), now + timedelta(minutes=1)
-    split = captures.capture_split(
-        raw, monitoring._ms(start), monitoring._ms(end), with_ids=True
-    )
+    split = captures.capture_split(raw, monitoring._ms(start), monitoring._ms(end), with_ids=True)
     (group,) = split.groups
     assert group.version == 1
     assert np.array_equal(group.X.view(np.uint32), X.view(np.uint32))
@@ -154,6 +152,7 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
 
 def test_json_lines_captures_of_the_previous_release_are_still_read(s3: Any) -> None:
     """A window that spans the upgrade: the same rows as JSON Lines and as Parquet count alike."""
+    from tests.conftest import train
     from tests.integration.test_monitoring import (
         NOW,
         capture_file,
@@ -163,7 +162,6 @@ def test_json_lines_captures_of_the_previous_release_are_still_read(s3: Any) -> 
         register,
         run,
     )
-    from tests.conftest import train
 
     model = train("binary:logistic", n=400)
     version = register(s3, model)
@@ -218,7 +216,7 @@ def test_corrupt_parquet_is_skipped_and_rows_without_version_are_malformed(s3: A
     assert report["files"] == 1
 
 
-def test_parquet_strings_levels_and_gzip_pages_round_trip() -> None:
+def test_parquet_strings_levels_and_gzip_pages_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     values = [b"", b"a", "ünï".encode(), b"\x00x\x00", b"y" * 300, b"tail\x00"]
     for picked in ([values[i % len(values)] for i in range(50)], [b"same\x00"] * 9, [b""] * 3):
@@ -257,15 +255,13 @@ def test_parquet_strings_levels_and_gzip_pages_round_trip() -> None:
         assert back.categories == rows.categories
         # and DuckDB reads the same values
         con = duckdb.connect()
-        path = f"/tmp/treeserve-capture-{codec}-{id(rows)}.parquet"
-        Path(path).write_bytes(data)
-        try:
-            got = con.execute(
-                f"SELECT id, version, alias, label, categories['k'], outputs[2], "
-                f"epoch_ms(ts) FROM read_parquet('{path}')"
-            ).fetchall()
-        finally:
-            Path(path).unlink()
+        path = tmp_path / f"capture-{codec}.parquet"
+        path.write_bytes(data)
+        got = con.execute(
+            "SELECT id, version, alias, label, categories['k'], outputs[2], epoch_ms(ts) "
+            "FROM read_parquet(?)",
+            [str(path)],
+        ).fetchall()
         assert [r[0] for r in got] == rows.ids
         assert [r[1] for r in got] == [None if v < 0 else int(v) for v in rows.versions]
         assert [r[2] for r in got] == rows.aliases

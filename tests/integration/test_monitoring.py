@@ -59,7 +59,7 @@ def register(s3: Any, model: TrainedModel, name: str = "m", X_ref: np.ndarray | 
     return ModelRegistry(S3RegistryStore(BUCKET, s3=s3), name).register(ubj, manifest)
 
 
-def capture_file(
+def capture_file(  # noqa: PLR0917 - beside capture_lines, the same arguments
     name: str,
     version: int | None,
     X: np.ndarray,
@@ -307,9 +307,7 @@ def test_a_long_window_lists_only_the_days_that_exist(s3: Any, page: int | None)
     s3.put_object(Bucket=BUCKET, Key="captures/m/dt=bad/x.jsonl.gz", Body=b"")
     start, end = datetime(1926, 11, 29, tzinfo=UTC), NOW  # 100 years: 36,525 days
     client = CountingS3(s3, page)
-    report = monitoring.run_monitoring(
-        BUCKET, "m", start, end, s3=client, now=NOW, write=False
-    )
+    report = monitoring.run_monitoring(BUCKET, "m", start, end, s3=client, now=NOW, write=False)
     assert report["rows"] == 30
     assert report["files"] == 3
     captures = [k for k in client.listed if k["Prefix"].startswith("captures/")]
@@ -332,9 +330,7 @@ def test_a_day_window_lists_one_partition(s3: Any) -> None:
         traffic(s3, model, version, np.zeros((1, 6)), prefix=f"o{i}", ts=day, files=1)
     traffic(s3, model, version, np.zeros((5, 6)), prefix="now")
     client = CountingS3(s3, page=2)
-    report = monitoring.run_monitoring(
-        BUCKET, "m", START, NOW, s3=client, now=NOW, write=False
-    )
+    report = monitoring.run_monitoring(BUCKET, "m", START, NOW, s3=client, now=NOW, write=False)
     assert report["rows"] == 5
     captures = [k for k in client.listed if k["Prefix"].startswith("captures/")]
     assert [k["Prefix"] for k in captures if "Delimiter" not in k] == ["captures/m/dt=2026-11-29/"]

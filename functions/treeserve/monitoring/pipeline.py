@@ -29,6 +29,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from itertools import compress, count, repeat
+from operator import is_not
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -391,7 +393,9 @@ class Monitor:
             self.malformed += split.malformed
             self._add_split(split)
             return
-        self.add_legacy(raw, fast_split(raw, self.start_key, self.end_key, with_ids=bool(self.labels)))
+        self.add_legacy(
+            raw, fast_split(raw, self.start_key, self.end_key, with_ids=bool(self.labels))
+        )
 
     def add_legacy(self, raw: bytes, split: Split | None) -> None:
         """Account for a JSON Lines file parsed by the fast path (``split``), or parse it by the
@@ -471,8 +475,15 @@ class Monitor:
         if table is None:  # ids of any JSON type: labels are keyed by their text
             ids = [i if isinstance(i, str) else str(i) for i in ids]
         found = list(map(lookup.get, ids))  # one C-level pass; most rows have no label yet
-        for i in [i for i, label in enumerate(found) if label is not None]:
-            y = _label_value(found[i], st.manifest)
+        values: dict[Any, float | None] = {}  # labels repeat: decide each distinct one once
+        for i in compress(count(), map(is_not, found, repeat(None))):
+            label = found[i]
+            try:
+                y = values[label]
+            except KeyError:
+                y = values[label] = _label_value(label, st.manifest)
+            except TypeError:  # an unhashable label (a JSON list): decided on its own
+                y = _label_value(label, st.manifest)
             if y is not None:
                 ys.append(y)
                 keep.append(i)

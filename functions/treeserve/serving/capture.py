@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from treeserve.model.manifest import ModelManifest
-
     from treeserve.serving.service import MetricsSink
 
 logger = logging.getLogger(__name__)
