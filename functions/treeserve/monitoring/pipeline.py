@@ -6,8 +6,9 @@ each one (:func:`treeserve.captures.capture_split`: its float32 columns straight
 Parquet pages with ``np.frombuffer``, about 1 ms per 10,000 rows of 30 features), keeps rows
 whose ``ts`` falls in ``[start, end)``, groups them by model version and streams each version's
 columns into :class:`treeserve.monitoring.drift` accumulators. Captures of the previous release
-(gzipped JSON Lines) are still read, by the slower text path, for one release. Only counts stay in memory (plus, when labels exist, the
-predictions of labelled rows), so memory is bounded by a few capture files, not by the window.
+(gzipped JSON Lines) are still read, by the slower text path, for one release. Only counts
+stay in memory (plus, when labels exist, the predictions of labelled rows), so memory is bounded by a few capture files and
+``ACCUMULATE_ROWS`` gathered rows per version, not by the window.
 
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
 first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give performance over
@@ -79,6 +80,8 @@ MAX_LABELS = 5_000_000
 FETCH_THREADS = 8  # S3 GETs wait on the network (and release the GIL)
 MAX_IN_FLIGHT_FILES = 16
 MAX_IN_FLIGHT_BYTES = 48 * 1024 * 1024  # compressed; bounds memory to a few inflated files
+# Rows per version gathered before they are counted (at 30 features, 8 MB of float32).
+ACCUMULATE_ROWS = 65_536
 METRIC_DRIFTED_FEATURES = "DriftedFeatures"
 METRIC_PREDICTION_DRIFT = "PredictionDrift"
 METRIC_ROWS_SEEN = "RowsSeen"
@@ -297,19 +300,39 @@ class VersionState:
             self.predictions = [drift.FeatureAccumulator(c) for c in preds.get("columns", [])]
         self.labelled_y: list[npt.NDArray[np.float64]] = []
         self.labelled_p: list[npt.NDArray[np.float32]] = []
+        self._pending_x: list[npt.NDArray[np.float32]] = []
+        self._pending_p: list[npt.NDArray[np.float32]] = []
+        self._pending_x_rows = 0
 
     def add(self, X: npt.NDArray[np.float32], P: npt.NDArray[np.float32] | None) -> None:
+        """Count a batch of rows; batches are gathered up to ``ACCUMULATE_ROWS`` rows first,
+        so the accumulators' per-call work (searches of the reference points) is paid once per
+        gathered batch, not once per capture file."""
         self.rows += X.shape[0]
         if self.features and X.shape[1] == len(self.features):
-            columns = np.sort(X.T, axis=1)  # one sort per column, NaN last
-            for j, acc in enumerate(self.features):
-                acc.add_sorted(columns[j])
+            self._pending_x.append(X)
+            self._pending_x_rows += X.shape[0]
         if P is not None and self.predictions and P.shape[1] == len(self.predictions):
-            columns = np.sort(P.T, axis=1)
-            for j, acc in enumerate(self.predictions):
-                acc.add_sorted(columns[j])
+            self._pending_p.append(P)
+        if self._pending_x_rows >= ACCUMULATE_ROWS or len(self._pending_p) >= 64:
+            self.drain()
+
+    def drain(self) -> None:
+        """Hand the gathered rows to the accumulators."""
+        for pending, accumulators in (
+            (self._pending_x, self.features),
+            (self._pending_p, self.predictions),
+        ):
+            if pending:
+                block = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                columns = np.sort(np.ascontiguousarray(block.T), axis=1)  # NaN last
+                for j, acc in enumerate(accumulators):
+                    acc.add_sorted(columns[j])
+                pending.clear()
+        self._pending_x_rows = 0
 
     def report(self) -> dict[str, Any]:
+        self.drain()
         m = self.manifest
         out: dict[str, Any] = {
             "version": self.version,
