@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import repeat
 from typing import Any
 
@@ -187,6 +188,14 @@ def _leaf(name: str) -> tuple[list[str], int, int]:
     return _BY_NAME[name].leaves()[0]
 
 
+@lru_cache(maxsize=16)
+def _fixed_rep_levels(n: int, width: int) -> bytes:
+    """The repetition levels :func:`encode_capture` writes for n lists of ``width`` values."""
+    levels = np.ones(n * width, np.uint8)
+    levels[::width] = 0
+    return parquet.encode_levels(levels, 1)
+
+
 def _fixed_list(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.float32]:
     """A list column whose rows all hold the same number of values, as an (n, width) matrix."""
     page = pf.page(*_leaf(name))
@@ -195,15 +204,17 @@ def _fixed_list(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.float32]:
         return np.zeros((0, 0), np.float32)
     assert page.rep is not None  # noqa: S101 - list leaves have both levels
     assert page.def_ is not None  # noqa: S101
-    if not page.def_.any():  # every list empty
+    present = page.present()
+    if present == 0:  # every list empty
         return np.zeros((n, 0), np.float32)
     width, rem = divmod(page.num_values, n)
-    if rem or not page.def_.all():
+    if rem or present != page.num_values:
         raise parquet.ParquetError(f"{name}: rows of different widths")
-    expected = np.ones(page.num_values, np.uint8)
-    expected[::width] = 0
-    if not np.array_equal(page.rep, expected):
-        raise parquet.ParquetError(f"{name}: rows of different widths")
+    if page.rep_raw != _fixed_rep_levels(n, width):  # not as encode_capture writes them
+        expected = np.ones(page.num_values, np.uint8)
+        expected[::width] = 0
+        if not np.array_equal(page.rep, expected):
+            raise parquet.ParquetError(f"{name}: rows of different widths")
     values = page.numbers()
     return values.reshape(n, width)
 

@@ -224,12 +224,18 @@ def decode_levels(
             nbytes = (head >> 1) * width
             raw = np.frombuffer(data, np.uint8, nbytes, reader.pos)
             reader.pos += nbytes
-            bits = np.unpackbits(raw, bitorder="little").reshape(-1, width)
-            vals = (bits << np.arange(width, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
+            bits = np.unpackbits(raw, bitorder="little")
+            if width == 1:
+                vals = bits
+            else:
+                weights = np.left_shift(1, np.arange(width, dtype=np.uint8)).astype(np.uint8)
+                vals = (bits.reshape(-1, width) * weights).sum(axis=1, dtype=np.uint8)
         else:
             nb = (width + 7) // 8
             value = int.from_bytes(bytes(data[reader.pos : reader.pos + nb]), "little")
             reader.pos += nb
+            if head >> 1 >= count and not parts:  # one run: a view, nothing allocated
+                return np.broadcast_to(np.uint8(value), (count,)), end
             vals = np.full(head >> 1, value, np.uint8)
         parts.append(vals)
         got += vals.size
@@ -554,15 +560,27 @@ class Page:
     pos: int  # where the PLAIN values start in ``data``
     physical: int
 
+    max_def: int = 0
+    rep_raw: bytes = b""  # the repetition levels as stored (length prefix included)
+
+    def present(self, level: int | None = None) -> int:
+        """How many levels equal ``level`` (the maximum: values present)."""
+        level = self.max_def if level is None else level
+        if self.def_ is None:
+            return self.num_values
+        if self.def_.size and self.def_.strides[0] == 0:  # one run (a broadcast view)
+            return self.num_values if int(self.def_[0]) == level else 0
+        return int(np.count_nonzero(self.def_ == level))
+
     def numbers(self) -> npt.NDArray[Any]:
-        count = self.num_values if self.def_ is None else int((self.def_ == self.def_.max()).sum())
+        count = self.present()
         dtype = np.dtype(_NUMPY[self.physical])
         if self.pos + count * dtype.itemsize > len(self.data):
             raise ParquetError("values beyond the page")
         return np.frombuffer(self.data, dtype, count, self.pos)
 
     def strings(self, max_def: int) -> list[bytes]:
-        count = self.num_values if self.def_ is None else int((self.def_ == max_def).sum())
+        count = self.present(max_def)
         return decode_strings(self.data, self.pos, count)
 
 
@@ -598,11 +616,13 @@ class ParquetFile:
         n = int(dph[1])
         pos = 0
         rep = defs = None
+        rep_raw = b""
         if max_rep:
-            rep, pos = decode_levels(body, pos, n, max_rep)
+            rep, end = decode_levels(body, pos, n, max_rep)
+            rep_raw, pos = bytes(body[pos:end]), end
         if max_def:
             defs, pos = decode_levels(body, pos, n, max_def)
-        return Page(n, rep, defs, body, pos, int(meta[1]))
+        return Page(n, rep, defs, body, pos, int(meta[1]), max_def, rep_raw)
 
 
 def read_footer(data: bytes) -> ParquetFile:
