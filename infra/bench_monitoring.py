@@ -22,7 +22,8 @@ live in the child, so its peak includes them):
   ``np.loadtxt`` (the baseline a hand-written job would start from), and, as the floor, the
   same matrix as raw float32 bytes through ``np.frombuffer``.
 
-Goal: the treeserve run (served over HTTP) within 1.5 s and 400 MB, without worker processes.
+Goal: the treeserve run within 1.5 s and 400 MB, without worker processes (judged in-process and
+over HTTP; the peak over HTTP, since in-process it also holds moto's copies of the objects).
 """
 
 from __future__ import annotations
@@ -300,10 +301,13 @@ def main() -> dict[str, str]:
     # process) on every byte; "own MB" is the peak minus the resident set before the run
     # (in-process, the bucket's objects live in the child).
     print(f"load average after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    ok = served["wall"] <= 1.5 and served["peak_mb"] <= 400
+    # S3 itself is remote; here it is moto, served from this machine's 2 cores either way: by
+    # a server in the parent process (HTTP) or inside the run's own process. Both are shown.
+    met = {True: "met", False: "NOT met"}
     line = (
-        f"{served['wall']:.2f} s, {served['peak_mb']:.0f} MB peak, one process, served over HTTP "
-        f"(in-process {ts['wall']:.2f} s) (goal <= 1.5 s, <= 400 MB: {'met' if ok else 'NOT met'})"
+        f"in-process {ts['wall']:.2f} s ({met[ts['wall'] <= 1.5]}), over HTTP "
+        f"{served['wall']:.2f} s ({met[served['wall'] <= 1.5]}); peak {served['peak_mb']:.0f} MB "
+        f"over HTTP ({met[served['peak_mb'] <= 400]}); one process (goal <= 1.5 s, <= 400 MB)"
     )
     print(f"goal: {line}")
     return {f"(c) monitoring {ROWS:,} rows x {FEATURES}": line}
