@@ -35,7 +35,6 @@ from treeserve.parquet import BYTE_ARRAY, FLOAT, INT64, Column
 
 FORMAT = "treeserve.capture/1"
 EXTENSION = ".parquet"
-LEGACY_EXTENSION = ".jsonl.gz"
 
 # The columns of a capture file, in file order. ``model`` is also the first partition key of
 # the Glue table (Athena reads it from the path, the same value), so the table omits it.

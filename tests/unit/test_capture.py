@@ -231,3 +231,42 @@ def test_memory_is_bounded_by_max_rows_plus_one_request() -> None:
         assert buffer.buffered_rows < 50
     assert peak < 50
     assert buffer.dropped_rows > 0
+
+
+class GatedS3(FakeS3):
+    """A FakeS3 whose PUTs wait until the test opens the gate (a slow S3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def put_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.started.set()
+        assert self.gate.wait(10)
+        return super().put_object(**kwargs)
+
+
+def test_background_write_leaves_the_request_and_one_write_runs_at_a_time() -> None:
+    from treeserve.serving.capture import wait_for_writes
+
+    s3 = GatedS3()
+    buffer = CaptureBuffer("b", "m", 1.0, max_rows=10, s3=s3, background=True)  # type: ignore[arg-type]
+    buffer.record(*request(10), version=1)  # crosses the bound: the write starts on a thread
+    assert s3.started.wait(5)
+    assert not s3.objects  # still in flight: the request did not wait for it
+    assert buffer.buffered_rows == 0
+    assert buffer.in_flight_rows == 10
+    buffer.record(*request(4, 10), version=1)  # below the bound: buffered, no wait
+    assert buffer.buffered_rows == 4
+    s3.gate.set()
+    wait_for_writes()
+    assert len(s3.objects) == 1
+    assert buffer.in_flight_rows == 0
+    assert buffer.flush()  # a plain flush waits for its write
+    assert len(s3.objects) == 2
+    assert sorted(r["id"] for body in s3.objects.values() for r in lines(body)) == sorted(
+        f"r{i}" for i in range(14)
+    )

@@ -118,6 +118,9 @@ class CaptureBuffer:
         self._oldest: float | None = None
         self.background = background
         self._writer: threading.Thread | None = None
+        # The local stack's timer thread flushes beside its request threads; SIGTERM's handler
+        # may run while this thread holds it: reentrant.
+        self._lock = threading.RLock()
         self._in_flight = 0
         self.flushes = 0
         self.flush_failures = 0
@@ -196,15 +199,17 @@ class CaptureBuffer:
         self.maybe_flush(now)
 
     def _add(self, batch: _Batch) -> None:
-        if self._oldest is None:
-            self._oldest = batch.ts
-        self._batches.append(batch)
-        self._rows += len(batch.ids)
+        with self._lock:
+            if self._oldest is None:
+                self._oldest = batch.ts
+            self._batches.append(batch)
+            self._rows += len(batch.ids)
 
     @property
     def in_flight_rows(self) -> int:
         """Rows of a background write not yet finished."""
-        return self._in_flight if self._writer is not None else 0
+        writer = self._writer
+        return self._in_flight if writer is not None and writer.is_alive() else 0
 
     def maybe_flush(self, now: float | None = None) -> bool:
         """Write the buffer if it holds max_rows rows or its oldest row is max_age old (in
@@ -229,6 +234,10 @@ class CaptureBuffer:
         written (False if nothing was, or a write failed); else start the write on a thread
         and return True. Either way a previous background write is finished first, so at most
         one is ever in flight (the memory bound)."""
+        with self._lock:
+            return self._flush(wait=wait)
+
+    def _flush(self, *, wait: bool) -> bool:
         batches, self._batches, rows, self._rows, self._oldest = (
             self._batches,
             [],
