@@ -2,10 +2,11 @@
 
 Setup (not timed): a moto server on loopback (the same S3 API the function talks to, over
 HTTP), a real XGBoost model with 30 features registered with its reference statistics, and
-1,000,000 capture rows written in the inference function's exact line format as gzipped JSON
-Lines files of ``ROWS_PER_FILE`` rows under ``captures/<model>/dt=<today>/``, plus labels for a
-tenth of the rows. To keep setup short, 100,000 distinct rows are each captured 10 times under
-their own ids; the run parses, counts and joins all 1,000,000 lines all the same. Feature
+1,000,000 capture rows written by the inference function's encoder
+(:func:`treeserve.captures.encode_capture`) as Parquet files of ``ROWS_PER_FILE`` rows under
+``captures/<model>/dt=<today>/``, plus labels for a tenth of the rows. To keep setup short,
+100,000 distinct rows are each captured 10 times under their own ids; the run reads, counts and
+joins all 1,000,000 rows all the same. Feature
 values carry 6 significant digits, as tabular data sent by clients usually does (captures keep
 the client's digits). ``TREESERVE_BENCH_ROWS`` sets a smaller size for a quick look.
 
@@ -14,16 +15,15 @@ by the moto server over HTTP, and by moto inside the child (no HTTP; the bucket'
 live in the child, so its peak includes them):
 
 - ``treeserve``: :func:`treeserve.monitoring.pipeline.run_monitoring` over the window, from listing the
-  captures to writing the report (the function's code path), with its default parse workers
-  (:mod:`treeserve.monitoring.parse_pool`: one per CPU, two here). CPU includes the workers'; memory is the
-  function process's peak plus each worker's peak beyond the pages the fork shares with it;
-- the same listing, downloads and gunzip alone (what S3 and gzip cost by themselves);
+  captures to writing the report (the function's code path, one process, no workers);
+- the same listing and downloads alone (what S3 costs by itself);
 - ``numpy``: numpy alone reading the same numbers: the same features and predictions as
   gzipped CSV text of the same digits, fetched from the same S3, gunzipped and parsed with
   ``np.loadtxt`` (the baseline a hand-written job would start from), and, as the floor, the
   same matrix as raw float32 bytes through ``np.frombuffer``.
 
-Targets: the treeserve run under 10 s and under 1 GB.
+Goal: the treeserve run within 1.5 s and 400 MB, without worker processes (judged in-process and
+over HTTP; the peak over HTTP, since in-process it also holds moto's copies of the objects).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ SEED = 7
 # address space, so it is the child's own peak resident set.
 PRELUDE = """
 import os as _os
-def cpu_s():  # children: the parse workers, once joined
+def cpu_s():
     t = _os.times()
     return t.user + t.system + t.children_user + t.children_system
 def status_mb(field):
@@ -105,11 +105,9 @@ from datetime import datetime, timedelta, UTC
 from treeserve.monitoring.pipeline import run_monitoring
 end = datetime.now(UTC) + timedelta(minutes=1)
 t, c = time.perf_counter(), cpu_s()
-stats = {{}}
-report = run_monitoring({BUCKET!r}, {MODEL!r}, end - timedelta(hours=24), end, stats=stats)
+report = run_monitoring({BUCKET!r}, {MODEL!r}, end - timedelta(hours=24), end)
 wall, cpu = time.perf_counter() - t, cpu_s() - c
-workers_mb = [kb / 1024 for kb in stats.get("worker_own_kb", [])]
-print(json.dumps({{"wall": wall, "cpu": cpu, "rows": report["rows"], "workers_mb": workers_mb,
+print(json.dumps({{"wall": wall, "cpu": cpu, "rows": report["rows"],
     "files": report["files"], "drifted": report["summary"]["drifted_features"],
     "performance": report["summary"]["performance"], "key": report.get("report_key"),
     "peak_mb": status_mb("VmHWM"), "before_mb": rss_before}}))
@@ -167,9 +165,8 @@ def _child(code: str, endpoint: str, *, in_process: bool) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _setup(s3: Any) -> tuple[int, int]:
-    """Register a model and write the captures; returns (capture bytes, csv bytes)."""
-    rng = np.random.default_rng(SEED)
+def register_model(s3: Any, bucket: str, model: str, rng: np.random.Generator) -> tuple[Any, int]:
+    """A real 30-feature binary model registered with its reference statistics."""
     names = [f"f{i}" for i in range(FEATURES)]
     Xtr = rng.normal(size=(5000, FEATURES))
     ytr = (Xtr[:, 0] + Xtr[:, 1] > 0).astype(float)
@@ -180,7 +177,7 @@ def _setup(s3: Any) -> tuple[int, int]:
     )
     ubj = bytes(booster.save_raw("ubj"))
     manifest = ModelManifest(
-        name=MODEL,
+        name=model,
         sha256=hashlib.sha256(ubj).hexdigest(),
         model_size=len(ubj),
         xgboost_version=xgb.__version__,
@@ -192,42 +189,55 @@ def _setup(s3: Any) -> tuple[int, int]:
         reference=compute_reference(Xtr, names, ["float"] * FEATURES, booster.inplace_predict(Xtr)),
         reference_source="reference.csv",
     )
-    version = ModelRegistry(S3RegistryStore(BUCKET, s3=s3), MODEL).register(ubj, manifest)
+    return booster, ModelRegistry(S3RegistryStore(bucket, s3=s3), model).register(ubj, manifest)
+
+
+def _setup(s3: Any) -> tuple[int, int]:
+    """Register a model and write the captures; returns (capture bytes, csv bytes)."""
+    rng = np.random.default_rng(SEED)
+    booster, version = register_model(s3, BUCKET, MODEL, rng)
 
     # DISTINCT rows, each captured COPIES times under its own ids (so setup stays quick; the
-    # monitoring run parses and counts every one of the ROWS lines all the same).
+    # monitoring run reads and counts every one of the ROWS rows all the same).
     X = rng.normal(size=(DISTINCT, FEATURES)).astype(np.float64)
     X[:, 3] += 0.5  # one drifted feature, so the report has something to say
     X[rng.random((DISTINCT, FEATURES)) < 0.01] = np.nan
     X = np.round(X, 5)  # ~6 significant digits, as clients send
-    P = booster.inplace_predict(X).astype(np.float64)
+    X32 = X.astype(np.float32)
+    P = booster.inplace_predict(X32).astype(np.float32)
     y = (X[:, 0] + X[:, 1] + rng.normal(scale=0.5, size=DISTINCT) > 0).astype(int)
     now = datetime.now(UTC)
     day = now.strftime("%Y-%m-%d")
-    ts = (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-    rows, preds = X.tolist(), P.tolist()
-    blocks = []
-    for start in range(0, DISTINCT, ROWS_PER_FILE):
-        blocks.append(
-            captures.encode_lines(
-                (f"req-#-{i:07d}", ts, version, rows[i], preds[i], int(preds[i] >= 0.5))
-                for i in range(start, min(start + ROWS_PER_FILE, DISTINCT))
-            )
-        )
+    ts = round((now - timedelta(minutes=5)).timestamp() * 1000)
     capture_bytes = 0
-    for n, block in enumerate(blocks * COPIES):
-        copy = n // len(blocks)
-        body = gzip.compress(block.replace(b'"req-#-', f'"req-{copy}-'.encode()), 5)
-        capture_bytes += len(body)
-        s3.put_object(Bucket=BUCKET, Key=f"captures/{MODEL}/dt={day}/{n:05d}.jsonl.gz", Body=body)
+    n = 0
+    for copy in range(COPIES):
+        for start in range(0, DISTINCT, ROWS_PER_FILE):
+            part = slice(start, min(start + ROWS_PER_FILE, DISTINCT))
+            count = part.stop - part.start
+            body = captures.encode_capture(
+                captures.CaptureRows(
+                    model=MODEL,
+                    ids=[f"req-{copy}-{i:07d}" for i in range(part.start, part.stop)],
+                    ts_ms=np.full(count, ts, np.int64),
+                    versions=np.full(count, version, np.int64),
+                    inputs=X32[part],
+                    outputs=P[part].reshape(-1, 1),
+                    labels=["1" if p >= 0.5 else "0" for p in P[part].tolist()],
+                )
+            )
+            capture_bytes += len(body)
+            key = f"captures/{MODEL}/dt={day}/{n:05d}.parquet"
+            s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+            n += 1
     labels = "id,label\n" + "".join(
         f"req-{c}-{i:07d},{y[i]}\n" for c in range(COPIES) for i in range(0, DISTINCT, 10)
     )
     s3.put_object(Bucket=BUCKET, Key=f"labels/{MODEL}/labels.csv", Body=labels.encode())
     # The baseline's data: the same numbers (same digits) as CSV text, and as raw float32.
-    M = np.tile(np.column_stack([X, P]).astype(np.float32), (COPIES, 1))
-    # orjson writes the same digits the captures hold; rows become CSV lines.
-    text = orjson.dumps(np.column_stack([X, P]).tolist())[2:-2]
+    M = np.tile(np.column_stack([X32, P]).astype(np.float32), (COPIES, 1))
+    # orjson writes the same digits; rows become CSV lines.
+    text = orjson.dumps(np.column_stack([X, P.astype(np.float64)]).tolist())[2:-2]
     text = text.replace(b"],[", b"\n").replace(b"null", b"nan") + b"\n"
     csv_gz = gzip.compress(text * COPIES, 5)
     s3.put_object(Bucket=BUCKET, Key="baseline/data.csv.gz", Body=csv_gz)
@@ -235,8 +245,8 @@ def _setup(s3: Any) -> tuple[int, int]:
     return capture_bytes, len(csv_gz)
 
 
-def main() -> None:
-    """Run the benchmark and print its figures."""
+def main() -> dict[str, str]:
+    """Run the benchmark and print its figures; returns the goal line for `make bench`."""
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -253,7 +263,7 @@ def main() -> None:
         capture_bytes, _ = _setup(s3)
         print(
             f"setup: {ROWS:,} rows x {FEATURES} features in {ROWS // ROWS_PER_FILE} files, "
-            f"{capture_bytes / 1e6:.0f} MB gzipped captures ({time.perf_counter() - t:.0f} s)",
+            f"{capture_bytes / 1e6:.0f} MB of Parquet captures ({time.perf_counter() - t:.0f} s)",
             flush=True,
         )
         runs = {
@@ -270,23 +280,17 @@ def main() -> None:
     for where, (ts, fetch, base) in runs.items():
         for label, r in (
             ("treeserve run_monitoring", ts),
-            ("  same list + GETs + inflate only", fetch),
+            ("  same list + GETs only", fetch),
             ("numpy gunzip CSV + np.loadtxt", base),
         ):
-            workers = sum(r.get("workers_mb", []))  # parse workers' memory of their own
-            own = r["peak_mb"] - r["before_mb"] + workers
+            own = r["peak_mb"] - r["before_mb"]
             print(
                 f"{label + ' (' + where + ')':<46}{r['wall']:>8.2f}{r['cpu']:>8.2f}"
-                f"{r['peak_mb'] + workers:>9.0f}{own:>8.0f}"
+                f"{r['peak_mb']:>9.0f}{own:>8.0f}"
             )
     ts, fetch, base = runs["in-process"]
     print(f"{'numpy np.frombuffer raw float32 (in-process)':<46}{base['frombuffer']:>8.2f}")
     served = runs["server"][0]
-    shown = ", ".join(f"{mb:.0f}" for mb in served["workers_mb"]) or "none"
-    print(
-        f"parse workers: {len(served['workers_mb'])} (MONITORING_WORKERS, default one per CPU, on Lambda per vCPU); "
-        f"their own peak MB (served run): {shown}; included in peak, own and CPU above"
-    )
     print(
         f"rows {ts['rows']:,} in {ts['files']} files, {ts['rows'] / ts['wall']:,.0f} rows/s "
         f"in-process; treeserve / np.loadtxt wall {ts['wall'] / base['wall']:.2f}, CPU "
@@ -297,12 +301,16 @@ def main() -> None:
     # process) on every byte; "own MB" is the peak minus the resident set before the run
     # (in-process, the bucket's objects live in the child).
     print(f"load average after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    served_peak = served["peak_mb"] + sum(served["workers_mb"])
-    ok = ts["wall"] < 10 and served["wall"] < 10 and served_peak < 1024
-    print(
-        "target < 10 s (both runs) and < 1 GB (peak of the function's process, served over HTTP; "
-        f"in-process the peak also holds moto's objects): {'met' if ok else 'NOT met'}"
+    # S3 itself is remote; here it is moto, served from this machine's 2 cores either way: by
+    # a server in the parent process (HTTP) or inside the run's own process. Both are shown.
+    met = {True: "met", False: "NOT met"}
+    line = (
+        f"in-process {ts['wall']:.2f} s ({met[ts['wall'] <= 1.5]}), over HTTP "
+        f"{served['wall']:.2f} s ({met[served['wall'] <= 1.5]}); peak {served['peak_mb']:.0f} MB "
+        f"over HTTP ({met[served['peak_mb'] <= 400]}); one process (goal <= 1.5 s, <= 400 MB)"
     )
+    print(f"goal: {line}")
+    return {f"(c) monitoring {ROWS:,} rows x {FEATURES}": line}
 
 
 if __name__ == "__main__":

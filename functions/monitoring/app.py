@@ -20,7 +20,6 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from treeserve.errors import ConfigurationError
 from treeserve.monitoring.events import BadEvent, window
-from treeserve.monitoring.parse_pool import default_workers
 from treeserve.monitoring.pipeline import notify_drift, run_monitoring
 from treeserve.settings import Settings
 
@@ -48,7 +47,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         start,
         end,
         metrics=metrics,
-        workers=default_workers(settings.monitoring_workers),
         rule=settings.drift_rule,
     )
     summary = report["summary"]

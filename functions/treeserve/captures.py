@@ -1,28 +1,28 @@
-"""The capture line: its format, written by the inference function, read by monitoring.
+"""The capture format: written by the inference function, read by monitoring and by SQL.
 
-Every captured row is one JSON object on one line of a gzipped JSON Lines object
-``captures/<model>/dt=YYYY-MM-DD/<YYYYmmddTHHMMSSfffZ>-<random>.jsonl.gz``, with these keys in
-this order (docs/ARCHITECTURE.md "Capture line")::
+A capture object is one Parquet file (:mod:`treeserve.parquet`: numpy alone writes and reads
+it) at ``captures/<model>/dt=YYYY-MM-DD/<YYYYmmddTHHMMSSfffZ>-<random>.parquet``, one row per
+captured prediction, with the columns of :data:`COLUMNS` (docs/ARCHITECTURE.md "Capture
+format"). Athena (a Glue table with partition projection on ``model`` and ``dt``,
+:func:`glue_table_input`) and DuckDB query the files where they lie; monitoring reads the
+float32 columns back with ``np.frombuffer``.
 
-    {"id": ..., "ts": "2026-11-29T04:40:50.123Z", "version": 3, "features": [0.1, null, 2.0],
-     "prediction": 0.93 | [0.1, 0.2, 0.7], "label": "yes" | 1 | null}
-
-:func:`encode_lines` is the one writer (the inference function's capture buffer, the tests and
-the monitoring benchmark use it); :func:`object_key` the one key. The readers below rely on
-that fixed key order: :func:`fast_split` cuts each field out of the whole file with one regular
-expression and parses the numbers of all rows with one orjson call; a file written any other
-way (another key order, ragged rows) takes the general per-line path, :func:`parse_lines`.
-This module imports no AWS code: the inference artifact and the monitoring artifact both hold
-it, and the monitoring parse workers (:mod:`treeserve.monitoring.parse_pool`) run it.
+:func:`encode_capture` is the one writer (the inference function's capture buffer, the tests
+and the benchmarks use it), :func:`decode_capture` the one reader of every column, and
+:func:`capture_split` what monitoring reads (the window's rows by version); :func:`object_key`
+is the one key. Captures of the previous release (gzipped JSON Lines, ``.jsonl.gz``) stay
+readable for one release: :func:`fast_split` and :func:`parse_lines` below.
+This module imports no AWS code: the inference and monitoring artifacts both hold it.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import repeat
 from typing import Any
 
@@ -30,11 +30,47 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-FIELDS = ("id", "ts", "version", "features", "prediction", "label")
+from treeserve import parquet
+from treeserve.parquet import BYTE_ARRAY, FLOAT, INT64, Column
+
+FORMAT = "treeserve.capture/1"
+EXTENSION = ".parquet"
+
+# The columns of a capture file, in file order. ``model`` is also the first partition key of
+# the Glue table (Athena reads it from the path, the same value), so the table omits it.
+COLUMNS: tuple[Column, ...] = (
+    Column("id", BYTE_ARRAY, doc="the row's id: the request's, or generated (text)"),
+    Column("ts", INT64, timestamp_ms=True, doc="when the row was answered (UTC, milliseconds)"),
+    Column("model", BYTE_ARRAY, doc="the model's name"),
+    Column("version", INT64, optional=True, doc="the registered version that answered"),
+    Column(
+        "alias",
+        BYTE_ARRAY,
+        optional=True,
+        doc="the alias or route that answered (champion, canary, shadow); null: not routed",
+    ),
+    Column(
+        "inputs",
+        FLOAT,
+        kind="list",
+        doc="the features in the model's order, as served (float32; NaN: missing; "
+        "categorical features as their codes)",
+    ),
+    Column("outputs", FLOAT, kind="list", doc="every output: one value, or one per class"),
+    Column("label", BYTE_ARRAY, optional=True, doc="the decided label (classification)"),
+    Column(
+        "categories",
+        BYTE_ARRAY,
+        kind="map",
+        doc="each categorical feature's value, named by its code (null: missing or unseen)",
+    ),
+)
+PARTITION_KEYS: tuple[tuple[str, str], ...] = (("model", "string"), ("dt", "string"))
+_BY_NAME = {c.name: c for c in COLUMNS}
 
 
 def iso_millis(ts: float) -> str:
-    """A capture line's ``ts``: UTC, milliseconds, ``Z`` (sorts as text in time order)."""
+    """A time as captures print it: UTC, milliseconds, ``Z`` (sorts as text in time order)."""
     moment = datetime.fromtimestamp(ts, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
@@ -43,15 +79,312 @@ def object_key(model: str, ts: float) -> str:
     """The key of a capture object first written at ``ts`` (unique: a random suffix)."""
     moment = datetime.fromtimestamp(ts, tz=UTC)
     stamp = moment.strftime("%Y%m%dT%H%M%S") + f"{moment.microsecond // 1000:03d}Z"
-    return f"captures/{model}/dt={moment:%Y-%m-%d}/{stamp}-{uuid.uuid4().hex[:12]}.jsonl.gz"
+    return f"captures/{model}/dt={moment:%Y-%m-%d}/{stamp}-{uuid.uuid4().hex[:12]}{EXTENSION}"
 
 
-def encode_lines(
-    rows: Iterable[tuple[Any, str, int | None, list[Any], Any, Any]],
-) -> bytes:
-    """JSON Lines of ``(id, ts, version, features, prediction, label)`` rows, keys in
-    :data:`FIELDS` order, each line ending in a newline. NaN features are written as null
-    (orjson's rule): missing stays missing."""
+@dataclass(slots=True)
+class CaptureRows:
+    """Captured rows as columns: what :func:`encode_capture` writes and
+    :func:`decode_capture` gives back, value for value."""
+
+    model: str
+    ids: list[str]
+    ts_ms: npt.NDArray[np.int64]
+    versions: npt.NDArray[np.int64]  # -1: no registered version
+    inputs: npt.NDArray[np.float32]
+    outputs: npt.NDArray[np.float32]
+    labels: list[str | None] | None = None
+    aliases: list[str | None] | None = None
+    # categorical feature -> its value per row (None: missing or a code outside the categories)
+    categories: dict[str, list[str | None]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def category_values(codes: npt.NDArray[np.float32], categories: Sequence[Any]) -> list[str | None]:
+    """The category value of each code (the position in ``categories``); None for NaN, a
+    fraction or a code beyond the list (XGBoost's unseen category)."""
+    names = np.asarray([str(c) for c in categories] + [None], dtype=object)
+    valid = (
+        np.isfinite(codes) & (codes >= 0) & (codes < len(categories)) & (codes == np.floor(codes))
+    )
+    index = np.where(valid, np.nan_to_num(codes, nan=0.0), len(categories)).astype(np.intp)
+    values: list[str | None] = names[index].tolist()
+    return values
+
+
+def categories_of(
+    inputs: npt.NDArray[np.float32],
+    feature_names: Sequence[str],
+    categories: Mapping[str, Sequence[Any]] | None,
+) -> dict[str, list[str | None]]:
+    """Each categorical feature's values, from the codes in its input column."""
+    if not categories:
+        return {}
+    position = {name: j for j, name in enumerate(feature_names)}
+    return {
+        name: category_values(inputs[:, position[name]], values)
+        for name, values in categories.items()
+        if name in position and position[name] < inputs.shape[1]
+    }
+
+
+def utf8(values: Sequence[Any]) -> list[bytes]:
+    """Values as UTF-8 text (one C-level join and split when they are all ``str``)."""
+    try:
+        joined = "\n".join(values)  # TypeError unless every value is a str
+    except TypeError:
+        joined = None
+    if joined is not None and values and joined.count("\n") == len(values) - 1:
+        return joined.encode().split(b"\n")  # no value held a newline
+    return [str(v).encode() for v in values]
+
+
+def _text(values: Sequence[str | None] | None, n: int) -> tuple[list[bytes], np.ndarray | None]:
+    if values is None:
+        return [], np.zeros(n, dtype=bool)
+    if None not in values:
+        return utf8(values), None
+    present = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+    return utf8([v for v in values if v is not None]), present
+
+
+def encode_capture(rows: CaptureRows, *, codec: int = parquet.UNCOMPRESSED) -> bytes:
+    """The Parquet file of some captured rows (:data:`COLUMNS`)."""
+    n = len(rows.ids)
+    if rows.inputs.shape[0] != n or rows.outputs.shape[0] != n or rows.ts_ms.shape[0] != n:
+        raise ValueError("every column needs one value per row")
+    table = parquet.Table(COLUMNS, n, metadata={"treeserve.format": FORMAT})
+    leaves = table.leaves
+    c = _BY_NAME
+    leaves[("id",)] = parquet.scalar_leaf(c["id"], utf8(rows.ids))
+    leaves[("ts",)] = parquet.scalar_leaf(c["ts"], rows.ts_ms)
+    leaves[("model",)] = parquet.scalar_leaf(c["model"], [rows.model.encode()] * n)
+    versions = np.asarray(rows.versions, dtype=np.int64)
+    known = versions >= 0
+    leaves[("version",)] = parquet.scalar_leaf(
+        c["version"], versions[known], None if known.all() else known
+    )
+    aliases, present = _text(rows.aliases, n)
+    leaves[("alias",)] = parquet.scalar_leaf(c["alias"], aliases, present)
+    leaves[("inputs", "list", "element")] = parquet.fixed_list_leaf(c["inputs"], rows.inputs)
+    leaves[("outputs", "list", "element")] = parquet.fixed_list_leaf(c["outputs"], rows.outputs)
+    labels, present = _text(rows.labels, n)
+    leaves[("label",)] = parquet.scalar_leaf(c["label"], labels, present)
+    keys = [k.encode() for k in rows.categories]
+    per_key = [[None if v is None else v.encode() for v in col] for col in rows.categories.values()]
+    key_leaf, value_leaf = parquet.map_leaves(c["categories"], n, keys, per_key)
+    leaves[("categories", "key_value", "key")] = key_leaf
+    leaves[("categories", "key_value", "value")] = value_leaf
+    return parquet.write_table(table, codec=codec)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _leaf(name: str) -> tuple[list[str], int, int]:
+    return _BY_NAME[name].leaves()[0]
+
+
+@lru_cache(maxsize=16)
+def _fixed_rep_levels(n: int, width: int) -> bytes:
+    """The repetition levels :func:`encode_capture` writes for n lists of ``width`` values."""
+    levels = np.ones(n * width, np.uint8)
+    levels[::width] = 0
+    return parquet.encode_levels(levels, 1)
+
+
+def _fixed_list(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.float32]:
+    """A list column whose rows all hold the same number of values, as an (n, width) matrix."""
+    page = pf.page(*_leaf(name))
+    n = pf.num_rows
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    assert page.rep is not None  # noqa: S101 - list leaves have both levels
+    assert page.def_ is not None  # noqa: S101
+    present = page.present()
+    if present == 0:  # every list empty
+        return np.zeros((n, 0), np.float32)
+    width, rem = divmod(page.num_values, n)
+    if rem or present != page.num_values:
+        raise parquet.ParquetError(f"{name}: rows of different widths")
+    if page.rep_raw != _fixed_rep_levels(n, width):  # not as encode_capture writes them
+        expected = np.ones(page.num_values, np.uint8)
+        expected[::width] = 0
+        if not np.array_equal(page.rep, expected):
+            raise parquet.ParquetError(f"{name}: rows of different widths")
+    values = page.numbers()
+    return values.reshape(n, width)
+
+
+def _optional_ints(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.int64]:
+    """An optional INT64 column with nulls as -1 (versions are positive)."""
+    page = pf.page(*_leaf(name))
+    values = page.numbers()
+    if page.def_ is None or page.def_.all():
+        return values.astype(np.int64, copy=False)
+    out = np.full(page.num_values, -1, np.int64)
+    out[page.def_.astype(bool)] = values
+    return out
+
+
+def _optional_text(pf: parquet.ParquetFile, name: str) -> list[str | None]:
+    path, rep, max_def = _leaf(name)
+    page = pf.page(path, rep, max_def)
+    found = iter(page.strings(max_def))
+    present = page.def_ if page.def_ is not None else np.ones(page.num_values, np.uint8)
+    return [next(found).decode() if d else None for d in present.tolist()]
+
+
+def read_ids(pf: parquet.ParquetFile) -> list[bytes]:
+    """The id column as bytes (UTF-8), as monitoring joins labels by them."""
+    path, rep, max_def = _leaf("id")
+    return pf.page(path, rep, max_def).strings(max_def)
+
+
+def _categories(pf: parquet.ParquetFile) -> dict[str, list[str | None]]:
+    (kpath, krep, kdef), (vpath, vrep, vdef) = _BY_NAME["categories"].leaves()
+    kpage, vpage = pf.page(kpath, krep, kdef), pf.page(vpath, vrep, vdef)
+    assert kpage.def_ is not None  # noqa: S101 - map leaves have both levels
+    assert vpage.def_ is not None  # noqa: S101
+    n = pf.num_rows
+    if n == 0 or not kpage.def_.any():
+        return {}
+    k, rem = divmod(kpage.num_values, n)
+    if rem or not kpage.def_.all():
+        raise parquet.ParquetError("categories: rows with different keys")
+    keys = [key.decode() for key in kpage.strings(kdef)]
+    names = keys[:k]
+    if keys != names * n:
+        raise parquet.ParquetError("categories: rows with different keys")
+    found = iter(vpage.strings(vdef))
+    flat = [next(found).decode() if d == vdef else None for d in vpage.def_.tolist()]
+    return {name: flat[j::k] for j, name in enumerate(names)}
+
+
+def decode_capture(data: bytes) -> CaptureRows:
+    """Every column of a capture file (:class:`parquet.ParquetError` if it is not one)."""
+    pf = parquet.read_footer(data)
+    models = {m.decode() for m in pf.page(*_leaf("model")).strings(0)}
+    versions = _optional_ints(pf, "version")
+    return CaptureRows(
+        model=models.pop() if len(models) == 1 else "",
+        ids=[i.decode() for i in read_ids(pf)],
+        ts_ms=pf.page(*_leaf("ts")).numbers().astype(np.int64),
+        versions=versions,
+        inputs=_fixed_list(pf, "inputs"),
+        outputs=_fixed_list(pf, "outputs"),
+        labels=_optional_text(pf, "label"),
+        aliases=_optional_text(pf, "alias"),
+        categories=_categories(pf),
+    )
+
+
+def capture_split(data: bytes, start_ms: int, end_ms: int, *, with_ids: bool) -> Split:
+    """What monitoring reads of a capture file: its rows of ``[start_ms, end_ms)`` grouped by
+    model version, with their ids (bytes) when ``with_ids``. Raises
+    :class:`parquet.ParquetError` when the file is not a capture file."""
+    pf = parquet.read_footer(data)
+    n = pf.num_rows
+    ts = pf.page(*_leaf("ts")).numbers()
+    versions = _optional_ints(pf, "version")
+    X = _fixed_list(pf, "inputs")
+    P = _fixed_list(pf, "outputs")
+    if ts.shape[0] != n or versions.shape[0] != n:
+        raise parquet.ParquetError("columns of different lengths")
+    ids = read_ids(pf) if with_ids else None
+    inside = (ts >= start_ms) & (ts < end_ms)
+    out_of_window = int(n - inside.sum())
+    malformed = int((inside & (versions < 0)).sum())
+    groups: list[Group] = []
+    if out_of_window == 0 and n and versions.min() == versions.max() >= 0:
+        groups.append(Group(int(versions[0]), X, P if P.shape[1] else None, ids, ids is not None))
+    else:
+        kept = np.where(inside, versions, -1)
+        for v in np.unique(kept[kept >= 0]).tolist():
+            idx = np.flatnonzero(kept == v)
+            chosen = None if ids is None else [ids[i] for i in idx.tolist()]
+            groups.append(
+                Group(int(v), X[idx], P[idx] if P.shape[1] else None, chosen, chosen is not None)
+            )
+    return Split(out_of_window, groups, malformed)
+
+
+# --- the Glue table --------------------------------------------------------------------------
+
+
+def glue_table_input(location: str, name: str = "captures") -> dict[str, Any]:
+    """The Glue table over ``captures/`` (``location``: ``s3://<bucket>/captures/``), as
+    CloudFormation's ``AWS::Glue::Table`` ``TableInput`` and Glue's ``CreateTable`` take it:
+    the columns of :data:`COLUMNS` (less the partition keys), partition projection on
+    ``model`` (injected: queries name their model) and ``dt`` (dates from 2024-01-01)."""
+    base = location.rstrip("/") + "/"
+    partitions = {key for key, _ in PARTITION_KEYS}
+    return {
+        "Name": name,
+        "TableType": "EXTERNAL_TABLE",
+        "Parameters": {
+            "classification": "parquet",
+            "EXTERNAL": "TRUE",
+            "projection.enabled": "true",
+            "projection.model.type": "injected",
+            "projection.dt.type": "date",
+            "projection.dt.format": "yyyy-MM-dd",
+            "projection.dt.range": "2024-01-01,NOW",
+            "projection.dt.interval": "1",
+            "projection.dt.interval.unit": "DAYS",
+            "storage.location.template": base + "${model}/dt=${dt}/",
+        },
+        "PartitionKeys": [{"Name": key, "Type": kind} for key, kind in PARTITION_KEYS],
+        "StorageDescriptor": {
+            "Location": base,
+            "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
+            "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
+            "SerdeInfo": {
+                "SerializationLibrary": (
+                    "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+                )
+            },
+            "Columns": [
+                {"Name": c.name, "Type": c.hive_type(), "Comment": c.doc}
+                for c in COLUMNS
+                if c.name not in partitions
+            ],
+        },
+    }
+
+
+def athena_ddl(location: str, name: str = "captures", database: str | None = None) -> str:
+    """``CREATE EXTERNAL TABLE`` for Athena, rendered from :func:`glue_table_input`."""
+    table = glue_table_input(location, name)
+    sd = table["StorageDescriptor"]
+    qualified = f"`{database}`.`{name}`" if database else f"`{name}`"
+    columns = ",\n".join(
+        f"  `{c['Name']}` {c['Type']} COMMENT '{c['Comment'].replace(chr(39), '')}'"
+        for c in sd["Columns"]
+    )
+    keys = ", ".join(f"`{k['Name']}` {k['Type']}" for k in table["PartitionKeys"])
+    props = ",\n".join(f"  '{k}'='{v}'" for k, v in table["Parameters"].items())
+    return (
+        f"CREATE EXTERNAL TABLE IF NOT EXISTS {qualified} (\n{columns}\n)\n"
+        f"PARTITIONED BY ({keys})\n"
+        f"ROW FORMAT SERDE '{sd['SerdeInfo']['SerializationLibrary']}'\n"
+        f"STORED AS INPUTFORMAT '{sd['InputFormat']}'\n"
+        f"OUTPUTFORMAT '{sd['OutputFormat']}'\n"
+        f"LOCATION '{sd['Location']}'\n"
+        f"TBLPROPERTIES (\n{props}\n)"
+    )
+
+
+# --- the previous release's JSON Lines captures (read for one release) ---------------------------
+# Lines of ``{"id", "ts", "version", "features", "prediction", "label"}`` in that key order.
+FIELDS = ("id", "ts", "version", "features", "prediction", "label")
+
+
+def encode_lines(rows: Iterable[tuple[Any, str, int | None, list[Any], Any, Any]]) -> bytes:
+    """JSON Lines of ``(id, ts, version, features, prediction, label)`` rows as the previous
+    release wrote them (kept to test that such files stay readable)."""
     dumps = orjson.dumps
     lines = [
         dumps(
@@ -221,12 +554,13 @@ class Split:
 
     out_of_window: int
     groups: list[Group]
+    malformed: int = 0  # rows inside the window without a version
 
 
 def fast_split(raw: bytes, start_key: bytes, end_key: bytes, *, with_ids: bool) -> Split | None:
     """A capture file by the fast path, its rows of ``[start_key, end_key)`` grouped by model
     version (with their ids when ``with_ids``: labels are to be joined); None when the file
-    must take the general path. Runs in the caller or in a parse worker."""
+    must take the general path."""
     batch = fast_parse(raw, with_ids=with_ids)
     return None if batch is None else split_batch(batch, start_key, end_key, with_ids=with_ids)
 

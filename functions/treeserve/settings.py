@@ -16,7 +16,6 @@ DriftMethod = Literal["psi", "ks", "wasserstein"]
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024
 # A monitoring window is read in one invocation: past a month it cannot finish in the timeout.
 MAX_WINDOW_HOURS = 24.0 * 31
-MAX_MONITORING_WORKERS = 8
 # Model names are S3 key segments and metric dimensions: keep them boring.
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODEL_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -118,22 +117,6 @@ def _drift_rule(env: Mapping[str, str]) -> DriftRule:
     return DriftRule(method, float(threshold))  # type: ignore[arg-type]
 
 
-def _workers(env: Mapping[str, str]) -> int | None:
-    raw = env.get("MONITORING_WORKERS", "").strip()
-    if not raw:
-        return None
-    try:
-        count = int(raw)
-    except ValueError:
-        count = -1
-    if not 0 <= count <= MAX_MONITORING_WORKERS:
-        raise ConfigurationError(
-            f"MONITORING_WORKERS={raw!r}: set it to a whole number from 0 to "
-            f"{MAX_MONITORING_WORKERS} (0 or 1 parse in the function's own process)"
-        )
-    return count
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """treeserve's configuration. Build it with :meth:`from_env`; tests may build it directly."""
@@ -144,15 +127,13 @@ class Settings:
     max_rows: int = 10_000
     max_body_bytes: int = MAX_LAMBDA_PAYLOAD_BYTES
     capture_sample_rate: float = 0.0
-    capture_max_rows: int = 1_000
+    capture_max_rows: int = 10_000
     capture_max_age_seconds: float = 60.0
     promotion_mode: PromotionMode = "auto"
     promotion_tolerance: float = 0.0
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
     monitoring_window_hours: float = 24.0
-    # Parse workers of a monitoring run; None: decided from the machine (parse_pool).
-    monitoring_workers: int | None = None
     # DRIFT_METHOD / DRIFT_THRESHOLD: the drift rule of every feature without a manifest override.
     drift_rule: DriftRule = DriftRule()
     # The path prefix a custom domain's base path mapping adds before every route ("/prod"):
@@ -190,7 +171,7 @@ class Settings:
                 )
             ),
             capture_sample_rate=_number(env, "CAPTURE_SAMPLE_RATE", 0.0, 0.0, 1.0),
-            capture_max_rows=int(_number(env, "CAPTURE_MAX_ROWS", 1_000, 1, 1_000_000)),
+            capture_max_rows=int(_number(env, "CAPTURE_MAX_ROWS", 10_000, 1, 1_000_000)),
             capture_max_age_seconds=_number(env, "CAPTURE_MAX_AGE_SECONDS", 60.0, 0.0, 3_600.0),
             promotion_mode=mode,  # type: ignore[arg-type]
             promotion_tolerance=_number(env, "PROMOTION_TOLERANCE", 0.0, 0.0, 1e9),
@@ -199,7 +180,6 @@ class Settings:
             monitoring_window_hours=_number(
                 env, "MONITORING_WINDOW_HOURS", 24.0, 1 / 60, MAX_WINDOW_HOURS
             ),
-            monitoring_workers=_workers(env),
             drift_rule=_drift_rule(env),
             api_base_path=_text(env, "API_BASE_PATH", "/"),
             inference_memory_mb=int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB)),

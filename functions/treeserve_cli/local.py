@@ -86,14 +86,11 @@ DEMO_TIMEOUT_SECONDS = 120.0
 MOTO_START_SECONDS = 20.0
 # A demo on a laptop, not production: a promotion is served within seconds, and every predicted
 # row is captured and written within seconds, so `treeserve monitor` has traffic to look at.
-# The stack is one process running many threads (uvicorn, moto, timers), and a fork copies only
-# the calling thread: monitoring parses in-process here rather than forking parse workers (its
-# traffic is small). Printed at start-up; --env overrides each.
+# Printed at start-up; --env overrides each.
 LOCAL_ENV_DEFAULTS = {
     "MODEL_REFRESH_SECONDS": "5",
     "CAPTURE_SAMPLE_RATE": "1",
     "CAPTURE_MAX_AGE_SECONDS": "5",
-    "MONITORING_WORKERS": "0",
 }
 
 

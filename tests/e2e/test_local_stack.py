@@ -7,7 +7,6 @@ champion keeps serving, roll back, run monitoring and read its report, and Ctrl-
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -33,6 +32,7 @@ import pytest
 import xgboost as xgb
 
 from tests.conftest import ROOT
+from treeserve import captures
 from treeserve_cli import demo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -334,15 +334,16 @@ def test_rollback_serves_the_previous_version(stack: Stack, holdout: np.ndarray)
 
 
 def captured(stack: Stack) -> dict[str, dict[str, Any]]:
-    """Every captured line in the bucket, by row id."""
+    """Every captured row in the bucket, by row id."""
     s3 = stack.s3()
     found: dict[str, dict[str, Any]] = {}
     listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix="captures/default/")
     for obj in listed.get("Contents", []):
-        raw = gzip.decompress(s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read())
-        for line in raw.splitlines():
-            row = json.loads(line)
-            found[row["id"]] = row
+        rows = captures.decode_capture(
+            s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read()
+        )
+        for i, row_id in enumerate(rows.ids):
+            found[row_id] = {"version": int(rows.versions[i]), "inputs": rows.inputs[i]}
     return found
 
 

@@ -285,7 +285,8 @@ def test_the_c_api_alone_serves_what_inplace_predict_answers(
     np.testing.assert_array_equal(predictor.raw_predict(X[:1]), expected[:1])
     # explain runs TreeSHAP on the same native handle: exactly the package's pred_contribs
     contribs = predictor.explain(X[:40])
-    assert predictor._booster is None and predictor._model is None  # one copy of the model
+    assert predictor._booster is None  # one copy of the model: no package Booster,
+    assert predictor._model is None  # and no bytes kept
     dmatrix = xgb_dmatrix(X[:40], model.feature_names)
     package = model.booster.predict(dmatrix, pred_contribs=True)
     np.testing.assert_array_equal(contribs.contributions, package[..., :-1])

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EVENTS, ROOT, TrainedModel, train
+from treeserve.serving.capture import wait_for_writes
 from treeserve_cli.invoke import InvokeResult, invoke
 from treeserve_cli.template import Template, load_template
 
@@ -339,6 +340,7 @@ def test_monitoring_event(name: str, stack: Any, template: Template, model: Trai
         fresh=True,
     )
     assert http(predict).status == 200
+    wait_for_writes()  # the capture is written off the request, on a thread
     result = invoke(template, "MonitoringFunction", load_event(name), fresh=True)
     assert result.ok, result.error
     reports = stack.list_objects_v2(Bucket=template.bucket_name(), Prefix="reports/default/")

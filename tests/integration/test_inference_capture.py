@@ -1,8 +1,8 @@
-"""Capture through the handler: sampled rows land in S3 as gzipped JSON Lines, in batches."""
+"""Capture through the handler: sampled rows land in S3 as Parquet objects, in batches, written
+off the request (a writer thread)."""
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -19,6 +19,7 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     publish,
     registry_fixture,
 )
+from treeserve import captures
 from treeserve.registry.model_registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
@@ -46,31 +47,31 @@ def test_captured_in_batches_with_schema(
         body = orjson.dumps({"instances": X.tolist(), "ids": [f"q{k}-{i}" for i in range(4)]})
         response = module.handler(http_api_event("POST", "/predict", body), LambdaContext())
         assert response["statusCode"] == 200
+    module.capture.wait()
     assert len(puts) == 2
     keys = sorted(
         o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/default/")["Contents"]
     )
     assert keys == sorted(puts)
-    assert all(k.startswith("captures/default/dt=") and k.endswith(".jsonl.gz") for k in keys)
-    rows = [
-        orjson.loads(line)
+    assert all(k.startswith("captures/default/dt=") and k.endswith(".parquet") for k in keys)
+    files = [
+        captures.decode_capture(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
         for key in keys
-        for line in gzip.decompress(
-            s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        ).splitlines()
     ]
-    assert len(rows) == 24
-    assert {r["id"] for r in rows} == {f"q{k}-{i}" for k in range(6) for i in range(4)}
-    first = next(r for r in rows if r["id"] == "q0-0")
+    ids = [i for f in files for i in f.ids]
+    assert sorted(ids) == sorted(f"q{k}-{i}" for k in range(6) for i in range(4))
+    f = next(f for f in files if "q0-0" in f.ids)
+    row = f.ids.index("q0-0")
     p = binary_model.booster.predict(xgb.DMatrix(X[:1], feature_names=binary_model.feature_names))[
         0
     ]
-    assert first["features"][0] is None
-    assert first["features"][1:] == pytest.approx(X[0, 1:].tolist(), rel=1e-6)
-    assert first["prediction"] == pytest.approx(float(p), rel=1e-6)
-    assert first["label"] == ("yes" if p >= 0.5 else "no")
-    assert first["version"] == 1
-    assert first["ts"].endswith("Z")
+    assert np.isnan(f.inputs[row, 0])
+    assert np.array_equal(f.inputs[row, 1:], X[0, 1:].astype(np.float32))
+    assert f.outputs[row, 0] == pytest.approx(float(p), rel=1e-6)
+    assert f.labels is not None
+    assert f.labels[row] == ("yes" if p >= 0.5 else "no")
+    assert f.versions[row] == 1
+    assert f.model == "default"
 
 
 def test_capture_failure_never_fails_requests(
@@ -93,5 +94,6 @@ def test_capture_failure_never_fails_requests(
     for _ in range(3):
         response = module.handler(http_api_event("POST", "/predict", body), LambdaContext())
         assert response["statusCode"] == 200
+    module.capture.wait()
     assert module.capture.flush_failures == 3
     assert module.capture.buffered_rows == 0

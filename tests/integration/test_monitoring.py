@@ -67,6 +67,36 @@ def register(
     return ModelRegistry(S3RegistryStore(BUCKET, s3=s3), name).register(ubj, manifest)
 
 
+def capture_file(  # noqa: PLR0917 - beside capture_lines, the same arguments
+    name: str,
+    version: int | None,
+    X: np.ndarray,
+    predictions: np.ndarray,
+    ids: list[str],
+    ts: datetime,
+) -> bytes:
+    """A capture file as the inference function writes it (:func:`captures.encode_capture`)."""
+    n = X.shape[0]
+    P = np.asarray(predictions, dtype=np.float32).reshape(n, -1)
+    return captures.encode_capture(
+        captures.CaptureRows(
+            model=name,
+            ids=list(ids),
+            ts_ms=np.full(n, round(ts.timestamp() * 1000), np.int64),
+            versions=np.full(n, -1 if version is None else version, np.int64),
+            inputs=np.asarray(X, dtype=np.float32),
+            outputs=P,
+            labels=[str(int(np.argmax(p))) for p in P] if P.shape[1] > 1 else None,
+        )
+    )
+
+
+def put_capture(s3: Any, name: str, body: bytes, ts: datetime, tag: str) -> str:
+    key = f"captures/{name}/dt={ts:%Y-%m-%d}/{ts:%Y%m%dT%H%M%S}000Z-{tag}.parquet"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    return key
+
+
 def capture_lines(
     version: int | None,
     X: np.ndarray,
@@ -74,7 +104,7 @@ def capture_lines(
     ids: list[str],
     ts: datetime,
 ) -> list[bytes]:
-    """Capture lines as the inference function writes them (:func:`captures.encode_lines`)."""
+    """Capture lines as the previous release wrote them (:func:`captures.encode_lines`)."""
     stamp = captures.iso_millis(ts.timestamp())
     rows = [
         (
@@ -109,9 +139,9 @@ def traffic(
 ) -> tuple[list[str], np.ndarray]:
     preds = model.booster.inplace_predict(X)
     ids = [f"{prefix}-{i}" for i in range(X.shape[0])]
-    lines = capture_lines(version, X, preds, ids, ts)
-    for f, part in enumerate(np.array_split(np.arange(len(lines)), files)):
-        put_captures(s3, name, [lines[i] for i in part], ts, f"{prefix}{f}")
+    for f, part in enumerate(np.array_split(np.arange(len(ids)), files)):
+        body = capture_file(name, version, X[part], preds[part], [ids[i] for i in part], ts)
+        put_capture(s3, name, body, ts, f"{prefix}{f}")
     return ids, preds
 
 
@@ -285,9 +315,7 @@ def test_a_long_window_lists_only_the_days_that_exist(s3: Any, page: int | None)
     s3.put_object(Bucket=BUCKET, Key="captures/m/dt=bad/x.jsonl.gz", Body=b"")
     start, end = datetime(1926, 11, 29, tzinfo=UTC), NOW  # 100 years: 36,525 days
     client = CountingS3(s3, page)
-    report = monitoring.run_monitoring(
-        BUCKET, "m", start, end, s3=client, now=NOW, write=False, workers=0
-    )
+    report = monitoring.run_monitoring(BUCKET, "m", start, end, s3=client, now=NOW, write=False)
     assert report["rows"] == 30
     assert report["files"] == 3
     captures = [k for k in client.listed if k["Prefix"].startswith("captures/")]
@@ -310,9 +338,7 @@ def test_a_day_window_lists_one_partition(s3: Any) -> None:
         traffic(s3, model, version, np.zeros((1, 6)), prefix=f"o{i}", ts=day, files=1)
     traffic(s3, model, version, np.zeros((5, 6)), prefix="now")
     client = CountingS3(s3, page=2)
-    report = monitoring.run_monitoring(
-        BUCKET, "m", START, NOW, s3=client, now=NOW, write=False, workers=0
-    )
+    report = monitoring.run_monitoring(BUCKET, "m", START, NOW, s3=client, now=NOW, write=False)
     assert report["rows"] == 5
     captures = [k for k in client.listed if k["Prefix"].startswith("captures/")]
     assert [k["Prefix"] for k in captures if "Delimiter" not in k] == ["captures/m/dt=2026-11-29/"]

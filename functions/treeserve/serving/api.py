@@ -373,6 +373,7 @@ class InferenceFunction:
             settings.capture_max_rows,
             settings.capture_max_age_seconds,
             metrics=metrics,
+            background=True,  # the request that fills the buffer does not wait for its write
         )
         if self.capture.enabled:
             self.capture.install_sigterm_flush()

@@ -199,7 +199,14 @@ class Endpoints:
         predictor = loaded.predictor
         prediction = predictor.predict(X)
         if self.capture is not None:
-            self.capture.record(ids, X, prediction.values, prediction.labels, loaded.version)
+            self.capture.record(
+                ids,
+                X,
+                prediction.values,
+                prediction.labels,
+                loaded.version,
+                manifest=loaded.manifest,
+            )
         if csv_out:
             return _predict_csv(
                 ids,
