@@ -63,6 +63,20 @@ def valid_model_name(name: object) -> bool:
     return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
 
 
+# Of the inference function's memory, this fraction is kept free for what no model measurement
+# sees: the Lambda runtime, request and response buffers, capture batches, allocator slack.
+INFERENCE_HEADROOM_FRACTION = 0.2
+# RSS of the inference function with no model loaded: Python, numpy, XGBoost, FastAPI, boto3,
+# Powertools (measured: 228 MB importing the inference handler, 161 MB of it numpy + XGBoost).
+INFERENCE_RUNTIME_MB = 256
+
+
+def inference_usable_mb(memory_mb: float) -> float:
+    """What an inference function of ``memory_mb`` leaves for models, after headroom and runtime
+    (shared by the model cache and one loading slot: treeserve.model.package MODELS_AT_ONCE)."""
+    return max(0.0, memory_mb * (1 - INFERENCE_HEADROOM_FRACTION) - INFERENCE_RUNTIME_MB)
+
+
 # TreeSHAP costs far more per row than prediction: one explain request carries at most this many
 # rows (and MAX_ROWS), to stay well inside the timeout and the inference function's memory.
 MAX_EXPLAIN_ROWS = 1000
@@ -161,6 +175,17 @@ class Settings:
     # The inference function's MemorySize (template.yaml gives the refresh function the same
     # value): refresh refuses a model whose footprint does not fit it (treeserve.model.package).
     inference_memory_mb: int = 1024
+    # MODEL_CACHE_MB: what the inference function's cached models may hold together (MB); None
+    # (unset or 0): half of what INFERENCE_MEMORY_MB leaves after headroom and runtime. Refresh
+    # reads it too: a model must fit both the cache and the loading slot the cache leaves.
+    model_cache_mb: float | None = None
+
+    @property
+    def cache_mb(self) -> float:
+        """The model cache's bound (MB): MODEL_CACHE_MB, or half the usable memory."""
+        if self.model_cache_mb is not None:
+            return self.model_cache_mb
+        return inference_usable_mb(self.inference_memory_mb) / 2
 
     @property
     def max_explain_rows(self) -> int:
@@ -203,4 +228,5 @@ class Settings:
             drift_rule=_drift_rule(env),
             api_base_path=_text(env, "API_BASE_PATH", "/"),
             inference_memory_mb=int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB)),
+            model_cache_mb=_number(env, "MODEL_CACHE_MB", 0.0, 0.0, LAMBDA_MEMORY_MB[1]) or None,
         )

@@ -17,12 +17,11 @@ from tests.corpus import repeated_trees_model
 from treeserve.errors import ConfigurationError, UploadRejected
 from treeserve.model.package import (
     EXPLAIN_BYTES_PER_VALUE,
-    INFERENCE_RUNTIME_MB,
     InferenceBudget,
     footprint,
     read_upload,
 )
-from treeserve.settings import Settings
+from treeserve.settings import INFERENCE_RUNTIME_MB, Settings
 
 pytestmark = pytest.mark.unit
 
