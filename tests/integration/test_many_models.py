@@ -91,20 +91,24 @@ def test_one_function_answers_three_models_by_name(
             module, "POST", f"/models/{name}/predict", {"instances": rows(model)}
         )
         assert status == 200, body
-        assert headers["x-model-name"] == name and headers["x-model-version"] == "1"
+        assert headers["x-model-name"] == name
+        assert headers["x-model-version"] == "1"
         assert body["model"] == {"name": name, "version": 1}
         np.testing.assert_allclose(np.asarray(body["predictions"]), expected(model), rtol=1e-6)
         status, _, manifest = call(module, "GET", f"/models/{name}")
-        assert status == 200 and manifest["num_features"] == len(model.feature_names)
+        assert status == 200
+        assert manifest["num_features"] == len(model.feature_names)
         status, _, explained = call(
             module, "POST", f"/models/{name}/explain", {"instances": rows(model, 1)}
         )
-        assert status == 200 and explained["feature_names"] == model.feature_names
+        assert status == 200
+        assert explained["feature_names"] == model.feature_names
     # The short routes stay the default model's.
     status, headers, body = call(
         module, "POST", "/predict", {"instances": rows(published["default"])}
     )
-    assert status == 200 and headers["x-model-name"] == "default"
+    assert status == 200
+    assert headers["x-model-name"] == "default"
     np.testing.assert_allclose(body["predictions"], expected(published["default"]), rtol=1e-6)
     # A model answers only to its own width.
     status, _, body = call(
@@ -128,10 +132,12 @@ def test_pinned_versions_and_aliases(published: dict[str, TrainedModel], functio
     module = function()
     body = {"instances": rows(published["price"])}
     status, headers, champion = call(module, "POST", "/models/price/predict", body)
-    assert status == 200 and headers["x-model-version"] == "1"
+    assert status == 200
+    assert headers["x-model-version"] == "1"
     for path in ("/models/price@challenger/predict", f"/models/price/versions/{v2}/predict"):
         status, headers, pinned = call(module, "POST", path, body)
-        assert status == 200 and headers["x-model-version"] == str(v2), path
+        assert status == 200, path
+        assert headers["x-model-version"] == str(v2), path
         assert headers["x-model-name"] == "price"
         np.testing.assert_allclose(
             pinned["predictions"],
@@ -141,11 +147,14 @@ def test_pinned_versions_and_aliases(published: dict[str, TrainedModel], functio
             rtol=1e-6,
         )
     status, _, pinned = call(module, "POST", "/models/price/versions/1/predict", body)
-    assert status == 200 and pinned["predictions"] == champion["predictions"]
+    assert status == 200
+    assert pinned["predictions"] == champion["predictions"]
     status, headers, _ = call(module, "GET", "/models/price@champion")
-    assert status == 200 and headers["x-model-version"] == "1"
+    assert status == 200
+    assert headers["x-model-version"] == "1"
     status, _, manifest = call(module, "GET", f"/models/price/versions/{v2}")
-    assert status == 200 and manifest["version"] == v2
+    assert status == 200
+    assert manifest["version"] == v2
 
 
 def test_unknown_model_version_or_alias_is_a_json_404_and_nothing_in_service_a_503(
@@ -169,9 +178,11 @@ def test_unknown_model_version_or_alias_is_a_json_404_and_nothing_in_service_a_5
         if "%" not in path:  # a path no route matches is the framework's 404
             assert headers["x-model-version"] == "none", path
     status, _, answer = call(module, "GET", "/models/nobody")
-    assert status == 404 and "nobody" in answer["error"]["message"]
+    assert status == 404
+    assert "nobody" in answer["error"]["message"]
     status, headers, answer = call(module, "POST", "/models/waiting/predict", body)
-    assert status == 503 and answer["error"]["type"] == "no_model"
+    assert status == 503
+    assert answer["error"]["type"] == "no_model"
     assert headers["x-model-name"] == "waiting"
     status, _, answer = call(module, "GET", "/models/waiting")
     assert status == 503
@@ -198,13 +209,16 @@ def test_a_small_cache_evicts_the_least_recently_used_and_reloads_it_the_same(
         )
         assert status == 200
         first[name] = body["predictions"]
-    assert cache.cached() == [ModelRef("price")] and cache.evictions == 1
+    assert cache.cached() == [ModelRef("price")]
+    assert cache.evictions == 1
     assert cache.used_mb() == pytest.approx(20.0)
     status, _, again = call(
         module, "POST", "/models/penguins/predict", {"instances": rows(trio["penguins"])}
     )
-    assert status == 200 and again["predictions"] == first["penguins"]
-    assert cache.cached() == [ModelRef("penguins")] and cache.evictions == 2
+    assert status == 200
+    assert again["predictions"] == first["penguins"]
+    assert cache.cached() == [ModelRef("penguins")]
+    assert cache.evictions == 2
     status, _, body = call(module, "POST", "/predict", {"instances": rows(trio["default"])})
     assert status == 200  # the default model is never evicted
 
@@ -234,7 +248,8 @@ def test_a_promotion_reaches_a_warm_function_without_disturbing_the_others(
     status, headers, body = call(
         module, "POST", "/models/penguins/predict", {"instances": rows(published["penguins"])}
     )
-    assert status == 200 and headers["x-model-version"] == str(v2)
+    assert status == 200
+    assert headers["x-model-version"] == str(v2)
     np.testing.assert_allclose(
         body["predictions"],
         newer.booster.predict(
@@ -245,7 +260,8 @@ def test_a_promotion_reaches_a_warm_function_without_disturbing_the_others(
     status, headers, _ = call(
         module, "POST", "/models/price/predict", {"instances": rows(published["price"])}
     )
-    assert status == 200 and headers["x-model-version"] == "1"
+    assert status == 200
+    assert headers["x-model-version"] == "1"
     assert cache.peek(ModelRef("price")).service.loaded is before["price"]  # type: ignore[union-attr]
     assert module.service.loaded is default_before
 

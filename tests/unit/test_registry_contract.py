@@ -384,7 +384,8 @@ def test_an_alias_is_set_moved_and_cleared_by_compare_and_swap(
     assert registry.alias_if_changed("challenger", None) == (None, False)
     first = registry.set_alias("challenger", v1)
     read = registry.alias("challenger")
-    assert read is not None and (read.version, read.sha256, read.etag) == (
+    assert read is not None
+    assert (read.version, read.sha256, read.etag) == (
         v1,
         registry.manifest(v1).sha256,
         first.etag,
@@ -392,7 +393,9 @@ def test_an_alias_is_set_moved_and_cleared_by_compare_and_swap(
     assert registry.alias_if_changed("challenger", first.etag) == (None, False)
     moved = registry.set_alias("challenger", v2)
     pointer, changed = registry.alias_if_changed("challenger", first.etag)
-    assert changed and pointer is not None and pointer.version == v2 == moved.version
+    assert changed
+    assert pointer is not None
+    assert pointer.version == v2 == moved.version
     assert set(registry.aliases()) == {"challenger"}
     assert registry.clear_alias("challenger") is True
     assert registry.alias("challenger") is None
@@ -407,10 +410,11 @@ def test_champion_is_the_pointer_not_an_alias(registry: ModelRegistry, models: l
     v1 = registry.register(models[0], manifest_for(models[0]))
     registry.promote(v1)
     champion = registry.alias("champion")
-    assert champion is not None and champion.version == v1
+    assert champion is not None
+    assert champion.version == v1
     with pytest.raises(ValueError, match="promote"):
         registry.set_alias("champion", v1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not an alias"):
         registry.alias_key("../x")
 
 
