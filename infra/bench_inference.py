@@ -198,7 +198,11 @@ def alternate(
 # --- warm -----------------------------------------------------------------------------------
 
 
-def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, float, float, float]]:
+Timings = list[tuple[str, float, float, float, float]]
+FirstUse = list[tuple[int, float, float]]
+
+
+def bench_warm(trees: int, depth: int, rounds: int) -> tuple[Timings, tuple[Timings, FirstUse]]:
     from moto import mock_aws
 
     from treeserve.aws import reset_clients, s3_client
@@ -266,7 +270,7 @@ def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, fl
 
 def bench_models(
     module: ModuleType, booster: Any, rows: np.ndarray, rounds: int, depth: int
-) -> tuple[list[tuple[str, float, float, float, float]], list[tuple[int, float, float]]]:
+) -> tuple[Timings, FirstUse]:
     """A cached model by name against the default model; the first request to uncached models
     (trees, model MB, median first-request seconds)."""
     from treeserve.registry.model_registry import ModelRegistry

@@ -753,7 +753,7 @@ def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
             metrics.add_metric(name=f"Performance_{name}", unit=MetricUnit.NoUnit, value=value)
     service = metrics.service or "treeserve-monitoring"
     # The same totals again, per model: one series per model without a template change.
-    per_model: list[tuple[str, str, float]] = [
+    per_model: list[tuple[str, MetricUnit, float]] = [
         (METRIC_ROWS_SEEN, MetricUnit.Count, report["rows"]),
         (METRIC_DRIFTED_FEATURES, MetricUnit.Count, summary["n_drifted"]),
         (METRIC_QUALITY_FLAGS, MetricUnit.Count, len(summary["quality_flagged_features"])),
