@@ -306,7 +306,35 @@ def test_concurrent_first_use_loads_a_model_once(trio: dict[str, TrainedModel]) 
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(results) == 8  # every caller was served (none saw "nothing in service")
     assert store.model_reads == 1
     assert len({id(served) for served, _ in results}) == 1
     for _, prediction in results:
         np.testing.assert_array_equal(prediction.values, results[0][1].values)
+
+
+def test_an_alias_moved_or_cleared_reaches_a_warm_function(
+    published: dict[str, TrainedModel], function: Start
+) -> None:
+    registry = ModelRegistry(S3RegistryStore(BUCKET), "price")
+    v2 = register("price", train("reg:squarederror", d=9, seed=8, shift=1.0), promote=False)
+    registry.set_alias("staging", 1)
+    module = function()
+    clock = FakeClock()
+    module.function.models.clock = clock
+    body = {"instances": rows(published["price"])}
+    status, headers, _ = call(module, "POST", "/models/price@staging/predict", body)
+    assert status == 200
+    assert headers["x-model-version"] == "1"
+    registry.set_alias("staging", v2)
+    clock.advance(61)
+    status, headers, _ = call(module, "POST", "/models/price@staging/predict", body)
+    assert status == 200
+    assert headers["x-model-version"] == str(v2)
+    registry.clear_alias("staging")
+    clock.advance(61)
+    status, _, answer = call(module, "POST", "/models/price@staging/predict", body)
+    assert status == 404, answer
+    status, headers, _ = call(module, "POST", "/models/price/predict", body)
+    assert status == 200  # the champion is untouched
+    assert headers["x-model-version"] == "1"
