@@ -95,6 +95,12 @@ def openapi(r: Response) -> None:
     spec = r.json()
     assert spec["openapi"].startswith("3.")
     assert {"/predict", "/explain", "/health", "/model"} <= set(spec["paths"])
+    assert {
+        "/models",
+        "/models/{name}",
+        "/models/{name}/predict",
+        "/models/{name}/versions/{version}/explain",
+    } <= set(spec["paths"])
 
 
 def not_found(r: Response) -> None:

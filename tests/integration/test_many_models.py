@@ -338,3 +338,24 @@ def test_an_alias_moved_or_cleared_reaches_a_warm_function(
     status, headers, _ = call(module, "POST", "/models/price/predict", body)
     assert status == 200  # the champion is untouched
     assert headers["x-model-version"] == "1"
+
+
+def test_each_model_captures_under_its_own_name(
+    published: dict[str, TrainedModel],
+    function: Start,
+    monkeypatch: pytest.MonkeyPatch,
+    s3: Any,
+) -> None:
+    monkeypatch.setenv("CAPTURE_SAMPLE_RATE", "1")
+    module = function()
+    for name in ("default", "penguins", "price"):
+        status, _, _ = call(
+            module, "POST", f"/models/{name}/predict", {"instances": rows(published[name])}
+        )
+        assert status == 200
+    buffers = module.function.models.captures()
+    assert sorted(b.model_name for b in buffers) == ["default", "penguins", "price"]
+    for buffer in buffers:
+        assert buffer.flush()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/")["Contents"]]
+    assert sorted(k.split("/")[1] for k in keys) == ["default", "penguins", "price"]
