@@ -359,3 +359,31 @@ def test_each_model_captures_under_its_own_name(
         assert buffer.flush()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/")["Contents"]]
     assert sorted(k.split("/")[1] for k in keys) == ["default", "penguins", "price"]
+
+
+def test_a_larger_new_version_of_a_cached_model_evicts_others(
+    registry: ModelRegistry,
+    trio: dict[str, TrainedModel],
+    function: Start,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, model in trio.items():
+        register(name, model, loaded_mb=10.0)
+    monkeypatch.setenv("MODEL_CACHE_MB", "35")
+    module = function()
+    cache = module.function.models
+    clock = FakeClock()
+    cache.clock = clock
+    for name in ("penguins", "price"):
+        body = {"instances": rows(trio[name])}
+        assert call(module, "POST", f"/models/{name}/predict", body)[0] == 200
+    assert cache.evictions == 0
+    register("price", train("reg:squarederror", d=9, seed=9, shift=2.0), loaded_mb=20.0)
+    clock.advance(61)
+    status, headers, _ = call(
+        module, "POST", "/models/price/predict", {"instances": rows(trio["price"])}
+    )
+    assert status == 200
+    assert headers["x-model-version"] == "2"
+    assert cache.cached() == [ModelRef("price")]
+    assert cache.used_mb() == pytest.approx(30.0)

@@ -359,11 +359,13 @@ class ModelCache:
 
     Entries are keyed by :class:`ModelRef`; each one is a :class:`ModelService` that re-checks
     its own pointer (or alias) at most every ``MODEL_REFRESH_SECONDS``. Their sizes
-    (:attr:`LoadedModel.size_mb`) add up to at most ``limit_mb`` (``MODEL_CACHE_MB``): adding one
-    evicts the least recently used others. The default model's champion entry is loaded at init
-    and never evicted. Concurrent first requests for one ref share one entry, whose first check
-    runs once while the others wait (:meth:`ModelService.ensure_checked`). A name the registry
-    has never seen is not kept (``UnknownModel``); a known model with nothing in service is kept
+    (:attr:`LoadedModel.size_mb`) add up to at most ``limit_mb`` (``MODEL_CACHE_MB``): after a
+    load (a first use, or a cached model's swap to a new version) the least recently used others
+    are evicted until they fit. The default model's champion entry is loaded at init and never
+    evicted (its size counts). Concurrent first requests for one ref share one entry, whose
+    first check runs once while the others wait (:meth:`ModelService.ensure_checked`). A name
+    the registry has never seen, an alias not set or a version not registered is not kept
+    (NotFound); a known model with nothing in service is kept
     at size 0 and answers 503.
     """
 
@@ -422,7 +424,10 @@ class ModelCache:
             self._loaded(ref, service, started)
         else:
             service.ensure_checked()  # a first check under way in another thread: wait for it
+            before = service.loaded
             service.maybe_refresh()
+            if service.loaded is not before and service.loaded is not None:
+                self._evict(keep=ref)  # a new version may be larger than the one it replaced
         if service.loaded is None and service.missing:
             self._missing(ref, served)
         return served
