@@ -204,6 +204,15 @@ class Settings:
         name = _text(env, "MODEL_NAME", "default")
         if not valid_model_name(name):
             raise ConfigurationError(f"MODEL_NAME={name[:80]!r}: use {MODEL_NAME_RULE}")
+        memory_mb = int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB))
+        cache_mb = _number(env, "MODEL_CACHE_MB", 0.0, 0.0, LAMBDA_MEMORY_MB[1]) or None
+        usable = inference_usable_mb(memory_mb)
+        if cache_mb is not None and cache_mb >= usable:
+            raise ConfigurationError(
+                f"MODEL_CACHE_MB={cache_mb:g} leaves no room to load a model: INFERENCE_MEMORY_MB="
+                f"{memory_mb} leaves {usable:g} MB after headroom and runtime, shared by the "
+                "cache and one loading slot; lower it (0: half) or raise InferenceMemoryMB"
+            )
         return cls(
             model_bucket=bucket or _text(env, "MODEL_BUCKET", None),
             model_name=name,
@@ -227,6 +236,6 @@ class Settings:
             monitoring_workers=_workers(env),
             drift_rule=_drift_rule(env),
             api_base_path=_text(env, "API_BASE_PATH", "/"),
-            inference_memory_mb=int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB)),
-            model_cache_mb=_number(env, "MODEL_CACHE_MB", 0.0, 0.0, LAMBDA_MEMORY_MB[1]) or None,
+            inference_memory_mb=memory_mb,
+            model_cache_mb=cache_mb,
         )
