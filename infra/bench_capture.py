@@ -100,7 +100,7 @@ def bench_request() -> dict[str, float]:
         reset_clients()
         s3_client().create_bucket(Bucket=bi.BUCKET)
         registry = ModelRegistry(S3RegistryStore(bi.BUCKET), "bench")
-        registry.promote(registry.register(raw, bi.manifest_for(booster, raw, "bench")))
+        bi.publish(registry, raw)
         plain = bi.load_function()
         with bi.environment({"CAPTURE_SAMPLE_RATE": "1", "CAPTURE_MAX_ROWS": max_rows}):
             captured = bi.load_function()

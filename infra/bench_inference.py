@@ -28,7 +28,14 @@ a local file and answers the same event. Both run from the inference function's 
 development venv holds besides (pandas and scikit-learn are installed there for the tests, and
 with them ``import xgboost`` imports both). Runs alternate; medians.
 
-Targets (medians): 1 row <= 2.0x, 1000 rows <= 1.75x, cold start <= 1.0x.
+Many models (issue 16): the same model published under a second name, a request by name
+(``POST /models/other/predict``, the model cache's path) against the default model's short route
+(``POST /predict``) in one warm function, alternating; and the first request to a model not in
+the cache yet (loaded on first use: pointer, manifest and model read from S3, verified, loaded),
+by model size, each size under fresh names (medians).
+
+Targets (medians): 1 row <= 2.0x, 1000 rows <= 1.75x, cold start <= 1.0x; a cached model by
+name <= 1.1x the default model.
 """
 
 # Heavy modules (moto, xgboost, treeserve) are imported where used: `make bench` imports every
@@ -60,7 +67,10 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "functions" / "inference" / "app.py"
 BUCKET = "treeserve-bench"
 FEATURES = 30
-TARGETS = {"1 row": 2.0, "1000 rows": 1.75, "cold start": 1.0}
+TARGETS = {"1 row": 2.0, "1000 rows": 1.75, "cold start": 1.0, "by name": 1.1}
+# Trees of the models whose first (uncached) request is timed, and fresh names per size.
+FIRST_USE_TREES = (50, 300, 1000)
+FIRST_USE_RUNS = 3
 
 _ENV = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -107,14 +117,14 @@ def publish(registry: Any, raw: bytes) -> None:
     from treeserve.model.package import read_upload
 
     upload = read_upload(raw, "model.ubj")
-    registry.promote(registry.register(upload.model_ubj, upload.to_manifest("bench")))
+    registry.promote(registry.register(upload.model_ubj, upload.to_manifest(registry.name)))
 
 
-def http_event(body: bytes) -> dict[str, Any]:
+def http_event(body: bytes, path: str = "/predict") -> dict[str, Any]:
     return {
         "version": "2.0",
         "routeKey": "$default",
-        "rawPath": "/predict",
+        "rawPath": path,
         "rawQueryString": "",
         "headers": {"content-type": "application/json", "host": "bench.execute-api"},
         "requestContext": {
@@ -124,7 +134,7 @@ def http_event(body: bytes) -> dict[str, Any]:
             "domainPrefix": "bench",
             "http": {
                 "method": "POST",
-                "path": "/predict",
+                "path": path,
                 "protocol": "HTTP/1.1",
                 "sourceIp": "192.0.2.1",
                 "userAgent": "bench",
@@ -188,7 +198,11 @@ def alternate(
 # --- warm -----------------------------------------------------------------------------------
 
 
-def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, float, float, float]]:
+Timings = list[tuple[str, float, float, float, float]]
+FirstUse = list[tuple[int, float, float]]
+
+
+def bench_warm(trees: int, depth: int, rounds: int) -> tuple[Timings, tuple[Timings, FirstUse]]:
     from moto import mock_aws
 
     from treeserve.aws import reset_clients, s3_client
@@ -249,8 +263,63 @@ def bench_warm(trees: int, depth: int, rounds: int) -> list[tuple[str, float, fl
                 results.append((f"{label}, vs C call", *timings))
             sink.seek(0)
             sink.truncate()
+        many = bench_models(module, booster, rows, rounds, depth)
         reset_clients()
-    return results
+    return results, many
+
+
+def bench_models(
+    module: ModuleType, booster: Any, rows: np.ndarray, rounds: int, depth: int
+) -> tuple[Timings, FirstUse]:
+    """A cached model by name against the default model; the first request to uncached models
+    (trees, model MB, median first-request seconds)."""
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
+
+    store = S3RegistryStore(BUCKET)
+    publish(ModelRegistry(store, "other"), bytes(booster.save_raw("ubj")))
+    context = Context()
+    body = orjson.dumps({"instances": rows[:1].tolist()})
+    default_event, named_event = http_event(body), http_event(body, "/models/other/predict")
+    sink = io.StringIO()
+    results = []
+    with contextlib.redirect_stdout(sink):
+        first = module.handler(named_event, context)
+        reference = module.handler(default_event, context)
+        if first["statusCode"] != 200 or (
+            orjson.loads(first["body"])["predictions"]
+            != orjson.loads(reference["body"])["predictions"]
+        ):
+            raise RuntimeError(f"the model by name answered {first['body'][:300]}")
+        for _ in range(50):
+            module.handler(named_event, context)
+            module.handler(default_event, context)
+
+        def named() -> object:
+            return module.handler(named_event, context)
+
+        def default() -> object:
+            return module.handler(default_event, context)
+
+        for mode, block in (("interleaved", 1), ("back-to-back", 50)):
+            results.append((f"by name, 1 row, {mode}", *alternate(named, default, rounds, block)))
+    loads = []
+    for trees in FIRST_USE_TREES:
+        model, _ = train_model(trees, depth, seed=trees)
+        raw = bytes(model.save_raw("ubj"))
+        seconds = []
+        for run in range(FIRST_USE_RUNS):
+            name = f"first-{trees}-{run}"
+            publish(ModelRegistry(store, name), raw)
+            event = http_event(body, f"/models/{name}/predict")
+            with contextlib.redirect_stdout(sink):
+                started = time.perf_counter()
+                response = module.handler(event, context)
+                seconds.append(time.perf_counter() - started)
+            if response["statusCode"] != 200:
+                raise RuntimeError(f"{name} answered {response['body'][:300]}")
+        loads.append((trees, len(raw) / (1 << 20), statistics.median(seconds)))
+    return results, loads
 
 
 # --- cold start -----------------------------------------------------------------------------
@@ -402,13 +471,20 @@ def main(argv: list[str] | None = None) -> int:
         f"model: binary:logistic, {args.trees} trees, depth {args.depth}, {FEATURES} features; "
         "rows: 4-decimal values unless noted"
     )
-    warm = bench_warm(args.trees, args.depth, args.rounds)
+    warm, (by_name, first_use) = bench_warm(args.trees, args.depth, args.rounds)
     cold = None if args.skip_cold else bench_cold(args.trees, args.depth, args.cold_runs)
     print(f"{'case':<48} {'treeserve':>12} {'baseline':>12}     {'ratio':>7}")
     print("warm: whole handler vs Booster.inplace_predict (medians; 'C call' rows: for context)")
     for label, whole, bare, whole_cpu, bare_cpu in warm:
         print(_row(label, whole, bare, "ms", 1e3))
         print(_row(f"{label}, CPU", whole_cpu, bare_cpu, "ms", 1e3))
+    print("many models: a cached model by name vs the default model's /predict, one function")
+    for label, whole, bare, whole_cpu, bare_cpu in by_name:
+        print(_row(label, whole, bare, "ms", 1e3))
+        print(_row(f"{label}, CPU", whole_cpu, bare_cpu, "ms", 1e3))
+    print(f"first request to an uncached model (median of {FIRST_USE_RUNS} fresh names each):")
+    for trees, size_mb, seconds in first_use:
+        print(f"  {trees:>5} trees, {size_mb:7.2f} MB model: {seconds * 1e3:9.1f} ms")
     if cold is not None:
         print(f"cold start: fresh process -> first answer, {args.cold_runs} alternating runs")
         print(_row("cold start", cold[0], cold[1], "s", 1.0))

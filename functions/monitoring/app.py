@@ -1,10 +1,13 @@
 """Monitoring function: EventBridge schedule (or direct invoke) -> treeserve.monitoring.
 
 The event names a window (:func:`treeserve.monitoring.events.window`: scheduled, or
-``{"model", "start", "end"}`` / ``{"hours"}``); :func:`treeserve.monitoring.pipeline.run_monitoring`
-reads that window's captures against each version's reference and writes the report.
+``{"model", "start", "end"}`` / ``{"hours"}``) and maybe a model; without one, every model with
+captures in the window and the default model (:func:`treeserve.monitoring.pipeline.monitored_models`).
+:func:`treeserve.monitoring.pipeline.run_monitoring` reads each model's captures against each
+version's reference and writes one report per model.
 
-Returns a summary (report key, status, rows, drifted features, prediction drift). An event it
+Returns a summary (report key, status, rows, drifted features, prediction drift): the named
+model's, or the default model's with ``models``, every model's summary. An event it
 cannot read returns ``{"error": {...}}`` instead of raising, since retrying it cannot help; a
 storage failure raises so Lambda's retry and the on-failure destination take over.
 """
@@ -20,7 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from treeserve.errors import ConfigurationError
 from treeserve.monitoring.events import BadEvent, window
-from treeserve.monitoring.pipeline import notify_drift, run_monitoring
+from treeserve.monitoring.pipeline import monitored_models, notify_drift, run_monitoring
 from treeserve.settings import Settings
 
 logger = Logger()
@@ -40,7 +43,19 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     except (BadEvent, ConfigurationError) as exc:
         logger.warning("event refused", extra={"reason": str(exc)})
         return {"error": {"type": "bad_event", "message": str(exc)}}
-    metrics.add_metadata(key="model", value=model)
+    names = (
+        [model]
+        if model is not None
+        else monitored_models(settings.model_bucket, settings.model_name, start, end)
+    )
+    metrics.add_metadata(key="model", value=names[0] if len(names) == 1 else names)
+    summaries = [_monitor(settings, name, start, end) for name in names]
+    if model is None:
+        return {**summaries[0], "models": summaries}
+    return summaries[0]
+
+
+def _monitor(settings: Settings, model: str, start: datetime, end: datetime) -> dict[str, Any]:
     report = run_monitoring(
         settings.model_bucket,
         model,
@@ -55,6 +70,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     logger.info(
         "monitoring report written",
         extra={
+            "model": model,
             "key": report.get("report_key"),
             "rows": report["rows"],
             "drifted": summary["n_drifted"],

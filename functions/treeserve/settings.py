@@ -62,6 +62,20 @@ def valid_model_name(name: object) -> bool:
     return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
 
 
+# Of the inference function's memory, this fraction is kept free for what no model measurement
+# sees: the Lambda runtime, request and response buffers, capture batches, allocator slack.
+INFERENCE_HEADROOM_FRACTION = 0.2
+# RSS of the inference function with no model loaded: Python, numpy, XGBoost, FastAPI, boto3,
+# Powertools (measured: 228 MB importing the inference handler, 161 MB of it numpy + XGBoost).
+INFERENCE_RUNTIME_MB = 256
+
+
+def inference_usable_mb(memory_mb: float) -> float:
+    """What an inference function of ``memory_mb`` leaves for models, after headroom and runtime
+    (shared by the model cache and one loading slot: treeserve.model.package MODELS_AT_ONCE)."""
+    return max(0.0, memory_mb * (1 - INFERENCE_HEADROOM_FRACTION) - INFERENCE_RUNTIME_MB)
+
+
 # TreeSHAP costs far more per row than prediction: one explain request carries at most this many
 # rows (and MAX_ROWS), to stay well inside the timeout and the inference function's memory.
 MAX_EXPLAIN_ROWS = 1000
@@ -142,6 +156,17 @@ class Settings:
     # The inference function's MemorySize (template.yaml gives the refresh function the same
     # value): refresh refuses a model whose footprint does not fit it (treeserve.model.package).
     inference_memory_mb: int = 1024
+    # MODEL_CACHE_MB: what the inference function's cached models may hold together (MB); None
+    # (unset or 0): half of what INFERENCE_MEMORY_MB leaves after headroom and runtime. Refresh
+    # reads it too: a model must fit both the cache and the loading slot the cache leaves.
+    model_cache_mb: float | None = None
+
+    @property
+    def cache_mb(self) -> float:
+        """The model cache's bound (MB): MODEL_CACHE_MB, or half the usable memory."""
+        if self.model_cache_mb is not None:
+            return self.model_cache_mb
+        return inference_usable_mb(self.inference_memory_mb) / 2
 
     @property
     def max_explain_rows(self) -> int:
@@ -160,6 +185,15 @@ class Settings:
         name = _text(env, "MODEL_NAME", "default")
         if not valid_model_name(name):
             raise ConfigurationError(f"MODEL_NAME={name[:80]!r}: use {MODEL_NAME_RULE}")
+        memory_mb = int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB))
+        cache_mb = _number(env, "MODEL_CACHE_MB", 0.0, 0.0, LAMBDA_MEMORY_MB[1]) or None
+        usable = inference_usable_mb(memory_mb)
+        if cache_mb is not None and cache_mb >= usable:
+            raise ConfigurationError(
+                f"MODEL_CACHE_MB={cache_mb:g} leaves no room to load a model: INFERENCE_MEMORY_MB="
+                f"{memory_mb} leaves {usable:g} MB after headroom and runtime, shared by the "
+                "cache and one loading slot; lower it (0: half) or raise InferenceMemoryMB"
+            )
         return cls(
             model_bucket=bucket or _text(env, "MODEL_BUCKET", None),
             model_name=name,
@@ -182,5 +216,6 @@ class Settings:
             ),
             drift_rule=_drift_rule(env),
             api_base_path=_text(env, "API_BASE_PATH", "/"),
-            inference_memory_mb=int(_number(env, "INFERENCE_MEMORY_MB", 1024, *LAMBDA_MEMORY_MB)),
+            inference_memory_mb=memory_mb,
+            model_cache_mb=cache_mb,
         )

@@ -1,4 +1,5 @@
-"""The ``treeserve`` command line: publish, status, promote, rollback, monitor, invoke, local.
+"""The ``treeserve`` command line: publish, status, promote, rollback, alias, monitor, invoke,
+local.
 
 This module only parses arguments and dispatches; each command lives in its own module and is
 imported when used, so ``treeserve --help`` stays fast.
@@ -20,6 +21,7 @@ COMMANDS = {
     "status": "treeserve_cli.commands:status",
     "promote": "treeserve_cli.commands:promote",
     "rollback": "treeserve_cli.commands:rollback",
+    "alias": "treeserve_cli.commands:alias",
     "monitor": "treeserve_cli.monitoring_cli:monitor",
     "invoke": "treeserve_cli.invoke:invoke_command",
     "local": "treeserve_cli.local:local_command",
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "status",
-        help="version in service (or a broken pointer), versions and their footprints, rejections",
+        help="every model (version in service, aliases, versions); then one model's version in "
+        "service (or a broken pointer), aliases, versions and their footprints, rejections",
     )
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -87,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         "rollback", help="move the pointer back to the previous (or a given) version"
     )
     p.add_argument("--to", metavar="VERSION", type=int, help="version to roll back to")
+    _common(p)
+
+    p = sub.add_parser(
+        "alias",
+        help="set or clear a named pointer (e.g. challenger), served at /models/NAME@ALIAS/...",
+        description="alias set ALIAS VERSION points ALIAS at a registered version; alias clear "
+        "ALIAS removes it. Both are a compare-and-swap on registry/<name>/aliases/<alias>.json. "
+        "'champion' is the version in service: move it with promote or rollback.",
+    )
+    p.add_argument("action", choices=("set", "clear"))
+    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("version", metavar="VERSION", type=int, nargs="?")
     _common(p)
 
     p = sub.add_parser("monitor", help="run monitoring now and write a report")

@@ -28,7 +28,16 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final, TextIO
 
 from treeserve.errors import StorageAccessDenied, StorageUnavailable, TreeserveError
-from treeserve.registry.model_registry import ModelRegistry, Pointer, PointerUnreadable, upload_id
+from treeserve.registry.model_registry import (
+    ALIAS_RULE,
+    CHAMPION,
+    ModelRegistry,
+    Pointer,
+    PointerUnreadable,
+    model_names,
+    upload_id,
+    valid_alias,
+)
 from treeserve.registry.store import S3RegistryStore
 from treeserve.settings import MODEL_NAME_RULE, Settings, valid_model_name
 
@@ -429,10 +438,34 @@ def _footprint_text(fp: dict[str, Any] | None) -> str:
     )
 
 
+def _models_summary(store: S3RegistryStore) -> list[dict[str, Any]]:
+    """Every model of the registry: the version in service, its aliases, how many versions."""
+    summary = []
+    for model in model_names(store):
+        registry = ModelRegistry(store, model)
+        try:
+            pointer = registry.current()
+            serving: int | str | None = None if pointer is None else pointer.version
+        except PointerUnreadable:
+            serving = "broken pointer"
+        summary.append(
+            {
+                "name": model,
+                "in_service": serving,
+                "aliases": {a: p.version for a, p in sorted(registry.aliases().items())},
+                "versions": len(registry.versions()),
+            }
+        )
+    return summary
+
+
 def status(args: argparse.Namespace) -> int:
-    """The version in service, the versions, and recent rejections with their reasons."""
+    """Every model (version in service, aliases, versions); then one model's version in service,
+    aliases, versions, and recent rejections with their reasons."""
     settings, name, store, registry = _target(args)
     store.check_bucket()
+    models = _models_summary(store)
+    aliases = {a: p.version for a, p in sorted(registry.aliases().items())}
     problem: str | None = None
     try:
         pointer = registry.current()
@@ -466,7 +499,9 @@ def status(args: argparse.Namespace) -> int:
                 {
                     "model": name,
                     "bucket": settings.model_bucket,
+                    "models": models,
                     "current": pointer.to_dict() if pointer else None,
+                    "aliases": aliases,
                     "pointer_problem": problem,
                     "versions_total": len(versions),
                     "versions": rows,
@@ -478,6 +513,14 @@ def status(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
 
+    _out(f"models in s3://{settings.model_bucket}/registry/ ({len(models)}):")
+    if models:
+        _out(f"  {'NAME':<24} {'IN SERVICE':<16} {'VERSIONS':<9} ALIASES")
+    for row in models:
+        serving = "-" if row["in_service"] is None else str(row["in_service"])
+        named = " ".join(f"{a}={v}" for a, v in row["aliases"].items()) or "-"
+        _out(f"  {row['name']:<24} {serving:<16} {row['versions']:<9} {named}")
+    _out("")
     _out(f"model {name} in s3://{settings.model_bucket}/registry/{name}/")
     if problem is not None:
         # Warm inference environments keep what they loaded; new ones load nothing until the
@@ -492,6 +535,10 @@ def status(args: argparse.Namespace) -> int:
             f"in service: version {pointer.version} (promoted {pointer.promoted_at}{previous}; "
             f"sha256 {pointer.sha256[:12]})"
         )
+    if aliases:
+        _out("aliases: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()))
+    else:
+        _out(f"aliases: none (set one with `treeserve alias set ALIAS VERSION --name {name}`)")
     _out("")
     if not versions:
         _out(f"versions: none yet (publish one with `treeserve publish MODEL --name {name}`)")
@@ -533,6 +580,32 @@ def promote(args: argparse.Namespace) -> int:
         raise UsageError("VERSION is a positive integer (see `treeserve status`)")
     pointer = registry.promote(args.version)
     _out(f"promoted: {_pointer_line(name, pointer)}")
+    return EXIT_OK
+
+
+def alias(args: argparse.Namespace) -> int:
+    """``alias set ALIAS VERSION`` / ``alias clear ALIAS`` (compare-and-swap on the alias)."""
+    _, name, _, registry = _target(args)
+    if not valid_alias(args.alias) or args.alias == CHAMPION:
+        raise UsageError(
+            f"alias {args.alias!r} is not valid: use {ALIAS_RULE}; {CHAMPION!r} is the version "
+            "in service (move it with `treeserve promote`)"
+        )
+    if args.action == "set":
+        if args.version is None or args.version < 1:
+            raise UsageError("alias set needs VERSION, a positive integer (see `treeserve status`)")
+        pointer = registry.set_alias(args.alias, args.version)
+        _out(
+            f"alias {args.alias} of {name} -> version {pointer.version} (set {pointer.promoted_at})"
+        )
+        _out(f"  served at /models/{name}@{args.alias}/predict")
+        return EXIT_OK
+    if args.version is not None:
+        raise UsageError("alias clear takes no VERSION")
+    if registry.clear_alias(args.alias):
+        _out(f"alias {args.alias} of {name} cleared")
+    else:
+        _out(f"alias {args.alias} of {name} was not set; nothing to do")
     return EXIT_OK
 
 

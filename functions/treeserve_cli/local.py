@@ -831,8 +831,7 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             lines.append(
                 f"  second model         penguins v{stack.penguins_version} (demo: P(male) on "
                 "Palmer Penguins, categorical species/island, holdout AUC "
-                f"{penguins.holdout_auc:.4f}); serve it with: {treeserve} local --env "
-                "MODEL_NAME=penguins"
+                f"{penguins.holdout_auc:.4f}), served by name at {api}/models/penguins/..."
             )
     elif stack.penguins is not None:
         lines.append(
@@ -870,6 +869,19 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             "-H 'content-type: text/csv' -H 'accept: text/csv' --data-binary @-",
             f"  curl -s {api}/explain -H 'content-type: application/json' "
             f"-d '{_json({'instances': demo.example_rows[:1]})}'",
+        ]
+    if stack.penguins is not None and demo is not None:
+        records = _json({"instances": stack.penguins.example_records})
+        lines += [
+            "  # every model by name (the short routes above are the default model's):",
+            f"  curl -s {api}/models",
+            f"  curl -s {api}/models/{model_name}/predict -H 'content-type: application/json' "
+            f"-d '{_json({'instances': demo.example_rows[:1]})}'",
+            f"  curl -s {api}/models/penguins",
+            f"  curl -s {api}/models/penguins/predict -H 'content-type: application/json' "
+            f"-d '{records}'",
+            f"  curl -s {api}/models/penguins/versions/{stack.penguins_version}/predict "
+            f"-H 'content-type: application/json' -d '{records}'",
         ]
     if stack.penguins is not None and demo is None:
         penguins_api = api

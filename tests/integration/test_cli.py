@@ -89,7 +89,16 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("publish", "status", "promote", "rollback", "monitor", "invoke", "local"):
+    for command in (
+        "publish",
+        "status",
+        "promote",
+        "rollback",
+        "alias",
+        "monitor",
+        "invoke",
+        "local",
+    ):
         assert command in out
 
 
@@ -115,6 +124,7 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         ("status", ["--name", "--bucket", "--json"]),
         ("promote", ["VERSION", "--name", "--bucket"]),
         ("rollback", ["--to", "--name", "--bucket"]),
+        ("alias", ["set", "clear", "ALIAS", "VERSION", "--name", "--bucket", "champion"]),
     ],
 )
 def test_each_command_help_mentions_its_options(
@@ -526,6 +536,39 @@ def test_status_of_an_empty_registry_says_what_to_do(
     assert "in service: none" in out
     assert "treeserve publish MODEL --name churn" in out
     assert "rejections: none" in out
+
+
+def test_alias_set_and_clear_and_status_of_every_model(
+    registry: ModelRegistry, three_versions: list[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry.promote(1)
+    other = ModelRegistry(registry.store, "penguins")
+    other.register(three_versions[2], manifest_for(three_versions[2], name="penguins"))
+    code, out, _ = run(capsys, "alias", "set", "challenger", "3", "--name", NAME)
+    assert code == 0
+    assert "alias challenger of churn -> version 3" in out
+    assert "/models/churn@challenger/predict" in out
+    assert registry.alias("challenger").version == 3  # type: ignore[union-attr]
+    code, out, _ = run(capsys, "status", "--name", NAME)
+    assert code == 0
+    lines = out.splitlines()
+    assert any(line.split() == ["churn", "1", "3", "challenger=3"] for line in lines), out
+    assert any(line.split() == ["penguins", "-", "1", "-"] for line in lines), out
+    assert "aliases: challenger -> version 3" in out
+    code, out, _ = run(capsys, "status", "--name", NAME, "--json")
+    data = json.loads(out)
+    assert data["aliases"] == {"challenger": 3}
+    assert [m["name"] for m in data["models"]] == ["churn", "penguins"]
+    code, _, err = run(capsys, "alias", "set", "champion", "2", "--name", NAME)
+    expect_one_line_error(code, err, "champion", "treeserve promote")
+    code, _, err = run(capsys, "alias", "set", "challenger", "9", "--name", NAME)
+    assert code == 1
+    code, out, _ = run(capsys, "alias", "clear", "challenger", "--name", NAME)
+    assert code == 0
+    assert "cleared" in out
+    assert registry.alias("challenger") is None
+    code, out, _ = run(capsys, "alias", "clear", "challenger", "--name", NAME)
+    assert "was not set" in out
 
 
 def test_promote_and_rollback_print_the_new_pointer(

@@ -96,6 +96,12 @@ def openapi(r: Response) -> None:
     spec = r.json()
     assert spec["openapi"].startswith("3.")
     assert {"/predict", "/explain", "/health", "/model"} <= set(spec["paths"])
+    assert {
+        "/models",
+        "/models/{name}",
+        "/models/{name}/predict",
+        "/models/{name}/versions/{version}/explain",
+    } <= set(spec["paths"])
 
 
 def not_found(r: Response) -> None:
@@ -129,6 +135,8 @@ API: dict[str, Callable[[Response], None]] = {
     "apigw-v2-predict-too-many-columns.json": error(422, "input_mismatch"),
     "apigw-v2-predict-unsupported-media.json": error(415, "unsupported_media_type"),
     "apigw-v2-unknown-route.json": not_found,
+    "apigw-v2-predict-by-name.json": predicted(N_ROWS),
+    "apigw-v2-predict-unknown-model.json": error(404, "not_found"),
     "apigw-v1-rest-predict.json": predicted(N_ROWS),
     "function-url-predict.json": predicted(N_ROWS),
 }

@@ -91,15 +91,16 @@ def test_scheduled_event_writes_report_and_emits_emf(
 
     blobs = emf_blobs(out)
     assert blobs, "the handler printed EMF to stdout"
-    ((dims, drifted),) = metric_values(blobs, "DriftedFeatures")
-    # The DriftAlarm in template.yaml watches exactly this metric and dimension set.
-    assert dims == {"service": "treeserve-test"}
-    assert drifted == 1.0
+    # The DriftAlarm in template.yaml watches this metric by service alone; the dashboard's
+    # SEARCH finds the same value by service and model.
+    by_dims = {tuple(sorted(d)): v for d, v in metric_values(blobs, "DriftedFeatures")}
+    assert by_dims == {("service",): 1.0, ("model", "service"): 1.0}
+    model_dims = [d for d, _ in metric_values(blobs, "DriftedFeatures") if "model" in d]
+    assert model_dims == [{"service": "treeserve-test", "model": "m"}]
     assert blobs[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "TreeserveTest"
-    ((_, rows),) = metric_values(blobs, "RowsSeen")
-    assert rows == 600.0
-    ((_, flagged),) = metric_values(blobs, "QualityFlaggedFeatures")
-    assert flagged == 2.0  # f1 out of range (the shift), f2 missing
+    assert {v for _, v in metric_values(blobs, "RowsSeen")} == {600.0}
+    flagged = {v for _, v in metric_values(blobs, "QualityFlaggedFeatures")}
+    assert flagged == {2.0}  # f1 out of range (the shift), f2 missing
     assert stored["summary"]["quality_flagged_features"] == ["f1", "f2"]
     assert metric_values(blobs, "PredictionDrift")
     per_feature = {d["feature"]: v for d, v in metric_values(blobs, "FeatureDrift")}
@@ -108,6 +109,38 @@ def test_scheduled_event_writes_report_and_emits_emf(
         stored["versions"][0]["features"][1]["psi"], rel=1e-12
     )
     assert max(per_feature, key=per_feature.__getitem__) == "f1"
+
+
+def test_a_run_without_a_model_covers_every_model_with_captures(
+    env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    first, second = train("binary:logistic", n=600), train("reg:squarederror", d=4, seed=3)
+    traffic(env, first, register(env, first), first.X[:80], ts=now - timedelta(hours=1))
+    v = register(env, second, "price")
+    traffic(env, second, v, second.X[:30] + 3.0, name="price", ts=now - timedelta(hours=2))
+    old = train("binary:logistic", seed=4)
+    traffic(
+        env, old, register(env, old, "quiet"), old.X[:5], name="quiet", ts=now - timedelta(days=3)
+    )
+    app = load_app()
+    event = json.loads((EVENTS / "monitoring-scheduled.json").read_text())
+    capsys.readouterr()
+    result = app.handler(event, LambdaContext())
+    blobs = emf_blobs(capsys.readouterr().out)
+    assert result["model"] == "m"  # the default model's summary first, as before
+    assert [(r["model"], r["rows"]) for r in result["models"]] == [("m", 80), ("price", 30)]
+    for summary in result["models"]:
+        assert summary["report_key"].startswith(f"reports/{summary['model']}/dt=")
+        env.head_object(Bucket=BUCKET, Key=summary["report_key"])
+    rows = {d.get("model"): v for d, v in metric_values(blobs, "RowsSeen") if "model" in d}
+    assert rows == {"m": 80.0, "price": 30.0}
+    drifted = {d["model"] for d, v in metric_values(blobs, "DriftedFeatures") if "model" in d}
+    assert drifted == {"m", "price"}
+    # A direct invoke naming a model covers that model alone.
+    one = app.handler({"model": "price", "hours": 6}, LambdaContext())
+    assert one["model"] == "price"
+    assert "models" not in one
 
 
 def test_direct_invoke_window_and_bad_events(env: Any, capsys: pytest.CaptureFixture[str]) -> None:

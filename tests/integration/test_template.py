@@ -405,5 +405,21 @@ def test_dashboard_body_is_valid_json_with_every_widget_resolved(template: Templ
     widgets = json.loads(body)["widgets"]
     assert len(widgets) >= 4
     assert "<unresolved" not in body.replace("<unresolved Ref HttpApi>", "")  # API id: deploy-time
-    metrics = {m[1] for w in widgets for m in w["properties"]["metrics"] if isinstance(m[1], str)}
+    metrics = {
+        m[1]
+        for w in widgets
+        for m in w["properties"]["metrics"]
+        if len(m) > 1 and isinstance(m[1], str)
+    }
     assert {"5xx", "Latency", "ModelsRejected", "DriftedFeatures"} <= metrics
+    # One series per model, found by a SEARCH over the model dimension (no widget per model).
+    searches = [
+        m[0]["expression"]
+        for w in widgets
+        for m in w["properties"]["metrics"]
+        if isinstance(m[0], dict) and "expression" in m[0]
+    ]
+    assert any(
+        "SEARCH('{Treeserve,model,service}" in e and 'MetricName="DriftedFeatures"' in e
+        for e in searches
+    )

@@ -28,7 +28,8 @@ import xgboost as xgb
 
 from tests.conftest import ROOT, TrainedModel
 from tests.corpus import file_member, long_decimals_csv, repeated_trees_model, tar_gz
-from treeserve.model.package import INFERENCE_RUNTIME_MB, Limits, read_upload
+from treeserve.model.package import Limits, read_upload
+from treeserve.settings import INFERENCE_RUNTIME_MB
 from treeserve_cli.template import load_template
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]

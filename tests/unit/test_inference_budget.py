@@ -17,12 +17,11 @@ from tests.corpus import repeated_trees_model
 from treeserve.errors import ConfigurationError, UploadRejected
 from treeserve.model.package import (
     EXPLAIN_BYTES_PER_VALUE,
-    INFERENCE_RUNTIME_MB,
     InferenceBudget,
     footprint,
     read_upload,
 )
-from treeserve.settings import Settings
+from treeserve.settings import INFERENCE_RUNTIME_MB, Settings
 
 pytestmark = pytest.mark.unit
 
@@ -146,3 +145,20 @@ def test_the_explain_bound() -> None:
     )
     assert none["explain_peak_mb"] == 0
     assert none["load_peak_mb"] == 14.0  # the child's peak plus the bytes held twice
+
+
+def test_the_model_cache_and_the_loading_slot_share_what_the_runtime_leaves() -> None:
+    usable = 1024 * 0.8 - INFERENCE_RUNTIME_MB
+    # Unset: half each, the figure of one model in service and one loading.
+    default = Settings.from_env({"MODEL_BUCKET": "b"})
+    assert default.cache_mb == pytest.approx(usable / 2)
+    assert InferenceBudget.from_settings(default).model_mb == pytest.approx(usable / 2)
+    # A small cache bounds each model by the cache (it must fit to be cached) ...
+    small = Settings.from_env({"MODEL_BUCKET": "b", "MODEL_CACHE_MB": "100"})
+    assert small.cache_mb == 100
+    assert InferenceBudget.from_settings(small).model_mb == pytest.approx(100)
+    # ... a large one by the slot it leaves for loading the next model.
+    large = Settings.from_env({"MODEL_BUCKET": "b", "MODEL_CACHE_MB": "400"})
+    assert InferenceBudget.from_settings(large).model_mb == pytest.approx(usable - 400)
+    with pytest.raises(ConfigurationError, match="leaves no room to load a model"):
+        Settings.from_env({"MODEL_BUCKET": "b", "MODEL_CACHE_MB": "900"})

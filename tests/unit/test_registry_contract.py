@@ -370,3 +370,61 @@ def test_upload_id_is_stable_and_ignores_etag_quotes() -> None:
 def test_model_names_are_single_safe_key_segments(name: str) -> None:
     with pytest.raises(ConfigurationError, match="model name"):
         ModelRegistry(InMemoryRegistryStore(), name)
+
+
+# --- aliases --------------------------------------------------------------------------------------
+
+
+def test_an_alias_is_set_moved_and_cleared_by_compare_and_swap(
+    registry: ModelRegistry, models: list[bytes]
+) -> None:
+    v1 = registry.register(models[0], manifest_for(models[0]))
+    v2 = registry.register(models[1], manifest_for(models[1]))
+    assert registry.alias("challenger") is None
+    assert registry.alias_if_changed("challenger", None) == (None, False)
+    first = registry.set_alias("challenger", v1)
+    read = registry.alias("challenger")
+    assert read is not None
+    assert (read.version, read.sha256, read.etag) == (
+        v1,
+        registry.manifest(v1).sha256,
+        first.etag,
+    )
+    assert registry.alias_if_changed("challenger", first.etag) == (None, False)
+    moved = registry.set_alias("challenger", v2)
+    pointer, changed = registry.alias_if_changed("challenger", first.etag)
+    assert changed
+    assert pointer is not None
+    assert pointer.version == v2 == moved.version
+    assert set(registry.aliases()) == {"challenger"}
+    assert registry.clear_alias("challenger") is True
+    assert registry.alias("challenger") is None
+    assert registry.alias_if_changed("challenger", moved.etag) == (None, True)
+    assert registry.aliases() == {}
+    assert registry.clear_alias("challenger") is False
+    with pytest.raises(NotFound):
+        registry.set_alias("challenger", 99)
+
+
+def test_champion_is_the_pointer_not_an_alias(registry: ModelRegistry, models: list[bytes]) -> None:
+    v1 = registry.register(models[0], manifest_for(models[0]))
+    registry.promote(v1)
+    champion = registry.alias("champion")
+    assert champion is not None
+    assert champion.version == v1
+    with pytest.raises(ValueError, match="promote"):
+        registry.set_alias("champion", v1)
+    with pytest.raises(ValueError, match="not an alias"):
+        registry.alias_key("../x")
+
+
+def test_model_names_lists_every_model_of_the_registry(
+    store: RegistryStore, models: list[bytes]
+) -> None:
+    from treeserve.registry.model_registry import model_names
+
+    for name in ("b-model", "a.model"):
+        ModelRegistry(store, name).register(models[0], manifest_for(models[0], name=name))
+    assert model_names(store) == ["a.model", "b-model"]
+    assert ModelRegistry(store, "a.model").exists()
+    assert not ModelRegistry(store, "other").exists()

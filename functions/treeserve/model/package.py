@@ -82,6 +82,7 @@ from treeserve.settings import (
     MAX_LAMBDA_PAYLOAD_BYTES,
     Settings,
     drift_rule_problem,
+    inference_usable_mb,
 )
 
 MiB = 1 << 20
@@ -144,15 +145,13 @@ class Limits:
 
 # --- what a model may cost the inference function -----------------------------------------------
 
-# Of the inference function's memory, this fraction is kept free for what no model measurement
-# sees: the Lambda runtime, request and response buffers, capture batches, allocator slack.
-INFERENCE_HEADROOM_FRACTION = 0.2
-# RSS of the inference function with no model loaded: Python, numpy, XGBoost, FastAPI, boto3,
-# Powertools (measured: 228 MB importing the inference handler, 161 MB of it numpy + XGBoost).
-INFERENCE_RUNTIME_MB = 256
-# What is left after headroom and runtime is shared by two models: at a swap the version in
-# service keeps serving (and explaining) while the next one loads. When several models share one
-# function (MODEL_CACHE_MB), the cache takes this share; each model still fits one slot.
+# INFERENCE_HEADROOM_FRACTION and INFERENCE_RUNTIME_MB live in treeserve.settings (the inference
+# function's model cache sizes itself from them without importing this module). What headroom and
+# runtime leave is shared by the model cache (MODEL_CACHE_MB, half of it by default) and one slot
+# for what is not cached: at a swap or a first use the models in the cache keep serving (and
+# explaining) while the next one loads. Each model must fit the smaller of the two, so it can be
+# both cached and loaded; with the default cache that is half, as when one function served one
+# model (MODELS_AT_ONCE of them: the one in service and the one loading).
 MODELS_AT_ONCE = 2
 # Bytes per contribution value of one explain answer, over XGBoost's float32 output: the
 # contiguous copies, the JSON or CSV text and its copies on the way out (measured: 8-17 B on the
@@ -177,6 +176,8 @@ class InferenceBudget:
     explain_rows: int = MAX_EXPLAIN_ROWS  # most rows one explain request carries
     max_body_bytes: int = MAX_LAMBDA_PAYLOAD_BYTES  # most bytes one request carries
     load_seconds: float = INFERENCE_LOAD_SECONDS  # most seconds a load may take there
+    # The inference function's model cache (MODEL_CACHE_MB); None: its default, half the usable.
+    cache_mb: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceBudget:
@@ -184,14 +185,16 @@ class InferenceBudget:
             memory_mb=settings.inference_memory_mb,
             explain_rows=settings.max_explain_rows,
             max_body_bytes=settings.max_body_bytes,
+            cache_mb=settings.cache_mb,
         )
 
     @property
     def model_mb(self) -> float:
-        """The peak memory one model may reach (MB): what headroom and runtime leave, shared by
-        :data:`MODELS_AT_ONCE` models."""
-        usable = self.memory_mb * (1 - INFERENCE_HEADROOM_FRACTION) - INFERENCE_RUNTIME_MB
-        return max(0.0, usable / MODELS_AT_ONCE)
+        """The peak memory one model may reach (MB): the smaller of the model cache and the slot
+        the cache leaves of what headroom and runtime leave (see :data:`MODELS_AT_ONCE`)."""
+        usable = inference_usable_mb(self.memory_mb)
+        cache = usable / MODELS_AT_ONCE if self.cache_mb is None else self.cache_mb
+        return max(0.0, min(cache, usable - cache))
 
     @property
     def cpu_factor(self) -> float:

@@ -1,9 +1,11 @@
 """The monitoring function's events, read as the window to monitor.
 
-- A scheduled event (``"detail-type": "Scheduled Event"``): ``MODEL_NAME`` over the last
+- A scheduled event (``"detail-type": "Scheduled Event"``): every model (model None: the
+  default model ``MODEL_NAME`` and every model with captures in the window,
+  :func:`treeserve.monitoring.pipeline.monitored_models`) over the last
   ``MONITORING_WINDOW_HOURS`` hours (default 24), ending now.
 - A direct invoke: ``{"model": "name", "start": iso, "end": iso}`` or ``{"hours": n}`` (either
-  form may name the model; ``end`` defaults to now).
+  form may name the model, else every model as above; ``end`` defaults to now).
 
 Either way the window is at most :data:`~treeserve.settings.MAX_WINDOW_HOURS` (31 days): it is
 read in one invocation. Anything else raises :class:`BadEvent`.
@@ -35,15 +37,15 @@ def _hours(value: Any, what: str) -> float:
     return hours
 
 
-def window(event: Any, settings: Settings, now: datetime) -> tuple[str, datetime, datetime]:
-    """(model, start, end) of an invocation event."""
+def window(event: Any, settings: Settings, now: datetime) -> tuple[str | None, datetime, datetime]:
+    """(model, start, end) of an invocation event; model None: every model (see above)."""
     if not isinstance(event, dict):
         raise BadEvent("the event must be a JSON object")
     default_hours = settings.monitoring_window_hours
     if event.get("detail-type") == "Scheduled Event":
-        return settings.model_name, now - timedelta(hours=default_hours), now
-    model = str(event.get("model") or settings.model_name)
-    if not valid_model_name(model):
+        return None, now - timedelta(hours=default_hours), now
+    model = None if event.get("model") in (None, "") else str(event["model"])
+    if model is not None and not valid_model_name(model):
         raise BadEvent(f"model {model[:40]!r} is not a valid model name: use {MODEL_NAME_RULE}")
     try:
         end = parse_time(str(event["end"])) if event.get("end") else now

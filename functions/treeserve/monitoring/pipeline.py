@@ -15,7 +15,11 @@ first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give per
 the window: AUC, accuracy and log loss (classification), RMSE and MAE (regression).
 
 The report is written to ``reports/<model>/dt=YYYY-MM-DD/<time>.json``; :func:`emit_metrics`
-turns it into EMF metrics through Powertools. Nothing in here knows Lambda event shapes.
+turns it into EMF metrics through Powertools: the totals by ``service`` (what the template's
+alarms watch: the worst model) and again by ``service`` and ``model`` (one series per model, which
+the dashboard finds with a SEARCH expression), FeatureDrift by model and feature.
+:func:`monitored_models` names the models one run covers when the event names none: every model
+with captures in the window, and the default model. Nothing in here knows Lambda event shapes.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import log_loss, roc_auc
 from treeserve.monitoring import drift
 from treeserve.parquet import ParquetError
-from treeserve.settings import DriftRule
+from treeserve.settings import DriftRule, valid_model_name
 
 if TYPE_CHECKING:
     from aws_lambda_powertools import Metrics
@@ -773,6 +777,23 @@ def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
         if name != "rows" and value is not None:
             metrics.add_metric(name=f"Performance_{name}", unit=MetricUnit.NoUnit, value=value)
     service = metrics.service or "treeserve-monitoring"
+    # The same totals again, per model: one series per model without a template change.
+    per_model: list[tuple[str, MetricUnit, float]] = [
+        (METRIC_ROWS_SEEN, MetricUnit.Count, report["rows"]),
+        (METRIC_DRIFTED_FEATURES, MetricUnit.Count, summary["n_drifted"]),
+        (METRIC_QUALITY_FLAGS, MetricUnit.Count, len(summary["quality_flagged_features"])),
+    ]
+    if summary["prediction_drift"] is not None:
+        per_model.append((METRIC_PREDICTION_DRIFT, MetricUnit.NoUnit, summary["prediction_drift"]))
+    for name, unit, value in per_model:
+        with single_metric(
+            name=name,
+            unit=unit,
+            value=value,
+            namespace=metrics.namespace,
+            default_dimensions={"service": service, "model": report["model"]},
+        ):
+            pass
     for version in report["versions"]:
         for feature in version.get("features", []):
             if feature.get("psi") is None:
@@ -815,3 +836,30 @@ def notify_drift(
         logger.warning("drift notice not sent", extra={"error": type(exc).__name__})
         return False
     return True
+
+
+def monitored_models(
+    bucket: str, default: str, start: datetime, end: datetime, *, s3: S3Client | None = None
+) -> list[str]:
+    """The models one run covers when the event names none: the default model, then every other
+    model with captures on a day of ``[start, end]`` (one listing of ``captures/`` by delimiter,
+    then one of each model's days)."""
+    s3 = s3 or s3_client()
+    start, end = _utc(start), _utc(end)
+    names = [default]
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": "captures/", "Delimiter": "/"}
+        if token:
+            kwargs["ContinuationToken"] = token
+        with s3_errors(bucket, "captures/"):
+            page = s3.list_objects_v2(**kwargs)
+        for entry in page.get("CommonPrefixes", []):
+            name = entry.get("Prefix", "")[len("captures/") :].rstrip("/")
+            if name == default or not valid_model_name(name):
+                continue
+            if next(_day_prefixes(s3, bucket, name, start, end), None) is not None:
+                names.append(name)
+        if not page.get("IsTruncated"):
+            return names
+        token = page.get("NextContinuationToken")

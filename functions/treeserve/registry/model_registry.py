@@ -10,6 +10,15 @@ Keys under ``registry/<model>/`` (DESIGN.md "S3 layout", plus two additions mark
   * uploads/<upload-id>.json        the outcome of one upload (create-only), read by
                                     ``treeserve publish --wait`` and by redelivered events
   * by-sha256/<sha256>/<n>          index: version n holds model bytes with this sha256
+    aliases/<alias>.json            {"version", "sha256", "set_at"}: a named pointer, changed
+                                    only by compare-and-swap like current.json; a cleared alias
+                                    is {"version": null, "cleared_at"} (the store never deletes)
+
+**Aliases.** :meth:`ModelRegistry.set_alias` and :meth:`ModelRegistry.clear_alias` swap
+``aliases/<alias>.json`` as promote swaps ``current.json`` (create with If-None-Match, replace
+with If-Match, re-read and re-apply on a lost race). ``champion`` is ``current.json`` itself:
+it cannot be set or cleared as an alias (promote and rollback move it), and reading it reads the
+pointer. :func:`model_names` lists the models of a bucket's registry.
 
 **Versions.** :meth:`ModelRegistry.register` lists ``versions/`` once to find the highest number
 in use, then probes upward: the first ``model.ubj`` it creates with ``If-None-Match: *`` is its
@@ -70,7 +79,16 @@ from treeserve.model.manifest import ModelManifest
 from treeserve.registry.store import RegistryStore, StoredObject, etag_moved
 from treeserve.settings import MODEL_NAME_RULE, valid_model_name
 
-__all__ = ["ANY", "ModelRegistry", "Pointer", "PointerUnreadable", "upload_id"]
+__all__ = [
+    "ANY",
+    "CHAMPION",
+    "ModelRegistry",
+    "Pointer",
+    "PointerUnreadable",
+    "model_names",
+    "upload_id",
+    "valid_alias",
+]
 
 HISTORY_LIMIT: Final = 20
 # Compare-and-swap attempts of promote/rollback before giving up (StorageUnavailable: retry).
@@ -80,6 +98,25 @@ PROBES_PER_PASS: Final = 64
 ALLOCATION_PASSES: Final = 8
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_KEY_RE = re.compile(r"versions/(\d+)/(model\.ubj|manifest\.json)$")
+# The alias current.json answers to; not stored under aliases/.
+CHAMPION: Final = "champion"
+ALIAS_RULE: Final = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def valid_alias(alias: object) -> bool:
+    """An alias name treeserve accepts (see :data:`ALIAS_RULE`)."""
+    return isinstance(alias, str) and _ALIAS_RE.fullmatch(alias) is not None
+
+
+def model_names(store: RegistryStore) -> list[str]:
+    """Every model name with anything under ``registry/<name>/`` (one listing of ``registry/``)."""
+    names = set()
+    for key in store.list_keys("registry/"):
+        name = key[len("registry/") :].split("/", 1)[0]
+        if valid_model_name(name):
+            names.add(name)
+    return sorted(names)
 
 
 class PointerUnreadable(RegistryError):
@@ -208,6 +245,15 @@ class ModelRegistry:
 
     def outcome_key(self, uid: str) -> str:
         return f"{self.prefix}uploads/{_check_upload_id(uid)}.json"
+
+    def alias_key(self, alias: str) -> str:
+        if not valid_alias(alias) or alias == CHAMPION:
+            raise ValueError(f"not an alias: {alias!r} (use {ALIAS_RULE}, not {CHAMPION!r})")
+        return f"{self.prefix}aliases/{alias}.json"
+
+    def exists(self) -> bool:
+        """Whether anything was ever stored for this model (a version, a rejection, a pointer)."""
+        return next(iter(self.store.list_keys(self.prefix)), None) is not None
 
     def _sha_prefix(self, sha: str) -> str:
         return f"{self.prefix}by-sha256/{sha}/"
@@ -486,6 +532,104 @@ class ModelRegistry:
             )
 
         return self._swap(compute, ANY)
+
+    # -- aliases
+
+    def _parse_alias(self, alias: str, obj: StoredObject) -> Pointer | None:
+        try:
+            data = orjson.loads(obj.body)
+            if data.get("version") is None:
+                return None  # cleared
+            return Pointer(
+                int(data["version"]),
+                str(data["sha256"]),
+                str(data.get("set_at", "")),
+                None,
+                obj.etag,
+            )
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc)[:120]}"
+            raise PointerUnreadable(
+                f"{self.alias_key(alias)} is not a valid alias ({reason}): set it again with "
+                f"`treeserve alias set {alias} VERSION --name {self.name}`",
+                obj.etag,
+                reason,
+            ) from None
+
+    def alias(self, alias: str) -> Pointer | None:
+        """The version an alias names (``champion``: the pointer), or None when it is not set."""
+        if alias == CHAMPION:
+            return self.current()
+        try:
+            obj = self.store.get(self.alias_key(alias))
+        except NotFound:
+            return None
+        return self._parse_alias(alias, obj)
+
+    def alias_if_changed(self, alias: str, etag: str | None) -> tuple[Pointer | None, bool]:
+        """As :meth:`current_if_changed`, for an alias (a cleared alias reads as removed)."""
+        if alias == CHAMPION:
+            return self.current_if_changed(etag)
+        try:
+            obj = self.store.get_if_changed(self.alias_key(alias), etag)
+        except NotFound:
+            return None, etag is not None
+        if obj is None:
+            return None, False
+        return self._parse_alias(alias, obj), True
+
+    def aliases(self) -> dict[str, Pointer]:
+        """Every alias that is set (``champion`` not included: it is the pointer)."""
+        found: dict[str, Pointer] = {}
+        for key in self.store.list_keys(f"{self.prefix}aliases/"):
+            alias = key.rsplit("/", 1)[-1].removesuffix(".json")
+            if not valid_alias(alias) or alias == CHAMPION:
+                continue
+            with suppress(NotFound, PointerUnreadable):
+                pointer = self.alias(alias)
+                if pointer is not None:
+                    found[alias] = pointer
+        return found
+
+    def _swap_alias(self, alias: str, body: Callable[[], bytes]) -> str:
+        key = self.alias_key(alias)
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                seen: str | None = self.store.get(key).etag
+            except NotFound:
+                seen = None
+            try:
+                if seen is None:
+                    return self.store.put(key, body(), if_none_match=True)
+                return self.store.put(key, body(), if_match=seen)
+            except PreconditionFailed:
+                _backoff(attempt)
+        raise StorageUnavailable(
+            f"{key} kept changing during {CAS_ATTEMPTS} compare-and-swap attempts; retry"
+        )
+
+    def set_alias(self, alias: str, version: int) -> Pointer:
+        """Point ``alias`` at ``version`` (compare-and-swap); NotFound if the version does not
+        exist. ``champion`` is moved by promote, not here."""
+        if alias == CHAMPION:
+            raise ValueError(
+                f"{CHAMPION!r} is the version in service: use `treeserve promote VERSION`"
+            )
+        sha = self.manifest(version).sha256  # NotFound for a version that does not exist
+        set_at = _now()
+        body = orjson.dumps({"version": version, "sha256": sha, "set_at": set_at})
+        etag = self._swap_alias(alias, lambda: body)
+        return Pointer(version, sha, set_at, None, etag)
+
+    def clear_alias(self, alias: str) -> bool:
+        """Clear ``alias`` (compare-and-swap to a tombstone); False when it was not set."""
+        if alias == CHAMPION:
+            raise ValueError(f"{CHAMPION!r} is the version in service: it cannot be cleared")
+        if self.alias(alias) is None:
+            return False
+        body = orjson.dumps({"version": None, "cleared_at": _now()})
+        self._swap_alias(alias, lambda: body)
+        return True
 
     # -- rejections and outcomes
 

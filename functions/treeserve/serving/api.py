@@ -1,9 +1,13 @@
 """The inference HTTP API: a FastAPI app (DESIGN.md "HTTP API"), and the function around it.
 
-Routes: ``POST /predict``, ``POST /explain``, ``GET /health``, ``GET /model``, ``GET /docs``,
+Routes: ``POST /predict``, ``POST /explain``, ``GET /health``, ``GET /model`` (the default model,
+``MODEL_NAME``); ``POST /models/{name}/predict|explain``, ``GET /models/{name}`` and ``GET /models``
+(every model of the registry, through the :class:`~treeserve.serving.service.ModelCache`), with
+``{name}`` also ``name@alias`` and the ``/models/{name}/versions/{n}/...`` pins; ``GET /docs``,
 ``GET /openapi.json``, each defined once, here. Bodies are parsed by :mod:`treeserve.serving.inputs`
 from the raw bytes (the OpenAPI document still describes them, through ``openapi_extra``);
-answers are serialised with orjson. Every answer, errors included, carries ``x-model-version``;
+answers are serialised with orjson. Every answer, errors included, carries ``x-model-version``
+and ``x-model-name``;
 errors are ``{"error": {"type", "message"}}`` and client input never yields a 5xx.
 
 There is one request path. :class:`InferenceFunction` wraps the app in Mangum
@@ -31,11 +35,13 @@ from mangum import Mangum
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from treeserve.aws import reset_clients
-from treeserve.errors import NoModelInService
-from treeserve.registry.model_registry import ModelRegistry
+from treeserve.errors import NoModelInService, NotFound
+from treeserve.registry.model_registry import ModelRegistry, model_names
 from treeserve.registry.store import S3RegistryStore
 from treeserve.serving.capture import CaptureBuffer
 from treeserve.serving.endpoints import (
+    JSON_TYPE,
+    NAME_HEADER,
     VERSION_HEADER,
     Answer,
     Endpoints,
@@ -48,7 +54,7 @@ from treeserve.serving.endpoints import (
     refuse_event,
     scope_request_id,
 )
-from treeserve.serving.service import MetricsSink, ModelService
+from treeserve.serving.service import MetricsSink, ModelCache, ModelRef, ModelService, Served
 from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -112,6 +118,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"description": "input does not fit the model", **_ERR},
     503: {"description": "no model in service", **_ERR},
 }
+NAMED_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    404: {"description": "unknown model, version or alias", **_ERR},
+}
+_NAME_PARAMETER = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "a model name, or name@alias (e.g. churn@challenger)",
+    "schema": {"type": "string"},
+}
+_VERSION_PARAMETER = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "description": "a registered version",
+    "schema": {"type": "integer", "minimum": 1},
+}
 PREDICT_RESPONSE = {
     "description": "predictions, one per instance",
     "content": {
@@ -145,7 +169,7 @@ class ServingConventions:
     """ASGI middleware for what every answer of the app shares, whatever the route: a path
     with one trailing slash is routed as without it (Starlette would redirect: a 307 with an
     empty body whose ``Location`` drops an API Gateway stage), and an answer without
-    ``x-model-version`` (docs, framework errors) gets the version in service."""
+    ``x-model-version`` (docs, framework errors) gets the default model's version and name."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Any], service: ModelService) -> None:
         self.app = app
@@ -164,7 +188,11 @@ class ServingConventions:
             if message["type"] == "http.response.start":
                 headers = message.get("headers") or []
                 if not any(key == VERSION_HEADER for key, _ in headers):
-                    headers = [*headers, (VERSION_HEADER, service.version_header())]
+                    headers = [
+                        *headers,
+                        (VERSION_HEADER, service.version_header()),
+                        (NAME_HEADER, service.name_header),
+                    ]
                     message = {**message, "headers": headers}
             await send(message)
 
@@ -231,10 +259,15 @@ def create_app(
     *,
     metrics: MetricsSink | None = None,
     endpoints: Endpoints | None = None,
+    models: ModelCache | None = None,
 ) -> FastAPI:
-    """The inference app for one model service (around ``endpoints`` when given)."""
+    """The inference app of the default model ``service`` (around ``endpoints`` when given)
+    and of every model of its registry (through ``models``; one is made when not given)."""
     if endpoints is None:
         endpoints = Endpoints(service, settings, capture, metrics)
+    if models is None:
+        models = model_cache(service, settings, capture, metrics=metrics)
+    cache = models
     app = FastAPI(
         title="treeserve inference",
         description="Predictions and TreeSHAP explanations from the XGBoost model in service.",
@@ -328,6 +361,114 @@ def create_app(
             return answer(endpoints.error(503, "no_model", str(exc)))
         return Response(orjson.dumps(loaded.manifest.public()), media_type="application/json")
 
+    def resolve(request: Request) -> Served | Answer:
+        params = request.scope.get("path_params") or {}
+        segment: str = params.get("name", "")
+        ref = ModelRef.parse(segment, params.get("version"))
+        if ref is None:
+            return missing(segment, f"{segment[:80]!r} is not a model name (or name@alias)")
+        try:
+            return cache.get(ref)
+        except NotFound as exc:
+            return missing(ref.name, str(exc))
+
+    def missing(name: str, message: str) -> Answer:
+        header = name.encode() if ModelRef.parse(name) is not None else b""
+        return (
+            404,
+            [(b"content-type", JSON_TYPE), (VERSION_HEADER, b"none"), (NAME_HEADER, header)],
+            orjson.dumps({"error": {"type": "not_found", "message": message}}),
+        )
+
+    async def serve_named(kind: Kind, request: Request) -> Response:
+        served = resolve(request)
+        if isinstance(served, tuple):
+            return answer(served)
+        content_type: str | None = None
+        accept: bytes | None = None
+        for name, value in request.scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"accept":
+                accept = value
+        result = await endpoints.serve_asgi_body(
+            kind,
+            request.receive,
+            content_type,
+            accept,
+            scope_request_id(request.scope),
+            service=served.service,
+            capture=served.capture,
+        )
+        return answer(result)
+
+    def describe(served: Served) -> Response:
+        service = served.service
+        try:
+            loaded = service.current()
+        except NoModelInService as exc:
+            return answer(endpoints.error(503, "no_model", str(exc), service))
+        except NotFound as exc:
+            return answer(endpoints.error(404, "not_found", str(exc), service))
+        response = Response(orjson.dumps(loaded.manifest.public()), media_type="application/json")
+        response.raw_headers.extend(
+            [(VERSION_HEADER, loaded.version_header), (NAME_HEADER, service.name_header)]
+        )
+        return response
+
+    for prefix, parameters in (
+        ("/models/{name}", [_NAME_PARAMETER]),
+        ("/models/{name}/versions/{version}", [_NAME_PARAMETER, _VERSION_PARAMETER]),
+    ):
+        pinned = "versions" in prefix
+
+        async def predict_named(request: Request) -> Response:
+            """Predictions of the model named in the path (or its alias, or a version)."""
+            return await serve_named("predict", request)
+
+        async def explain_named(request: Request) -> Response:
+            """TreeSHAP contributions from the model named in the path."""
+            return await serve_named("explain", request)
+
+        async def model_named(request: Request) -> Response:
+            """The public manifest of the model named in the path."""
+            served = resolve(request)
+            return answer(served) if isinstance(served, tuple) else describe(served)
+
+        suffix = " (a version)" if pinned else ""
+        app.post(
+            f"{prefix}/predict",
+            summary=f"Predict with a model by name{suffix}",
+            openapi_extra={"requestBody": REQUEST_BODY, "parameters": parameters},
+            responses={200: PREDICT_RESPONSE, **NAMED_ERROR_RESPONSES},
+            response_class=Response,
+            name=f"predict_named{'_version' if pinned else ''}",
+        )(predict_named)
+        app.post(
+            f"{prefix}/explain",
+            summary=f"Explain with a model by name{suffix}",
+            openapi_extra={"requestBody": REQUEST_BODY, "parameters": parameters},
+            responses={
+                200: {"description": "TreeSHAP contributions per row and feature, plus bias"},
+                **NAMED_ERROR_RESPONSES,
+            },
+            response_class=Response,
+            name=f"explain_named{'_version' if pinned else ''}",
+        )(explain_named)
+        app.get(
+            prefix,
+            summary=f"A model by name{suffix}",
+            openapi_extra={"parameters": parameters},
+            responses={404: NAMED_ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
+            response_class=Response,
+            name=f"model_named{'_version' if pinned else ''}",
+        )(model_named)
+
+    @app.get("/models", summary="Models", response_class=Response)
+    async def models_list() -> Response:
+        """Every model with a version in service: name, version, task, features."""
+        return Response(orjson.dumps({"models": list_models(cache)}), media_type="application/json")
+
     app.router.route_class = APIRoute
     # Routes match in order: the hot ones first, then OpenAPI and the docs pages.
     app.openapi_url = "/openapi.json"
@@ -355,6 +496,81 @@ def create_app(
     return app
 
 
+def list_models(cache: ModelCache) -> list[dict[str, Any]]:
+    """``GET /models``: each model of the registry with a version in service (read from the
+    cache when it holds the champion, else from its pointer and manifest, no model load)."""
+    default = cache.default.service
+    store = default.registry.store
+    found = []
+    for name in model_names(store):
+        try:
+            served = cache.peek(ModelRef(name))
+            loaded = None if served is None else served.service.loaded
+            if loaded is not None:
+                manifest, version = loaded.manifest, loaded.version
+            else:
+                registry = ModelRegistry(store, name)
+                pointer = registry.current()
+                if pointer is None:
+                    continue
+                manifest, version = registry.manifest(pointer.version), pointer.version
+        except Exception as exc:  # one broken model must not hide the others
+            logger.warning("model not listed", extra={"model": name, "error": str(exc)[:300]})
+            continue
+        found.append(
+            {
+                "name": name,
+                "version": version,
+                "task": manifest.task,
+                "objective": manifest.objective,
+                "features": manifest.feature_names,
+                "default": name == default.name,
+            }
+        )
+    return found
+
+
+def model_cache(
+    service: ModelService,
+    settings: Settings,
+    capture: CaptureBuffer | None = None,
+    *,
+    metrics: MetricsSink | None = None,
+) -> ModelCache:
+    """The cache of every model, around the default ``service`` (and its capture buffer): the
+    other models' registries share its store, each model name gets a capture buffer like it."""
+
+    def registry_for(name: str) -> ModelRegistry:
+        return ModelRegistry(service.registry.store, name)
+
+    def capture_for(name: str) -> CaptureBuffer | None:
+        buffer = CaptureBuffer(
+            settings.model_bucket,
+            name,
+            settings.capture_sample_rate,
+            settings.capture_max_rows,
+            settings.capture_max_age_seconds,
+            metrics=metrics,
+            # as the default model's buffer writes: in the background on Lambda
+            background=capture.background if capture is not None else True,
+        )
+        if not buffer.enabled:
+            return None
+        buffer.install_sigterm_flush()  # chained: every model's buffer is written at SIGTERM
+        return buffer
+
+    enabled = capture if capture is not None and capture.enabled else None
+    return ModelCache(
+        Served(service, enabled),
+        registry_for,
+        settings,
+        limit_mb=settings.cache_mb,
+        capture_for=capture_for if enabled is not None else None,
+        metrics=metrics,
+        clock=service.clock,
+    )
+
+
 # --- the function -------------------------------------------------------------------------------
 
 
@@ -378,8 +594,14 @@ class InferenceFunction:
         if self.capture.enabled:
             self.capture.install_sigterm_flush()
         self.endpoints = Endpoints(self.service, settings, self.capture, metrics)
+        self.models = model_cache(self.service, settings, self.capture, metrics=metrics)
         self.app = create_app(
-            self.service, settings, self.capture, metrics=metrics, endpoints=self.endpoints
+            self.service,
+            settings,
+            self.capture,
+            metrics=metrics,
+            endpoints=self.endpoints,
+            models=self.models,
         )
         self.mangum = Mangum(self.app, lifespan="off", api_gateway_base_path=settings.api_base_path)
 
@@ -418,7 +640,9 @@ class InferenceFunction:
         check."""
         reset_clients()
         self.service.registry = _registry(self.settings)
-        self.capture.reseed()
+        for buffer in {id(b): b for b in [self.capture, *self.models.captures()]}.values():
+            buffer.reseed()
+        self.models.clear()  # the other models load again, with the new clients
         self.service.refresh()
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import orjson
 
-from treeserve.errors import InvalidInput, NoModelInService, PayloadTooLarge
+from treeserve.errors import InvalidInput, NoModelInService, NotFound, PayloadTooLarge
 from treeserve.serving.inputs import parse_body
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ Send = Callable[[Message], Awaitable[None]]
 Kind = Literal["predict", "explain"]
 
 VERSION_HEADER = b"x-model-version"
+NAME_HEADER = b"x-model-name"
 JSON_TYPE = b"application/json"
 CSV_TYPE = b"text/csv; charset=utf-8"
 LATENCY_METRIC = "PredictLatency"
@@ -139,10 +140,17 @@ class Endpoints:
         self.capture = capture if capture is not None and capture.enabled else None
         self.metrics = metrics
 
-    def error(self, status: int, kind: str, message: str) -> Answer:
+    def error(
+        self, status: int, kind: str, message: str, service: ModelService | None = None
+    ) -> Answer:
+        service = self.service if service is None else service
         return (
             status,
-            [(b"content-type", JSON_TYPE), (VERSION_HEADER, self.service.version_header())],
+            [
+                (b"content-type", JSON_TYPE),
+                (VERSION_HEADER, service.version_header()),
+                (NAME_HEADER, service.name_header),
+            ],
             _error_body(kind, message),
         )
 
@@ -153,11 +161,19 @@ class Endpoints:
         content_type: str | None,
         accept: bytes | None,
         request_id: str | None,
+        *,
+        service: ModelService | None = None,
+        capture: CaptureBuffer | bool | None = True,
     ) -> Answer:
-        """Serve one predict/explain request. Client errors become 4xx answers here."""
+        """Serve one predict/explain request (of the default model, or of ``service`` with its
+        ``capture`` buffer). Client errors become 4xx answers here."""
         started = time.perf_counter()
-        service = self.service
-        service.maybe_refresh()
+        if service is None:
+            service = self.service
+            service.maybe_refresh()
+        buffer: CaptureBuffer | None = (
+            self.capture if capture is True else None if isinstance(capture, bool) else capture
+        )
         try:
             loaded = service.current()
             if kind == "explain":
@@ -171,12 +187,14 @@ class Endpoints:
                 id_prefix=request_id,
             )
         except InvalidInput as exc:
-            return self.error(exc.status, exc.type, exc.message)
+            return self.error(exc.status, exc.type, exc.message, service)
         except NoModelInService as exc:
-            return self.error(503, "no_model", str(exc))
+            return self.error(503, "no_model", str(exc), service)
+        except NotFound as exc:
+            return self.error(404, "not_found", str(exc), service)
         csv_out = _wants_csv(accept)
         if kind == "predict":
-            payload = self._predict(loaded, parsed.X, parsed.ids, csv_out)
+            payload = self._predict(loaded, parsed.X, parsed.ids, csv_out, buffer)
         else:
             payload = self._explain(loaded, parsed.X, parsed.ids, csv_out)
         if self.metrics is not None:
@@ -191,15 +209,23 @@ class Endpoints:
             [
                 (b"content-type", CSV_TYPE if csv_out else JSON_TYPE),
                 (VERSION_HEADER, loaded.version_header),
+                (NAME_HEADER, service.name_header),
             ],
             payload,
         )
 
-    def _predict(self, loaded: LoadedModel, X: np.ndarray, ids: list[Any], csv_out: bool) -> bytes:
+    def _predict(
+        self,
+        loaded: LoadedModel,
+        X: np.ndarray,
+        ids: list[Any],
+        csv_out: bool,
+        capture: CaptureBuffer | None,
+    ) -> bytes:
         predictor = loaded.predictor
         prediction = predictor.predict(X)
-        if self.capture is not None:
-            self.capture.record(
+        if capture is not None:
+            capture.record(
                 ids,
                 X,
                 prediction.values,
@@ -250,12 +276,17 @@ class Endpoints:
         content_type: str | None,
         accept: bytes | None,
         request_id: str | None,
+        *,
+        service: ModelService | None = None,
+        capture: CaptureBuffer | bool | None = True,
     ) -> Answer:
         try:
             body = await _read_body(receive, self.max_bytes)
         except PayloadTooLarge as exc:
-            return self.error(exc.status, exc.type, exc.message)
-        return self.safe_handle(kind, body, content_type, accept, request_id)
+            return self.error(exc.status, exc.type, exc.message, service)
+        return self.safe_handle(
+            kind, body, content_type, accept, request_id, service=service, capture=capture
+        )
 
     def safe_handle(
         self,
@@ -264,12 +295,19 @@ class Endpoints:
         content_type: str | None,
         accept: bytes | None,
         request_id: str | None,
+        *,
+        service: ModelService | None = None,
+        capture: CaptureBuffer | bool | None = True,
     ) -> Answer:
         try:
-            return self.handle(kind, body, content_type, accept, request_id)
+            return self.handle(
+                kind, body, content_type, accept, request_id, service=service, capture=capture
+            )
         except Exception:  # a bug or a broken model, not the client's fault: 500, logged
             logger.exception("prediction failed", extra={"route": kind})
-            return self.error(500, "internal_error", "the model could not answer; see the logs")
+            return self.error(
+                500, "internal_error", "the model could not answer; see the logs", service
+            )
 
 
 async def _read_body(receive: Receive, max_bytes: int) -> bytes:
