@@ -127,6 +127,17 @@ _INTERFACE = (
 )
 
 
+def _copied(shape: Any, dims: Any, out: Any) -> np.ndarray:
+    """A prediction call's output as an array of its own: the output lives in XGBoost's
+    per-thread buffer only until this thread's next call."""
+    sizes = [int(shape[i]) for i in range(dims.value)]
+    count = math.prod(sizes)
+    result = np.empty(count, dtype=np.float32)
+    if count:
+        ctypes.memmove(result.ctypes.data, out, count * 4)
+    return result.reshape(sizes)
+
+
 def _package() -> Any:
     """The xgboost package, imported on first need (see the module docstring)."""
     import xgboost  # noqa: PLC0415
@@ -208,13 +219,7 @@ class DenseCall:
                 ctypes.byref(out),
             )
         )
-        # The output lives in XGBoost's per-thread buffer until this thread's next call: copy it.
-        sizes = [int(shape[i]) for i in range(dims.value)]
-        count = math.prod(sizes)
-        result = np.empty(count, dtype=np.float32)
-        if count:
-            ctypes.memmove(result.ctypes.data, out, count * 4)
-        return result.reshape(sizes)
+        return _copied(shape, dims, out)
 
 
 # --- libxgboost without the package ------------------------------------------------------------
@@ -316,14 +321,9 @@ class NativeBooster:
                     ctypes.byref(out),
                 )
             )
-            sizes = [int(shape[i]) for i in range(dims.value)]
-            count = math.prod(sizes)
-            result = np.empty(count, dtype=np.float32)
-            if count:  # the output lives in the booster's per-thread buffer: copy it
-                ctypes.memmove(result.ctypes.data, out, count * 4)
+            return _copied(shape, dims, out)
         finally:
             self.lib.XGDMatrixFree(dmatrix)
-        return result.reshape(sizes)
 
     def __del__(self) -> None:
         handle = getattr(self, "handle", None)
