@@ -91,8 +91,8 @@ def test_scheduled_event_writes_report_and_emits_emf(
 
     blobs = emf_blobs(out)
     assert blobs, "the handler printed EMF to stdout"
-    # The DriftAlarm in template.yaml watches this metric by service alone; the dashboard's
-    # SEARCH finds the same value by service and model.
+    # The DriftAlarm in template.yaml groups this metric's (service, model) series by model
+    # (tests/integration/test_template.py); the service-only total stays for the dashboard.
     by_dims = {tuple(sorted(d)): v for d, v in metric_values(blobs, "DriftedFeatures")}
     assert by_dims == {("service",): 1.0, ("model", "service"): 1.0}
     model_dims = [d for d, _ in metric_values(blobs, "DriftedFeatures") if "model" in d]

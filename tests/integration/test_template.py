@@ -423,3 +423,33 @@ def test_dashboard_body_is_valid_json_with_every_widget_resolved(template: Templ
         "SEARCH('{Treeserve,model,service}" in e and 'MetricName="DriftedFeatures"' in e
         for e in searches
     )
+
+
+@pytest.mark.parametrize(
+    ("alarm", "metric"),
+    [("DriftAlarm", "DriftedFeatures"), ("DataQualityAlarm", "QualityFlaggedFeatures")],
+)
+def test_monitoring_alarms_have_one_contributor_per_model(
+    template: Template, alarm: str, metric: str
+) -> None:
+    """A Metrics Insights query grouped by model: every model of the stack alarms on its own,
+    with no template change per model, over the namespace, service and metric the monitoring
+    function emits (its template environment; the per-model series of emit_metrics)."""
+    from treeserve.monitoring import pipeline
+
+    assert metric in (pipeline.METRIC_DRIFTED_FEATURES, pipeline.METRIC_QUALITY_FLAGS)
+    env = template.function("MonitoringFunction").environment
+    props = template.resources[alarm]["Properties"]
+    assert "MetricName" not in props
+    (query,) = props["Metrics"]
+    assert query["ReturnData"] is True
+    expression = " ".join(query["Expression"].split())
+    namespace, service = env["POWERTOOLS_METRICS_NAMESPACE"], env["POWERTOOLS_SERVICE_NAME"]
+    expected = " ".join(
+        [
+            f"SELECT MAX({metric}) FROM SCHEMA({namespace}, model, service)",  # noqa: S608 -- a CloudWatch query, not SQL run anywhere
+            f"WHERE service = '{service}' GROUP BY model",
+        ]
+    )
+    assert expression == expected
+    assert props["AlarmActions"] == [{"Ref": "AlarmTopic"}]

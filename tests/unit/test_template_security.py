@@ -7,6 +7,7 @@ SAM generates (policies, destinations) are checked too, not only what the YAML s
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -296,7 +297,12 @@ def test_topic_and_key_allow_cloudwatch_alarms_and_no_one_else(cfn: dict[str, An
             "Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"
         }
     alarms = of_type(cfn, "AWS::CloudWatch::Alarm")
-    metrics = {a["Properties"]["MetricName"] for a in alarms.values()}
+    metrics = {a["Properties"].get("MetricName") for a in alarms.values()} | {
+        found[1]
+        for a in alarms.values()
+        for m in a["Properties"].get("Metrics", [])
+        if (found := re.search(r"SELECT MAX\((\w+)\)", m["Expression"]))
+    }
     assert metrics >= {
         "5xx",
         "Latency",
