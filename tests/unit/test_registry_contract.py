@@ -428,3 +428,17 @@ def test_model_names_lists_every_model_of_the_registry(
     assert model_names(store) == ["a.model", "b-model"]
     assert ModelRegistry(store, "a.model").exists()
     assert not ModelRegistry(store, "other").exists()
+
+
+def test_list_folders_names_each_folder_once_across_pages(store: RegistryStore) -> None:
+    """One entry per folder however many keys it holds (S3's Delimiter listing, paged by
+    SMALL_PAGE), none for a key right under the prefix, nothing from a longer prefix."""
+    for i in range(5):
+        store.put(f"registry/m{i}/versions/1/model.ubj", b"x")
+        store.put(f"registry/m{i}/current.json", b"{}")
+    store.put("registry/m2/versions/2/model.ubj", b"y")
+    store.put("registry/loose.json", b"{}")
+    store.put("registry-other/z/current.json", b"{}")
+    assert list(store.list_folders("registry/")) == [f"m{i}" for i in range(5)]
+    assert list(store.list_folders("registry/m2/versions/")) == ["1", "2"]
+    assert list(store.list_folders("registry/none/")) == []

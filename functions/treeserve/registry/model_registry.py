@@ -110,13 +110,9 @@ def valid_alias(alias: object) -> bool:
 
 
 def model_names(store: RegistryStore) -> list[str]:
-    """Every model name with anything under ``registry/<name>/`` (one listing of ``registry/``)."""
-    names = set()
-    for key in store.list_keys("registry/"):
-        name = key[len("registry/") :].split("/", 1)[0]
-        if valid_model_name(name):
-            names.add(name)
-    return sorted(names)
+    """Every model name with anything under ``registry/<name>/``: one folder listing of
+    ``registry/`` (one entry per model, whatever its number of versions)."""
+    return [name for name in store.list_folders("registry/") if valid_model_name(name)]
 
 
 class PointerUnreadable(RegistryError):

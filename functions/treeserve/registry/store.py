@@ -76,6 +76,12 @@ class RegistryStore(Protocol):
         """Every key under ``prefix``, in lexicographic order, page by page."""
         ...
 
+    def list_folders(self, prefix: str) -> Iterator[str]:
+        """The names of the "folders" right under ``prefix`` (which ends in ``/``): the first
+        path segment after it of every key, once each, in lexicographic order (S3's
+        ``Delimiter="/"`` listing: one entry per folder, however many keys it holds)."""
+        ...
+
 
 def _same_etag(a: str, b: str) -> bool:
     return a.strip('"') == b.strip('"')
@@ -135,6 +141,11 @@ class InMemoryRegistryStore:
         with self._lock:
             keys = sorted(k for k in self._objects if k.startswith(prefix))
         yield from keys
+
+    def list_folders(self, prefix: str) -> Iterator[str]:
+        with self._lock:
+            rests = [k[len(prefix) :] for k in self._objects if k.startswith(prefix)]
+        yield from sorted({rest.split("/", 1)[0] for rest in rests if "/" in rest})
 
 
 # --- the S3 adapter ------------------------------------------------------------------------------
@@ -209,6 +220,25 @@ class S3RegistryStore:
                 page = self.s3.list_objects_v2(**kwargs)
             for item in page.get("Contents", []):
                 yield item["Key"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def list_folders(self, prefix: str) -> Iterator[str]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": prefix,
+                "Delimiter": "/",
+                "MaxKeys": self.page_size,
+            }
+            if token:
+                kwargs["ContinuationToken"] = token
+            with s3_errors(self.bucket, prefix):
+                page = self.s3.list_objects_v2(**kwargs)
+            for item in page.get("CommonPrefixes", []):
+                yield item["Prefix"][len(prefix) :].rstrip("/")
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
