@@ -23,6 +23,8 @@ from __future__ import annotations
 import base64
 import inspect
 import logging
+import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -34,14 +36,18 @@ from fastapi.routing import APIRoute
 from mangum import Mangum
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from treeserve import __version__
 from treeserve.aws import reset_clients
-from treeserve.errors import NoModelInService, NotFound
+from treeserve.errors import InvalidInput, NoModelInService, NotFound, PayloadTooLarge
 from treeserve.registry.model_registry import ModelRegistry, model_names
 from treeserve.registry.store import S3RegistryStore
+from treeserve.serving import oip
 from treeserve.serving.capture import CaptureBuffer
 from treeserve.serving.endpoints import (
     JSON_TYPE,
+    LATENCY_METRIC,
     NAME_HEADER,
+    ROWS_METRIC,
     VERSION_HEADER,
     Answer,
     Endpoints,
@@ -50,11 +56,19 @@ from treeserve.serving.endpoints import (
     Receive,
     Scope,
     Send,
+    _read_body,
     proxy_response,
     refuse_event,
     scope_request_id,
 )
-from treeserve.serving.service import MetricsSink, ModelCache, ModelRef, ModelService, Served
+from treeserve.serving.service import (
+    LoadedModel,
+    MetricsSink,
+    ModelCache,
+    ModelRef,
+    ModelService,
+    Served,
+)
 from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -464,6 +478,8 @@ def create_app(
             name=f"model_named{'_version' if pinned else ''}",
         )(model_named)
 
+    add_v2_routes(app, service, endpoints, resolve, settings)
+
     @app.get("/models", summary="Models", response_class=Response)
     async def models_list() -> Response:
         """Every model with a version in service: name, version, task, features."""
@@ -494,6 +510,186 @@ def create_app(
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_server_error)
     return app
+
+
+def add_v2_routes(
+    app: FastAPI,
+    service: ModelService,
+    endpoints: Endpoints,
+    resolve: Callable[[Request], Served | Answer],
+    settings: Settings,
+) -> None:
+    """The Open Inference Protocol (v2) routes (DESIGN.md "Open Inference Protocol"), for every
+    model ``resolve`` finds; the wire format is :mod:`treeserve.serving.oip`'s."""
+
+    def v2_error(status: int, message: str, of: ModelService | None = None) -> Response:
+        of = service if of is None else of
+        return answer(
+            (
+                status,
+                [
+                    (b"content-type", JSON_TYPE),
+                    (VERSION_HEADER, of.version_header()),
+                    (NAME_HEADER, of.name_header),
+                ],
+                oip.error_body(message),
+            )
+        )
+
+    def v2_json(document: Any, of: ModelService, loaded: Any = None) -> Response:
+        version = of.version_header() if loaded is None else loaded.version_header
+        return answer(
+            (
+                200,
+                [
+                    (b"content-type", JSON_TYPE),
+                    (VERSION_HEADER, version),
+                    (NAME_HEADER, of.name_header),
+                ],
+                orjson.dumps(document),
+            )
+        )
+
+    def v2_model(request: Request) -> tuple[Served, LoadedModel] | Response:
+        served = resolve(request)
+        if isinstance(served, tuple):  # 404: the message of the JSON API, v2's shape
+            message = orjson.loads(served[2])["error"]["message"]
+            return answer((404, served[1], oip.error_body(message)))
+        of = served.service
+        try:
+            return served, of.current()
+        except NoModelInService as exc:
+            return v2_error(503, str(exc), of)
+        except NotFound as exc:
+            return v2_error(404, str(exc), of)
+
+    @app.get("/v2", summary="v2: server metadata", response_class=Response)
+    async def v2_server() -> Response:
+        """Open Inference Protocol server metadata."""
+        document = {
+            "name": "treeserve",
+            "version": __version__,
+            "extensions": ["binary_tensor_data"],
+        }
+        return v2_json(document, service)
+
+    @app.get("/v2/health/live", summary="v2: live", response_class=Response)
+    async def v2_live() -> Response:
+        """200 while the function answers."""
+        return v2_json({"live": True}, service)
+
+    @app.get("/v2/health/ready", summary="v2: ready", response_class=Response)
+    async def v2_ready() -> Response:
+        """200 with the default model in service, else 503."""
+        service.maybe_refresh()
+        if service.loaded is None:
+            return v2_error(503, "no model is in service yet")
+        return v2_json({"ready": True}, service)
+
+    async def v2_metadata(request: Request) -> Response:
+        """Model metadata: versions, platform, inputs and outputs (datatype, shape)."""
+        found = v2_model(request)
+        if isinstance(found, Response):
+            return found
+        served, loaded = found
+        of = served.service
+        predictor = loaded.predictor
+        document = {
+            "name": of.name,
+            "versions": [] if loaded.version is None else [str(loaded.version)],
+            "platform": "xgboost",
+            "inputs": oip.input_metadata(loaded.schema),
+            "outputs": oip.output_metadata(predictor),
+        }
+        return v2_json(document, of, loaded)
+
+    async def v2_model_ready(request: Request) -> Response:
+        """200 when the model (version) is in service."""
+        found = v2_model(request)
+        if isinstance(found, Response):
+            return found
+        served, loaded = found
+        of = served.service
+        version = "" if loaded.version is None else str(loaded.version)
+        return v2_json({"name": of.name, "version": version, "ready": True}, of, loaded)
+
+    async def v2_infer(request: Request) -> Response:
+        """Open Inference Protocol inference: JSON or the binary tensor extension."""
+        started = time.perf_counter()
+        found = v2_model(request)
+        if isinstance(found, Response):
+            return found
+        served, loaded = found
+        of = served.service
+        header_length: bytes | None = None
+        for name, value in request.scope["headers"]:
+            if name == oip.HEADER_LENGTH:
+                header_length = value
+        try:
+            body = await _read_body(request.receive, endpoints.max_bytes)
+            if len(body) > endpoints.max_bytes:
+                raise PayloadTooLarge(
+                    f"body is {len(body)} bytes; the limit is {endpoints.max_bytes} bytes"
+                )
+            parsed = oip.parse_infer(body, header_length, loaded.schema, endpoints.max_rows)
+            prediction = loaded.predictor.predict(parsed.X)
+            content_type, payload, json_size = oip.encode_response(
+                of.name, loaded.version, parsed, oip.outputs(loaded.predictor, prediction)
+            )
+        except InvalidInput as exc:
+            return v2_error(exc.status, exc.message, of)
+        except Exception:  # a bug or a broken model, not the client's fault: 500, logged
+            logger.exception("prediction failed", extra={"route": "v2 infer"})
+            return v2_error(500, "the model could not answer; see the logs", of)
+        capture = served.capture
+        n = parsed.X.shape[0]
+        if capture is not None:
+            prefix = scope_request_id(request.scope) or uuid.uuid4().hex
+            ids = [f"{prefix}-{i}" for i in range(n)]
+            capture.record(
+                ids,
+                parsed.X,
+                prediction.values,
+                prediction.labels,
+                loaded.version,
+                manifest=loaded.manifest,
+            )
+        if endpoints.metrics is not None:
+            endpoints.metrics.add_metric(
+                name=LATENCY_METRIC,
+                unit="Milliseconds",
+                value=(time.perf_counter() - started) * 1000.0,
+            )
+            endpoints.metrics.add_metric(name=ROWS_METRIC, unit="Count", value=n)
+        headers = [
+            (b"content-type", content_type),
+            (VERSION_HEADER, loaded.version_header),
+            (NAME_HEADER, of.name_header),
+        ]
+        if json_size is not None:
+            headers.append((oip.HEADER_LENGTH, str(json_size).encode()))
+        return answer((200, headers, payload))
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        pinned = "_version" if "versions" in prefix else ""
+        app.get(
+            prefix,
+            summary="v2: model metadata",
+            response_class=Response,
+            name=f"v2_metadata{pinned}",
+        )(v2_metadata)
+        app.get(
+            f"{prefix}/ready",
+            summary="v2: model ready",
+            response_class=Response,
+            name=f"v2_model_ready{pinned}",
+        )(v2_model_ready)
+        app.post(
+            f"{prefix}/infer",
+            summary="v2: infer",
+            response_class=Response,
+            name=f"v2_infer{pinned}",
+        )(v2_infer)
 
 
 def list_models(cache: ModelCache) -> list[dict[str, Any]]:
