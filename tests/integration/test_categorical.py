@@ -372,3 +372,55 @@ def test_published_through_the_cli_with_the_dataframes_own_csvs(
     assert status == 200, body
     np.testing.assert_allclose(body["predictions"], own_output(model, test), rtol=1e-6, atol=1e-6)
     assert body["labels"] == model.predict(test).tolist()
+
+
+def test_open_inference_bytes_tensors_carry_category_values(
+    stack: RefreshStack, monkeypatch: pytest.MonkeyPatch, data: pd.DataFrame
+) -> None:
+    """v2 (issue 17): one tensor per feature, BYTES for the categorical ones (JSON and binary),
+    answers as ``model.predict_proba(df)``; an unseen category is a 422."""
+    import struct
+
+    from treeserve_cli.invoke import import_handler
+
+    model = fit("binary", data)
+    publish(stack, "churn", model, data.sample(200, random_state=0))
+    monkeypatch.setenv("MODEL_NAME", "churn")
+    handler = import_handler(INFERENCE_DIR, "app.handler", fresh=True)
+    df = data.iloc[:6].copy()
+    df.loc[df.index[1], "plan"] = np.nan  # missing, as null
+    region = [str(v) for v in df["region"]]
+    raw_region = b"".join(struct.pack("<I", len(v)) + v.encode() for v in region)
+
+    def infer(plan: list[Any]) -> tuple[int, Any]:
+        inputs = [
+            {"name": "usage", "shape": [6], "datatype": "FP64", "data": df["usage"].tolist()},
+            {"name": "plan", "shape": [6, 1], "datatype": "BYTES", "data": plan},
+            {"name": "tenure", "shape": [6], "datatype": "FP64", "data": df["tenure"].tolist()},
+            {
+                "name": "region",
+                "shape": [6],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(raw_region)},
+            },
+        ]
+        header = json.dumps({"inputs": inputs, "outputs": [{"name": "predict_proba"}]}).encode()
+        event = http_api_event(
+            "POST",
+            "/v2/models/churn/infer",
+            header + raw_region,
+            {"inference-header-content-length": str(len(header))},
+            base64_body=True,
+        )
+        response = handler(event, LambdaContext())
+        return response["statusCode"], json.loads(response_body(response))
+
+    plans = [None if isinstance(v, float) else str(v) for v in df["plan"]]
+    status, body = infer(plans)
+    assert status == 200, body
+    [output] = body["outputs"]
+    got = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+    np.testing.assert_array_equal(got, model.predict_proba(df).astype(np.float32))
+    status, body = infer(["platinum", *plans[1:]])
+    assert status == 422, body
+    assert "platinum" in body["error"]

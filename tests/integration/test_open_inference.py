@@ -28,6 +28,7 @@ from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
     function_fixture,
     registry_fixture,
 )
+from treeserve import captures
 from treeserve.registry.model_registry import ModelRegistry
 from treeserve.registry.store import S3RegistryStore
 from treeserve_cli.local import LambdaGateway, make_server
@@ -297,6 +298,46 @@ def test_a_header_length_past_the_body_is_a_400(
             {"inference-header-content-length": length},
         )
         assert status == 400, (length, body)
+
+
+def test_v2_requests_are_captured_like_the_others(
+    registry: ModelRegistry,
+    function: Start,
+    trio: dict[str, TrainedModel],
+    s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAPTURE_SAMPLE_RATE", "1")
+    register("default", trio["default"], class_names=CLASSES)
+    register("penguins", trio["penguins"])
+    module = function()
+    sent = {}
+    for name in ("default", "penguins"):
+        X = rows(trio[name], 3)
+        header, raw = binary_request(X)
+        status, _, body = call(
+            module,
+            "POST",
+            f"/v2/models/{name}/infer",
+            header + raw,
+            {"inference-header-content-length": str(len(header))},
+        )
+        assert status == 200, body
+        sent[name] = X
+    for buffer in {
+        id(b): b for b in [module.function.capture, *module.function.models.captures()]
+    }.values():
+        buffer.flush()
+    for name, X in sent.items():
+        listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"captures/{name}/")
+        [key] = [o["Key"] for o in listed["Contents"]]
+        rows_ = captures.decode_capture(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        assert rows_.model == name
+        assert np.array_equal(rows_.inputs, X)
+        want = own(trio[name], X)
+        got = rows_.outputs[:, 0] if want.ndim == 1 else rows_.outputs
+        assert got.tobytes() == want.tobytes()
+        assert rows_.versions.tolist() == [1, 1, 1]
 
 
 # --- the stock client against the local stack --------------------------------------------------

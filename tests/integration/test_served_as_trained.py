@@ -243,3 +243,55 @@ def test_model_describes_rounds_and_outputs(case: Case, served: ModuleType) -> N
     assert manifest["vector_leaf"] == (
         case.model.get_params().get("multi_strategy") == "multi_output_tree"
     )
+
+
+def test_open_inference_binary_tensor_is_the_models_own(case: Case, served: ModuleType) -> None:
+    """v2 (issue 17): an [n, d] FP32 tensor in the binary extension; ``predict`` and
+    ``predict_proba`` are the model's own, with the shapes the metadata declares."""
+    X = np.ascontiguousarray(case.X.to_numpy(), dtype=np.float32)
+    raw = X.tobytes()
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input-0",
+                    "shape": list(X.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "predict"}, {"name": "predict_proba"}]
+            if case.labels is not None and case.model.get_params()["objective"] != "multi:softmax"
+            else [{"name": "predict"}],
+        }
+    )
+    event = http_api_event(
+        "POST",
+        "/v2/models/default/infer",
+        header + raw,
+        {"inference-header-content-length": str(len(header))},
+        base64_body=True,  # as API Gateway sends a binary body
+    )
+    response = served.handler(event, LambdaContext())
+    body = response_body(response)
+    assert response["statusCode"] == 200, body
+    assert "inference-header-content-length" not in response["headers"]  # JSON outputs
+    outputs = {o["name"]: o for o in orjson.loads(body)["outputs"]}
+    status, meta = ask(served, "GET", "/v2/models/default")
+    assert status == 200, meta
+    declared = {o["name"]: o for o in orjson.loads(meta)["outputs"]}
+    assert set(declared) == set(outputs)
+    for name, output in outputs.items():
+        assert len(output["shape"]) == len(declared[name]["shape"])
+        assert output["shape"][1:] == declared[name]["shape"][1:]
+        assert output["datatype"] == declared[name]["datatype"]
+    predict = np.asarray(outputs["predict"]["data"]).reshape(outputs["predict"]["shape"])
+    if case.labels is None:
+        assert list(predict.shape) == list(case.values.shape)
+        close(predict, case.values)
+    else:
+        assert predict.tolist() == case.labels
+    if "predict_proba" in outputs:
+        proba = np.asarray(outputs["predict_proba"]["data"], dtype=np.float32)
+        proba = proba.reshape(outputs["predict_proba"]["shape"])
+        close(proba, case.model.predict_proba(case.X))
