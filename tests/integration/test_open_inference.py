@@ -8,6 +8,7 @@ one function: the default (binary, class names), penguins (3 classes), price (re
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -21,7 +22,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import BUCKET, LambdaContext, TrainedModel, train
+from tests.conftest import BUCKET, ROOT, LambdaContext, TrainedModel, train
 from tests.e2e.test_local_stack import free_port
 from tests.inference_support import http_api_event, manifest_for, response_body, response_headers
 from tests.integration.inference_fixtures import (  # noqa: F401 -- fixtures
@@ -217,6 +218,65 @@ def test_one_tensor_per_feature_and_regression(
     assert np.array(output["data"], dtype=np.float32).tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("datatype", ["FP64", "INT32", "INT64", "BOOL"])
+def test_other_datatypes_binary_and_json(
+    module: ModuleType, trio: dict[str, TrainedModel], datatype: str
+) -> None:
+    model = trio["price"]
+    dtype = {"FP64": "<f8", "INT32": "<i4", "INT64": "<i8", "BOOL": "?"}[datatype]
+    X = (model.X[:4] * 3).astype(dtype)
+    want = own(model, X.astype(np.float32))
+    raw = X.tobytes()
+    tensor = {"name": "x", "shape": [4, 9], "datatype": datatype}
+    binary = orjson.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]})
+    plain = orjson.dumps({"inputs": [{**tensor, "data": X.tolist()}]})
+    for body, headers in (
+        (binary + raw, {"inference-header-content-length": str(len(binary))}),
+        (plain, None),
+    ):
+        status, _, answer = call(module, "POST", "/v2/models/price/infer", body, headers)
+        assert status == 200, answer
+        [output] = orjson.loads(answer)["outputs"]
+        assert np.array(output["data"], dtype=np.float32).tobytes() == want.tobytes()
+
+
+def test_limits_and_values_out_of_range(
+    module: ModuleType, trio: dict[str, TrainedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    X = rows(trio["default"], 3)
+    X[1, 2] = np.inf
+    header, raw = binary_request(X)
+    length = {"inference-header-content-length": str(len(header))}
+    status, _, body = call(module, "POST", "/v2/models/default/infer", header + raw, length)
+    assert status == 422, body
+    assert "out of range" in orjson.loads(body)["error"]
+    many = np.zeros((module.function.endpoints.max_rows + 1, 6), dtype=np.float32)
+    header, raw = binary_request(many)
+    length = {"inference-header-content-length": str(len(header))}
+    status, _, body = call(module, "POST", "/v2/models/default/infer", header + raw, length)
+    assert status == 413, body
+    bad = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "f0",
+                    "shape": [2],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 6},
+                }
+            ]
+        }
+    )
+    status, _, body = call(
+        module,
+        "POST",
+        "/v2/models/default/infer",
+        bad + struct.pack("<I", 9) + b"ab",
+        {"inference-header-content-length": str(len(bad))},
+    )
+    assert status == 400, body
+
+
 def test_metadata_health_versions(module: ModuleType, trio: dict[str, TrainedModel]) -> None:
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/price/ready"):
         status, _, body = call(module, "GET", path)
@@ -343,9 +403,10 @@ def test_v2_requests_are_captured_like_the_others(
 # --- the stock client against the local stack --------------------------------------------------
 
 
-@pytest.fixture(name="local_url")
-def local_url_fixture(module: ModuleType) -> Iterator[str]:
-    gateway = LambdaGateway(module.handler, LambdaContext)
+@contextlib.contextmanager
+def local_stack(handler: Callable[[Any, Any], Any]) -> Iterator[str]:
+    """The local stack's API server (LambdaGateway under uvicorn) around ``handler``."""
+    gateway = LambdaGateway(handler, LambdaContext)
     port = free_port()
     server = make_server(gateway, port)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -360,6 +421,12 @@ def local_url_fixture(module: ModuleType) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         gateway.close()
+
+
+@pytest.fixture(name="local_url")
+def local_url_fixture(module: ModuleType) -> Iterator[str]:
+    with local_stack(module.handler) as url:
+        yield url
 
 
 def test_tritonclient_unchanged_against_the_local_stack(
@@ -412,3 +479,31 @@ def test_tritonclient_unchanged_against_the_local_stack(
     with pytest.raises(InferenceServerException):
         client.get_model_metadata("penguins", "7")
     client.close()
+
+
+def test_a_jwt_bearer_token_reaches_the_api_through_the_clients_headers(
+    module: ModuleType, trio: dict[str, TrainedModel]
+) -> None:
+    """ApiAuth=JWT: the HTTP API's JWT authorizer reads the Authorization header (template.yaml),
+    which the stock client sends on every call given ``headers``; the event carries it."""
+    template = (ROOT / "template.yaml").read_text()
+    assert "identitySource: $request.header.Authorization" in template
+    events: list[dict[str, Any]] = []
+
+    def handler(event: dict[str, Any], context: Any) -> Any:
+        events.append(event)
+        return module.handler(event, context)
+
+    auth = {"Authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}
+    with local_stack(handler) as url:
+        client = triton.InferenceServerClient(url)
+        assert client.is_server_ready(headers=auth)
+        assert client.get_model_metadata("price", headers=auth)["name"] == "price"
+        X = rows(trio["price"], 2)
+        tensor = triton.InferInput("input-0", [2, 9], "FP32")
+        tensor.set_data_from_numpy(X)
+        result = client.infer("price", [tensor], headers=auth)
+        assert result.as_numpy("predict").tobytes() == own(trio["price"], X).tobytes()
+        client.close()
+    assert len(events) == 3
+    assert all(e["headers"]["authorization"] == auth["Authorization"] for e in events)
