@@ -57,6 +57,7 @@ from treeserve.serving.endpoints import (
     Scope,
     Send,
     _read_body,
+    bad_base64_body,
     proxy_response,
     refuse_event,
     scope_request_id,
@@ -809,7 +810,10 @@ class InferenceFunction:
             return refused
         try:
             response: dict[str, Any] = self.mangum(event, context)
-        except Exception:  # refuse_event let through an event Mangum cannot read: a bug, logged
+        except Exception:  # a body that is not base64, or an event refuse_event let through
+            bad_body = bad_base64_body(self.endpoints, event)
+            if bad_body is not None:
+                return bad_body
             logger.exception("the event could not be served")
             return proxy_response(
                 *self.endpoints.error(

@@ -513,6 +513,20 @@ def _host_and_port(headers: dict[str, str]) -> bool:
     return port.isascii() and port.isdigit() and ":" not in port
 
 
+def bad_base64_body(endpoints: Endpoints, event: Any) -> dict[str, Any] | None:
+    """The 400 for an event whose body says it is base64 and is not (what Mangum raised on);
+    None otherwise."""
+    if not (isinstance(event, dict) and event.get("isBase64Encoded", False)):
+        return None
+    try:
+        base64.b64decode(event.get("body", b"") or b"")
+    except (binascii.Error, ValueError):
+        message = "the event's body is not valid base64 or text"
+        logger.warning("event refused", extra={"reason": message, "keys": _keys(event)})
+        return proxy_response(*endpoints.error(400, "malformed_body", message))
+    return None
+
+
 def proxy_response(
     status: int, headers: list[tuple[bytes, bytes]], payload: bytes
 ) -> dict[str, Any]:
@@ -527,11 +541,13 @@ def proxy_response(
 
 
 def _check_event_body(event: Mapping[str, Any]) -> None:
-    """Raise unless the event's body is what Mangum can decode: base64 when it says so, else
-    text (or bytes)."""
+    """Raise unless the event's body is what Mangum can decode: text or bytes (and, when it says
+    so, base64: that is checked by :func:`bad_base64_body` only when Mangum could not decode it,
+    so that a large binary body is decoded once, not twice)."""
     raw = event.get("body", b"") or b""
     if event.get("isBase64Encoded", False):
-        base64.b64decode(raw)
+        if not isinstance(raw, str | bytes):
+            raise TypeError(f"the event's body is a {type(raw).__name__}, not base64 text")
     elif isinstance(raw, str):
         if not raw.isascii():  # most bodies are ASCII: no copy to check them
             try:
