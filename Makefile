@@ -5,9 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed-stamp
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv run test lint typecheck cfn-lint checkov pytest bench build clean fuzz load
+.PHONY: venv run test lint typecheck cfn-lint checkov kserve-venv pytest bench build clean fuzz load
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing treeserve with its dev tools"
@@ -25,6 +27,17 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip
 	$(CHECKOV_VENV)/bin/python -m pip install $(PIP_FLAGS) 'checkov>=3.2'
 	@touch $@
+
+# KServe's REST client pins its own fastapi, pandas, grpcio and kubernetes: a venv of its own,
+# which tests/integration/test_open_inference.py runs tests/integration/kserve_client_check.py in.
+$(KSERVE_STAMP):
+	@echo "==> creating $(KSERVE_VENV) for KServe's inference client"
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install $(PIP_FLAGS) --upgrade pip
+	$(KSERVE_VENV)/bin/python -m pip install $(PIP_FLAGS) 'kserve>=0.21'
+	@touch $@
+
+kserve-venv: $(KSERVE_STAMP)
 
 run: venv
 	$(BIN)/treeserve local
@@ -46,7 +59,7 @@ cfn-lint: venv
 checkov: $(CHECKOV_STAMP)
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --framework cloudformation --skip-download -f template.yaml
 
-pytest: venv
+pytest: venv kserve-venv
 	$(BIN)/python -m pytest
 
 test: lint typecheck cfn-lint checkov pytest
@@ -89,4 +102,4 @@ build-MonitoringFunction:
 	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function monitoring --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(KSERVE_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache

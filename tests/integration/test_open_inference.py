@@ -1,18 +1,22 @@
 """The Open Inference Protocol (v2) on the inference function (issue 17).
 
 Handler tests send HTTP API events as API Gateway does (binary bodies base64-encoded, no
-Content-Type); the client tests drive the stock ``tritonclient.http.InferenceServerClient``,
-unchanged, against the local stack's gateway (LambdaGateway under uvicorn). Three models behind
+Content-Type); the client tests drive the stock ``tritonclient.http.InferenceServerClient`` and
+KServe's ``InferenceRESTClient`` (in its own venv), unchanged, against the local stack's gateway
+(LambdaGateway under uvicorn). Three models behind
 one function: the default (binary, class names), penguins (3 classes), price (regression).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -507,3 +511,44 @@ def test_a_jwt_bearer_token_reaches_the_api_through_the_clients_headers(
         client.close()
     assert len(events) == 3
     assert all(e["headers"]["authorization"] == auth["Authorization"] for e in events)
+
+
+KSERVE_PYTHON = ROOT / ".venv-kserve" / "bin" / "python"
+
+
+@pytest.mark.skipif(
+    not KSERVE_PYTHON.exists(), reason="KServe's client lives in its own venv: make kserve-venv"
+)
+def test_kserve_rest_client_unchanged_against_the_local_stack(
+    local_url: str, trio: dict[str, TrainedModel]
+) -> None:
+    """KServe's InferenceRESTClient (in a venv of its own) against the same gateway."""
+    sent = {"price": rows(trio["price"], 4), "default": rows(trio["default"], 3)}
+    proc = subprocess.run(  # our own script, with the venv's python
+        [
+            str(KSERVE_PYTHON),
+            str(Path(__file__).with_name("kserve_client_check.py")),
+            f"http://{local_url}",
+        ],
+        input=orjson.dumps({k: v.tolist() for k, v in sent.items()}),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    found = orjson.loads(proc.stdout.splitlines()[-1])
+    assert found["live"] is True
+    assert found["ready"] is True
+    assert found["missing_ready"] is False
+    assert found["price_ready"] is True
+    assert "nope" in found["missing_error"]
+    assert "404" in found["missing_error"]
+    want = own(trio["price"], sent["price"])
+    for mode in ("binary", "json"):
+        price = found[f"price_{mode}"]
+        assert price["id"] == f"price-{mode == 'binary'}"
+        assert price["shape"] == [4]
+        assert base64.b64decode(price["values"]) == want.tobytes()
+        labels = found[f"default_{mode}"]["values"]
+        labels = [v.decode() if isinstance(v, bytes) else v for v in labels]
+        assert labels == [CLASSES[int(p > 0.5)] for p in own(trio["default"], sent["default"])]

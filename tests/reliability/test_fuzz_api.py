@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -250,3 +251,79 @@ def test_valid_requests_match_xgboost(app: Any, model: TrainedModel) -> None:
     assert response.status_code == 200
     expected = model.booster.inplace_predict(rows.astype(np.float32))
     np.testing.assert_allclose(response.json()["predictions"], expected, rtol=1e-6)
+
+
+# --- the Open Inference Protocol (v2) ------------------------------------------------------
+
+_V2_NAMES = st.sampled_from(["input-0", "f0", "f1", "f4", "zz", ""])
+_V2_TYPES = st.sampled_from(["FP32", "FP64", "INT64", "BOOL", "BYTES", "UINT8", "FP16", "NOPE"])
+_V2_SHAPES = st.one_of(
+    st.lists(st.integers(-2, 8), min_size=0, max_size=3),
+    st.sampled_from([[2, 5], [1, 5], [3], [3, 1], [0, 5]]),
+    st.just("2x5"),
+)
+_V2_DATA = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=4)),
+    lambda inner: st.lists(inner, max_size=6),
+    max_leaves=20,
+)
+
+
+@st.composite
+def _v2_requests(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
+    """An infer request, often almost valid: tensors with JSON data or binary parts, outputs,
+    parameters; a header length that may be wrong."""
+    tensors, binary = [], b""
+    if draw(st.booleans()):  # a well-formed [n, 5] tensor, JSON or binary, any float values
+        n = draw(st.integers(1, 4))
+        values = draw(st.lists(st.floats(width=32), min_size=n * 5, max_size=n * 5))
+        tensor = {"name": "input-0", "datatype": "FP32", "shape": [n, 5]}
+        if draw(st.booleans()):
+            part = struct.pack(f"<{n * 5}f", *values)
+            tensors.append({**tensor, "parameters": {"binary_data_size": len(part)}})
+            binary += part
+        else:
+            tensors.append({**tensor, "data": values})
+    for _ in range(draw(st.integers(0, 3 - len(tensors)))):
+        tensor: dict[str, Any] = {
+            "name": draw(_V2_NAMES),
+            "datatype": draw(_V2_TYPES),
+            "shape": draw(_V2_SHAPES),
+        }
+        if draw(st.booleans()):
+            part = draw(st.binary(max_size=48))
+            tensor["parameters"] = {"binary_data_size": draw(st.sampled_from([len(part), 7, -1]))}
+            binary += part
+        else:
+            tensor["data"] = draw(_V2_DATA)
+        tensors.append(tensor)
+    request: dict[str, Any] = {"inputs": tensors}
+    if draw(st.booleans()):
+        request["outputs"] = [
+            {
+                "name": draw(st.sampled_from(["predict", "predict_proba", "x"])),
+                "parameters": {"binary_data": draw(st.booleans())},
+            }
+        ]
+    if draw(st.booleans()):
+        request["parameters"] = draw(st.sampled_from([{"binary_data_output": True}, [], None]))
+    header = json.dumps(request).encode()
+    if not binary and draw(st.booleans()):
+        return header, {}
+    length = draw(st.sampled_from([str(len(header)), str(len(header) + 3), "0", "x", "-1"]))
+    return header + binary, {"inference-header-content-length": length}
+
+
+def test_any_v2_infer_request_gives_2xx_or_4xx(app: Any) -> None:
+    @fuzz_settings(EXAMPLES * 4)
+    @given(request=_v2_requests(), path=st.sampled_from(["default", "default/versions/1"]))
+    def run(request: tuple[bytes, dict[str, str]], path: str) -> None:
+        body, headers = request
+        (response,) = _ask(app, [("POST", f"/v2/models/{path}/infer", body, headers)])
+        RAW_TRIED[("/v2/.../infer", response.status_code)] += 1
+        assert 200 <= response.status_code < 500, (response.status_code, response.text)
+        assert response.headers["x-model-version"] == "1"
+        if response.status_code >= 400:
+            assert isinstance(response.json()["error"], str)
+
+    run()
