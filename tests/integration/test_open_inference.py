@@ -3,8 +3,8 @@
 Handler tests send HTTP API events as API Gateway does (binary bodies base64-encoded, no
 Content-Type); the client tests drive the stock ``tritonclient.http.InferenceServerClient`` and
 KServe's ``InferenceRESTClient`` (in its own venv), unchanged, against the local stack's gateway
-(LambdaGateway under uvicorn). Three models behind
-one function: the default (binary, class names), penguins (3 classes), price (regression).
+(LambdaGateway under uvicorn). Three models behind one function: the default (binary, class
+names), penguins (3 classes), price (regression).
 """
 
 from __future__ import annotations
