@@ -364,17 +364,19 @@ def test_a_header_length_past_the_body_is_a_400(
         assert status == 400, (length, body)
 
 
-def test_v2_requests_are_captured_like_the_others(
-    registry: ModelRegistry,
+@pytest.mark.usefixtures("registry")
+def test_v2_requests_are_captured_and_measured_like_the_others(
     function: Start,
     trio: dict[str, TrainedModel],
     s3: Any,
     monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("CAPTURE_SAMPLE_RATE", "1")
     register("default", trio["default"], class_names=CLASSES)
     register("penguins", trio["penguins"])
     module = function()
+    capsys.readouterr()
     sent = {}
     for name in ("default", "penguins"):
         X = rows(trio[name], 3)
@@ -388,6 +390,10 @@ def test_v2_requests_are_captured_like_the_others(
         )
         assert status == 200, body
         sent[name] = X
+    out = capsys.readouterr().out
+    emf = [orjson.loads(line) for line in out.splitlines() if line.startswith('{"_aws"')]
+    assert [b["PredictedRows"] for b in emf if "PredictedRows" in b] == [[3.0], [3.0]]
+    assert all("PredictLatency" in b for b in emf if "PredictedRows" in b)
     for buffer in {
         id(b): b for b in [module.function.capture, *module.function.models.captures()]
     }.values():

@@ -3,7 +3,9 @@
 Routes: ``POST /predict``, ``POST /explain``, ``GET /health``, ``GET /model`` (the default model,
 ``MODEL_NAME``); ``POST /models/{name}/predict|explain``, ``GET /models/{name}`` and ``GET /models``
 (every model of the registry, through the :class:`~treeserve.serving.service.ModelCache`), with
-``{name}`` also ``name@alias`` and the ``/models/{name}/versions/{n}/...`` pins; ``GET /docs``,
+``{name}`` also ``name@alias`` and the ``/models/{name}/versions/{n}/...`` pins; the Open Inference
+Protocol's ``/v2/...`` routes (:func:`add_v2_routes`, wire format in :mod:`treeserve.serving.oip`)
+for the same models; ``GET /docs``,
 ``GET /openapi.json``, each defined once, here. Bodies are parsed by :mod:`treeserve.serving.inputs`
 from the raw bytes (the OpenAPI document still describes them, through ``openapi_extra``);
 answers are serialised with orjson. Every answer, errors included, carries ``x-model-version``
