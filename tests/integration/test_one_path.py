@@ -44,6 +44,8 @@ ROUTES = [
     ("GET", "/model"),
     ("GET", "/docs"),
     ("GET", "/openapi.json"),
+    ("GET", "/v2/health/ready"),  # the Open Inference Protocol's routes: the same app
+    ("GET", "/v2/models/default"),
     ("GET", "/whoami"),  # the user's own route, with the user's own dependency
     ("GET", "/nope"),  # no route: the framework's 404 goes through the middleware too
 ]

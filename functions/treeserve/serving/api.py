@@ -10,7 +10,8 @@ for the same models; ``GET /docs``,
 from the raw bytes (the OpenAPI document still describes them, through ``openapi_extra``);
 answers are serialised with orjson. Every answer, errors included, carries ``x-model-version``
 and ``x-model-name``;
-errors are ``{"error": {"type", "message"}}`` and client input never yields a 5xx.
+errors are ``{"error": {"type", "message"}}`` (on ``/v2``, the protocol's ``{"error": "..."}``) and
+client input never yields a 5xx.
 
 There is one request path. :class:`InferenceFunction` wraps the app in Mangum
 (``lifespan="off"``: ``"auto"`` would run the app's startup on every invocation), and every event
