@@ -235,7 +235,7 @@ def _fast_rows(
         values = np.fromiter(_chain(rows), dtype=np.float64, count=n * width)
     except (TypeError, ValueError):
         return None
-    return _as_float32(values.reshape(n, width), schema)
+    return as_float32(values.reshape(n, width), schema)
 
 
 def _records_to_rows(records: list[dict[str, Any]], schema: FeatureSchema) -> list[Sequence[Any]]:
@@ -264,7 +264,7 @@ def _rows_to_matrix(rows: Sequence[Sequence[Any]], schema: FeatureSchema) -> np.
         rows = _recode_rows(rows, schema)
     n = len(rows)
     values = np.fromiter(_chain(rows), dtype=np.float64, count=n * width)
-    return _as_float32(values.reshape(n, width), schema)
+    return as_float32(values.reshape(n, width), schema)
 
 
 def _recode_rows(rows: Sequence[Sequence[Any]], schema: FeatureSchema) -> list[list[Any]]:
@@ -301,7 +301,7 @@ def _category_code(
     )
 
 
-def _as_float32(X64: np.ndarray, schema: FeatureSchema) -> np.ndarray:
+def as_float32(X64: np.ndarray, schema: FeatureSchema) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         X = X64.astype(np.float32)
     if np.isinf(X).any():
@@ -480,7 +480,7 @@ def _parse_csv(
     except ValueError:
         block = _csv_block_slow(records, columns, targets, header, schema)
     X64[:, targets] = block.reshape(n, len(columns))
-    return _as_float32(X64, schema), ids
+    return as_float32(X64, schema), ids
 
 
 def _csv_block_slow(

@@ -24,7 +24,7 @@ import orjson
 
 from treeserve.errors import InputMismatch, MalformedBody, PayloadTooLarge
 from treeserve.model.predictor import Prediction, Predictor
-from treeserve.serving.inputs import FeatureSchema, _as_float32
+from treeserve.serving.inputs import FeatureSchema, as_float32
 
 HEADER_LENGTH = b"inference-header-content-length"
 BINARY_TYPE = b"application/octet-stream"
@@ -220,7 +220,7 @@ def _matrix(
             if not X.flags.aligned:
                 X = X.copy()
             return _checked(X, schema)
-        return _as_float32(values.astype(np.float64).reshape(n, width), schema)
+        return as_float32(values.astype(np.float64).reshape(n, width), schema)
     return _by_feature(tensors, schema, max_rows)
 
 
@@ -251,7 +251,7 @@ def _by_feature(
 
 def _checked(X: np.ndarray, schema: FeatureSchema) -> np.ndarray:
     if np.isinf(X).any():
-        return _as_float32(X.astype(np.float64), schema)  # raises with the place
+        return as_float32(X.astype(np.float64), schema)  # raises with the place
     return X
 
 
