@@ -227,6 +227,31 @@ def test_the_demo_model_is_served_with_the_boosters_values(
     assert body["labels"] == ["malignant" if p >= 0.5 else "benign" for p in expected]
 
 
+def test_a_stock_triton_client_is_answered_by_treeserve_local(
+    stack: Stack, holdout: np.ndarray
+) -> None:
+    """tritonclient's InferenceServerClient, unchanged, against the running ``treeserve local``
+    (the Open Inference Protocol over the stack's own HTTP port): the demo model's own values."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(stack.api.removeprefix("http://"))
+    try:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("default")
+        assert client.is_model_ready("penguins")
+        metadata = client.get_model_metadata("default")
+        assert metadata["inputs"][0]["shape"] == [-1, holdout.shape[1]]
+        X = np.ascontiguousarray(holdout, dtype=np.float32)
+        tensor = triton.InferInput("input-0", list(X.shape), "FP32")
+        tensor.set_data_from_numpy(X, binary_data=True)
+        result = client.infer("default", [tensor])  # every output, in binary
+        expected = served_booster(stack, 1).inplace_predict(X)
+        assert result.as_numpy("predict_proba")[:, 1].tobytes() == expected.tobytes()
+    finally:
+        client.close()
+
+
 def test_the_printed_curl_examples_work_as_printed(stack: Stack) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
