@@ -39,7 +39,7 @@ EXTENSION = ".parquet"
 # The columns of a capture file, in file order. ``model`` is also the first partition key of
 # the Glue table (Athena reads it from the path, the same value), so the table omits it.
 COLUMNS: tuple[Column, ...] = (
-    Column("id", BYTE_ARRAY, doc="the row's id: the request's, or generated (text)"),
+    Column("id", BYTE_ARRAY, doc="the id of the row: as the request gave it, or generated (text)"),
     Column("ts", INT64, timestamp_ms=True, doc="when the row was answered (UTC, milliseconds)"),
     Column("model", BYTE_ARRAY, doc="the model's name"),
     Column("version", INT64, optional=True, doc="the registered version that answered"),
