@@ -13,6 +13,9 @@ Keys under ``registry/<model>/`` (DESIGN.md "S3 layout", plus two additions mark
     aliases/<alias>.json            {"version", "sha256", "set_at"}: a named pointer, changed
                                     only by compare-and-swap like current.json; a cleared alias
                                     is {"version": null, "cleared_at"} (the store never deletes)
+    routing.json                    {"canary": {"alias", "percent"}, "shadow": {"alias",
+                                    "sample"}, "set_at"}: live traffic to challengers
+                                    (treeserve.registry.routing), compare-and-swap
 
 **Aliases.** :meth:`ModelRegistry.set_alias` and :meth:`ModelRegistry.clear_alias` swap
 ``aliases/<alias>.json`` as promote swaps ``current.json`` (create with If-None-Match, replace
@@ -76,6 +79,7 @@ from treeserve.errors import (
     StorageUnavailable,
 )
 from treeserve.model.manifest import ModelManifest
+from treeserve.registry.routing import Routing, RoutingInvalid
 from treeserve.registry.store import RegistryStore, StoredObject, etag_moved
 from treeserve.settings import MODEL_NAME_RULE, valid_model_name
 
@@ -241,6 +245,10 @@ class ModelRegistry:
 
     def outcome_key(self, uid: str) -> str:
         return f"{self.prefix}uploads/{_check_upload_id(uid)}.json"
+
+    @property
+    def routing_key(self) -> str:
+        return f"{self.prefix}routing.json"
 
     def alias_key(self, alias: str) -> str:
         if not valid_alias(alias) or alias == CHAMPION:
@@ -490,7 +498,9 @@ class ModelRegistry:
     def rollback(self, to: int | None = None) -> Pointer:
         """Move the pointer back: to the version in service before this one, or to ``to``.
 
-        NoModelInService without a pointer; RegistryError when there is nothing to go back to."""
+        The routing parts that sent traffic to the version rolled back from are cleared
+        (:meth:`clear_routing_to`). NoModelInService without a pointer; RegistryError when
+        there is nothing to go back to."""
         target_sha: dict[int, str] = {}
 
         def sha_of(version: int) -> str:
@@ -527,7 +537,10 @@ class ModelRegistry:
                 target, sha_of(target), _now(), current.version, None, rest[:HISTORY_LIMIT]
             )
 
-        return self._swap(compute, ANY)
+        pointer = self._swap(compute, ANY)
+        if pointer.previous is not None:
+            self.clear_routing_to(pointer.previous)
+        return pointer
 
     # -- aliases
 
@@ -626,6 +639,96 @@ class ModelRegistry:
         body = orjson.dumps({"version": None, "cleared_at": _now()})
         self._swap_alias(alias, lambda: body)
         return True
+
+    # -- routing (live traffic to challengers)
+
+    def _parse_routing(self, obj: StoredObject) -> Routing:
+        try:
+            return Routing.from_json(obj.body, obj.etag)
+        except RoutingInvalid as exc:
+            raise PointerUnreadable(
+                f"{self.routing_key} is not a valid routing ({exc}): set it again with "
+                f"`treeserve route --name {self.name} ...` or `--off`",
+                obj.etag,
+                str(exc),
+            ) from None
+
+    def routing(self) -> Routing:
+        """The model's live traffic split; an empty Routing when none is set."""
+        try:
+            obj = self.store.get(self.routing_key)
+        except NotFound:
+            return Routing()
+        return self._parse_routing(obj)
+
+    def routing_if_changed(self, etag: str | None) -> tuple[Routing, bool]:
+        """As :meth:`current_if_changed`, for ``routing.json`` (absent reads as empty)."""
+        try:
+            obj = self.store.get_if_changed(self.routing_key, etag)
+        except NotFound:
+            return Routing(), etag is not None
+        if obj is None:
+            return Routing(etag=etag), False
+        return self._parse_routing(obj), True
+
+    def set_routing(self, compute: Callable[[Routing], Routing | None]) -> Routing:
+        """Compare-and-swap ``routing.json``: ``compute`` gets the routing as read and returns
+        the new one (None: leave it). Every alias the new routing names must be set: a canary
+        to nothing would answer with nothing. Re-read and re-applied on a lost race."""
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                obj: StoredObject | None = self.store.get(self.routing_key)
+            except NotFound:
+                obj = None
+            try:
+                seen = Routing() if obj is None else self._parse_routing(obj)
+            except PointerUnreadable:
+                seen = Routing()
+            new = compute(seen)
+            if new is None:
+                return seen
+            for alias in sorted(new.aliases()):
+                if self.alias(alias) is None:
+                    raise NotFound(
+                        f"alias {alias!r} of model {self.name!r} is not set: set it first with "
+                        f"`treeserve alias set {alias} VERSION --name {self.name}`"
+                    )
+            new = Routing(new.canary, new.shadow, _now())
+            body = new.to_json()
+            try:
+                if obj is None:
+                    etag = self.store.put(self.routing_key, body, if_none_match=True)
+                else:
+                    etag = self.store.put(self.routing_key, body, if_match=obj.etag)
+            except PreconditionFailed:
+                _backoff(attempt)
+                continue
+            return Routing(new.canary, new.shadow, new.set_at, etag)
+        raise StorageUnavailable(
+            f"{self.routing_key} kept changing during {CAS_ATTEMPTS} compare-and-swap "
+            "attempts; retry"
+        )
+
+    def clear_routing_to(self, version: int) -> list[str]:
+        """Remove the routing parts whose alias names ``version`` (a rolled-back version must
+        not keep answering as a canary or be compared as a shadow); the parts removed."""
+        removed: list[str] = []
+
+        def compute(seen: Routing) -> Routing | None:
+            removed.clear()
+            keep: dict[str, Any] = {"canary": seen.canary, "shadow": seen.shadow}
+            for part, route in list(keep.items()):
+                if route is not None:
+                    pointer = self.alias(route.alias)
+                    if pointer is None or pointer.version == version:
+                        keep[part] = None
+                        removed.append(f"{part} {route.alias}")
+            if not removed:
+                return None
+            return Routing(keep["canary"], keep["shadow"])
+
+        self.set_routing(compute)
+        return removed
 
     # -- rejections and outcomes
 
