@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from treeserve.errors import ConfigurationError
 
-PromotionMode = Literal["auto", "manual"]
+PromotionMode = Literal["auto", "manual", "live"]
+PROMOTION_MODES: tuple[PromotionMode, ...] = ("auto", "manual", "live")
 DriftMethod = Literal["psi", "ks", "wasserstein"]
 
 MAX_LAMBDA_PAYLOAD_BYTES = 6 * 1024 * 1024
@@ -145,6 +146,11 @@ class Settings:
     capture_max_age_seconds: float = 60.0
     promotion_mode: PromotionMode = "auto"
     promotion_tolerance: float = 0.0
+    # PROMOTION_MODE=live: monitoring promotes a challenger whose live verdict over at least
+    # this many labeled rows is `better` or `not worse` (treeserve.monitoring.challenger).
+    live_min_labeled_rows: int = 500
+    # Rows one monitoring run scores with a challenger or the champion (bounded work per run).
+    challenger_max_rows: int = 20_000
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
     monitoring_window_hours: float = 24.0
@@ -180,8 +186,10 @@ class Settings:
         """Read the settings; a missing required value raises ConfigurationError naming it."""
         env = os.environ if env is None else env
         mode = _text(env, "PROMOTION_MODE", "auto").lower()
-        if mode not in ("auto", "manual"):
-            raise ConfigurationError(f"PROMOTION_MODE={mode!r}: set it to 'auto' or 'manual'")
+        if mode not in PROMOTION_MODES:
+            raise ConfigurationError(
+                f"PROMOTION_MODE={mode[:40]!r}: set it to 'auto', 'manual' or 'live'"
+            )
         name = _text(env, "MODEL_NAME", "default")
         if not valid_model_name(name):
             raise ConfigurationError(f"MODEL_NAME={name[:80]!r}: use {MODEL_NAME_RULE}")
@@ -207,8 +215,10 @@ class Settings:
             capture_sample_rate=_number(env, "CAPTURE_SAMPLE_RATE", 0.0, 0.0, 1.0),
             capture_max_rows=int(_number(env, "CAPTURE_MAX_ROWS", 10_000, 1, 1_000_000)),
             capture_max_age_seconds=_number(env, "CAPTURE_MAX_AGE_SECONDS", 60.0, 0.0, 3_600.0),
-            promotion_mode=mode,  # type: ignore[arg-type]
+            promotion_mode=mode,
             promotion_tolerance=_number(env, "PROMOTION_TOLERANCE", 0.0, 0.0, 1e9),
+            live_min_labeled_rows=int(_number(env, "LIVE_MIN_LABELED_ROWS", 500, 1, 100_000_000)),
+            challenger_max_rows=int(_number(env, "CHALLENGER_MAX_ROWS", 20_000, 1, 10_000_000)),
             notification_topic_arn=env.get("NOTIFICATION_TOPIC_ARN", "").strip() or None,
             log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
             monitoring_window_hours=_number(

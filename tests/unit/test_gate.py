@@ -154,7 +154,7 @@ def test_champion_columns_reorder_by_name_or_refuse() -> None:
 def test_which_models_the_gate_can_score(
     objective: str, task: str, num_target: int, gated: bool
 ) -> None:
-    reason = gate.ungated_reason(objective, task, num_target)
+    reason = metrics.ungated_reason(objective, task, num_target)
     assert (reason is None) is gated
     if reason:
         assert "no quality metric" in reason

@@ -1,7 +1,8 @@
 """Model-quality metrics in plain numpy (no scikit-learn in a Lambda artifact).
 
 Used by the refresh gate (challenger against champion on the holdout) and by monitoring
-(performance once labels arrive).
+(performance once labels arrive, and challengers on live traffic). :func:`primary_metric` and
+:func:`ungated_reason` are the one rule of which metric decides between two models.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
+
+GATED_TASKS = ("binary", "multiclass", "regression")
+# Regression-like objectives whose predictions are not the label's expected value.
+UNGATED_OBJECTIVES = ("survival:", "reg:quantileerror")
 
 # Probabilities are clipped away from 0 and 1 so one confident mistake gives a large, finite loss.
 LOGLOSS_EPS = 1e-15
@@ -75,3 +80,25 @@ def softmax(margin: FloatArray) -> FloatArray:
     shifted = margin - margin.max(axis=1, keepdims=True)
     e = np.exp(shifted)
     return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def ungated_reason(objective: str, task: str, num_target: int = 1) -> str | None:
+    """Why a model cannot be gated (no metric compares it fairly), or None when it can."""
+    if task not in GATED_TASKS:
+        return f"no quality metric for a {task} model"
+    if objective.startswith(UNGATED_OBJECTIVES):
+        return f"no quality metric for {objective} (RMSE would not measure what it predicts)"
+    if num_target > 1:
+        return f"no quality metric for a model with {num_target} outputs"
+    return None
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, bool] | None:
+    """(name, higher_is_better) of the metric that decides, or None for an ungated task."""
+    if task == "binary":
+        return ("auc", True) if "auc" in metrics else ("logloss", False)
+    if task == "multiclass":
+        return ("logloss", False)
+    if task == "regression":
+        return ("rmse", False)
+    return None

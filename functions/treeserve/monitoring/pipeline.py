@@ -62,7 +62,7 @@ from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import log_loss, roc_auc
 from treeserve.monitoring import drift
 from treeserve.parquet import ParquetError
-from treeserve.settings import DriftRule, valid_model_name
+from treeserve.settings import DriftRule, Settings, valid_model_name
 
 if TYPE_CHECKING:
     from aws_lambda_powertools import Metrics
@@ -656,11 +656,14 @@ def run_monitoring(
     metrics: Metrics | None = None,
     progress: Callable[[int, int], None] | None = None,
     rule: DriftRule = DEFAULT_RULE,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Monitor ``model_name`` over ``[start, end)``; write and return the report.
 
     ``rule``: the drift rule of every column without an override in its version's manifest
     (the function passes ``DRIFT_METHOD``/``DRIFT_THRESHOLD``; :func:`drift.resolve_rules`).
+    ``settings``: PROMOTION_MODE, PROMOTION_TOLERANCE, LIVE_MIN_LABELED_ROWS and
+    CHALLENGER_MAX_ROWS for the challenger comparison (defaults without).
 
     ``progress(done, total)`` is called after each capture file (the CLI shows it).
     """
@@ -677,6 +680,14 @@ def run_monitoring(
     files = _files(s3, bucket, model_name, start, end)
     _read_files(s3, bucket, files, mon, progress=progress)
     report = build_report(mon, start, end, now, labels_available=len(labels))
+    # --- hook: challengers on live traffic (treeserve.monitoring.challenger) -------------------
+    from treeserve.monitoring import challenger  # noqa: PLC0415 - it imports this module
+
+    report["challenger"] = challenger.evaluate(
+        s3, bucket, model_name, start, end, files=files, labels=labels, settings=settings,
+        source=source, act=write, now=now,
+    )  # fmt: skip
+    # --- end of hook ------------------------------------------------------------------------
     if write:
         key = report_key(model_name, now)
         report["report_key"] = key
@@ -689,6 +700,7 @@ def run_monitoring(
             )
     if metrics is not None:
         emit_metrics(report, metrics)
+        challenger.emit_metrics(report, metrics)  # the hook's metrics (see above)
     return report
 
 

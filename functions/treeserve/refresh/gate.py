@@ -27,15 +27,20 @@ import numpy.typing as npt
 
 from treeserve.errors import UploadRejected
 from treeserve.model import decision
-from treeserve.model.metrics import log_loss, rmse, roc_auc, sigmoid, softmax
+
+# The metric rule (which metric decides, which models have none) is the model package's: the
+# live comparison in treeserve.monitoring.challenger decides by the same one.
+from treeserve.model.metrics import (
+    log_loss,
+    primary_metric,
+    rmse,
+    roc_auc,
+    sigmoid,
+    softmax,
+)
 
 FloatArray = npt.NDArray[np.float64]
 Decision = Literal["promote", "hold", "skip"]
-
-GATED_TASKS = ("binary", "multiclass", "regression")
-# Regression-like objectives whose predictions are not the label's expected value.
-UNGATED_OBJECTIVES = ("survival:", "reg:quantileerror")
-
 
 # --- scoring a model ---------------------------------------------------------------------------
 
@@ -120,28 +125,6 @@ def score(
         metrics["rmse"] = rmse(y, outputs)
         metrics["mae"] = float(np.mean(np.abs(y - outputs.ravel())))
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
-
-
-def ungated_reason(objective: str, task: str, num_target: int = 1) -> str | None:
-    """Why a model cannot be gated (no metric compares it fairly), or None when it can."""
-    if task not in GATED_TASKS:
-        return f"no quality metric for a {task} model"
-    if objective.startswith(UNGATED_OBJECTIVES):
-        return f"no quality metric for {objective} (RMSE would not measure what it predicts)"
-    if num_target > 1:
-        return f"no quality metric for a model with {num_target} outputs"
-    return None
-
-
-def primary_metric(task: str, metrics: dict[str, float]) -> tuple[str, bool] | None:
-    """(name, higher_is_better) of the metric that decides, or None for an ungated task."""
-    if task == "binary":
-        return ("auc", True) if "auc" in metrics else ("logloss", False)
-    if task == "multiclass":
-        return ("logloss", False)
-    if task == "regression":
-        return ("rmse", False)
-    return None
 
 
 # --- the decision ------------------------------------------------------------------------------

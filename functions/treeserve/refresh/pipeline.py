@@ -55,8 +55,9 @@ redelivered event never overrides a newer promotion.
      "model", "version", "code", "message", "bucket", "key", "etag", "sequencer",
      "event_time", "gate": {...} | null, "decided_at", "attempt"}
 
-``code`` says why: the rejection reason for ``rejected``; ``manual``, ``gate``, ``stale`` for a
-version ``registered`` but not promoted; ``superseded``, ``gone`` for ``ignored``.
+``code`` says why: the rejection reason for ``rejected``; ``manual``, ``live`` (PROMOTION_MODE=live
+with a champion in service: the version earns promotion on live traffic, decided by
+monitoring), ``gate``, ``stale`` for a version ``registered`` but not promoted; ``superseded``, ``gone`` for ``ignored``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ from treeserve.errors import (
     UploadRejected,
 )
 from treeserve.model import reference
+from treeserve.model.metrics import ungated_reason
 from treeserve.model.package import InferenceBudget, Limits, ModelUpload, read_upload
 from treeserve.refresh import gate
 from treeserve.registry.model_registry import ModelRegistry, PointerUnreadable, upload_id
@@ -500,6 +502,18 @@ class RefreshService:
 
         if self.settings.promotion_mode == "manual":
             return held("manual", f"registered as version {version}; PROMOTION_MODE=manual")
+        if self.settings.promotion_mode == "live":
+            # A challenger earns promotion on live traffic (treeserve.monitoring.challenger);
+            # only a model with nothing valid in service is put in service by its upload.
+            champion = _champion(registry)
+            if champion.broken is None and champion.pointer is not None:
+                return held(
+                    "live",
+                    f"registered as version {version}; PROMOTION_MODE=live: give it live "
+                    f"traffic (`treeserve alias set challenger {version}`, `treeserve route "
+                    f"--name {base['model']} --canary challenger 10`) and monitoring promotes it "
+                    "once its verdict on labeled rows is better or not worse",
+                )
 
         def promoted(
             in_service: int, message: str, result: gate.GateResult | None = None
@@ -849,9 +863,7 @@ class _Gates:
         self.registry = registry
         self.upload = upload
         self.manifest = manifest
-        self.ungated = gate.ungated_reason(
-            manifest.objective, manifest.task, upload.info.num_target
-        )
+        self.ungated = ungated_reason(manifest.objective, manifest.task, upload.info.num_target)
         self._results: dict[int | None, gate.GateResult] = {}
         self._challenger: dict[str, float] | None = None
         self._y: np.ndarray | None = None

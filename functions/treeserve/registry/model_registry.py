@@ -16,6 +16,8 @@ Keys under ``registry/<model>/`` (DESIGN.md "S3 layout", plus two additions mark
     routing.json                    {"canary": {"alias", "percent"}, "shadow": {"alias",
                                     "sample"}, "set_at"}: live traffic to challengers
                                     (treeserve.registry.routing), compare-and-swap
+  * decisions/<time>-v<n>.json      a live promotion decided by monitoring and its evidence
+                                    (treeserve.monitoring.challenger), create-only
 
 **Aliases.** :meth:`ModelRegistry.set_alias` and :meth:`ModelRegistry.clear_alias` swap
 ``aliases/<alias>.json`` as promote swaps ``current.json`` (create with If-None-Match, replace
@@ -729,6 +731,29 @@ class ModelRegistry:
 
         self.set_routing(compute)
         return removed
+
+    # -- live decisions (treeserve.monitoring.challenger)
+
+    def record_decision(self, record: dict[str, Any]) -> str:
+        """Store a live promotion decision (create-only) under ``decisions/``; its key.
+
+        ``record`` holds ``version`` and ``decided_at`` (ISO time); the key sorts by time."""
+        stamp = re.sub(r"[^0-9A-Za-z]", "", str(record.get("decided_at") or _now()))[:24]
+        key = f"{self.prefix}decisions/{stamp}-v{int(record['version'])}.json"
+        with suppress(PreconditionFailed):  # the same decision recorded twice stays the first
+            self.store.put(
+                key, orjson.dumps(record, option=orjson.OPT_INDENT_2), if_none_match=True
+            )
+        return key
+
+    def decisions(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Recorded live decisions, most recent first."""
+        keys = sorted(self.store.list_keys(f"{self.prefix}decisions/"), reverse=True)
+        found = []
+        for key in keys if limit is None else keys[:limit]:
+            with suppress(NotFound, RegistryError):
+                found.append(_load_dict(self.store.get(key).body))
+        return found
 
     # -- rejections and outcomes
 
