@@ -63,6 +63,7 @@ def _monitor(settings: Settings, model: str, start: datetime, end: datetime) -> 
         end,
         metrics=metrics,
         rule=settings.drift_rule,
+        settings=settings,
     )
     summary = report["summary"]
     if summary["n_drifted"] or summary["prediction_drifted"]:
@@ -86,4 +87,8 @@ def _monitor(settings: Settings, model: str, start: datetime, end: datetime) -> 
         "prediction_drift": summary["prediction_drift"],
         "prediction_drifted": summary["prediction_drifted"],
         "performance": summary["performance"],
+        "challengers": [
+            {k: c.get(k) for k in ("alias", "version", "verdict", "decision")}
+            for c in (report.get("challenger") or {}).get("challengers", [])
+        ],
     }

@@ -574,10 +574,25 @@ def status(args: argparse.Namespace) -> int:
 
 
 def promote(args: argparse.Namespace) -> int:
-    """Put a version in service (compare-and-swap on current.json)."""
-    _, name, _, registry = _target(args)
+    """Put a version in service (compare-and-swap on current.json), after showing the latest
+    live evidence for it (the newest monitoring report's challenger comparison)."""
+    _, name, store, registry = _target(args)
     if args.version < 1:
         raise UsageError("VERSION is a positive integer (see `treeserve status`)")
+    # Imported here: the comparison's module brings scipy and the predictor, which only this
+    # command (and monitor) needs.
+    from treeserve.monitoring.challenger import latest_evidence, summary_lines  # noqa: PLC0415
+
+    found = latest_evidence(store, name, args.version)
+    if found is None:
+        _out(f"live evidence: none for version {args.version} in the latest monitoring report")
+    else:
+        key, entry = found
+        _out(f"live evidence (s3://{store.bucket}/{key}):")
+        for line in summary_lines({"challengers": [entry]}):
+            _out(f"  {line}")
+        if entry.get("reason"):
+            _out(f"  {entry['reason']}")
     pointer = registry.promote(args.version)
     _out(f"promoted: {_pointer_line(name, pointer)}")
     return EXIT_OK

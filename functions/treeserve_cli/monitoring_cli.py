@@ -90,6 +90,10 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
     if s["performance"]:
         perf = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in s["performance"].items())
         out.write(f"performance: {perf}\n")
+    from treeserve.monitoring.challenger import summary_lines  # noqa: PLC0415 - keeps --help fast
+
+    for line in summary_lines(report.get("challenger")):
+        out.write(line + "\n")
 
 
 def monitor(args: argparse.Namespace) -> int:
@@ -116,6 +120,7 @@ def monitor(args: argparse.Namespace) -> int:
         end,
         progress=progress,
         rule=settings.drift_rule,
+        settings=settings,
     )
     print_summary(report, sys.stdout)
     sys.stdout.write(f"report: s3://{settings.model_bucket}/{report['report_key']}\n")

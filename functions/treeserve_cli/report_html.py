@@ -1,6 +1,8 @@
 """A monitoring report as one self-contained HTML file (inline CSS and SVG, no external URL).
 
-Summary first (window, rows, drifted features, prediction drift, performance), then per model
+Summary first (window, rows, drifted features, prediction drift, performance), then the
+challengers on live traffic (agreement, shift, latency, metric with its bootstrap interval,
+verdict, decision, the row counts behind them) when a routing sent them traffic, then per model
 version a table of every feature's statistics and one chart per feature: the reference and the
 current share of rows in each bin (the PSI bins, plus missing), drifted features highlighted.
 The SVG is written by hand so the CLI needs no plotting library.
@@ -117,6 +119,67 @@ def _cards(features: list[dict[str, Any]], css_class: str) -> str:
     return '<div class="grid">' + "".join(cards) + "</div>"
 
 
+def _challenger_rows(entry: dict[str, Any]) -> str:
+    rows = entry.get("rows") or {}
+    agree = entry.get("agreement") or {}
+    shift = entry.get("shift") or {}
+    q = entry.get("quality") or {}
+    ci = q.get("ci") or [None, None]
+    metric = (
+        f"{escape(str(q['metric']))} {_num(q.get('champion'))} → {_num(q.get('challenger'))}; "
+        f"improvement {_num(q.get('improvement'))} [{_num(ci[0])}, {_num(ci[1])}]"
+        if q.get("metric")
+        else escape(str(q.get("error") or "no metric yet"))
+    )
+    verdict = str(entry.get("verdict"))
+    good = verdict in ("better", "not worse")
+    decision = entry.get("decision") or {}
+    cells = [
+        ("alias", f"{escape(str(entry.get('alias')))} (v{_num(entry.get('version'))}, "
+         f"{escape('+'.join(entry.get('routes') or []))})"),
+        ("rows compared", f"{_num(rows.get('compared'))} ({_num(rows.get('canary'))} canary, "
+         f"{_num(rows.get('shadow'))} shadow; {_num(rows.get('labeled'))} labeled)"),
+        ("agreement", f"{_num(agree.get('agreement'), 4)} ({escape(str(agree.get('kind')))})"
+         + (f", mean |Δ| {_num(agree.get('mean_abs_diff'))}" if "mean_abs_diff" in agree else "")),
+        ("score shift", f"PSI {_num(shift.get('psi'), 3)}, KS {_num(shift.get('ks_statistic'), 3)}"),
+        ("metric (95% CI, paired bootstrap)", metric),
+        ("verdict", f'<span class="badge{"" if good else " bad"}">{escape(verdict)}</span> '
+         f"{escape(str(entry.get('reason') or ''))}"),
+        ("decision", f"{escape(str(decision.get('action')))}: "
+         f"{escape(str(decision.get('reason') or ''))}"),
+    ]  # fmt: skip
+    return "".join(f"<tr><th class=l>{k}</th><td class=l>{v}</td></tr>" for k, v in cells)
+
+
+def _challengers(section: dict[str, Any]) -> list[str]:
+    out = ["<h2>Challengers on live traffic</h2>"]
+    champion = (section.get("champion") or {}).get("version")
+    boot = section.get("bootstrap") or {}
+    out.append(
+        f"<p>Champion v{_num(champion)} · PROMOTION_MODE {escape(str(section.get('mode')))} · "
+        f"tolerance {_num(section.get('tolerance'))} · at least "
+        f"{_num(section.get('min_labeled_rows'))} labeled rows · {_num(boot.get('resamples'))} "
+        f"bootstrap resamples (seed {_num(boot.get('seed'))}) · {_num(section.get('scored_rows'))}"
+        f" rows scored{' (stopped at the row budget)' if section.get('truncated') else ''}</p>"
+    )
+    if section.get("error"):
+        out.append(f"<p class=muted>{escape(str(section['error']))}</p>")
+    latency = section.get("latency") or {}
+    if latency:
+        rows = "".join(
+            f"<tr><td class=l>{escape(a)}</td><td>{_num(v.get('rows'))}</td>"
+            f"<td>{_num(v.get('p50_ms'), 3)}</td><td>{_num(v.get('p95_ms'), 3)}</td></tr>"
+            for a, v in latency.items()
+        )
+        out.append(
+            "<table><tr><th class=l>alias</th><th>rows</th><th>p50 ms</th><th>p95 ms</th></tr>"
+            f"{rows}</table>"
+        )
+    for entry in section.get("challengers") or []:
+        out.append(f"<table>{_challenger_rows(entry)}</table>")
+    return out
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole report as an HTML document."""
     s = report.get("summary", {})
@@ -156,6 +219,8 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f"<p class=muted>{escape(str(report['message']))}</p>")
     if perf_rows:
         out.append(f"<h2>Performance (labelled rows)</h2><table>{perf_rows}</table>")
+    if report.get("challenger"):
+        out.extend(_challengers(report["challenger"]))
     for v in report.get("versions", []):
         out.append(
             f"<h2>Version {_num(v.get('version'))} · {_num(v.get('rows'))} rows · "

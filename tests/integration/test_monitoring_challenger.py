@@ -4,7 +4,7 @@ captures written by the capture encoder with the alias that answered, labels, li
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,7 @@ def serve(
     *,
     percent: float,
     files: int = 3,
+    ts: datetime = TS,
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Write the captures serving would: each row answered by the canary when its id's bucket
     is below ``percent`` (version 2, alias challenger), else by the champion (version 1)."""
@@ -93,14 +94,14 @@ def serve(
             captures.CaptureRows(
                 model="m",
                 ids=[ids[i] for i in part],
-                ts_ms=np.full(part.size, round(TS.timestamp() * 1000), np.int64),
+                ts_ms=np.full(part.size, round(ts.timestamp() * 1000), np.int64),
                 versions=np.where(to_canary[part], 2, 1).astype(np.int64),
                 inputs=X[part].astype(np.float32),
                 outputs=outputs[part],
                 aliases=["challenger" if to_canary[i] else "champion" for i in part],
             )
         )
-        key = f"captures/m/dt={TS:%Y-%m-%d}/{TS:%Y%m%dT%H%M%S}000Z-p{f}.parquet"
+        key = f"captures/m/dt={ts:%Y-%m-%d}/{ts:%Y%m%dT%H%M%S}000Z-p{f}.parquet"
         s3.put_object(Bucket=BUCKET, Key=key, Body=body)
     return ids, to_canary, champion_out, contender_out
 
@@ -421,3 +422,51 @@ def test_emf_per_alias(
         ((dims, value),) = metric_values(blobs, name)
         assert dims == {"service": "treeserve-test", "model": "m", "alias": "challenger"}
         assert value == pytest.approx(expected)
+
+
+# --- the CLI: monitor's summary and HTML, promote's evidence -----------------------------------
+
+
+def test_monitor_prints_and_renders_the_comparison_and_promote_shows_it(
+    s3: Any,
+    models: dict[str, TrainedModel],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.integration.test_monitoring_cli import Collector
+    from treeserve_cli.cli import main
+
+    monkeypatch.delenv("MODEL_BUCKET", raising=False)
+    monkeypatch.setenv("PROMOTION_MODE", "auto")
+    monkeypatch.setenv("LIVE_MIN_LABELED_ROWS", "200")
+    reg = setup(s3, models["weak"], models["strong"], Routing(canary=Canary("challenger", 50)))
+    X, y = data(1200, 15)
+    now = datetime.now(UTC)
+    ids, to_canary, *_ = serve(s3, models["weak"], models["strong"], X, percent=50, ts=now)
+    label(s3, ids, y, np.arange(1200))
+    html = tmp_path / "report.html"
+    code = main(["monitor", "--bucket", BUCKET, "--name", "m", "--hours", "2", "--html", str(html)])
+    out = capsys.readouterr().out
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("challenger challenger")]
+    n = int(to_canary.sum())
+    assert f"(v2, canary): {n:,} rows compared ({n:,} canary, 0 shadow)" in line
+    assert f"on {n:,} labeled rows; verdict: better; reported" in line
+    text = html.read_text(encoding="utf-8")
+    parser = Collector()
+    parser.feed(text)
+    parser.close()
+    assert parser.errors == []
+    assert "Challengers on live traffic" in text
+    assert '<span class="badge">better</span>' in text
+    assert "1,000 bootstrap resamples" in text
+
+    assert main(["promote", "2", "--bucket", BUCKET, "--name", "m"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"live evidence (s3://{BUCKET}/reports/m/dt=")
+    assert "verdict: better" in out.splitlines()[1]
+    assert "promoted: version 2 of m is in service" in out
+    assert reg.current().version == 2  # type: ignore[union-attr]
+    assert main(["promote", "1", "--bucket", BUCKET, "--name", "m"]) == 0
+    assert capsys.readouterr().out.startswith("live evidence: none for version 1")

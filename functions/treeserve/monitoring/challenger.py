@@ -67,10 +67,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from scipy import stats
 
 from treeserve.captures import EXTENSION, decode_capture
-from treeserve.errors import PreconditionFailed, RegistryError, TreeserveError
+from treeserve.errors import NotFound, PreconditionFailed, RegistryError, TreeserveError
 from treeserve.model import decision, reference
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import (
@@ -93,7 +94,7 @@ from treeserve.monitoring.pipeline import (
 from treeserve.parquet import ParquetError
 from treeserve.registry.model_registry import CHAMPION, ModelRegistry, Pointer, PointerUnreadable
 from treeserve.registry.routing import Routing, canary_bucket
-from treeserve.registry.store import S3RegistryStore
+from treeserve.registry.store import RegistryStore, S3RegistryStore
 from treeserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -889,7 +890,7 @@ def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
                 metric.add_dimension(name="alias", value=str(entry["alias"]))
 
 
-def summary_line(section: dict[str, Any] | None) -> list[str]:
+def summary_lines(section: dict[str, Any] | None) -> list[str]:
     """One line per challenger for ``treeserve monitor`` (and ``treeserve promote``)."""
     if not section:
         return []
@@ -898,8 +899,8 @@ def summary_line(section: dict[str, Any] | None) -> list[str]:
     lines = []
     for e in section.get("challengers", []):
         rows = e.get("rows") or {}
+        head = f"challenger {e['alias']} (v{e.get('version')}, {'+'.join(e.get('routes', []))}):"
         parts = [
-            f"challenger {e['alias']} (v{e.get('version')}, {'+'.join(e.get('routes', []))}):",
             f"{rows.get('compared', 0):,} rows compared ({rows.get('canary', 0):,} canary, "
             f"{rows.get('shadow', 0):,} shadow)",
         ]
@@ -922,8 +923,32 @@ def summary_line(section: dict[str, Any] | None) -> list[str]:
         action = (e.get("decision") or {}).get("action")
         if action:
             parts.append(action)
-        lines.append("; ".join(parts))
+        lines.append(f"{head} {'; '.join(parts)}")
     return lines
+
+
+def latest_evidence(
+    store: RegistryStore, model: str, version: int
+) -> tuple[str, dict[str, Any]] | None:
+    """The newest report's challenger entry for ``version`` (report key, entry), or None:
+    what ``treeserve promote`` shows before promoting. Reads the last day of ``reports/<model>/``
+    (keys sort by time) and its newest report."""
+    days = list(store.list_folders(f"reports/{model}/"))
+    for day in reversed(days[-2:]):  # the newest day; the one before if it holds no report yet
+        keys = [k for k in store.list_keys(f"reports/{model}/{day}/") if k.endswith(".json")]
+        if not keys:
+            continue
+        key = keys[-1]
+        try:
+            report = orjson.loads(store.get(key).body)
+        except (NotFound, orjson.JSONDecodeError):
+            return None
+        section = report.get("challenger") if isinstance(report, dict) else None
+        for entry in (section or {}).get("challengers", []):
+            if entry.get("version") == version:
+                return key, entry
+        return None
+    return None
 
 
 def _f(value: float | None) -> str:
