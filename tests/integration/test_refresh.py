@@ -272,6 +272,19 @@ def test_manual_mode_registers_and_waits(
     assert registry.current().version == 1  # type: ignore[union-attr]
 
 
+def test_live_mode_puts_a_first_model_in_service_and_lets_later_ones_earn_it(
+    s3: Any, binary_model: TrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = build_stack(monkeypatch, s3, PROMOTION_MODE="live")
+    (first,) = stack.deliver_s3(stack.put("incoming/default/m1.ubj", binary_model.ubj()))
+    assert (first["status"], first["version"]) == ("promoted", 1)
+    newer = binary_booster(binary_model, rounds=5)
+    (second,) = stack.deliver_s3(stack.put("incoming/default/m2.ubj", newer.ubj()))
+    assert (second["status"], second["code"], second["version"]) == ("registered", "live", 2)
+    assert "treeserve alias set challenger 2" in second["message"]
+    assert stack.registry().current().version == 1  # type: ignore[union-attr]
+
+
 # --- idempotency and ordering --------------------------------------------------------------------
 
 

@@ -100,6 +100,20 @@ def test_parameter_overrides_change_the_environment() -> None:
     assert t.function("RefreshFunction").environment["MODEL_NAME"] == "churn"
     assert t.function("refresh").environment["PROMOTION_MODE"] == "manual"
     assert t.function("inference").environment["MAX_ROWS"] == "5"
+    # monitoring acts on live verdicts with the same mode and tolerance as refresh
+    t = load_template(
+        TEMPLATE,
+        parameter_overrides={
+            "PromotionMode": "live",
+            "PromotionTolerance": "0.01",
+            "LiveMinLabeledRows": "800",
+        },
+    )
+    monitoring = Settings.from_env(t.function("MonitoringFunction").environment)
+    refresh = Settings.from_env(t.function("RefreshFunction").environment)
+    assert (monitoring.promotion_mode, monitoring.promotion_tolerance) == ("live", 0.01)
+    assert (refresh.promotion_mode, refresh.promotion_tolerance) == ("live", 0.01)
+    assert (monitoring.live_min_labeled_rows, monitoring.challenger_max_rows) == (800, 20_000)
     with pytest.raises(ConfigurationError, match="not one of"):
         load_template(TEMPLATE, parameter_overrides={"PromotionMode": "sometimes"})
     with pytest.raises(ConfigurationError, match="unknown parameters"):

@@ -46,6 +46,24 @@ def test_values_are_parsed_and_typed() -> None:
     assert s.log_level == "DEBUG"
 
 
+def test_live_promotion_settings() -> None:
+    s = Settings.from_env({"MODEL_BUCKET": "b"})
+    assert (s.live_min_labeled_rows, s.challenger_max_rows) == (500, 20_000)
+    s = Settings.from_env(
+        {
+            "MODEL_BUCKET": "b",
+            "PROMOTION_MODE": "Live",
+            "LIVE_MIN_LABELED_ROWS": "1000",
+            "CHALLENGER_MAX_ROWS": "5000",
+        }
+    )
+    assert (s.promotion_mode, s.live_min_labeled_rows, s.challenger_max_rows) == (
+        "live",
+        1000,
+        5000,
+    )
+
+
 def test_missing_bucket_names_the_variable() -> None:
     with pytest.raises(ConfigurationError, match="MODEL_BUCKET"):
         Settings.from_env({})
@@ -63,6 +81,9 @@ def test_bucket_argument_overrides_environment() -> None:
         ("MAX_ROWS", "0"),
         ("PROMOTION_MODE", "sometimes"),
         ("MODEL_REFRESH_SECONDS", "-1"),
+        ("LIVE_MIN_LABELED_ROWS", "0"),
+        ("LIVE_MIN_LABELED_ROWS", "many"),
+        ("CHALLENGER_MAX_ROWS", "0"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, value: str) -> None:

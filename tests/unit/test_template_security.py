@@ -119,7 +119,13 @@ def test_s3_permissions_are_scoped_to_each_functions_prefixes(cfn: dict[str, Any
         "labels/*",
         "registry/*",
     }
-    assert prefixes("MonitoringFunctionRole", "s3:PutObject") == {"reports/*"}
+    # PromotionMode=live: monitoring moves the pointer, clears the routing, records decisions.
+    assert prefixes("MonitoringFunctionRole", "s3:PutObject") == {
+        "reports/*",
+        "registry/*/current.json",
+        "registry/*/routing.json",
+        "registry/*/decisions/*",
+    }
     for name, statement in identity_statements(cfn):
         if "s3:ListBucket" in as_list(statement["Action"]):
             condition = statement["Condition"]["StringLikeIfExists"]["s3:prefix"]
