@@ -18,16 +18,22 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from infra import build
 
 from tests.conftest import EVENTS, ROOT, train
+from treeserve import captures
+from treeserve.registry.model_registry import ModelRegistry
+from treeserve.registry.routing import Routing, Shadow
+from treeserve.registry.store import S3RegistryStore
 from treeserve_cli.invoke import function_environment, runtime_environment
 from treeserve_cli.template import Template, load_template
 
@@ -220,8 +226,8 @@ def test_artifacts_hold_what_each_function_needs_and_nothing_forbidden(
         assert not list(path.rglob("tests"))
         assert not (path / "pandas").exists()
         assert not (path / "sklearn").exists()
-        # Only the functions that load models carry XGBoost.
-        assert (path / "xgboost").is_dir() == (name != "monitoring"), name
+        # Every function loads models (monitoring scores challengers): each carries XGBoost.
+        assert (path / "xgboost").is_dir(), name
         data = path / "botocore" / "data"
         assert {p.name for p in data.iterdir() if p.is_dir()} <= build.BOTOCORE_SERVICES
         assert (data / "s3").is_dir()
@@ -296,6 +302,43 @@ def test_handlers_answer_from_their_artifacts_alone(
 
     if "monitoring" not in paths:
         pytest.skip("functions/monitoring/app.py is not written yet")
+    # A second version goes in service; the first becomes a shadow challenger of captured
+    # champion rows, which monitoring scores from its artifact (XGBoost in it).
+    key = "incoming/default/model2.ubj"
+    bucket.put_object(
+        Bucket=template.bucket_name(), Key=key, Body=train("binary:logistic", rounds=4).ubj()
+    )
+    report = run_handler(
+        python,
+        paths["refresh"],
+        "RefreshFunction",
+        s3_event(template, bucket, key),
+        tmp_path=tmp_path,
+        template=template,
+        endpoint=moto_endpoint,
+    )
+    (outcome,) = report["result"]["outcomes"]
+    assert (outcome["status"], outcome["version"]) == ("promoted", 2), outcome
+    registry = ModelRegistry(S3RegistryStore(template.bucket_name(), s3=bucket), "default")
+    registry.set_alias("challenger", 1)
+    registry.set_routing(lambda _seen: Routing(shadow=Shadow("challenger", 1.0)))
+    X = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    now = time.time() - 60
+    bucket.put_object(
+        Bucket=template.bucket_name(),
+        Key=captures.object_key("default", now),
+        Body=captures.encode_capture(
+            captures.CaptureRows(
+                model="default",
+                ids=[f"r{i}" for i in range(40)],
+                ts_ms=np.full(40, int(now * 1000), np.int64),
+                versions=np.full(40, 2, np.int64),
+                inputs=X,
+                outputs=np.full((40, 1), 0.5, np.float32),
+                aliases=["champion"] * 40,
+            )
+        ),
+    )
     report = run_handler(
         python,
         paths["monitoring"],
@@ -305,7 +348,15 @@ def test_handlers_answer_from_their_artifacts_alone(
         template=template,
         endpoint=moto_endpoint,
     )
-    assert isinstance(report["result"], dict)
+    result = report["result"]
+    assert isinstance(result, dict)
+    assert [(c["alias"], c["version"]) for c in result["challengers"]] == [("challenger", 1)]
+    stored = json.loads(
+        bucket.get_object(Bucket=template.bucket_name(), Key=result["report_key"])["Body"].read()
+    )
+    (entry,) = stored["challenger"]["challengers"]
+    assert entry["rows"]["shadow"] == 40
+    assert entry["agreement"]["rows"] == 40
 
 
 SHELL_ONLY = {"yaml", "moto", "uvicorn", "treeserve_cli"}
