@@ -13,7 +13,7 @@ import pytest
 import xgboost as xgb
 from scipy import stats
 
-from tests.conftest import BUCKET, TrainedModel
+from tests.conftest import BUCKET, TrainedModel, make_data
 from tests.integration.test_monitoring import NOW, register, run
 from treeserve import captures
 from treeserve.model import metrics as model_metrics
@@ -107,7 +107,7 @@ def serve(
 
 
 def label(s3: Any, ids: list[str], y: np.ndarray, rows: np.ndarray) -> None:
-    body = "id,label\n" + "".join(f"{ids[i]},{int(y[i])}\n" for i in rows)
+    body = "id,label\n" + "".join(f"{ids[i]},{y[i]:.17g}\n" for i in rows)
     s3.put_object(Bucket=BUCKET, Key="labels/m/day.csv", Body=body.encode())
 
 
@@ -470,3 +470,56 @@ def test_monitor_prints_and_renders_the_comparison_and_promote_shows_it(
     assert reg.current().version == 2  # type: ignore[union-attr]
     assert main(["promote", "1", "--bucket", BUCKET, "--name", "m"]) == 0
     assert capsys.readouterr().out.startswith("live evidence: none for version 1")
+
+
+@pytest.mark.parametrize("objective", ["multi:softprob", "reg:squarederror"])
+def test_multiclass_and_regression_use_the_gates_metric(s3: Any, objective: str) -> None:
+    from tests.conftest import train
+
+    champion = train(objective, n=600, rounds=2, shift=0.8)  # trained on a shifted target
+    contender = train(objective, n=600, rounds=20)
+    setup(s3, champion, contender, Routing(canary=Canary("challenger", 50)))
+    X, signal = make_data(900, seed=21)
+    if objective.startswith("multi:"):
+        y = np.digitize(signal, np.quantile(signal, [1 / 3, 2 / 3])).astype(float)
+    else:
+        y = signal
+    n = X.shape[0]
+    ids = [f"req-{i}" for i in range(n)]
+    to_canary = np.array([canary_bucket(i.encode()) < 50 for i in ids])
+    old = np.asarray(champion.booster.inplace_predict(X), np.float32).reshape(n, -1)
+    new = np.asarray(contender.booster.inplace_predict(X), np.float32).reshape(n, -1)
+    body = captures.encode_capture(
+        captures.CaptureRows(
+            model="m",
+            ids=ids,
+            ts_ms=np.full(n, round(TS.timestamp() * 1000), np.int64),
+            versions=np.where(to_canary, 2, 1).astype(np.int64),
+            inputs=X.astype(np.float32),
+            outputs=np.where(to_canary[:, None], new, old),
+            aliases=["challenger" if c else "champion" for c in to_canary],
+        )
+    )
+    s3.put_object(Bucket=BUCKET, Key=f"captures/m/dt={TS:%Y-%m-%d}/x.parquet", Body=body)
+    label(s3, ids, y, np.arange(n))
+    e = entry_of(run(s3, settings=live(live_min_labeled_rows=100)))
+    rows = np.flatnonzero(to_canary)
+    q = e["quality"]
+    a, b, yy = old[rows].astype(np.float64), new[rows].astype(np.float64), y[rows]
+    if objective.startswith("multi:"):
+        assert q["metric"] == "logloss"
+        assert q["champion"] == pytest.approx(model_metrics.log_loss(yy, a))
+        assert q["challenger"] == pytest.approx(model_metrics.log_loss(yy, b))
+        expected = np.mean(a.argmax(axis=1) == b.argmax(axis=1))
+        assert e["agreement"] == {"rows": rows.size, "kind": "labels", "agreement": expected}
+    else:
+        assert q["metric"] == "rmse"
+        assert q["champion"] == pytest.approx(model_metrics.rmse(yy, a[:, 0]))
+        assert q["challenger"] == pytest.approx(model_metrics.rmse(yy, b[:, 0]))
+        diff = np.abs(a[:, 0] - b[:, 0])
+        assert e["agreement"]["mean_abs_diff"] == pytest.approx(diff.mean())
+        tolerance = 0.1 * a[:, 0].std()
+        assert e["agreement"]["agreement"] == pytest.approx(np.mean(diff <= tolerance))
+    assert q["improvement"] == pytest.approx(q["champion"] - q["challenger"])
+    assert e["verdict"] == "better"
+    assert e["decision"]["action"] == "promoted"
