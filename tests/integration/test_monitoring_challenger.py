@@ -523,3 +523,23 @@ def test_multiclass_and_regression_use_the_gates_metric(s3: Any, objective: str)
     assert q["improvement"] == pytest.approx(q["champion"] - q["challenger"])
     assert e["verdict"] == "better"
     assert e["decision"]["action"] == "promoted"
+
+
+def test_a_challenger_whose_bytes_do_not_match_is_never_loaded(
+    s3: Any, models: dict[str, TrainedModel]
+) -> None:
+    reg = setup(s3, models["weak"], models["strong"], Routing(canary=Canary("challenger", 50)))
+    X, y = data(800, 16)
+    ids, *_ = serve(s3, models["weak"], models["strong"], X, percent=50)
+    label(s3, ids, y, np.arange(800))
+    # the stored model.ubj of version 2 swapped for other bytes: its sha256 no longer matches
+    s3.put_object(Bucket=BUCKET, Key=reg.model_key(2), Body=models["bad"].ubj())
+    report = run(s3, settings=live(live_min_labeled_rows=100))
+    e = entry_of(report)
+    assert e["verdict"] == "not enough evidence"
+    assert "cannot be loaded" in e["reason"]
+    assert "sha256" in e["reason"]
+    assert e["decision"]["action"] == "held"
+    assert reg.current().version == 1  # type: ignore[union-attr]
+    assert report["status"] == "ok"  # the drift report is whole
+    assert sorted(v["version"] for v in report["versions"]) == [1, 2]

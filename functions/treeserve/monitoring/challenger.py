@@ -71,7 +71,16 @@ import orjson
 from scipy import stats
 
 from treeserve.captures import EXTENSION, decode_capture
-from treeserve.errors import NotFound, PreconditionFailed, RegistryError, TreeserveError
+from treeserve.errors import (
+    BucketNotFound,
+    ModelLoadError,
+    NotFound,
+    PreconditionFailed,
+    StorageAccessDenied,
+    StorageError,
+    StorageUnavailable,
+    TreeserveError,
+)
 from treeserve.model import decision, reference
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import (
@@ -111,7 +120,6 @@ AGREEMENT_SPREAD = 0.1
 # Resampled rows held at once by the bootstrap (weights matrix of resamples x rows).
 BOOTSTRAP_CELLS = 2_000_000
 SHADOW_SALT = b"shadow:"
-VERDICTS = ("better", "not worse", "worse", "not enough evidence")
 PROMOTING = ("better", "not worse")
 METRIC_AGREEMENT = "ChallengerAgreement"
 METRIC_DELTA = "ChallengerMetricDelta"
@@ -236,7 +244,7 @@ def _gather(
                 target.take(
                     [rows.ids[i] for i in idx.tolist()], rows.inputs[idx], rows.outputs[idx]
                 )
-        if plan.shadow is not None:
+        if plan.shadow is not None and not plan.shadow_rows.full:
             idx = np.flatnonzero(champion)
             ids = [rows.ids[i] for i in idx.tolist()]
             chosen = idx[shadow_sampled(ids, plan.shadow[2])]
@@ -253,7 +261,7 @@ def load_predictor(registry: ModelRegistry, pointer: Pointer) -> Predictor:
     against both (ModelLoadError otherwise), then the predictor's own load and smoke test."""
     manifest = registry.manifest(pointer.version)
     if manifest.sha256 != pointer.sha256:
-        raise RegistryError(
+        raise ModelLoadError(
             f"version {pointer.version}'s pointer names sha256 {pointer.sha256[:12]}..., its "
             f"manifest {manifest.sha256[:12]}...: refusing to load it"
         )
@@ -633,8 +641,10 @@ def evaluate(
             labels=labels,
             config=config,
         )
-    except (RegistryError, TreeserveError) as exc:
-        # A challenger that cannot be loaded or compared must not cost the drift report.
+    except (StorageUnavailable, StorageError, StorageAccessDenied, BucketNotFound):
+        raise  # storage failures fail the run, as the drift part's do: Lambda retries it
+    except TreeserveError as exc:
+        # A champion that cannot be loaded or compared must not cost the drift report.
         logger.warning("challenger comparison failed", extra={"error": str(exc)})
         section.update(status="error", error=f"{type(exc).__name__}: {exc}")
         return section
@@ -700,9 +710,29 @@ def _compare(  # noqa: PLR0917 - one run's inputs, passed through once
                 reason=f"alias {alias!r} names version {pointer.version}, the one in service",
             )
             continue
-        challenger_predictor = load_predictor(registry, pointer)
+        try:
+            challenger_predictor = load_predictor(registry, pointer)
+        except (ModelLoadError, NotFound, PointerUnreadable) as exc:
+            entry.update(
+                verdict="not enough evidence",
+                reason=f"version {pointer.version} cannot be loaded: {exc}",
+            )
+            continue
         champ_m = registry.manifest(champion.version)
         chal_m = challenger_predictor.manifest
+        recoded = [
+            name
+            for name in set(champ_m.feature_names) & set(chal_m.feature_names)
+            if (champ_m.categories or {}).get(name) != (chal_m.categories or {}).get(name)
+        ]
+        if recoded:
+            # Captured inputs hold category codes: two models coding a feature differently
+            # would be compared on different values.
+            entry.update(
+                verdict="not enough evidence",
+                reason=f"the two versions code categories differently: {sorted(recoded)}",
+            )
+            continue
         if champ_m.task != chal_m.task:
             entry.update(
                 verdict="not enough evidence",
