@@ -82,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("promote", help="put VERSION in service")
+    p = sub.add_parser(
+        "promote",
+        help="put VERSION in service",
+        description="Show the latest live evidence for VERSION (the newest monitoring report's "
+        "challenger comparison: rows, agreement, metric with its interval, verdict), then put it "
+        "in service (a compare-and-swap on registry/<name>/current.json).",
+    )
     p.add_argument("version", metavar="VERSION", type=int)
     _common(p)
 
@@ -104,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION", type=int, nargs="?")
     _common(p)
 
-    p = sub.add_parser("monitor", help="run monitoring now and write a report")
+    p = sub.add_parser(
+        "monitor",
+        help="run monitoring now and write a report",
+        description="Drift, data quality and performance of the window's captured traffic, and "
+        "challengers routed live traffic compared with the champion (one line each). "
+        "PROMOTION_MODE=live in the environment lets this run promote a challenger, as the "
+        "scheduled run does.",
+    )
     _common(p)
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     p.add_argument(
