@@ -896,7 +896,8 @@ def _decide(
 
 def emit_metrics(report: dict[str, Any], metrics: Metrics) -> None:
     """EMF per challenger alias (dimensions service, model, alias): ChallengerAgreement,
-    ChallengerMetricDelta (the improvement, > 0: the challenger is better), ChallengerRowsCompared."""
+    ChallengerMetricDelta (the improvement, > 0: the challenger is better),
+    ChallengerRowsCompared."""
     from aws_lambda_powertools.metrics import MetricUnit, single_metric  # noqa: PLC0415
 
     section = report.get("challenger") or {}
@@ -945,7 +946,8 @@ def summary_lines(section: dict[str, Any] | None) -> list[str]:
             lo, hi = q["ci"]
             parts.append(
                 f"{q['metric']} {q['champion']:.4g} -> {q['challenger']:.4g}, improvement "
-                f"{q['improvement']:+.4g} [{_f(lo)}, {_f(hi)}] on {q['labeled_rows']:,} labeled rows"
+                f"{q['improvement']:+.4g} [{_f(lo)}, {_f(hi)}] "
+                f"on {q['labeled_rows']:,} labeled rows"
             )
         else:
             parts.append(f"{q.get('labeled_rows', 0):,} labeled rows")

@@ -55,9 +55,10 @@ redelivered event never overrides a newer promotion.
      "model", "version", "code", "message", "bucket", "key", "etag", "sequencer",
      "event_time", "gate": {...} | null, "decided_at", "attempt"}
 
-``code`` says why: the rejection reason for ``rejected``; ``manual``, ``live`` (PROMOTION_MODE=live
-with a champion in service: the version earns promotion on live traffic, decided by
-monitoring), ``gate``, ``stale`` for a version ``registered`` but not promoted; ``superseded``, ``gone`` for ``ignored``.
+``code`` says why: the rejection reason for ``rejected``; ``manual``, ``live``
+(PROMOTION_MODE=live with a champion in service: the version earns promotion on live traffic,
+decided by monitoring), ``gate``, ``stale`` for a version ``registered`` but not promoted;
+``superseded``, ``gone`` for ``ignored``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The model registry on S3: immutable versions, a compare-and-swap pointer, rejections, outcomes.
 
-Keys under ``registry/<model>/`` (DESIGN.md "S3 layout", plus two additions marked *)::
+Keys under ``registry/<model>/`` (DESIGN.md "S3 layout", plus three additions marked *)::
 
     versions/<n>/model.ubj          immutable; created with If-None-Match: * -- this allocates n
     versions/<n>/manifest.json      immutable; written last: the commit marker of version n
