@@ -78,8 +78,8 @@ def model_outputs(
     Loads the bytes in-process: the challenger's were already loaded once in the sandbox, and the
     champion's come from the registry, where only sandbox-validated bytes are ever written.
     """
-    # Imported here: monitoring uses this module's metrics and never loads a model, so its
-    # cold start (and artifact) need not carry XGBoost.
+    # Imported here: the package costs about half a second to import (scipy.sparse), paid
+    # only by an upload that has a holdout to score.
     import xgboost as xgb  # noqa: PLC0415
 
     booster = xgb.Booster(params={"nthread": 1}, model_file=bytearray(model_ubj))
