@@ -238,6 +238,20 @@ def _fast_rows(
     return as_float32(values.reshape(n, width), schema)
 
 
+def parse_records(records: list[Any], schema: FeatureSchema) -> np.ndarray:
+    """Records by feature name (already decoded JSON objects) -> the float32 matrix, with the
+    checks and category coding of a JSON ``{"instances": [{...}, ...]}`` body (batch scoring's
+    JSON Lines use it). Raises InvalidInput subclasses."""
+    if not records:
+        raise MalformedBody("no records")
+    for i, record in enumerate(records):
+        if type(record) is not dict:
+            raise InputMismatch(
+                f"instance {i} must be an object of feature: value, got {_type_name(record)}"
+            )
+    return _rows_to_matrix(_records_to_rows(records, schema), schema)
+
+
 def _records_to_rows(records: list[dict[str, Any]], schema: FeatureSchema) -> list[Sequence[Any]]:
     name_set = schema.name_set
     for i, record in enumerate(records):
