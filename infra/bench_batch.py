@@ -96,7 +96,7 @@ def write_csv(path: Path, X: np.ndarray, target_bytes: int | None = None) -> int
         while True:
             fh.write(block)
             written += len(block)
-            rows += X.shape[0]
+            rows += int(X.shape[0])
             if target_bytes is None or written >= target_bytes:
                 return rows
 

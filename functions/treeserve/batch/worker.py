@@ -129,7 +129,11 @@ def object_format(key: str) -> str | None:
 
 
 class _Table:
-    """Predictions -> output bytes in the object's format, header once."""
+    """Predictions -> output bytes in the object's format, header once.
+
+    One value per row (binary, regression) with ids and labels that need no CSV quoting is
+    formatted directly, as csv.writer would write it (``repr`` of each float, fields unquoted);
+    everything else goes through csv.writer."""
 
     def __init__(self, fmt: str, model: BatchModel) -> None:
         self.fmt = fmt
@@ -139,6 +143,10 @@ class _Table:
     def encode(self, ids: list[Any], X: np.ndarray) -> bytes:
         predictor = self.model.predictor
         prediction = predictor.predict(X)
+        if self.fmt == "csv" and prediction.values.ndim == 1:
+            fast = self._plain_csv(ids, prediction.values, prediction.labels)
+            if fast is not None:
+                return fast
         header, rows = prediction_table(
             ids,
             prediction.values,
@@ -150,6 +158,9 @@ class _Table:
             return b"".join(
                 orjson.dumps(dict(zip(header, row, strict=True))) + b"\n" for row in rows
             )
+        return self._csv(header, rows)
+
+    def _csv(self, header: list[Any], rows: list[list[Any]]) -> bytes:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         if not self.header_written:
@@ -157,6 +168,31 @@ class _Table:
             self.header_written = True
         writer.writerows(rows)
         return out.getvalue().encode()
+
+    def _plain_csv(
+        self, ids: list[Any], values: np.ndarray, labels: list[Any] | None
+    ) -> bytes | None:
+        texts = "".join(map(str, ids)) + ("".join(map(str, labels)) if labels is not None else "")
+        if any(c in texts for c in _NEEDS_QUOTES):
+            return None
+        predictor = self.model.predictor
+        head = ""
+        if not self.header_written:
+            header, _ = prediction_table(
+                [], values[:0], None if labels is None else [], predictor.class_names, None
+            )
+            head = ",".join(map(str, header)) + "\n"  # fixed names: id,prediction[,label]
+            self.header_written = True
+        if labels is None:
+            body = "".join(f"{i},{v!r}\n" for i, v in zip(ids, values.tolist(), strict=True))
+        else:
+            body = "".join(
+                f"{i},{v!r},{lab}\n" for i, v, lab in zip(ids, values.tolist(), labels, strict=True)
+            )
+        return (head + body).encode()
+
+
+_NEEDS_QUOTES = ('"', "\r", "\n", ",")
 
 
 def _csv_chunks(

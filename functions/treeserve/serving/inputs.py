@@ -536,6 +536,19 @@ _NOT_NUMERIC = re.compile(r"[^0-9.+\-eE \t,]")
 _count_commas = operator.methodcaller("count", ",")
 
 
+def _missing_as_nan(joined: str) -> str:
+    """Empty and blank fields as ``nan`` (string replaces when no field has blanks)."""
+    if " " in joined or "\t" in joined:
+        return _EMPTY_FIELD.sub("nan", joined)
+    if ",," in joined:  # twice: ",,," holds two empty fields that overlap
+        joined = joined.replace(",,", ",nan,").replace(",,", ",nan,")
+    if joined.startswith(","):
+        joined = "nan" + joined
+    if joined.endswith(","):
+        joined += "nan"
+    return joined
+
+
 def _fast_block(
     lines: list[str], width: int, *, id_first: bool
 ) -> tuple[np.ndarray, list[Any] | None] | None:
@@ -558,7 +571,7 @@ def _fast_block(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # older numpy warns where numpy 2 raises
         try:
-            values = np.fromstring(_EMPTY_FIELD.sub("nan", joined), dtype=np.float64, sep=",")
+            values = np.fromstring(_missing_as_nan(joined), dtype=np.float64, sep=",")
         except (DeprecationWarning, ValueError):
             return None
     if values.size != len(lines) * width:
