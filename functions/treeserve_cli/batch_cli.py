@@ -22,7 +22,7 @@ from typing import Any
 
 from treeserve.aws import s3_client, s3_errors, sfn_client, sfn_errors
 from treeserve.batch import jobs
-from treeserve.errors import ConfigurationError, NotFound, TreeserveError
+from treeserve.errors import ConfigurationError, NotFound, PreconditionFailed, TreeserveError
 from treeserve.registry.model_registry import ModelRegistry
 from treeserve.registry.store import S3RegistryStore
 from treeserve.settings import Settings
@@ -83,9 +83,6 @@ def submit(args: argparse.Namespace) -> int:
     local = Path(args.prefix)
     if local.exists():
         job = args.job or jobs.new_job_id()
-        prefix = jobs.input_prefix(name, job)
-        uploaded = _upload(s3, bucket, local, prefix)
-        sys.stdout.write(f"uploaded {uploaded} file(s) to s3://{bucket}/{prefix}\n")
     else:
         raw = args.prefix.removeprefix(f"s3://{bucket}/")
         model, job = jobs.parse_input_prefix(raw)
@@ -94,13 +91,26 @@ def submit(args: argparse.Namespace) -> int:
         if args.job and args.job != job:
             raise jobs.BadJob(f"{raw!r} is job {job!r}; --job {args.job!r} disagrees")
         name = model
+    # Pinned before anything is uploaded: a wrong --version or --alias costs nothing.
+    registry = ModelRegistry(S3RegistryStore(bucket, s3), name)
+    spec = jobs.resolve_job(registry, job, version=args.version, alias=args.alias)
     prefix = jobs.input_prefix(name, job)
+    arn = execution_arn(machine, name, job)
+    try:
+        _describe(arn)
+    except NotFound:
+        pass  # a new job, as it should be
+    else:
+        raise PreconditionFailed(
+            f"job {job} of model {name!r} was submitted before: `treeserve batch status {job} "
+            f"--name {name}` shows it; pick another --job"
+        )
+    if local.exists():
+        uploaded = _upload(s3, bucket, local, prefix)
+        sys.stdout.write(f"uploaded {uploaded} file(s) to s3://{bucket}/{prefix}\n")
     inputs = _count(s3, bucket, prefix)
     if inputs == 0:
         raise TreeserveError(f"nothing to score under s3://{bucket}/{prefix}")
-    registry = ModelRegistry(S3RegistryStore(bucket, s3), name)
-    spec = jobs.resolve_job(registry, job, version=args.version, alias=args.alias)
-    arn = execution_arn(machine, name, job)
     with sfn_errors(f"job {job} of model {name!r} (submitted before?)"):
         sfn_client().start_execution(
             stateMachineArn=machine,
