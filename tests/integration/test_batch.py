@@ -376,3 +376,75 @@ def test_the_state_machine_is_a_bounded_distributed_map_with_least_privilege(
     worker = {s["Sid"]: s for p in fn.properties["Policies"] for s in p["Statement"]}
     assert worker["ReadWriteBatch"]["Resource"] == f"{bucket_arn}/batch/*"
     assert worker["ReadRegistry"]["Action"] == "s3:GetObject"
+
+
+def test_a_batch_whose_retries_run_out_is_reported_and_past_the_tolerance_fails_the_job(
+    world: Any,
+    template: Template,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """9 objects: two batches (MaxItemsPerBatch 8). The batch holding boom.csv fails on every
+    attempt (S3 unavailable): it is retried as the template says, then FAILED; 1 of 2 batches is
+    past the 10 % tolerated, so the map fails, the manifest still lists every object (scored, or
+    failed with the batch's error), and the execution fails."""
+    from treeserve.errors import StorageUnavailable
+    from treeserve_cli.cli import main
+    from treeserve_cli.local import context_for, load_handler
+    from treeserve_cli.stepfunctions import (
+        LocalRunner,
+        LocalStepFunctions,
+        StepFunctionsEndpoint,
+        function_arns,
+        state_machines,
+    )
+
+    bucket = template.bucket_name()
+    job = "flaky"
+    prefix = f"batch/{MODEL}/{job}/input/"
+    names = [f"part-{i}.csv" for i in range(8)] + ["z/boom.csv"]
+    for name in names:
+        world.put_object(Bucket=bucket, Key=prefix + name, Body=csv_text(frame(3, 9)))
+    functions, by_arn = template.functions(), function_arns(template)
+    attempts: list[list[str]] = []
+
+    def call(arn: str, payload: Any) -> Any:
+        fn = functions[by_arn[arn]]
+        keys = [item["Key"] for item in payload.get("Items", [])]
+        if any(k.endswith("boom.csv") for k in keys):
+            attempts.append(keys)
+            raise StorageUnavailable("S3 is unavailable; retry")
+        return load_handler(fn, fn.environment)(payload, context_for(fn))
+
+    machines = state_machines(template)
+    service = LocalStepFunctions(machines, LocalRunner(call, world, retry_scale=0))
+    endpoint = StepFunctionsEndpoint(service, "127.0.0.1", 0)
+    endpoint.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SFN", endpoint.url)
+        monkeypatch.setenv("MODEL_BUCKET", bucket)
+        arn = machines["BatchStateMachine"].arn
+        code = main(["batch", "submit", prefix, "--wait", "--state-machine", arn])
+        printed = capsys.readouterr().out
+        assert code == 2, printed
+        assert main(["batch", "status", job, "--json", "--state-machine", arn]) == 0
+        status = json.loads(capsys.readouterr().out)
+    finally:
+        endpoint.stop()
+
+    retry = template_definition(template)["States"]["ScoreObjects"]["ItemProcessor"]
+    max_attempts = retry["States"]["ScoreBatch"]["Retry"][0]["MaxAttempts"]
+    assert len(attempts) == 1 + max_attempts  # the first try and every retry
+    assert status["execution"]["status"] == "FAILED"
+    assert status["execution"]["error"] == "JobFailed"
+    manifest = status["manifest"]
+    assert manifest["status"] == "failed"
+    assert manifest["error"]["Error"] == "States.ExceedToleratedFailureThreshold"
+    assert manifest["objects"] == len(names)  # none lost
+    failed = {f["key"].removeprefix(prefix): f["reason"] for f in manifest["failures"]}
+    # The failed batch's objects (the listing is in key order: boom.csv is the second batch).
+    assert set(failed) == {k.removeprefix(prefix) for k in attempts[0]} == {"z/boom.csv"}
+    for reason in failed.values():
+        assert "StorageUnavailable" in reason
+        assert "retries" in reason
+    assert manifest["objects_scored"] == len(names) - len(failed)
