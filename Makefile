@@ -64,7 +64,7 @@ pytest: venv kserve-venv
 
 test: lint typecheck cfn-lint checkov pytest
 
-# `make bench` runs every section; `make bench inference` (or refresh, monitoring, artifacts)
+# `make bench` runs every section; `make bench inference` (or refresh, monitoring, batch, artifacts)
 # one or a few: the words after `bench` are its sections, not targets of their own.
 ifeq (bench,$(firstword $(MAKECMDGOALS)))
 BENCH_SECTIONS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
@@ -93,13 +93,15 @@ build: venv
 # no Docker.
 PROJECT_ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 BUILD_PYTHON := $(if $(wildcard $(PROJECT_ROOT)/$(BIN)/python),$(PROJECT_ROOT)/$(BIN)/python,$(PYTHON))
-.PHONY: build-InferenceFunction build-RefreshFunction build-MonitoringFunction
+.PHONY: build-InferenceFunction build-RefreshFunction build-MonitoringFunction build-BatchFunction
 build-InferenceFunction:
 	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function inference --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 build-RefreshFunction:
 	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function refresh --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 build-MonitoringFunction:
 	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function monitoring --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
+build-BatchFunction:
+	cd "$(PROJECT_ROOT)" && $(BUILD_PYTHON) -m infra.build --function batch --arch $(ARCH) --out "$(ARTIFACTS_DIR)"
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(KSERVE_VENV) .aws-sam build .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,8 @@ in the same run and reports the ratio of medians; absolute times are shown for c
 Sections: inference (warm latency and cold start), capture (the captured request against the
 uncaptured one; a monitoring run over 100,000 rows against numpy's histograms and sorts),
 refresh (event to promoted vs XGBoost load), monitoring (1,000,000 captured rows vs numpy
-reading the same data), artifact sizes. Sections that have goals print them again at the end.
+reading the same data), batch (the worker's rows/s against inplace_predict; peak RSS over a
+1 GB object), artifact sizes. Sections that have goals print them again at the end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ SECTIONS = {
     "capture": "infra.bench_capture",
     "refresh": "infra.bench_refresh",
     "monitoring": "infra.bench_monitoring",
+    "batch": "infra.bench_batch",
     "artifacts": "infra.build",
 }
 

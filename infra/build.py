@@ -70,6 +70,9 @@ FUNCTIONS: dict[str, FunctionSpec] = {
     # statistics. isal: ISA-L gzip, about 3x faster than zlib on captures
     # (treeserve.monitoring.pipeline falls back to zlib).
     "monitoring": FunctionSpec((*COMMON, "scipy", "xgboost-cpu", "isal"), 190),
+    # The batch worker loads models as inference does (scipy: the xgboost package's import, for
+    # categorical models), without the web framework.
+    "batch": FunctionSpec((*COMMON, "scipy", "xgboost-cpu"), 190),
 }
 
 # Distributions that must never be in an artifact.
@@ -278,6 +281,8 @@ SUBPACKAGES: dict[str, tuple[str, ...]] = {
     "inference": ("model", "registry", "serving"),
     "refresh": ("model", "registry", "refresh"),
     "monitoring": ("model", "registry", "monitoring"),
+    # serving: the inference API's input parser and CSV table (inputs, endpoints), reused as is.
+    "batch": ("model", "registry", "serving", "batch"),
 }
 
 

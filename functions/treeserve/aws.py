@@ -101,6 +101,11 @@ def sqs_client() -> SQSClient:
     return _client("sqs")  # type: ignore[no-any-return]
 
 
+def sfn_client() -> Any:
+    """The shared Step Functions client (``AWS_ENDPOINT_URL_SFN`` points it at the local stack)."""
+    return _client("stepfunctions")
+
+
 def reset_clients() -> None:
     """Forget every client; the next call creates fresh ones (after a SnapStart restore)."""
     with _lock:
@@ -184,4 +189,31 @@ def s3_errors(
         raise StorageUnavailable(
             f"cannot reach S3 for s3://{bucket}/{key}: {exc} (check the network, or "
             "AWS_ENDPOINT_URL if you use a local endpoint)"
+        ) from exc
+
+
+@contextmanager
+def sfn_errors(what: str) -> Iterator[None]:
+    """Step Functions' errors as treeserve's: NotFound (an execution or state machine that does
+    not exist), PreconditionFailed (an execution name already used), StorageAccessDenied,
+    StorageUnavailable (retry), ConfigurationError (credentials, region, a bad ARN)."""
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        if code in ("ExecutionDoesNotExist", "StateMachineDoesNotExist"):
+            raise NotFound(f"{what}: {message or code}") from None
+        if code == "ExecutionAlreadyExists":
+            raise PreconditionFailed(f"{what}: {message or code}") from None
+        if code in ("InvalidArn", "InvalidName", "InvalidExecutionInput", "ValidationException"):
+            raise ConfigurationError(f"{what}: {code} {message}") from None
+        if code in _DENIED or code == "AccessDeniedException":
+            raise StorageAccessDenied(f"{what}: access denied ({code})") from None
+        raise StorageUnavailable(f"{what}: Step Functions answered {code} {message}") from exc
+    except (NoCredentialsError, PartialCredentialsError, NoRegionError) as exc:
+        raise ConfigurationError(f"{what}: {exc}") from None
+    except BotoCoreError as exc:
+        raise StorageUnavailable(
+            f"{what}: cannot reach Step Functions: {exc} (AWS_ENDPOINT_URL_SFN for a local one)"
         ) from exc

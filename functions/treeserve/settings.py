@@ -166,6 +166,12 @@ class Settings:
     # (unset or 0): half of what INFERENCE_MEMORY_MB leaves after headroom and runtime. Refresh
     # reads it too: a model must fit both the cache and the loading slot the cache leaves.
     model_cache_mb: float | None = None
+    # Batch scoring (treeserve.batch): rows scored per chunk (what one parse and predict holds),
+    # bytes per ranged GET and per multipart part (S3's minimum part is 5 MiB), and the state
+    # machine the CLI starts (BATCH_STATE_MACHINE_ARN; the stack's output BatchStateMachineArn).
+    batch_chunk_rows: int = 10_000
+    batch_part_bytes: int = 8 * 1024 * 1024
+    batch_state_machine_arn: str | None = None
 
     @property
     def cache_mb(self) -> float:
@@ -228,4 +234,9 @@ class Settings:
             api_base_path=_text(env, "API_BASE_PATH", "/"),
             inference_memory_mb=memory_mb,
             model_cache_mb=cache_mb,
+            batch_chunk_rows=int(_number(env, "BATCH_CHUNK_ROWS", 10_000, 1, 1_000_000)),
+            batch_part_bytes=int(
+                _number(env, "BATCH_PART_BYTES", 8 * 1024 * 1024, 5 * 1024 * 1024, 512 * 1024**2)
+            ),
+            batch_state_machine_arn=env.get("BATCH_STATE_MACHINE_ARN", "").strip() or None,
         )

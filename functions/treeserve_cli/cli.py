@@ -1,5 +1,5 @@
-"""The ``treeserve`` command line: publish, status, promote, rollback, alias, monitor, invoke,
-local.
+"""The ``treeserve`` command line: publish, status, promote, rollback, alias, monitor, batch,
+invoke, local.
 
 This module only parses arguments and dispatches; each command lives in its own module and is
 imported when used, so ``treeserve --help`` stays fast.
@@ -23,6 +23,7 @@ COMMANDS = {
     "rollback": "treeserve_cli.commands:rollback",
     "alias": "treeserve_cli.commands:alias",
     "monitor": "treeserve_cli.monitoring_cli:monitor",
+    "batch": "treeserve_cli.batch_cli:batch_command",
     "invoke": "treeserve_cli.invoke:invoke_command",
     "local": "treeserve_cli.local:local_command",
 }
@@ -125,6 +126,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "batch",
+        help="batch scoring on Step Functions: submit a job over S3 objects, show its status",
+        description="submit PREFIX scores every object (CSV with a header, JSON Lines) under "
+        "batch/<model>/<job>/input/ with one pinned model version, one output per object under "
+        "batch/<model>/<job>/output/ and a job manifest; status JOB shows progress, rows and "
+        "failures.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = actions.add_parser(
+        "submit",
+        help="start a batch scoring job",
+        description="PREFIX is a job's input prefix (batch/<model>/<job>/input/, or "
+        "s3://<bucket>/batch/...), or a local folder or file, uploaded to "
+        "batch/<name>/<job>/input/ first (job: --job or a new id). The model version is pinned "
+        "now: --version, --alias, or the champion.",
+        epilog="exit codes: 0 started (with --wait: every object scored), 2 some objects failed "
+        "or the job failed, 3 still running after --timeout, 1 any other error",
+    )
+    b.add_argument("prefix", metavar="PREFIX", help="input prefix, or a local folder/file")
+    _common(b)
+    pin = b.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=int, metavar="V", help="score with registered version V")
+    pin.add_argument("--alias", metavar="A", help="score with the version alias A names")
+    b.add_argument("--job", metavar="JOB", help="job id for a local folder (default: a new one)")
+    b.add_argument("--wait", action="store_true", help="follow the job (progress on stderr)")
+    b.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds --wait waits (default 3600)"
+    )
+    b.add_argument("--state-machine", metavar="ARN", help="default: $BATCH_STATE_MACHINE_ARN")
+    b = actions.add_parser("status", help="a job's progress, rows and failures")
+    b.add_argument("job", metavar="JOB")
+    _common(b)
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--state-machine", metavar="ARN", help="default: $BATCH_STATE_MACHINE_ARN")
+
+    p = sub.add_parser(
         "invoke",
         help="invoke a function of template.yaml in-process, like `sam local invoke`",
     )
@@ -148,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--template", default="template.yaml", help="SAM template (default template.yaml)"
+    )
+    p.add_argument(
+        "--sfn-port",
+        type=int,
+        default=8083,
+        help="local Step Functions endpoint (batch scoring) port (default 8083)",
     )
     p.add_argument("--no-demo", action="store_true", help="start without publishing the demo model")
     p.add_argument(

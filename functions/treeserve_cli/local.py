@@ -14,7 +14,10 @@ What runs, all in this process, all on loopback:
 - the inference function under uvicorn, through :class:`LambdaGateway`: each HTTP request becomes
   the HTTP API (payload 2.0) event API Gateway would send, and the function's own Lambda
   handler answers it (Mangum, then its FastAPI app), as in production;
-- the monitoring handler on a timer (and on demand: ``treeserve monitor`` with the printed env).
+- the monitoring handler on a timer (and on demand: ``treeserve monitor`` with the printed env);
+- the template's state machines (batch scoring) run by :mod:`treeserve_cli.stepfunctions`
+  behind a Step Functions endpoint on loopback (``AWS_ENDPOINT_URL_SFN``), their Lambda tasks
+  invoking the template's handlers in-process: ``treeserve batch submit`` works as against AWS.
 
 Ctrl-C (SIGINT) or SIGTERM stops everything and exits 0.
 """
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
     from treeserve_cli.demo import DemoPackage, PenguinsPackage
+    from treeserve_cli.stepfunctions import StepFunctionsEndpoint
 
 logger = logging.getLogger("treeserve_cli.local")
 
@@ -326,6 +330,7 @@ class LocalOptions:
     demo: bool = True
     monitor_every: float = 300.0  # seconds; 0 turns the timer off
     env: dict[str, str] = field(default_factory=dict)  # overrides for every function's env
+    sfn_port: int = 8083  # the local Step Functions endpoint (Step Functions Local's port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,10 +365,14 @@ class LocalStack:
     demo_version: int | None = None
     penguins: PenguinsPackage | None = None
     penguins_version: int | None = None
+    step_functions: StepFunctionsEndpoint | None = None
+    state_machine_arn: str | None = None
 
     def stop(self) -> None:
         """Stop in reverse start order; every step runs even when an earlier one failed."""
         steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.step_functions is not None:
+            steps.append(("Step Functions endpoint", self.step_functions.stop))
         if self.timer is not None:
             steps.append(("monitoring timer", self.timer.stop))
         if self.poller is not None:
@@ -791,6 +800,9 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
     env = {**local_aws_env(opts.moto_port), "MODEL_BUCKET": spec.bucket}
     env.pop("AWS_REGION")
     env.pop("AWS_SESSION_TOKEN")
+    if stack.step_functions is not None and stack.state_machine_arn is not None:
+        env["AWS_ENDPOINT_URL_SFN"] = stack.step_functions.url
+        env["BATCH_STATE_MACHINE_ARN"] = stack.state_machine_arn
     model_name = function_env(spec, opts.env).get("MODEL_NAME", "default")
     if model_name != "default":
         env["MODEL_NAME"] = model_name
@@ -818,6 +830,11 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
         lines.append(
             f"  monitoring           {spec.monitoring.logical_id} {when}; "
             f"on demand: {treeserve} monitor"
+        )
+    if stack.step_functions is not None:
+        lines.append(
+            f"  batch scoring        {stack.state_machine_arn} (Distributed Map from template.yaml, "
+            f"run locally) on {stack.step_functions.url}: {treeserve} batch submit"
         )
     demo = stack.demo
     if demo is not None:
@@ -901,6 +918,19 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
         f"  {treeserve} publish /tmp/treeserve-v2/demo-package.tar.gz --wait",
         f"  {treeserve} rollback",
         f"  {treeserve} monitor --html /tmp/treeserve-monitor.html",
+    ]
+    if stack.step_functions is not None:
+        target = f"--name {model_name}"
+        sample = stack.demo.reference if stack.demo is not None else None
+        if sample is None and stack.penguins is not None:
+            sample, target = stack.penguins.reference, "--name penguins"
+        if sample is not None:
+            lines += [
+                "  # batch scoring: upload a CSV (or a folder of CSV / JSON Lines) and score it",
+                f"  {treeserve} batch submit {shlex.quote(str(sample))} {target} --job demo --wait",
+                f"  {treeserve} batch status demo {target}",
+            ]
+    lines += [
         "",
         "Ctrl-C stops everything.",
         "",
@@ -933,6 +963,7 @@ def options_from_args(args: argparse.Namespace) -> LocalOptions:
         demo=not getattr(args, "no_demo", False),
         monitor_every=every,
         env=_parse_env(getattr(args, "env", None)),
+        sfn_port=int(getattr(args, "sfn_port", 8083)),
     )
 
 
@@ -945,7 +976,8 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
     """Start everything but the API server; on failure, stop what was started and raise."""
     stack = LocalStack(options)
     try:
-        spec = read_stack(load_template(options.template, region=REGION))
+        template = load_template(options.template, region=REGION)
+        spec = read_stack(template)
         stack.spec = spec
         _say(out, f"treeserve local: embedded AWS (moto) on http://{HOST}:{options.moto_port}")
         point_at_moto(options.moto_port)
@@ -1006,10 +1038,51 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
                     name="monitoring",
                 )
                 stack.timer.start()
+        start_step_functions(stack, template, options)
     except BaseException:
         stack.stop()
         raise
     return stack, resources
+
+
+def start_step_functions(stack: LocalStack, template: Template, options: LocalOptions) -> None:
+    """Serve the template's state machines on loopback; their Lambda tasks call the template's
+    handlers in this process (each loaded on first use, with its own environment)."""
+    from treeserve.aws import s3_client  # noqa: PLC0415
+    from treeserve_cli.stepfunctions import (  # noqa: PLC0415
+        LocalRunner,
+        LocalStepFunctions,
+        StepFunctionsEndpoint,
+        function_arns,
+        state_machines,
+    )
+
+    machines = state_machines(template)
+    if not machines:
+        return
+    by_arn = function_arns(template)
+    functions = template.functions()
+    lock = threading.Lock()
+
+    def invoke(arn: str, payload: Any) -> Any:
+        logical_id = by_arn.get(arn)
+        if logical_id is None:
+            raise ConfigurationError(f"template: no function with ARN {arn!r}")
+        fn = functions[logical_id]
+        with lock:
+            handler = stack.handlers.get(logical_id)
+            if handler is None:
+                handler = load_handler(fn, own_env(fn, options.env))
+                stack.handlers[logical_id] = handler
+        return handler(payload, context_for(fn))
+
+    service = LocalStepFunctions(machines, LocalRunner(invoke, s3_client()))
+    reserve_port(options.sfn_port, "Step Functions", "--sfn-port").close()
+    stack.step_functions = StepFunctionsEndpoint(service, HOST, options.sfn_port)
+    stack.step_functions.start()
+    os.environ["AWS_ENDPOINT_URL_SFN"] = stack.step_functions.url
+    stack.state_machine_arn = next(iter(machines.values())).arn
+    os.environ["BATCH_STATE_MACHINE_ARN"] = stack.state_machine_arn
 
 
 def scheduled_event() -> dict[str, Any]:

@@ -121,7 +121,7 @@ def exported_env(banner: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    port, moto_port = free_port(), free_port()
+    port, moto_port, sfn_port = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("stack") / "local.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -134,6 +134,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 str(port),
                 "--moto-port",
                 str(moto_port),
+                "--sfn-port",
+                str(sfn_port),
                 "--monitor-every",
                 str(MONITOR_EVERY),
                 "--env",
@@ -375,6 +377,21 @@ def captured(stack: Stack) -> dict[str, dict[str, Any]]:
 def report_keys(stack: Stack) -> list[str]:
     listed = stack.s3().list_objects_v2(Bucket=stack.bucket, Prefix="reports/default/")
     return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def test_the_printed_batch_example_scores_the_demo_rows_on_the_local_state_machine(
+    stack: Stack,
+) -> None:
+    done = stack.printed(" batch submit")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "status succeeded" in done.stdout, done.stdout
+    status = stack.printed(" batch status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "execution SUCCEEDED" in status.stdout, status.stdout
+    listed = stack.s3().list_objects_v2(Bucket=stack.bucket, Prefix="batch/default/demo/output/")
+    (output,) = listed["Contents"]
+    body = stack.s3().get_object(Bucket=stack.bucket, Key=output["Key"])["Body"].read()
+    assert body.decode().splitlines()[0] == "id,prediction,label"
 
 
 def test_monitoring_runs_on_the_timer_and_on_demand(

@@ -236,6 +236,9 @@ def test_artifacts_hold_what_each_function_needs_and_nothing_forbidden(
         assert (paths["inference"] / "mangum").is_dir()
     if "refresh" in paths:
         assert not (paths["refresh"] / "fastapi").exists()
+    if "batch" in paths:  # the serving parser, not the web framework
+        assert not (paths["batch"] / "fastapi").exists()
+        assert (paths["batch"] / "treeserve" / "serving" / "inputs.py").is_file()
 
 
 def test_handlers_answer_from_their_artifacts_alone(
@@ -246,7 +249,7 @@ def test_handlers_answer_from_their_artifacts_alone(
     tmp_path: Path,
 ) -> None:
     paths, python = artifacts.paths, artifacts.python
-    for name in ("inference", "refresh"):
+    for name in ("inference", "refresh", "batch"):
         assert name in paths, f"functions/{name}/app.py is missing"
     # Each variant (local, lambda) starts from an empty bucket.
     listing = bucket.list_objects_v2(Bucket=template.bucket_name())
@@ -299,6 +302,30 @@ def test_handlers_answer_from_their_artifacts_alone(
     if report["libxgboost"] is not None:  # /proc/self/maps: Linux
         (library,) = report["libxgboost"]
         assert library.startswith(str(paths["inference"])), library
+
+    # Batch, from its artifact, scores an object of a Distributed Map batch with that model.
+
+    pointer = ModelRegistry(S3RegistryStore(template.bucket_name(), bucket), "default").current()
+    assert pointer is not None
+    event = json.loads((EVENTS / "batch-map-items.json").read_text())
+    event["Items"] = event["Items"][:1]
+    rows = b"f0,f1,f2,f3,f4,f5\n0.1,0.2,0.3,0.4,0.5,0.6\n"
+    bucket.put_object(Bucket=template.bucket_name(), Key=event["Items"][0]["Key"], Body=rows)
+    head = bucket.head_object(Bucket=template.bucket_name(), Key=event["Items"][0]["Key"])
+    event["Items"][0].update({"Etag": head["ETag"], "Size": head["ContentLength"]})
+    event["BatchInput"]["job"].update({"version": pointer.version, "sha256": pointer.sha256})
+    report = run_handler(
+        python,
+        paths["batch"],
+        "BatchFunction",
+        event,
+        tmp_path=tmp_path,
+        template=template,
+        endpoint=moto_endpoint,
+    )
+    (scored,) = report["result"]["objects"]
+    assert scored["status"] == "scored", scored
+    assert scored["rows"] == 1
 
     if "monitoring" not in paths:
         pytest.skip("functions/monitoring/app.py is not written yet")

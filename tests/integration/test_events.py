@@ -158,10 +158,20 @@ MONITORING = (
     "monitoring-direct-bad-window.json",
 )
 
+# Batch events: each object the event lists, uploaded before invoking (6 features f0..f5).
+BATCH = {
+    "batch-map-items.json": {
+        "batch/default/events/input/rows.csv": b"id,f0,f1,f2,f3,f4,f5\na,0.1,0.2,0.3,0.4,0.5,0.6\n"
+        b"b,-1,,2,0,1,-0.5\n",
+        "batch/default/events/input/records.jsonl": b'{"id": 7, "f0": 1.5, "f3": -2}\n'
+        b'{"f0": 0.0, "f1": 1, "f2": 2, "f3": 3, "f4": 4, "f5": null}\n',
+    }
+}
+
 
 def test_every_event_file_has_an_expectation() -> None:
     files = {p.name for p in EVENTS.glob("*.json")}
-    expected = set(API) | set(REFRESH) | set(MONITORING)
+    expected = set(API) | set(REFRESH) | set(MONITORING) | set(BATCH)
     assert files == expected, (
         f"without expectation: {sorted(files - expected)}; missing: {sorted(expected - files)}"
     )
@@ -173,7 +183,7 @@ def test_events_readme_documents_the_model() -> None:
     assert "f5" in readme
     for name in API | REFRESH:
         assert name in readme, name
-    for name in MONITORING:
+    for name in (*MONITORING, *BATCH):
         assert name in readme, name
 
 
@@ -362,3 +372,36 @@ def test_monitoring_event(name: str, stack: Any, template: Template, model: Trai
     assert payload["rows"] == N_ROWS  # the rows the predict event captured
     assert payload["report_key"].startswith("reports/default/dt=")
     assert [o["Key"] for o in reports.get("Contents", [])] == [payload["report_key"]]
+
+
+@pytest.mark.parametrize("name", sorted(BATCH))
+def test_batch_event(name: str, stack: Any, template: Template, model: TrainedModel) -> None:
+    import numpy as np
+
+    from treeserve.registry.model_registry import ModelRegistry
+    from treeserve.registry.store import S3RegistryStore
+
+    promote_through_refresh(template, stack, model)
+    bucket = template.bucket_name()
+    pointer = ModelRegistry(S3RegistryStore(bucket, stack), "default").current()
+    assert pointer is not None
+    event = load_event(name)
+    for item in event["Items"]:
+        etag, size = upload(stack, bucket, item["Key"], BATCH[name][item["Key"]])
+        item.update({"Etag": f'"{etag}"', "Size": size})
+    event["BatchInput"]["job"].update({"version": pointer.version, "sha256": pointer.sha256})
+    result = invoke(template, "BatchFunction", event, fresh=True)
+    assert result.ok, result.error
+    objects = result.payload["objects"]
+    assert [o["status"] for o in objects] == ["scored", "scored"], objects
+    csv_out = stack.get_object(Bucket=bucket, Key=objects[0]["output_key"])["Body"].read()
+    lines = csv_out.decode().splitlines()
+    assert lines[0] == "id,prediction,label"
+    assert [line.split(",")[0] for line in lines[1:]] == ["a", "b"]
+    X = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [-1, np.nan, 2, 0, 1, -0.5]], dtype=np.float32)
+    expected = model.booster.inplace_predict(X)
+    got = np.array([float(line.split(",")[1]) for line in lines[1:]], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
+    jsonl = stack.get_object(Bucket=bucket, Key=objects[1]["output_key"])["Body"].read()
+    rows = [json.loads(line) for line in jsonl.splitlines()]
+    assert [r["id"] for r in rows] == [7, "batch/default/events/input/records.jsonl:1"]

@@ -27,7 +27,7 @@ from treeserve_cli.template import Template, load_template, parse_template
 pytestmark = pytest.mark.integration
 
 TEMPLATE = ROOT / "template.yaml"
-FUNCTIONS = ("InferenceFunction", "RefreshFunction", "MonitoringFunction")
+FUNCTIONS = ("InferenceFunction", "RefreshFunction", "MonitoringFunction", "BatchFunction")
 
 
 @pytest.fixture(scope="module")

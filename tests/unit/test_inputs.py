@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import orjson
@@ -226,3 +227,62 @@ def test_regressions_found_by_the_fuzzers() -> None:
     parsed = parse("1,2,3\n,,\n4,5,6\n", "text/csv")
     assert parsed.X.shape == (3, 3)
     assert np.isnan(parsed.X[1]).all()
+
+
+def test_unquoted_csv_reads_as_csv_reader_reads_it() -> None:
+    """Bodies without quotes or carriage returns take the one-pass reader (np.fromstring); the
+    same rows with CRLF line ends take csv.reader: values, ids and errors must be the same."""
+    import random
+
+    from treeserve.errors import InvalidInput
+    from treeserve.serving.inputs import FeatureSchema, parse_body
+
+    tokens = [
+        "",
+        " ",
+        "\t",
+        "nan",
+        "-inf",
+        "1e5",
+        "1.e5",
+        "1_0",
+        "0x1",
+        "abc",
+        " 2",
+        "+3",
+        ".5",
+        "5.",
+        "1e",
+        "1 2",
+        "--1",
+        "1e400",
+        "1e-400",
+        "nan(1)",
+        "١٢",
+        "-0",
+        "1e 5",
+    ]
+    schema = FeatureSchema(["a", "b", "c"])
+    rng = random.Random(3)
+
+    def parsed(body: bytes) -> tuple[Any, ...]:
+        try:
+            r = parse_body(body, "text/csv", schema, max_rows=100, max_bytes=1 << 20, id_prefix="p")
+        except InvalidInput as exc:
+            return ("error", type(exc).__name__, str(exc))
+        return ("ok", r.X.tobytes(), r.ids)
+
+    headers = [None, ["a", "b", "c"], ["id", "a", "b", "c"], ["c", "a"], ["a", "id", "b"]]
+    for _ in range(3000):
+        header = rng.choice(headers)
+        width = len(header) if header else 3
+        rows = [
+            [
+                rng.choice(tokens) if rng.random() < 0.4 else f"{rng.gauss(0, 1):.4g}"
+                for _ in range(width + (rng.random() < 0.05))
+            ]
+            for _ in range(rng.randint(1, 4))
+        ]
+        lines = ([",".join(header)] if header else []) + [",".join(r) for r in rows]
+        fast = parsed(("\n".join(lines) + "\n").encode())
+        assert fast == parsed(("\r\n".join(lines) + "\r\n").encode()), lines

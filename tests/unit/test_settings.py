@@ -125,3 +125,22 @@ def test_bad_drift_rule_is_refused_naming_both_variables(
         Settings.from_env(env)
     assert "DRIFT_THRESHOLD" in str(info.value)
     assert re.search(says, str(info.value))
+
+
+def test_batch_settings_are_read_and_bounded() -> None:
+    s = Settings.from_env({"MODEL_BUCKET": "b"})
+    assert (s.batch_chunk_rows, s.batch_part_bytes) == (10_000, 8 * 1024 * 1024)
+    assert s.batch_state_machine_arn is None
+    s = Settings.from_env(
+        {
+            "MODEL_BUCKET": "b",
+            "BATCH_CHUNK_ROWS": "500",
+            "BATCH_PART_BYTES": str(6 * 1024 * 1024),
+            "BATCH_STATE_MACHINE_ARN": "arn:aws:states:us-east-1:1:stateMachine:x",
+        }
+    )
+    assert (s.batch_chunk_rows, s.batch_part_bytes) == (500, 6 * 1024 * 1024)
+    assert s.batch_state_machine_arn == "arn:aws:states:us-east-1:1:stateMachine:x"
+    # S3's smallest multipart part is 5 MiB: less is refused, naming the variable.
+    with pytest.raises(ConfigurationError, match="BATCH_PART_BYTES"):
+        Settings.from_env({"MODEL_BUCKET": "b", "BATCH_PART_BYTES": "1024"})

@@ -126,9 +126,17 @@ def test_s3_permissions_are_scoped_to_each_functions_prefixes(cfn: dict[str, Any
         "registry/*/routing.json",
         "registry/*/decisions/*",
     }
+    assert prefixes("BatchFunctionRole", "s3:GetObject") == {"registry/*", "batch/*"}
+    assert prefixes("BatchFunctionRole", "s3:PutObject") == {"batch/*"}
+    assert prefixes("BatchStateMachineRole", "s3:PutObject") == {"batch/*"}
+    assert prefixes("BatchStateMachineRole", "s3:ListBucket") == {"<bucket>"}
     for name, statement in identity_statements(cfn):
         if "s3:ListBucket" in as_list(statement["Action"]):
-            condition = statement["Condition"]["StringLikeIfExists"]["s3:prefix"]
+            # StringLike (the state machine's ItemReader always names a prefix) or, for the
+            # functions, StringLikeIfExists (see InferenceFunction in template.yaml).
+            (operator,) = statement["Condition"]
+            assert operator in ("StringLike", "StringLikeIfExists"), (name, operator)
+            condition = statement["Condition"][operator]["s3:prefix"]
             assert all(p.endswith("/*") and p != "/*" for p in condition), (name, condition)
         for action in as_list(statement["Action"]):
             assert action not in {"s3:DeleteObject", "s3:PutBucketPolicy", "s3:PutObjectAcl"}

@@ -347,13 +347,15 @@ def _csv_text(rows: list[list[Any]]) -> bytes:
     return out.getvalue().encode()
 
 
-def _predict_csv(
+def prediction_table(
     ids: list[Any],
     values: np.ndarray,
     labels: list[Any] | None,
     class_names: list[Any] | None,
     output_names: list[str] | None,
-) -> bytes:
+) -> tuple[list[Any], list[list[Any]]]:
+    """The CSV answer's header and rows: ``id,prediction[,label]``, ``id,prob_<class>...,label``
+    or ``id,<output name>...`` (predict with ``Accept: text/csv``, and batch scoring's output)."""
     if values.ndim == 2 and labels is not None:  # class probabilities
         k = values.shape[1]
         names = class_names if class_names and len(class_names) == k else list(range(k))
@@ -372,6 +374,17 @@ def _predict_csv(
     else:
         header = ["id", "prediction"]
         rows = [[i, p] for i, p in zip(ids, values.tolist(), strict=True)]
+    return header, rows
+
+
+def _predict_csv(
+    ids: list[Any],
+    values: np.ndarray,
+    labels: list[Any] | None,
+    class_names: list[Any] | None,
+    output_names: list[str] | None,
+) -> bytes:
+    header, rows = prediction_table(ids, values, labels, class_names, output_names)
     return _csv_text([header, *rows])
 
 
