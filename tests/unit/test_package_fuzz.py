@@ -65,7 +65,9 @@ def test_ubj_reader_on_any_bytes(data: bytes) -> None:
 @given(edits)
 def test_mutated_ubj_model_gets_a_verdict_without_xgboost(changes: list[tuple[int, int]]) -> None:
     code = _verdict(lambda: parse_model_document(_mutate(UBJ, changes), "ubj", "model.ubj"))
-    assert code in {None, "corrupt", "pickle"}
+    # A mutated float32 can become NaN or infinity (one byte of its exponent): the static
+    # check's own verdict, as for JSON.
+    assert code in {None, "corrupt", "pickle", "non_finite"}
 
 
 @FAST
