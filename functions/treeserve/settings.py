@@ -160,6 +160,9 @@ class Settings:
     # (unset or 0): half of what INFERENCE_MEMORY_MB leaves after headroom and runtime. Refresh
     # reads it too: a model must fit both the cache and the loading slot the cache leaves.
     model_cache_mb: float | None = None
+    # The published version this environment runs (Lambda's AWS_LAMBDA_FUNCTION_VERSION): the
+    # dimension of the 5xx answers that a code deploy's alarms watch (template.yaml).
+    function_version: str = "$LATEST"
 
     @property
     def cache_mb(self) -> float:
@@ -218,4 +221,5 @@ class Settings:
             api_base_path=_text(env, "API_BASE_PATH", "/"),
             inference_memory_mb=memory_mb,
             model_cache_mb=cache_mb,
+            function_version=_text(env, "AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
         )
