@@ -456,6 +456,7 @@ def create_app(
             service=served.service,
             capture=served.capture,
             routing_key=client_id,
+            routed=not is_pinned(request),
         )
         return answer(result)
 
@@ -678,7 +679,7 @@ def add_v2_routes(
             elif name == REQUEST_ID_HEADER:
                 client_id = value[:MAX_REQUEST_ID_BYTES] or None
         alias, alias_header = of.alias, of.alias_header
-        canary = of.canary
+        canary = None if is_pinned(request) else of.canary
         request_id = scope_request_id(request.scope)
         if canary is not None and endpoints.models is not None:
             # No row ids in a v2 request: the client's x-request-id, else API Gateway's.
@@ -756,6 +757,13 @@ def add_v2_routes(
             response_class=Response,
             name=f"v2_infer{pinned}",
         )(v2_infer)
+
+
+def is_pinned(request: Request) -> bool:
+    """Whether the route names its alias (``name@alias``, ``name@champion`` too) or a version:
+    such a request is answered by what it names, never rerouted to a canary."""
+    params = request.scope.get("path_params") or {}
+    return "version" in params or "@" in params.get("name", "")
 
 
 def list_models(cache: ModelCache) -> list[dict[str, Any]]:

@@ -178,6 +178,7 @@ class Endpoints:
         service: ModelService | None = None,
         capture: CaptureBuffer | bool | None = True,
         routing_key: bytes | None = None,
+        routed: bool = True,
     ) -> Answer:
         """Serve one predict/explain request (of the default model, or of ``service`` with its
         ``capture`` buffer). Client errors become 4xx answers here.
@@ -185,7 +186,8 @@ class Endpoints:
         A champion's request goes to its model's canary (:attr:`ModelService.canary`) when
         :func:`canary_bucket` of its key is below the canary's percent: the key is the row ids
         the client sent, else ``routing_key`` (the client's ``x-request-id``), else
-        ``request_id`` (API Gateway's, which a retry does not keep)."""
+        ``request_id`` (API Gateway's, which a retry does not keep). ``routed=False``: a
+        request that named its alias (``name@champion``) is never rerouted."""
         started = time.perf_counter()
         if service is None:
             service = self.service
@@ -213,7 +215,7 @@ class Endpoints:
         except NotFound as exc:
             return self.error(404, "not_found", str(exc), service)
         alias, alias_header = service.alias, service.alias_header
-        canary = service.canary
+        canary = service.canary if routed else None
         if canary is not None and self.models is not None:
             if parsed.ids_generated:
                 key = routing_key or (request_id or parsed.ids[0]).encode()
@@ -332,6 +334,7 @@ class Endpoints:
         service: ModelService | None = None,
         capture: CaptureBuffer | bool | None = True,
         routing_key: bytes | None = None,
+        routed: bool = True,
     ) -> Answer:
         try:
             body = await _read_body(receive, self.max_bytes)
@@ -346,6 +349,7 @@ class Endpoints:
             service=service,
             capture=capture,
             routing_key=routing_key,
+            routed=routed,
         )
 
     def safe_handle(
@@ -359,6 +363,7 @@ class Endpoints:
         service: ModelService | None = None,
         capture: CaptureBuffer | bool | None = True,
         routing_key: bytes | None = None,
+        routed: bool = True,
     ) -> Answer:
         try:
             return self.handle(
@@ -370,6 +375,7 @@ class Endpoints:
                 service=service,
                 capture=capture,
                 routing_key=routing_key,
+                routed=routed,
             )
         except Exception:  # a bug or a broken model, not the client's fault: 500, logged
             logger.exception("prediction failed", extra={"route": kind})
