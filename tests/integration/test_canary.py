@@ -159,11 +159,7 @@ def test_without_ids_the_request_id_header_decides_and_is_sticky(
         _, _, answer = call(module, "/predict", body, request_id=rid)
         assert answer["model"]["version"] == (2 if to_canary(rid.encode()) else 1)
     # The v2 inference route without a version: the same keys.
-    v2 = {
-        "inputs": [
-            {"name": "x", "shape": [2, 6], "datatype": "FP32", "data": body["instances"]}
-        ]
-    }
+    v2 = {"inputs": [{"name": "x", "shape": [2, 6], "datatype": "FP32", "data": body["instances"]}]}
     for i in range(200):
         rid = f"req-{i}"
         status, headers, answer = call(
@@ -221,7 +217,7 @@ def test_a_cleared_canary_alias_falls_back_to_the_champion_logged_once(
     capsys.readouterr()
     registry.clear_alias(ALIAS)  # the routing still names it
     for customer in canaried_ids:
-        status, headers, body = call(module, "/predict", {"instances": X, "ids": [customer]})
+        status, _headers, body = call(module, "/predict", {"instances": X, "ids": [customer]})
         assert status == 200, body
         assert body["model"] == {"name": "default", "version": 1, "alias": "champion"}
     captured = capsys.readouterr()
@@ -293,12 +289,17 @@ def test_captures_record_the_alias_that_answered_and_the_latency(
     keys = [
         o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="captures/default/")["Contents"]
     ]
-    rows = [captures.decode_capture(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in keys]
+    rows = [
+        captures.decode_capture(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in keys
+    ]
     got = {
         row_id: (int(version), alias, float(latency))
         for r in rows
         for row_id, version, alias, latency in zip(
-            r.ids, r.versions, r.aliases or [], r.latency_ms if r.latency_ms is not None else [],
+            r.ids,
+            r.versions,
+            r.aliases or [],
+            r.latency_ms if r.latency_ms is not None else [],
             strict=True,
         )
     }

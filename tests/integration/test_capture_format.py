@@ -115,7 +115,8 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
     assert got.labels == [str(label) for label in answer["labels"]]
     assert got.aliases == ["champion"] * 40  # the champion answered (no routing)
     assert got.latency_ms is not None
-    assert np.all(got.latency_ms > 0) and np.unique(got.latency_ms).size == 1  # one request
+    assert np.all(got.latency_ms > 0)
+    assert np.unique(got.latency_ms).size == 1
     for name in ("plan", "region"):
         want = [None if pd.isna(v) else str(v) for v in traffic[name].astype(object)]
         assert got.categories[name] == want
@@ -255,7 +256,8 @@ def test_parquet_strings_levels_and_gzip_pages_round_trip(tmp_path: Path) -> Non
         assert np.array_equal(back.outputs, rows.outputs)
         assert back.labels == rows.labels
         assert back.aliases == rows.aliases
-        assert back.latency_ms is not None and rows.latency_ms is not None
+        assert back.latency_ms is not None
+        assert rows.latency_ms is not None
         assert np.array_equal(back.latency_ms, rows.latency_ms, equal_nan=True)
         assert back.categories == rows.categories
         # and DuckDB reads the same values

@@ -808,11 +808,13 @@ def test_route_sets_each_part_prints_it_and_clears_it(
     code, out, _ = run(capsys, "route", "--name", NAME, "--shadow", "staging", "0.25")
     assert code == 0
     routing = registry.routing()  # the shadow added, the canary kept
-    assert routing.canary is not None and routing.canary.to_dict() == {
+    assert routing.canary is not None
+    assert routing.canary.to_dict() == {
         "alias": "challenger",
         "percent": 30.0,
     }
-    assert routing.shadow is not None and routing.shadow.to_dict() == {
+    assert routing.shadow is not None
+    assert routing.shadow.to_dict() == {
         "alias": "staging",
         "sample": 0.25,
     }
@@ -854,19 +856,19 @@ def test_rollback_prints_the_routing_it_cleared(
     registry.promote(2)
     registry.set_alias("challenger", 2)  # the canary names the version in service
     registry.set_alias("staging", 3)
-    registry.set_routing(
-        lambda seen: Routing(Canary("challenger", 20.0), Shadow("staging", 0.5))
-    )
+    registry.set_routing(lambda seen: Routing(Canary("challenger", 20.0), Shadow("staging", 0.5)))
     code, out, _ = run(capsys, "rollback", "--name", NAME)
     assert code == 0
     assert "rolled back" in out
     assert "routing cleared: canary challenger (it sent traffic to version 2)" in out
     routing = registry.routing()
     assert routing.canary is None
-    assert routing.shadow is not None and routing.shadow.alias == "staging"  # not version 2's
+    assert routing.shadow is not None
+    assert routing.shadow.alias == "staging"
     code, out, _ = run(capsys, "status", "--name", NAME)
     assert "shadow: staging -> version 3" in out
     # a rollback that clears nothing says nothing of routing
     registry.promote(2)
     code, out, _ = run(capsys, "rollback", "--name", NAME)
-    assert code == 0 and "routing cleared" not in out
+    assert code == 0
+    assert "routing cleared" not in out

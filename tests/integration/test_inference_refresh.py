@@ -103,7 +103,8 @@ def test_unchanged_pointer_is_a_not_modified_read(
     # a 404, so no ETag to send), nothing else read
     assert len(calls) == 6
     pointer_reads = [c for c in calls if c["Key"].endswith("current.json")]
-    assert len(pointer_reads) == 3 and all(c.get("IfNoneMatch") for c in pointer_reads)
+    assert len(pointer_reads) == 3
+    assert all(c.get("IfNoneMatch") for c in pointer_reads)
     assert [c["Key"] for c in calls if c not in pointer_reads] == [
         "registry/default/routing.json"
     ] * 3

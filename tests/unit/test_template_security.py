@@ -356,7 +356,8 @@ def test_code_deploys_shift_traffic_gradually_gated_on_the_new_versions_alarms(
     assert props["AlarmConfiguration"]["Enabled"] is True
     assert [a["Name"]["Ref"] for a in props["AlarmConfiguration"]["Alarms"]] == list(DEPLOY_ALARMS)
     rollback = props["AutoRollbackConfiguration"]
-    assert rollback["Enabled"] is True and "DEPLOYMENT_STOP_ON_ALARM" in rollback["Events"]
+    assert rollback["Enabled"] is True
+    assert "DEPLOYMENT_STOP_ON_ALARM" in rollback["Events"]
     assert props["ServiceRoleArn"] == {"Fn::GetAtt": ["InferenceDeployRole", "Arn"]}
     # Each alarm exists and watches the version being deployed (not the whole API's traffic).
     version = resources["InferenceFunctionAliaslive"]["Properties"]["FunctionVersion"]
@@ -389,6 +390,7 @@ def test_the_5xx_metric_of_the_deploy_alarm_is_what_the_function_emits() -> None
     data = parse_template(TEMPLATE.read_text())
     alarm = data["Resources"]["InferenceNewVersion5xxAlarm"]["Properties"]
     assert alarm["MetricName"] == SERVER_ERRORS_METRIC
-    assert alarm["Namespace"] == data["Globals"]["Function"]["Environment"]["Variables"][
-        "POWERTOOLS_METRICS_NAMESPACE"
-    ]
+    assert (
+        alarm["Namespace"]
+        == data["Globals"]["Function"]["Environment"]["Variables"]["POWERTOOLS_METRICS_NAMESPACE"]
+    )
