@@ -444,7 +444,7 @@ def bench_canary(
             without_routing()
         for mode, block in (("interleaved", 1), ("back-to-back", 50)):
             timings = alternate(with_canary, without_routing, rounds, block)
-            results.append((f"{CANARY_PERCENT:g}% canary vs no routing, 1 row, {mode}", *timings))
+            results.append((f"{CANARY_PERCENT:g}% canary vs none, 1 row, {mode}", *timings))
         # The decision alone: what an unpinned request of a routed model computes.
         ids = [["customer-42"]]
         loops = 200

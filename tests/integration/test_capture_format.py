@@ -143,7 +143,9 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
         path.write_bytes(raw)
     con = duckdb.connect()
     con.execute(readme_view(tmp_path))
-    per_day, per_plan, per_hour = (con.execute(q).fetchall() for q in readme_queries())
+    per_day, per_plan, per_hour, per_alias = (
+        con.execute(q).fetchall() for q in readme_queries()
+    )
     assert per_day == [
         (now.date(), 1, 40, pytest.approx(float(P[:, 0].astype(np.float64).mean()), rel=1e-6))
     ]
@@ -151,6 +153,10 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
     assert {row[0]: row[1] for row in per_plan} == dict(plans)
     assert sum(row[2] for row in per_hour) == 40
     assert {row[1] for row in per_hour} == {str(label) for label in answer["labels"]}
+    [(alias, version, count, mean_score, mean_latency)] = per_alias
+    assert (alias, version, count) == ("champion", 1, 40)
+    assert mean_score == pytest.approx(float(P[:, 0].astype(np.float64).mean()), rel=1e-6)
+    assert mean_latency == pytest.approx(float(got.latency_ms[0]), rel=1e-6)
 
 
 def test_json_lines_captures_of_the_previous_release_are_still_read(s3: Any) -> None:
