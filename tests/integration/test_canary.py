@@ -359,3 +359,34 @@ def test_metrics_by_alias_and_5xx_by_function_version(
     [blob] = [d for d in emf(capsys.readouterr().out) if "ServerErrors" in d]
     assert ["function_version"] in blob["_aws"]["CloudWatchMetrics"][0]["Dimensions"]
     assert (blob["function_version"], blob["ServerErrors"]) == ("7", [1.0])
+
+
+def test_a_canary_with_its_features_in_another_order_reads_the_records_by_name(
+    pair: tuple[TrainedModel, TrainedModel], registry: ModelRegistry, function: Start
+) -> None:
+    champion, _ = pair
+    names = list(reversed(champion.feature_names))
+    X = champion.X[:, ::-1].copy()
+    dtrain = xgb.DMatrix(X, label=champion.y, feature_names=names)
+    booster = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": 3}, dtrain, 7
+    )
+    reordered = TrainedModel(booster, X, champion.y, names, "binary:logistic")
+    publish(registry, champion)
+    publish(registry, reordered, promote=False)
+    registry.set_alias(ALIAS, 2)
+    registry.set_routing(lambda seen: Routing(Canary(ALIAS, PERCENT)))
+    module = function()
+    seen = set()
+    for i in range(100):
+        customer = f"customer-{i}"
+        record = dict(zip(champion.feature_names, champion.X[i].tolist(), strict=True))
+        status, _, body = call(module, "/predict", {"instances": [record], "ids": [customer]})
+        assert status == 200, body
+        version = body["model"]["version"]
+        seen.add(version)
+        want = (
+            own(champion, champion.X[i : i + 1]) if version == 1 else own(reordered, X[i : i + 1])
+        )
+        assert np.float32(body["predictions"][0]) == want[0]
+    assert seen == {1, 2}

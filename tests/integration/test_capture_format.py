@@ -143,9 +143,7 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
         path.write_bytes(raw)
     con = duckdb.connect()
     con.execute(readme_view(tmp_path))
-    per_day, per_plan, per_hour, per_alias = (
-        con.execute(q).fetchall() for q in readme_queries()
-    )
+    per_day, per_plan, per_hour, per_alias = (con.execute(q).fetchall() for q in readme_queries())
     assert per_day == [
         (now.date(), 1, 40, pytest.approx(float(P[:, 0].astype(np.float64).mean()), rel=1e-6))
     ]

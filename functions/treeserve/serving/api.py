@@ -686,9 +686,10 @@ def add_v2_routes(
             key = client_id or (request_id or uuid.uuid4().hex).encode()
             if canary_bucket(key) < canary.percent:
                 target = endpoints.models.canary(of)
-                if target is not None:
-                    loaded = target.service.current()
-                    alias, alias_header = canary.alias, target.service.alias_header
+                chosen = None if target is None else target.service.loaded
+                if target is not None and chosen is not None:
+                    loaded, alias = chosen, canary.alias
+                    alias_header = target.service.alias_header
         try:
             body = await _read_body(request.receive, endpoints.max_bytes)
             if len(body) > endpoints.max_bytes:

@@ -223,8 +223,8 @@ class Endpoints:
                 key = ids_key(parsed.ids)
             if canary_bucket(key) < canary.percent:
                 target = self.models.canary(service)
-                if target is not None:
-                    chosen = target.service.current()
+                chosen = None if target is None else target.service.loaded
+                if target is not None and chosen is not None:
                     try:
                         if kind == "explain":
                             chosen.predictor.check_explainable()
