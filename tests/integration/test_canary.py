@@ -11,6 +11,7 @@ MODEL_REFRESH_SECONDS, captures recording the alias and the latency, metrics by 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from types import ModuleType
@@ -205,35 +206,51 @@ def test_a_cleared_canary_alias_falls_back_to_the_champion_logged_once(
     registry: ModelRegistry,
     function: Start,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     champion, _ = canaried
     monkeypatch.setenv("MODEL_REFRESH_SECONDS", "0")  # every request looks again
     module = function()
-    X = champion.X[:1].tolist()
-    canaried_ids = [c for c in (f"customer-{i}" for i in range(200)) if to_canary(ids_key([c]))]
-    status, _, body = call(module, "/predict", {"instances": X, "ids": canaried_ids[:1]})
-    assert (status, body["model"]["version"]) == (200, 2)
-    capsys.readouterr()
-    registry.clear_alias(ALIAS)  # the routing still names it
-    for customer in canaried_ids:
-        status, _headers, body = call(module, "/predict", {"instances": X, "ids": [customer]})
-        assert status == 200, body
-        assert body["model"] == {"name": "default", "version": 1, "alias": "champion"}
-    captured = capsys.readouterr()
-    logged = captured.out + captured.err
-    assert logged.count("canary not in effect") == 1, logged
-    # The alias set again: the canary answers again.
-    registry.set_alias(ALIAS, 2)
-    _, _, body = call(module, "/predict", {"instances": X, "ids": canaried_ids[:1]})
-    assert body["model"]["version"] == 2
-    # An unreadable routing.json: the champion answers everything, never a 5xx.
-    registry.store.put(registry.routing_key, b"{not json")
-    for customer in canaried_ids[:20]:
-        status, _, body = call(module, "/predict", {"instances": X, "ids": [customer]})
-        assert (status, body["model"]["version"]) == (200, 1)
-    captured = capsys.readouterr()
-    assert (captured.out + captured.err).count("canary not in effect") == 1
+    warnings = Warnings()
+    service_logger = logging.getLogger("treeserve.serving.service")
+    service_logger.addHandler(warnings)
+    try:
+        X = champion.X[:1].tolist()
+        canaried_ids = [c for c in (f"customer-{i}" for i in range(200)) if to_canary(ids_key([c]))]
+        status, _, body = call(module, "/predict", {"instances": X, "ids": canaried_ids[:1]})
+        assert (status, body["model"]["version"]) == (200, 2)
+        assert warnings.fallbacks() == 0
+        registry.clear_alias(ALIAS)  # the routing still names it
+        for customer in canaried_ids:
+            status, _, body = call(module, "/predict", {"instances": X, "ids": [customer]})
+            assert status == 200, body
+            assert body["model"] == {"name": "default", "version": 1, "alias": "champion"}
+        assert warnings.fallbacks() == 1
+        # The alias set again: the canary answers again.
+        registry.set_alias(ALIAS, 2)
+        _, _, body = call(module, "/predict", {"instances": X, "ids": canaried_ids[:1]})
+        assert body["model"]["version"] == 2
+        # An unreadable routing.json: the champion answers everything, never a 5xx.
+        registry.store.put(registry.routing_key, b"{not json")
+        for customer in canaried_ids[:20]:
+            status, _, body = call(module, "/predict", {"instances": X, "ids": [customer]})
+            assert (status, body["model"]["version"]) == (200, 1)
+        assert warnings.fallbacks() == 2  # read once per version of the object
+    finally:
+        service_logger.removeHandler(warnings)
+
+
+class Warnings(logging.Handler):
+    """The warnings the service logs (whatever handlers an earlier test left configured)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def fallbacks(self) -> int:
+        return sum("canary not in effect" in m for m in self.messages)
 
 
 def test_a_routing_change_is_picked_up_after_model_refresh_seconds(
