@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="every model (version in service, aliases, versions); then one model's version in "
-        "service (or a broken pointer), aliases, versions and their footprints, rejections",
+        "service (or a broken pointer), aliases, routing, versions and their footprints, "
+        "rejections",
     )
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -221,25 +221,21 @@ class Endpoints:
                 key = routing_key or (request_id or parsed.ids[0]).encode()
             else:
                 key = ids_key(parsed.ids)
-            if canary_bucket(key) < canary.percent:
-                target = self.models.canary(service)
-                chosen = None if target is None else target.service.loaded
-                if target is not None and chosen is not None:
-                    try:
-                        if kind == "explain":
-                            chosen.predictor.check_explainable()
-                        if not same_features(chosen, loaded):  # parsed again, same ids
-                            again = parse_body(
-                                body,
-                                content_type,
-                                chosen.schema,
-                                max_rows=max_rows,
-                                max_bytes=self.max_bytes,
-                            )
-                            parsed = ParsedInput(again.X, parsed.ids, parsed.ids_generated)
-                    except InvalidInput as exc:
-                        return self.error(exc.status, exc.type, exc.message, target.service)
-                    loaded, alias, alias_header = chosen, canary.alias, target.service.alias_header
+            target = self.models.canary(service) if canary_bucket(key) < canary.percent else None
+            if target is not None and target.service.loaded is not None:
+                try:
+                    loaded, parsed = self._for_canary(
+                        target.service.loaded,
+                        loaded,
+                        parsed,
+                        kind=kind,
+                        body=body,
+                        content_type=content_type,
+                        max_rows=max_rows,
+                    )
+                except InvalidInput as exc:
+                    return self.error(exc.status, exc.type, exc.message, target.service)
+                alias, alias_header = canary.alias, target.service.alias_header
         csv_out = _wants_csv(accept)
         if kind == "predict":
             payload, prediction = self._predict(loaded, parsed.X, parsed.ids, csv_out, alias)
@@ -273,6 +269,28 @@ class Endpoints:
             ],
             payload,
         )
+
+    def _for_canary(
+        self,
+        chosen: LoadedModel,
+        champion: LoadedModel,
+        parsed: ParsedInput,
+        *,
+        kind: Kind,
+        body: bytes,
+        content_type: str | None,
+        max_rows: int,
+    ) -> tuple[LoadedModel, ParsedInput]:
+        """The canary's model and the request's rows for it: parsed again (ids kept) only when
+        its features differ from the champion's. InvalidInput when they do not fit it."""
+        if kind == "explain":
+            chosen.predictor.check_explainable()
+        if same_features(chosen, champion):
+            return chosen, parsed
+        again = parse_body(
+            body, content_type, chosen.schema, max_rows=max_rows, max_bytes=self.max_bytes
+        )
+        return chosen, ParsedInput(again.X, parsed.ids, parsed.ids_generated)
 
     def _predict(
         self,
