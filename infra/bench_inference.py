@@ -38,8 +38,16 @@ Open Inference Protocol (issue 17): the same 1000 rows as one binary FP32 tensor
 tensor extension, base64-encoded by API Gateway, every output answered in binary), beside the
 JSON case: no JSON numbers to parse either way.
 
+Canary routing (DESIGN.md "Challengers on live traffic"): a second version behind the alias
+``challenger`` and a routing.json sending it 30% of requests. The decision itself (the key of
+the request's row ids, its blake2b point, the comparison) timed alone against a whole 1-row
+request; and the whole 1-row request with the 30% canary against the same requests without
+routing (distinct ids cycled, alternating blocks): what routing adds, the canary's own path
+(its alias's cache entry, a dimension set of metrics) included.
+
 Targets (medians): 1 row <= 2.0x, 1000 rows <= 1.75x, v2 binary 1000 rows <= 1.3x, cold start
-<= 1.0x; a cached model by name <= 1.1x the default model.
+<= 1.0x; a cached model by name <= 1.1x the default model; the canary decision <= 0.02x a
+1-row request.
 """
 
 # Heavy modules (moto, xgboost, treeserve) are imported where used: `make bench` imports every
@@ -78,7 +86,10 @@ TARGETS = {
     "v2 binary 1000 rows": 1.3,
     "cold start": 1.0,
     "by name": 1.1,
+    "canary routing decision": 0.02,
 }
+CANARY_PERCENT = 30.0
+CANARY_IDS = 1000
 # Trees of the models whose first (uncached) request is timed, and fresh names per size.
 FIRST_USE_TREES = (50, 300, 1000)
 FIRST_USE_RUNS = 3
@@ -254,7 +265,9 @@ Timings = list[tuple[str, float, float, float, float]]
 FirstUse = list[tuple[int, float, float]]
 
 
-def bench_warm(trees: int, depth: int, rounds: int) -> tuple[Timings, tuple[Timings, FirstUse]]:
+def bench_warm(
+    trees: int, depth: int, rounds: int
+) -> tuple[Timings, tuple[tuple[Timings, FirstUse], Timings]]:
     from moto import mock_aws
 
     from treeserve.aws import reset_clients, s3_client
@@ -322,8 +335,9 @@ def bench_warm(trees: int, depth: int, rounds: int) -> tuple[Timings, tuple[Timi
             sink.seek(0)
             sink.truncate()
         many = bench_models(module, booster, rows, rounds, depth)
+        canary = bench_canary(module, registry, rows, rounds, trees=trees, depth=depth)
         reset_clients()
-    return results, many
+    return results, (many, canary)
 
 
 def bench_models(
@@ -378,6 +392,86 @@ def bench_models(
                 raise RuntimeError(f"{name} answered {response['body'][:300]}")
         loads.append((trees, len(raw) / (1 << 20), statistics.median(seconds)))
     return results, loads
+
+
+def bench_canary(
+    module: ModuleType, registry: Any, rows: np.ndarray, rounds: int, *, trees: int, depth: int
+) -> Timings:
+    """The canary decision alone vs a 1-row request; a 1-row request with a 30% canary vs
+    without routing (per-call medians, wall and CPU)."""
+    from treeserve.model.package import read_upload
+    from treeserve.registry.routing import Canary, Routing, canary_bucket, ids_key
+
+    challenger, _ = train_model(trees, depth, seed=7)
+    raw = bytes(challenger.save_raw("ubj"))
+
+    upload = read_upload(raw, "model.ubj")
+    version = registry.register(upload.model_ubj, upload.to_manifest(registry.name))
+    registry.set_alias("challenger", version)
+    registry.set_routing(lambda seen: Routing(Canary("challenger", CANARY_PERCENT)))
+    service = module.service
+    service.refresh()  # the routing read as a warm function reads it, at its next check
+    canary = service.canary
+    if canary is None or canary.percent != CANARY_PERCENT:
+        raise RuntimeError("the function did not read the routing")
+    context = Context()
+    row = rows[:1].tolist()
+    events = [
+        http_event(orjson.dumps({"instances": row, "ids": [f"customer-{i}"]}))
+        for i in range(CANARY_IDS)
+    ]
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):
+        answered = {
+            orjson.loads(module.handler(e, context)["body"])["model"]["alias"] for e in events
+        }
+    if answered != {"champion", "challenger"}:
+        raise RuntimeError(f"the canary did not answer its share: {answered}")
+    routed, plain = iter(range(1 << 62)), iter(range(1 << 62))
+
+    def with_canary() -> object:
+        service.canary = canary
+        return module.handler(events[next(routed) % CANARY_IDS], context)
+
+    def without_routing() -> object:
+        service.canary = None
+        return module.handler(events[next(plain) % CANARY_IDS], context)
+
+    results = []
+    with contextlib.redirect_stdout(sink):
+        for _ in range(50):
+            with_canary()
+            without_routing()
+        for mode, block in (("interleaved", 1), ("back-to-back", 50)):
+            timings = alternate(with_canary, without_routing, rounds, block)
+            results.append((f"{CANARY_PERCENT:g}% canary vs none, 1 row, {mode}", *timings))
+        # The decision alone: what an unpinned request of a routed model computes.
+        ids = [["customer-42"]]
+        loops = 200
+
+        def decide() -> object:
+            hit = False
+            for _ in range(loops):
+                hit = canary_bucket(ids_key(ids[0])) < canary.percent
+            return hit
+
+        def request() -> object:
+            return without_routing()
+
+        decision, whole, decision_cpu, whole_cpu = alternate(decide, request, rounds, 50)
+        results.append(
+            (
+                "canary routing decision, vs a 1-row request",
+                decision / loops,
+                whole,
+                decision_cpu / loops,
+                whole_cpu,
+            )
+        )
+    service.canary = canary
+    registry.set_routing(lambda seen: Routing())
+    service.refresh()
+    return results
 
 
 # --- cold start -----------------------------------------------------------------------------
@@ -511,8 +605,9 @@ def _row(label: str, ours: float, base: float, unit: str, scale: float) -> str:
     target = None if "C call" in label else TARGETS.get(label.split(",", maxsplit=1)[0])
     verdict = "" if target is None else ("ok" if ratio <= target else "MISSED") + f" (<= {target}x)"
     return (
-        f"{label:<48} {ours * scale:>12.3f} {base * scale:>12.3f} {unit:<3} "
-        f"{ratio:>6.2f}x  {verdict}"
+        f"{label:<48} {ours * scale:>12.{4 if ours * scale < 0.01 else 3}f} "
+        f"{base * scale:>12.3f} {unit:<3} "
+        f"{ratio:>6.{3 if ratio < 0.1 else 2}f}x  {verdict}"
     )
 
 
@@ -529,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model: binary:logistic, {args.trees} trees, depth {args.depth}, {FEATURES} features; "
         "rows: 4-decimal values unless noted"
     )
-    warm, (by_name, first_use) = bench_warm(args.trees, args.depth, args.rounds)
+    warm, ((by_name, first_use), canary) = bench_warm(args.trees, args.depth, args.rounds)
     cold = None if args.skip_cold else bench_cold(args.trees, args.depth, args.cold_runs)
     print(f"{'case':<48} {'treeserve':>12} {'baseline':>12}     {'ratio':>7}")
     print("warm: whole handler vs Booster.inplace_predict (medians; 'C call' rows: for context)")
@@ -538,6 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(f"{label}, CPU", whole_cpu, bare_cpu, "ms", 1e3))
     print("many models: a cached model by name vs the default model's /predict, one function")
     for label, whole, bare, whole_cpu, bare_cpu in by_name:
+        print(_row(label, whole, bare, "ms", 1e3))
+        print(_row(f"{label}, CPU", whole_cpu, bare_cpu, "ms", 1e3))
+    print(
+        f"canary routing: {CANARY_PERCENT:g}% to the alias challenger (another version), "
+        f"{CANARY_IDS} distinct ids cycled"
+    )
+    for label, whole, bare, whole_cpu, bare_cpu in canary:
         print(_row(label, whole, bare, "ms", 1e3))
         print(_row(f"{label}, CPU", whole_cpu, bare_cpu, "ms", 1e3))
     print(f"first request to an uncached model (median of {FIRST_USE_RUNS} fresh names each):")

@@ -47,7 +47,15 @@ COLUMNS: tuple[Column, ...] = (
         "alias",
         BYTE_ARRAY,
         optional=True,
-        doc="the alias or route that answered (champion, canary, shadow); null: not routed",
+        doc="the alias that answered: champion, the canary's alias, or the alias a request "
+        "named (shadow scores are the monitoring function's); null: a pinned version",
+    ),
+    Column(
+        "latency_ms",
+        FLOAT,
+        optional=True,
+        doc="the request's latency in the function, from its start to its answer encoded "
+        "(milliseconds, float32; every row of a request has its request's); null: not measured",
     ),
     Column(
         "inputs",
@@ -95,6 +103,7 @@ class CaptureRows:
     outputs: npt.NDArray[np.float32]
     labels: list[str | None] | None = None
     aliases: list[str | None] | None = None
+    latency_ms: npt.NDArray[np.float32] | None = None  # NaN: not measured
     # categorical feature -> its value per row (None: missing or a code outside the categories)
     categories: dict[str, list[str | None]] = field(default_factory=dict)
 
@@ -168,6 +177,7 @@ def encode_capture(rows: CaptureRows, *, codec: int = parquet.UNCOMPRESSED) -> b
     )
     aliases, present = _text(rows.aliases, n)
     leaves[("alias",)] = parquet.scalar_leaf(c["alias"], aliases, present)
+    leaves[("latency_ms",)] = _optional_float_leaf(rows.latency_ms, n)
     leaves[("inputs", "list", "element")] = parquet.fixed_list_leaf(c["inputs"], rows.inputs)
     leaves[("outputs", "list", "element")] = parquet.fixed_list_leaf(c["outputs"], rows.outputs)
     labels, present = _text(rows.labels, n)
@@ -178,6 +188,19 @@ def encode_capture(rows: CaptureRows, *, codec: int = parquet.UNCOMPRESSED) -> b
     leaves[("categories", "key_value", "key")] = key_leaf
     leaves[("categories", "key_value", "value")] = value_leaf
     return parquet.write_table(table, codec=codec)
+
+
+def _optional_float_leaf(values: npt.NDArray[np.float32] | None, n: int) -> parquet.Leaf:
+    column = _BY_NAME["latency_ms"]
+    if values is None:
+        return parquet.scalar_leaf(column, np.zeros(0, np.float32), np.zeros(n, dtype=bool))
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape[0] != n:
+        raise ValueError("every column needs one value per row")
+    known = ~np.isnan(values)
+    if known.all():
+        return parquet.scalar_leaf(column, values)
+    return parquet.scalar_leaf(column, values[known], known)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -225,6 +248,19 @@ def _optional_ints(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.int64]:
     if page.def_ is None or page.def_.all():
         return values.astype(np.int64, copy=False)
     out = np.full(page.num_values, -1, np.int64)
+    out[page.def_.astype(bool)] = values
+    return out
+
+
+def _optional_floats(pf: parquet.ParquetFile, name: str) -> npt.NDArray[np.float32]:
+    """An optional FLOAT column with nulls as NaN (all NaN in files written without it)."""
+    if (name,) not in pf.chunks:
+        return np.full(pf.num_rows, np.nan, np.float32)
+    page = pf.page(*_leaf(name))
+    values = page.numbers()
+    if page.def_ is None or page.def_.all():
+        return values.astype(np.float32, copy=True)
+    out = np.full(page.num_values, np.nan, np.float32)
     out[page.def_.astype(bool)] = values
     return out
 
@@ -277,6 +313,7 @@ def decode_capture(data: bytes) -> CaptureRows:
         outputs=_fixed_list(pf, "outputs"),
         labels=_optional_text(pf, "label"),
         aliases=_optional_text(pf, "alias"),
+        latency_ms=_optional_floats(pf, "latency_ms"),
         categories=_categories(pf),
     )
 

@@ -172,6 +172,9 @@ class Settings:
     batch_chunk_rows: int = 10_000
     batch_part_bytes: int = 8 * 1024 * 1024
     batch_state_machine_arn: str | None = None
+    # The published version this environment runs (Lambda's AWS_LAMBDA_FUNCTION_VERSION): the
+    # dimension of the 5xx answers that a code deploy's alarms watch (template.yaml).
+    function_version: str = "$LATEST"
 
     @property
     def cache_mb(self) -> float:
@@ -239,4 +242,5 @@ class Settings:
                 _number(env, "BATCH_PART_BYTES", 8 * 1024 * 1024, 5 * 1024 * 1024, 512 * 1024**2)
             ),
             batch_state_machine_arn=env.get("BATCH_STATE_MACHINE_ARN", "").strip() or None,
+            function_version=_text(env, "AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
         )

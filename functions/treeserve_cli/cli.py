@@ -1,5 +1,5 @@
-"""The ``treeserve`` command line: publish, status, promote, rollback, alias, monitor, batch,
-invoke, local.
+"""The ``treeserve`` command line: publish, status, promote, rollback, alias, route, monitor,
+batch, invoke, local.
 
 This module only parses arguments and dispatches; each command lives in its own module and is
 imported when used, so ``treeserve --help`` stays fast.
@@ -22,6 +22,7 @@ COMMANDS = {
     "promote": "treeserve_cli.commands:promote",
     "rollback": "treeserve_cli.commands:rollback",
     "alias": "treeserve_cli.commands:alias",
+    "route": "treeserve_cli.commands:route",
     "monitor": "treeserve_cli.monitoring_cli:monitor",
     "batch": "treeserve_cli.batch_cli:batch_command",
     "invoke": "treeserve_cli.invoke:invoke_command",
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="every model (version in service, aliases, versions); then one model's version in "
-        "service (or a broken pointer), aliases, versions and their footprints, rejections",
+        "service (or a broken pointer), aliases, routing, versions and their footprints, "
+        "rejections",
     )
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -94,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
-        "rollback", help="move the pointer back to the previous (or a given) version"
+        "rollback",
+        help="move the pointer back to the previous (or a given) version; clears the routing "
+        "that sent live traffic to the version rolled back from",
     )
     p.add_argument("--to", metavar="VERSION", type=int, help="version to roll back to")
     _common(p)
@@ -110,6 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("version", metavar="VERSION", type=int, nargs="?")
     _common(p)
+
+    p = sub.add_parser(
+        "route",
+        help="send live traffic to an alias: a canary answers PERCENT of requests, a shadow "
+        "scores a SAMPLE of the champion's captured rows; no option: print the routing",
+        description="Changes registry/<name>/routing.json by compare-and-swap; each option "
+        "replaces its part and keeps the other. A canary answers PERCENT (0-100] of the model's "
+        "unpinned requests (/predict, /explain, /models/NAME/..., /v2/models/NAME/infer), chosen "
+        "from the request's row ids (else its x-request-id header, else API Gateway's request "
+        "id, which a retry does not keep), so the same ids always reach the same version; "
+        "name@alias and /versions/N routes are never rerouted. A shadow's SAMPLE (0-1] of the "
+        "champion's captured rows is scored by the alias in the monitoring function, never "
+        "answered with. The alias must be set (`treeserve alias set`). Inference picks the "
+        "change up within MODEL_REFRESH_SECONDS; a rollback clears the parts pointing at the "
+        "version rolled back from.",
+    )
+    _common(p)
+    p.add_argument(
+        "--canary",
+        nargs=2,
+        metavar=("ALIAS", "PERCENT"),
+        help="ALIAS answers PERCENT (0-100] of unpinned requests",
+    )
+    p.add_argument(
+        "--shadow",
+        nargs=2,
+        metavar=("ALIAS", "SAMPLE"),
+        help="ALIAS also scores SAMPLE (0-1] of the champion's captured rows (off the request path)",
+    )
+    p.add_argument("--off", action="store_true", help="clear the canary and the shadow")
 
     p = sub.add_parser(
         "monitor",

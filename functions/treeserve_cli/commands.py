@@ -1,4 +1,5 @@
-"""CLI commands: ``treeserve publish``, ``status``, ``promote``, ``rollback``.
+"""CLI commands: ``treeserve publish``, ``status``, ``promote``, ``rollback``, ``alias``,
+``route``.
 
 Each takes the parsed ``argparse`` namespace (see :mod:`treeserve_cli.cli`) and returns an exit code.
 Results go to stdout; progress, spinners and errors to stderr. Expected failures raise
@@ -38,6 +39,7 @@ from treeserve.registry.model_registry import (
     upload_id,
     valid_alias,
 )
+from treeserve.registry.routing import Canary, Routing, RoutingInvalid, Shadow
 from treeserve.registry.store import S3RegistryStore
 from treeserve.settings import MODEL_NAME_RULE, Settings, valid_model_name
 
@@ -493,6 +495,11 @@ def status(args: argparse.Namespace) -> int:
             }
         )
     rejections = registry.rejections(limit=STATUS_REJECTIONS)
+    try:
+        routing: Routing | None = registry.routing()
+        routing_problem = None
+    except PointerUnreadable as unreadable:
+        routing, routing_problem = None, str(unreadable)
     if args.json:
         _out(
             json.dumps(
@@ -503,6 +510,8 @@ def status(args: argparse.Namespace) -> int:
                     "current": pointer.to_dict() if pointer else None,
                     "aliases": aliases,
                     "pointer_problem": problem,
+                    "routing": routing.to_dict() if routing is not None else None,
+                    "routing_problem": routing_problem,
                     "versions_total": len(versions),
                     "versions": rows,
                     "rejections": rejections,
@@ -539,6 +548,11 @@ def status(args: argparse.Namespace) -> int:
         _out("aliases: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()))
     else:
         _out(f"aliases: none (set one with `treeserve alias set ALIAS VERSION --name {name}`)")
+    if routing_problem is not None:
+        _out(f"routing: BROKEN ({routing_problem}); the champion answers every request")
+    elif routing is not None:
+        for line in _routing_lines(registry, routing):
+            _out(line)
     _out("")
     if not versions:
         _out(f"versions: none yet (publish one with `treeserve publish MODEL --name {name}`)")
@@ -625,8 +639,87 @@ def alias(args: argparse.Namespace) -> int:
 
 
 def rollback(args: argparse.Namespace) -> int:
-    """Move the pointer back to the previous version, or to ``--to VERSION``."""
+    """Move the pointer back to the previous version, or to ``--to VERSION``; the routing that
+    sent live traffic to the version rolled back from is cleared (and printed)."""
     _, name, _, registry = _target(args)
-    pointer = registry.rollback(to=args.to)
+    pointer, cleared = registry.rollback_clearing(to=args.to)
     _out(f"rolled back: {_pointer_line(name, pointer)}")
+    if cleared:
+        _out(
+            f"routing cleared: {', '.join(cleared)} (it sent traffic to version "
+            f"{pointer.previous}); see `treeserve route --name {name}`"
+        )
     return EXIT_OK
+
+
+# --- routing -----------------------------------------------------------------------------------
+
+
+def _routing_lines(registry: ModelRegistry, routing: Routing) -> list[str]:
+    """What ``route`` and ``status`` print of a routing: each part, the version its alias names."""
+    name = registry.name
+
+    def target(alias: str) -> str:
+        try:
+            pointer = registry.alias(alias)
+        except PointerUnreadable:
+            pointer = None
+        if pointer is None:
+            return f"{alias} (NOT SET: the champion answers instead)"
+        return f"{alias} -> version {pointer.version}"
+
+    if not routing.active:
+        return [f"routing: none (every request of {name} is answered by the champion)"]
+    lines = [f"routing (set {routing.set_at or '-'}):"]
+    if routing.canary is not None:
+        lines.append(
+            f"  canary: {target(routing.canary.alias)}, {routing.canary.percent:g}% of unpinned "
+            "requests (by row ids, else x-request-id)"
+        )
+    if routing.shadow is not None:
+        lines.append(
+            f"  shadow: {target(routing.shadow.alias)}, scores {routing.shadow.sample:g} of the "
+            "champion's captured rows (never answers)"
+        )
+    return lines
+
+
+def route(args: argparse.Namespace) -> int:
+    """``route --canary ALIAS PERCENT`` / ``--shadow ALIAS SAMPLE`` / ``--off``: change the
+    model's routing.json (compare-and-swap; each option replaces its part) and print it; with
+    no option, print it."""
+    _, name, _, registry = _target(args)
+    if args.off and (args.canary or args.shadow):
+        raise UsageError("--off clears the whole routing: give it alone, or drop it")
+    try:
+        canary = None if args.canary is None else Canary(args.canary[0], _number(args.canary[1]))
+        shadow = None if args.shadow is None else Shadow(args.shadow[0], _number(args.shadow[1]))
+    except RoutingInvalid as exc:
+        raise UsageError(f"{exc} (see `treeserve route --help`)") from None
+    if args.off or canary is not None or shadow is not None:
+
+        def compute(seen: Routing) -> Routing:
+            if args.off:
+                return Routing()
+            return Routing(canary or seen.canary, shadow or seen.shadow)
+
+        routing = registry.set_routing(compute)
+        verb = "cleared" if args.off else "set"
+        _out(f"routing of {name} {verb} (registry/{name}/routing.json):")
+    else:
+        routing = registry.routing()
+    for line in _routing_lines(registry, routing):
+        _out(line)
+    if routing.active:
+        _out(
+            f"  inference picks it up within MODEL_REFRESH_SECONDS; stop with "
+            f"`treeserve route --name {name} --off`"
+        )
+    return EXIT_OK
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a number (see `treeserve route --help`)") from None

@@ -221,7 +221,7 @@ def test_the_demo_model_is_served_with_the_boosters_values(
     answer = predict(stack, holdout.tolist())
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert body["model"] == {"name": "default", "version": 1}
+    assert body["model"] == {"name": "default", "version": 1, "alias": "champion"}
     assert answer.headers["x-model-version"] == "1"
     assert current_version(stack) == 1
     expected = served_booster(stack, 1).inplace_predict(holdout)

@@ -113,7 +113,10 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
     assert np.array_equal(got.inputs.view(np.uint32), X.view(np.uint32))  # NaNs included
     assert np.array_equal(got.outputs.view(np.uint32), P.view(np.uint32))
     assert got.labels == [str(label) for label in answer["labels"]]
-    assert got.aliases == [None] * 40
+    assert got.aliases == ["champion"] * 40  # the champion answered (no routing)
+    assert got.latency_ms is not None
+    assert np.all(got.latency_ms > 0)
+    assert np.unique(got.latency_ms).size == 1
     for name in ("plan", "region"):
         want = [None if pd.isna(v) else str(v) for v in traffic[name].astype(object)]
         assert got.categories[name] == want
@@ -140,7 +143,7 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
         path.write_bytes(raw)
     con = duckdb.connect()
     con.execute(readme_view(tmp_path))
-    per_day, per_plan, per_hour = (con.execute(q).fetchall() for q in readme_queries())
+    per_day, per_plan, per_hour, per_alias = (con.execute(q).fetchall() for q in readme_queries())
     assert per_day == [
         (now.date(), 1, 40, pytest.approx(float(P[:, 0].astype(np.float64).mean()), rel=1e-6))
     ]
@@ -148,6 +151,10 @@ def test_inference_captures_read_back_bit_for_bit_and_queried_with_duckdb(
     assert {row[0]: row[1] for row in per_plan} == dict(plans)
     assert sum(row[2] for row in per_hour) == 40
     assert {row[1] for row in per_hour} == {str(label) for label in answer["labels"]}
+    [(alias, version, count, mean_score, mean_latency)] = per_alias
+    assert (alias, version, count) == ("champion", 1, 40)
+    assert mean_score == pytest.approx(float(P[:, 0].astype(np.float64).mean()), rel=1e-6)
+    assert mean_latency == pytest.approx(float(got.latency_ms[0]), rel=1e-6)
 
 
 def test_json_lines_captures_of_the_previous_release_are_still_read(s3: Any) -> None:
@@ -240,6 +247,7 @@ def test_parquet_strings_levels_and_gzip_pages_round_trip(tmp_path: Path) -> Non
         outputs=rng.random((n, 2)).astype(np.float32),
         labels=[None if i % 3 else f"c{i}" for i in range(n)],
         aliases=[None if i % 2 else "canary" for i in range(n)],
+        latency_ms=np.where(np.arange(n) % 7 == 0, np.nan, np.arange(n) / 8).astype(np.float32),
         categories={"k": [None if i % 4 else f"v{i}" for i in range(n)]},
     )
     for codec in (parquet.UNCOMPRESSED, parquet.GZIP):
@@ -252,13 +260,17 @@ def test_parquet_strings_levels_and_gzip_pages_round_trip(tmp_path: Path) -> Non
         assert np.array_equal(back.outputs, rows.outputs)
         assert back.labels == rows.labels
         assert back.aliases == rows.aliases
+        assert back.latency_ms is not None
+        assert rows.latency_ms is not None
+        assert np.array_equal(back.latency_ms, rows.latency_ms, equal_nan=True)
         assert back.categories == rows.categories
         # and DuckDB reads the same values
         con = duckdb.connect()
         path = tmp_path / f"capture-{codec}.parquet"
         path.write_bytes(data)
         got = con.execute(
-            "SELECT id, version, alias, label, categories['k'], outputs[2], epoch_ms(ts) "
+            "SELECT id, version, alias, label, categories['k'], outputs[2], epoch_ms(ts), "
+            "latency_ms "
             "FROM read_parquet(?)",
             [str(path)],
         ).fetchall()
@@ -269,6 +281,9 @@ def test_parquet_strings_levels_and_gzip_pages_round_trip(tmp_path: Path) -> Non
         assert [r[4] for r in got] == rows.categories["k"]
         assert [r[5] for r in got] == pytest.approx(rows.outputs[:, 1].tolist())
         assert [r[6] for r in got] == rows.ts_ms.tolist()
+        assert [r[7] for r in got] == [
+            None if np.isnan(v) else pytest.approx(float(v)) for v in rows.latency_ms
+        ]
 
 
 def test_glue_table_follows_the_schema() -> None:
@@ -279,6 +294,7 @@ def test_glue_table_follows_the_schema() -> None:
         "ts": "timestamp",
         "version": "bigint",
         "alias": "string",
+        "latency_ms": "float",
         "inputs": "array<float>",
         "outputs": "array<float>",
         "label": "string",

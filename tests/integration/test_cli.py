@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import BUCKET, TrainedModel
 from tests.unit.test_registry_contract import manifest_for
 from treeserve.registry.model_registry import ModelRegistry, upload_id
+from treeserve.registry.routing import Canary, Routing, Shadow
 from treeserve.registry.store import S3RegistryStore
 from treeserve_cli import commands
 from treeserve_cli.cli import main
@@ -95,6 +96,7 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         "promote",
         "rollback",
         "alias",
+        "route",
         "monitor",
         "invoke",
         "local",
@@ -125,6 +127,19 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         ("promote", ["VERSION", "--name", "--bucket"]),
         ("rollback", ["--to", "--name", "--bucket"]),
         ("alias", ["set", "clear", "ALIAS", "VERSION", "--name", "--bucket", "champion"]),
+        (
+            "route",
+            [
+                "--canary ALIAS PERCENT",
+                "--shadow ALIAS SAMPLE",
+                "--off",
+                "--name",
+                "--bucket",
+                "row ids",
+                "never rerouted",
+                "MODEL_REFRESH_SECONDS",
+            ],
+        ),
     ],
 )
 def test_each_command_help_mentions_its_options(
@@ -769,3 +784,91 @@ def test_publish_refuses_unusable_class_names(
     code, _, err = run(capsys, "publish", str(files["model"]), "--class-names", names)
     expect_one_line_error(code, err, "--class-names", "one distinct, non-empty name per class")
     assert uploaded(env) == []
+
+
+# --- route ---------------------------------------------------------------------------------------
+
+
+def test_route_sets_each_part_prints_it_and_clears_it(
+    registry: ModelRegistry, three_versions: list[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry.promote(1)
+    code, out, _ = run(capsys, "route", "--name", NAME)
+    assert code == 0
+    assert "routing: none" in out
+    code, _, err = run(capsys, "route", "--name", NAME, "--canary", "challenger", "30")
+    expect_one_line_error(code, err, "challenger", "treeserve alias set challenger VERSION")
+    registry.set_alias("challenger", 3)
+    registry.set_alias("staging", 2)
+    code, out, _ = run(capsys, "route", "--name", NAME, "--canary", "challenger", "30")
+    assert code == 0, out
+    assert "canary: challenger -> version 3, 30% of unpinned requests" in out
+    assert "--off" in out
+    assert registry.routing().canary is not None
+    code, out, _ = run(capsys, "route", "--name", NAME, "--shadow", "staging", "0.25")
+    assert code == 0
+    routing = registry.routing()  # the shadow added, the canary kept
+    assert routing.canary is not None
+    assert routing.canary.to_dict() == {
+        "alias": "challenger",
+        "percent": 30.0,
+    }
+    assert routing.shadow is not None
+    assert routing.shadow.to_dict() == {
+        "alias": "staging",
+        "sample": 0.25,
+    }
+    assert "shadow: staging -> version 2, scores 0.25" in out
+    code, out, _ = run(capsys, "route", "--name", NAME, "--canary", "challenger", "5")
+    assert registry.routing().canary.percent == 5.0  # type: ignore[union-attr]
+    assert "5% of unpinned" in out
+    # status shows it, in the table and the JSON
+    code, out, _ = run(capsys, "status", "--name", NAME)
+    assert "canary: challenger -> version 3, 5% of unpinned requests" in out
+    code, out, _ = run(capsys, "status", "--name", NAME, "--json")
+    data = json.loads(out)
+    assert data["routing"]["canary"] == {"alias": "challenger", "percent": 5.0}
+    assert data["routing"]["shadow"] == {"alias": "staging", "sample": 0.25}
+    # clear errors
+    for argv, needles in (
+        (["--canary", "challenger", "0"], ["canary percent", "(0, 100]"]),
+        (["--canary", "challenger", "lots"], ["'lots' is not a number"]),
+        (["--shadow", "staging", "2"], ["shadow sample", "(0, 1]"]),
+        (["--canary", "champion", "10"], ["champion", "challenger"]),
+        (["--off", "--canary", "challenger", "10"], ["--off"]),
+    ):
+        code, _, err = run(capsys, "route", "--name", NAME, *argv)
+        expect_one_line_error(code, err, *needles)
+    # an alias cleared after the routing named it: shown as such
+    registry.clear_alias("staging")
+    code, out, _ = run(capsys, "route", "--name", NAME)
+    assert "staging (NOT SET: the champion answers instead)" in out
+    code, out, _ = run(capsys, "route", "--name", NAME, "--off")
+    assert code == 0
+    assert "routing: none" in out
+    assert not registry.routing().active
+
+
+def test_rollback_prints_the_routing_it_cleared(
+    registry: ModelRegistry, three_versions: list[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry.promote(1)
+    registry.promote(2)
+    registry.set_alias("challenger", 2)  # the canary names the version in service
+    registry.set_alias("staging", 3)
+    registry.set_routing(lambda seen: Routing(Canary("challenger", 20.0), Shadow("staging", 0.5)))
+    code, out, _ = run(capsys, "rollback", "--name", NAME)
+    assert code == 0
+    assert "rolled back" in out
+    assert "routing cleared: canary challenger (it sent traffic to version 2)" in out
+    routing = registry.routing()
+    assert routing.canary is None
+    assert routing.shadow is not None
+    assert routing.shadow.alias == "staging"
+    code, out, _ = run(capsys, "status", "--name", NAME)
+    assert "shadow: staging -> version 3" in out
+    # a rollback that clears nothing says nothing of routing
+    registry.promote(2)
+    code, out, _ = run(capsys, "rollback", "--name", NAME)
+    assert code == 0
+    assert "routing cleared" not in out

@@ -50,7 +50,7 @@ def predicted(n: int) -> Callable[[Response], None]:
     def check(r: Response) -> None:
         assert r.status == 200, r.body
         body = r.json()
-        assert body["model"] == {"name": "default", "version": 1}
+        assert body["model"] == {"name": "default", "version": 1, "alias": "champion"}
         assert len(body["predictions"]) == n
         assert all(0.0 <= p <= 1.0 for p in body["predictions"])  # binary: probabilities
         assert len(body["labels"]) == n

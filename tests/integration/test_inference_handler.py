@@ -71,7 +71,7 @@ def test_predict_binary_rows_equal_booster(
     expected = booster_predict(binary_model, X)
     np.testing.assert_array_equal(np.asarray(answer["predictions"], dtype=np.float32), expected)
     assert answer["labels"] == ["yes" if p >= 0.5 else "no" for p in expected]
-    assert answer["model"] == {"name": "default", "version": 1}
+    assert answer["model"] == {"name": "default", "version": 1, "alias": "champion"}
     assert answer["ids"] == [f"{REQUEST_ID}-{i}" for i in range(25)]
 
 

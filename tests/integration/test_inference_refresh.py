@@ -99,9 +99,15 @@ def test_unchanged_pointer_is_a_not_modified_read(
     for _ in range(3):
         clock.advance(61)
         assert predict(module, binary_model.X[:1])[1] == "1"
-    # one conditional GET of current.json per interval, nothing else read
-    assert len(calls) == 3
-    assert all(c["Key"].endswith("current.json") and c.get("IfNoneMatch") for c in calls)
+    # per interval: one conditional GET of current.json and one of routing.json (absent here:
+    # a 404, so no ETag to send), nothing else read
+    assert len(calls) == 6
+    pointer_reads = [c for c in calls if c["Key"].endswith("current.json")]
+    assert len(pointer_reads) == 3
+    assert all(c.get("IfNoneMatch") for c in pointer_reads)
+    assert [c["Key"] for c in calls if c not in pointer_reads] == [
+        "registry/default/routing.json"
+    ] * 3
 
 
 def _bad_versions(registry: ModelRegistry, s3: Any, good: TrainedModel) -> list[int]:

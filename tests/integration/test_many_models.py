@@ -93,7 +93,7 @@ def test_one_function_answers_three_models_by_name(
         assert status == 200, body
         assert headers["x-model-name"] == name
         assert headers["x-model-version"] == "1"
-        assert body["model"] == {"name": name, "version": 1}
+        assert body["model"] == {"name": name, "version": 1, "alias": "champion"}
         np.testing.assert_allclose(np.asarray(body["predictions"]), expected(model), rtol=1e-6)
         status, _, manifest = call(module, "GET", f"/models/{name}")
         assert status == 200

@@ -107,7 +107,7 @@ def test_a_good_package_is_promoted_and_served(
 
     served = serve(monkeypatch, "churn", binary_model.X[:5].tolist())
     assert served["version"] == "1"
-    assert served["body"]["model"] == {"name": "churn", "version": 1}
+    assert served["body"]["model"] == {"name": "churn", "version": 1, "alias": "champion"}
     np.testing.assert_allclose(
         served["body"]["predictions"],
         binary_model.booster.inplace_predict(binary_model.X[:5].astype(np.float32)),

@@ -8,7 +8,14 @@ import pytest
 from tests.unit.test_registry_contract import MODEL, distinct_models, manifest_for
 from treeserve.errors import NotFound
 from treeserve.registry.model_registry import ModelRegistry, PointerUnreadable
-from treeserve.registry.routing import Canary, Routing, RoutingInvalid, Shadow, canary_bucket
+from treeserve.registry.routing import (
+    Canary,
+    Routing,
+    RoutingInvalid,
+    Shadow,
+    canary_bucket,
+    ids_key,
+)
 from treeserve.registry.store import InMemoryRegistryStore
 
 
@@ -106,3 +113,37 @@ def test_rollback_clears_the_routing_that_pointed_at_the_rolled_back_version() -
     after = registry.routing()
     assert after.canary is None  # pointed at version 2, rolled back from
     assert after.shadow == Shadow("staging", 1.0)  # version 3 was not rolled back
+
+
+def test_rollback_clearing_says_what_it_cleared() -> None:
+    registry = _registry_with_versions(3)
+    registry.promote(1)
+    registry.promote(2)
+    registry.set_alias("challenger", 2)
+    registry.set_routing(lambda seen: Routing(Canary("challenger", 10.0)))
+    pointer, cleared = registry.rollback_clearing()
+    assert (pointer.version, pointer.previous, cleared) == (1, 2, ["canary challenger"])
+    registry.promote(2)
+    assert registry.rollback_clearing()[1] == []  # nothing left to clear
+
+
+def test_the_ids_key_is_unambiguous_and_a_single_id_is_its_own_key() -> None:
+    assert ids_key(["customer-42"]) == repr("customer-42").encode()
+    assert ids_key([42]) == b"42"
+    # distinct id lists never share a key: a separator inside an id, types, order
+    keys = [
+        ids_key(ids)
+        for ids in (
+            ["a", "b"],
+            ["a,b"],
+            ["a\x1fb"],
+            ["a", "b", ""],
+            ["b", "a"],
+            [7],
+            ["7"],
+            [7, 8],
+            ["7", 8],
+        )
+    ]
+    assert len(set(keys)) == len(keys)
+    assert ids_key(["a", "b"]) == ids_key(["a", "b"])  # stable

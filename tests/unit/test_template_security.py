@@ -341,3 +341,70 @@ def test_every_checkov_skip_has_a_justification(template: Template) -> None:
     for name, skip in skips:
         assert skip["id"].startswith("CKV_"), (name, skip)
         assert len(skip.get("comment", "")) >= 40, (name, skip)
+
+
+DEPLOY_ALARMS = (
+    "InferenceNewVersion5xxAlarm",
+    "InferenceNewVersionErrorsAlarm",
+    "InferenceNewVersionLatencyAlarm",
+)
+
+
+def test_code_deploys_shift_traffic_gradually_gated_on_the_new_versions_alarms(
+    cfn: dict[str, Any], template: Template
+) -> None:
+    resources = cfn["Resources"]
+    fn = template.data["Resources"]["InferenceFunction"]["Properties"]
+    preference = fn["DeploymentPreference"]
+    assert preference["Type"] == {"Ref": "InferenceDeploymentType"}
+    parameter = template.data["Parameters"]["InferenceDeploymentType"]
+    assert parameter["Default"] == "Canary10Percent5Minutes"
+    assert "AllAtOnce" in parameter["AllowedValues"]
+    assert [a["Ref"] for a in preference["Alarms"]] == list(DEPLOY_ALARMS)
+    # The alias `live` (what the API calls) is updated by CodeDeploy, in the group below.
+    update = resources["InferenceFunctionAliaslive"]["UpdatePolicy"]["CodeDeployLambdaAliasUpdate"]
+    group = resources[update["DeploymentGroupName"]["Ref"]]
+    assert group["Type"] == "AWS::CodeDeploy::DeploymentGroup"
+    props = group["Properties"]
+    assert props["DeploymentConfigName"]["Fn::Sub"][1] == {"ConfigName": "Canary10Percent5Minutes"}
+    assert props["AlarmConfiguration"]["Enabled"] is True
+    assert [a["Name"]["Ref"] for a in props["AlarmConfiguration"]["Alarms"]] == list(DEPLOY_ALARMS)
+    rollback = props["AutoRollbackConfiguration"]
+    assert rollback["Enabled"] is True
+    assert "DEPLOYMENT_STOP_ON_ALARM" in rollback["Events"]
+    assert props["ServiceRoleArn"] == {"Fn::GetAtt": ["InferenceDeployRole", "Arn"]}
+    # Each alarm exists and watches the version being deployed (not the whole API's traffic).
+    version = resources["InferenceFunctionAliaslive"]["Properties"]["FunctionVersion"]
+    assert version["Fn::GetAtt"][0] in resources
+    for name in DEPLOY_ALARMS:
+        alarm = resources[name]
+        assert alarm["Type"] == "AWS::CloudWatch::Alarm"
+        dims = {d["Name"]: d["Value"] for d in alarm["Properties"]["Dimensions"]}
+        watched = dims.get("ExecutedVersion", dims.get("function_version"))
+        assert watched == version, (name, dims)
+        if alarm["Properties"]["Namespace"] == "AWS/Lambda":
+            assert dims["Resource"] == {"Fn::Sub": "${InferenceFunction}:live"}
+        else:  # the function's own count of 5xx answers, by the version that gave them
+            assert alarm["Properties"]["MetricName"] == "ServerErrors"
+            assert set(dims) == {"function_version"}
+    # and the role CodeDeploy uses can do what it must, no more
+    statements = resources["InferenceDeployRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+    actions = {a for s in statements["Statement"] for a in as_list(s["Action"])}
+    assert actions == {
+        "lambda:GetAlias",
+        "lambda:UpdateAlias",
+        "lambda:GetProvisionedConcurrencyConfig",
+        "cloudwatch:DescribeAlarms",
+    }
+
+
+def test_the_5xx_metric_of_the_deploy_alarm_is_what_the_function_emits() -> None:
+    from treeserve.serving.api import SERVER_ERRORS_METRIC
+
+    data = parse_template(TEMPLATE.read_text())
+    alarm = data["Resources"]["InferenceNewVersion5xxAlarm"]["Properties"]
+    assert alarm["MetricName"] == SERVER_ERRORS_METRIC
+    assert (
+        alarm["Namespace"]
+        == data["Globals"]["Function"]["Environment"]["Variables"]["POWERTOOLS_METRICS_NAMESPACE"]
+    )

@@ -503,6 +503,10 @@ class ModelRegistry:
         The routing parts that sent traffic to the version rolled back from are cleared
         (:meth:`clear_routing_to`). NoModelInService without a pointer; RegistryError when
         there is nothing to go back to."""
+        return self.rollback_clearing(to)[0]
+
+    def rollback_clearing(self, to: int | None = None) -> tuple[Pointer, list[str]]:
+        """:meth:`rollback`, and the routing parts it cleared (e.g. ``["canary challenger"]``)."""
         target_sha: dict[int, str] = {}
 
         def sha_of(version: int) -> str:
@@ -540,9 +544,8 @@ class ModelRegistry:
             )
 
         pointer = self._swap(compute, ANY)
-        if pointer.previous is not None:
-            self.clear_routing_to(pointer.previous)
-        return pointer
+        cleared = [] if pointer.previous is None else self.clear_routing_to(pointer.previous)
+        return pointer, cleared
 
     # -- aliases
 

@@ -23,12 +23,13 @@ deletes). The object is changed only by compare-and-swap, like ``current.json``
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-__all__ = ["Canary", "Routing", "RoutingInvalid", "Shadow", "canary_bucket"]
+__all__ = ["Canary", "Routing", "RoutingInvalid", "Shadow", "canary_bucket", "ids_key"]
 
 
 class RoutingInvalid(ValueError):
@@ -157,3 +158,17 @@ def canary_bucket(key: bytes) -> float:
     Python process (unlike ``hash``), and distinct keys spread uniformly."""
     digest = hashlib.blake2b(key, digest_size=8).digest()
     return (int.from_bytes(digest, "big") % (100 * _SCALE)) / _SCALE
+
+
+# Between two ids' reprs: a repr never holds a raw control character, so no two id lists join
+# to the same key.
+_ID_SEPARATOR = "\x1f"
+
+
+def ids_key(ids: Sequence[Any]) -> bytes:
+    """The routing key of a request's row ids: each id's ``repr`` joined by a separator, so the
+    same ids (of the same type: ``7`` is not ``"7"``) give the same key, and a one-row request
+    is keyed by its id alone."""
+    if len(ids) == 1:
+        return repr(ids[0]).encode()
+    return _ID_SEPARATOR.join(map(repr, ids)).encode()

@@ -42,14 +42,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from treeserve import __version__
 from treeserve.aws import reset_clients
 from treeserve.errors import InvalidInput, NoModelInService, NotFound, PayloadTooLarge
-from treeserve.registry.model_registry import ModelRegistry, model_names
+from treeserve.registry.model_registry import CHAMPION, ModelRegistry, model_names
+from treeserve.registry.routing import canary_bucket
 from treeserve.registry.store import S3RegistryStore
 from treeserve.serving import oip
 from treeserve.serving.capture import CaptureBuffer
 from treeserve.serving.endpoints import (
+    ALIAS_HEADER,
     JSON_TYPE,
     LATENCY_METRIC,
+    MAX_REQUEST_ID_BYTES,
     NAME_HEADER,
+    REQUEST_ID_HEADER,
     ROWS_METRIC,
     VERSION_HEADER,
     Answer,
@@ -60,6 +64,7 @@ from treeserve.serving.endpoints import (
     Scope,
     Send,
     _read_body,
+    alias_dimensions,
     bad_base64_body,
     proxy_response,
     refuse_event,
@@ -76,6 +81,9 @@ from treeserve.serving.service import (
 from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# 5xx answers (never client input: a fault), by function version (a dimension set of its own).
+SERVER_ERRORS_METRIC = "ServerErrors"
 
 # --- OpenAPI descriptions of the raw bodies --------------------------------------------------
 
@@ -163,7 +171,18 @@ PREDICT_RESPONSE = {
                 "properties": {
                     "model": {
                         "type": "object",
-                        "properties": {"name": {"type": "string"}, "version": {"type": "integer"}},
+                        "description": "who answered (also in the x-model-name, "
+                        "x-model-version and x-model-alias headers)",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "version": {"type": "integer"},
+                            "alias": {
+                                "type": ["string", "null"],
+                                "description": "champion; the canary's alias when routing.json "
+                                "sent the request to it; the alias a name@alias route named; "
+                                "null for a /versions/{n} route",
+                            },
+                        },
                     },
                     "predictions": {
                         "type": "array",
@@ -210,6 +229,7 @@ class ServingConventions:
                         *headers,
                         (VERSION_HEADER, service.version_header()),
                         (NAME_HEADER, service.name_header),
+                        (ALIAS_HEADER, service.alias_header),
                     ]
                     message = {**message, "headers": headers}
             await send(message)
@@ -286,6 +306,8 @@ def create_app(
     if models is None:
         models = model_cache(service, settings, capture, metrics=metrics)
     cache = models
+    if endpoints.models is None:
+        endpoints.models = cache  # where the champion's canaries are found
     app = FastAPI(
         title="treeserve inference",
         description="Predictions and TreeSHAP explanations from the XGBoost model in service.",
@@ -299,13 +321,21 @@ def create_app(
     async def serve(kind: Kind, request: Request) -> Response:
         content_type: str | None = None
         accept: bytes | None = None
+        client_id: bytes | None = None
         for name, value in request.scope["headers"]:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
             elif name == b"accept":
                 accept = value
+            elif name == REQUEST_ID_HEADER:
+                client_id = value[:MAX_REQUEST_ID_BYTES] or None
         result = await endpoints.serve_asgi_body(
-            kind, request.receive, content_type, accept, scope_request_id(request.scope)
+            kind,
+            request.receive,
+            content_type,
+            accept,
+            scope_request_id(request.scope),
+            routing_key=client_id,
         )
         return answer(result)
 
@@ -394,7 +424,12 @@ def create_app(
         header = name.encode() if ModelRef.parse(name) is not None else b""
         return (
             404,
-            [(b"content-type", JSON_TYPE), (VERSION_HEADER, b"none"), (NAME_HEADER, header)],
+            [
+                (b"content-type", JSON_TYPE),
+                (VERSION_HEADER, b"none"),
+                (NAME_HEADER, header),
+                (ALIAS_HEADER, b"none"),
+            ],
             orjson.dumps({"error": {"type": "not_found", "message": message}}),
         )
 
@@ -404,11 +439,14 @@ def create_app(
             return answer(served)
         content_type: str | None = None
         accept: bytes | None = None
+        client_id: bytes | None = None
         for name, value in request.scope["headers"]:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
             elif name == b"accept":
                 accept = value
+            elif name == REQUEST_ID_HEADER:
+                client_id = value[:MAX_REQUEST_ID_BYTES] or None
         result = await endpoints.serve_asgi_body(
             kind,
             request.receive,
@@ -417,6 +455,8 @@ def create_app(
             scope_request_id(request.scope),
             service=served.service,
             capture=served.capture,
+            routing_key=client_id,
+            routed=not is_pinned(request),
         )
         return answer(result)
 
@@ -430,7 +470,11 @@ def create_app(
             return answer(endpoints.error(404, "not_found", str(exc), service))
         response = Response(orjson.dumps(loaded.manifest.public()), media_type="application/json")
         response.raw_headers.extend(
-            [(VERSION_HEADER, loaded.version_header), (NAME_HEADER, service.name_header)]
+            [
+                (VERSION_HEADER, loaded.version_header),
+                (NAME_HEADER, service.name_header),
+                (ALIAS_HEADER, service.alias_header),
+            ]
         )
         return response
 
@@ -535,6 +579,7 @@ def add_v2_routes(
                     (b"content-type", JSON_TYPE),
                     (VERSION_HEADER, of.version_header()),
                     (NAME_HEADER, of.name_header),
+                    (ALIAS_HEADER, of.alias_header),
                 ],
                 oip.error_body(message),
             )
@@ -549,6 +594,7 @@ def add_v2_routes(
                     (b"content-type", JSON_TYPE),
                     (VERSION_HEADER, version),
                     (NAME_HEADER, of.name_header),
+                    (ALIAS_HEADER, of.alias_header),
                 ],
                 orjson.dumps(document),
             )
@@ -626,9 +672,24 @@ def add_v2_routes(
         served, loaded = found
         of = served.service
         header_length: bytes | None = None
+        client_id: bytes | None = None
         for name, value in request.scope["headers"]:
             if name == oip.HEADER_LENGTH:
                 header_length = value
+            elif name == REQUEST_ID_HEADER:
+                client_id = value[:MAX_REQUEST_ID_BYTES] or None
+        alias, alias_header = of.alias, of.alias_header
+        canary = None if is_pinned(request) else of.canary
+        request_id = scope_request_id(request.scope)
+        if canary is not None and endpoints.models is not None:
+            # No row ids in a v2 request: the client's x-request-id, else API Gateway's.
+            key = client_id or (request_id or uuid.uuid4().hex).encode()
+            if canary_bucket(key) < canary.percent:
+                target = endpoints.models.canary(of)
+                chosen = None if target is None else target.service.loaded
+                if target is not None and chosen is not None:
+                    loaded, alias = chosen, canary.alias
+                    alias_header = target.service.alias_header
         try:
             body = await _read_body(request.receive, endpoints.max_bytes)
             if len(body) > endpoints.max_bytes:
@@ -647,8 +708,9 @@ def add_v2_routes(
             return v2_error(500, "the model could not answer; see the logs", of)
         capture = served.capture
         n = parsed.X.shape[0]
+        latency_ms = (time.perf_counter() - started) * 1000.0
         if capture is not None:
-            prefix = scope_request_id(request.scope) or uuid.uuid4().hex
+            prefix = request_id or uuid.uuid4().hex
             ids = [f"{prefix}-{i}" for i in range(n)]
             capture.record(
                 ids,
@@ -657,18 +719,20 @@ def add_v2_routes(
                 prediction.labels,
                 loaded.version,
                 manifest=loaded.manifest,
+                alias=alias,
+                latency_ms=latency_ms,
             )
-        if endpoints.metrics is not None:
-            endpoints.metrics.add_metric(
-                name=LATENCY_METRIC,
-                unit="Milliseconds",
-                value=(time.perf_counter() - started) * 1000.0,
-            )
-            endpoints.metrics.add_metric(name=ROWS_METRIC, unit="Count", value=n)
+        metrics = endpoints.metrics
+        if metrics is not None:
+            metrics.add_metric(name=LATENCY_METRIC, unit="Milliseconds", value=latency_ms)
+            metrics.add_metric(name=ROWS_METRIC, unit="Count", value=n)
+            if canary is not None or alias != CHAMPION:
+                alias_dimensions(metrics, of.name, alias)
         headers = [
             (b"content-type", content_type),
             (VERSION_HEADER, loaded.version_header),
             (NAME_HEADER, of.name_header),
+            (ALIAS_HEADER, alias_header),
         ]
         if json_size is not None:
             headers.append((oip.HEADER_LENGTH, str(json_size).encode()))
@@ -694,6 +758,13 @@ def add_v2_routes(
             response_class=Response,
             name=f"v2_infer{pinned}",
         )(v2_infer)
+
+
+def is_pinned(request: Request) -> bool:
+    """Whether the route names its alias (``name@alias``, ``name@champion`` too) or a version:
+    such a request is answered by what it names, never rerouted to a canary."""
+    params = request.scope.get("path_params") or {}
+    return "version" in params or "@" in params.get("name", "")
 
 
 def list_models(cache: ModelCache) -> list[dict[str, Any]]:
@@ -781,6 +852,7 @@ class InferenceFunction:
 
     def __init__(self, settings: Settings, *, metrics: MetricsSink | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.service = ModelService(_registry(settings), settings, metrics=metrics)
         self.capture = CaptureBuffer(
             settings.model_bucket,
@@ -818,12 +890,21 @@ class InferenceFunction:
             if bad_body is not None:
                 return bad_body
             logger.exception("the event could not be served")
-            return proxy_response(
+            response = proxy_response(
                 *self.endpoints.error(
                     500, "internal_error", "the event could not be served; see the logs"
                 )
             )
+        if response.get("statusCode", 200) >= 500 and self.metrics is not None:
+            self.server_error()
         return response
+
+    def server_error(self) -> None:
+        """Count a 5xx answer by the function version that gave it: a code deploy's alarm
+        watches the new version's (template.yaml, InferenceNewVersion5xxAlarm)."""
+        assert self.metrics is not None  # noqa: S101 -- checked by the caller
+        self.metrics.add_metric(name=SERVER_ERRORS_METRIC, unit="Count", value=1)
+        self.metrics.add_dimensions(function_version=self.settings.function_version)
 
     def warm(self, context: Any) -> None:
         """Before a snapshot: one prediction through the whole path (imports, caches, the

@@ -82,6 +82,8 @@ class _Batch:
     labels: list[Any] | None
     model: str
     manifest: ModelManifest | None = None
+    alias: str | None = None  # who answered: champion, a canary's alias, a pinned alias
+    latency_ms: float = float("nan")  # the request's (NaN: not measured)
 
 
 class CaptureBuffer:
@@ -152,14 +154,16 @@ class CaptureBuffer:
         *,
         manifest: ModelManifest | None = None,
         alias: str | None = None,
+        latency_ms: float = float("nan"),
     ) -> None:
         """Offer one request's rows; keeps a sample, writes the buffer if a bound is reached.
 
         ``manifest``: the answering model's (its name, and the categories that name the codes
-        of categorical features); without one the rows are the buffer's ``model_name``'s."""
+        of categorical features); without one the rows are the buffer's ``model_name``'s.
+        ``alias``: who answered (``champion``, a canary's alias); ``latency_ms``: the
+        request's latency, recorded on each of its rows."""
         if self.sample_rate <= 0.0:
             return
-        del alias  # routes come later; every captured row is the champion's (alias null)
         now = self._clock()
         n = len(ids)
         model = manifest.name if manifest is not None and manifest.name else self.model_name
@@ -179,6 +183,8 @@ class CaptureBuffer:
                 list(labels) if labels else None,
                 model,
                 manifest,
+                alias,
+                latency_ms,
             )
         elif keep.size:
             index = keep.tolist()
@@ -191,6 +197,8 @@ class CaptureBuffer:
                 [labels[i] for i in index] if labels else None,
                 model,
                 manifest,
+                alias,
+                latency_ms,
             )
         else:
             self.maybe_flush(now)
@@ -327,6 +335,8 @@ class CaptureBuffer:
             ]
             if labelled
             else None,
+            aliases=[b.alias for b in kept for _ in range(len(b.ids))],
+            latency_ms=np.repeat(np.array([b.latency_ms for b in kept], np.float32), counts),
             categories=categories,
         )
 

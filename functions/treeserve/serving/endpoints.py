@@ -2,7 +2,8 @@
 
 :class:`Endpoints` is what ``POST /predict`` and ``POST /explain`` do; the FastAPI app's routes
 (:mod:`treeserve.serving.api`) call it, and nothing else serves those routes. Every answer, errors
-included, carries ``x-model-version``; errors are ``{"error": {"type", "message"}}``; client
+included, carries ``x-model-version`` and ``x-model-alias`` (who answered: ``champion``, a
+canary's or a pinned alias, ``none`` for a pinned version); errors are ``{"error": {"type", "message"}}``; client
 input never yields a 5xx. :func:`refuse_event` answers, with a 400, the Lambda events that are
 not HTTP requests Mangum can read.
 """
@@ -23,11 +24,14 @@ import numpy as np
 import orjson
 
 from treeserve.errors import InvalidInput, NoModelInService, NotFound, PayloadTooLarge
-from treeserve.serving.inputs import parse_body
+from treeserve.registry.model_registry import CHAMPION
+from treeserve.registry.routing import canary_bucket, ids_key
+from treeserve.serving.inputs import ParsedInput, parse_body
 
 if TYPE_CHECKING:
+    from treeserve.model.predictor import Prediction
     from treeserve.serving.capture import CaptureBuffer
-    from treeserve.serving.service import LoadedModel, MetricsSink, ModelService
+    from treeserve.serving.service import LoadedModel, MetricsSink, ModelCache, ModelService
     from treeserve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ Kind = Literal["predict", "explain"]
 
 VERSION_HEADER = b"x-model-version"
 NAME_HEADER = b"x-model-name"
+# Who answered: "champion", the alias (a canary, or a name@alias route), "none" (a version pin).
+ALIAS_HEADER = b"x-model-alias"
+# The client's request id: a canary's routing key when the request names no row ids (a retry
+# that sends the same header lands on the same version; API Gateway's requestId does not).
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_BYTES = 128
 JSON_TYPE = b"application/json"
 CSV_TYPE = b"text/csv; charset=utf-8"
 LATENCY_METRIC = "PredictLatency"
@@ -139,6 +149,8 @@ class Endpoints:
         self.max_bytes = settings.max_body_bytes
         self.capture = capture if capture is not None and capture.enabled else None
         self.metrics = metrics
+        # Where canaries are found (the app's model cache; create_app sets it). None: no canary.
+        self.models: ModelCache | None = None
 
     def error(
         self, status: int, kind: str, message: str, service: ModelService | None = None
@@ -150,6 +162,7 @@ class Endpoints:
                 (b"content-type", JSON_TYPE),
                 (VERSION_HEADER, service.version_header()),
                 (NAME_HEADER, service.name_header),
+                (ALIAS_HEADER, service.alias_header),
             ],
             _error_body(kind, message),
         )
@@ -164,9 +177,17 @@ class Endpoints:
         *,
         service: ModelService | None = None,
         capture: CaptureBuffer | bool | None = True,
+        routing_key: bytes | None = None,
+        routed: bool = True,
     ) -> Answer:
         """Serve one predict/explain request (of the default model, or of ``service`` with its
-        ``capture`` buffer). Client errors become 4xx answers here."""
+        ``capture`` buffer). Client errors become 4xx answers here.
+
+        A champion's request goes to its model's canary (:attr:`ModelService.canary`) when
+        :func:`canary_bucket` of its key is below the canary's percent: the key is the row ids
+        the client sent, else ``routing_key`` (the client's ``x-request-id``), else
+        ``request_id`` (API Gateway's, which a retry does not keep). ``routed=False``: a
+        request that named its alias (``name@champion``) is never rerouted."""
         started = time.perf_counter()
         if service is None:
             service = self.service
@@ -174,6 +195,7 @@ class Endpoints:
         buffer: CaptureBuffer | None = (
             self.capture if capture is True else None if isinstance(capture, bool) else capture
         )
+        max_rows = self.max_rows if kind == "predict" else self.max_explain_rows
         try:
             loaded = service.current()
             if kind == "explain":
@@ -182,7 +204,7 @@ class Endpoints:
                 body,
                 content_type,
                 loaded.schema,
-                max_rows=self.max_rows if kind == "predict" else self.max_explain_rows,
+                max_rows=max_rows,
                 max_bytes=self.max_bytes,
                 id_prefix=request_id,
             )
@@ -192,27 +214,83 @@ class Endpoints:
             return self.error(503, "no_model", str(exc), service)
         except NotFound as exc:
             return self.error(404, "not_found", str(exc), service)
+        alias, alias_header = service.alias, service.alias_header
+        canary = service.canary if routed else None
+        if canary is not None and self.models is not None:
+            if parsed.ids_generated:
+                key = routing_key or (request_id or parsed.ids[0]).encode()
+            else:
+                key = ids_key(parsed.ids)
+            target = self.models.canary(service) if canary_bucket(key) < canary.percent else None
+            if target is not None and target.service.loaded is not None:
+                try:
+                    loaded, parsed = self._for_canary(
+                        target.service.loaded,
+                        loaded,
+                        parsed,
+                        kind=kind,
+                        body=body,
+                        content_type=content_type,
+                        max_rows=max_rows,
+                    )
+                except InvalidInput as exc:
+                    return self.error(exc.status, exc.type, exc.message, target.service)
+                alias, alias_header = canary.alias, target.service.alias_header
         csv_out = _wants_csv(accept)
         if kind == "predict":
-            payload = self._predict(loaded, parsed.X, parsed.ids, csv_out, buffer)
+            payload, prediction = self._predict(loaded, parsed.X, parsed.ids, csv_out, alias)
         else:
-            payload = self._explain(loaded, parsed.X, parsed.ids, csv_out)
-        if self.metrics is not None:
-            self.metrics.add_metric(
-                name=LATENCY_METRIC,
-                unit="Milliseconds",
-                value=(time.perf_counter() - started) * 1000.0,
-            )
-            self.metrics.add_metric(name=ROWS_METRIC, unit="Count", value=len(parsed.ids))
+            payload = self._explain(loaded, parsed.X, parsed.ids, csv_out, alias)
+        if buffer is not None or self.metrics is not None:
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            if buffer is not None and kind == "predict":
+                buffer.record(
+                    parsed.ids,
+                    parsed.X,
+                    prediction.values,
+                    prediction.labels,
+                    loaded.version,
+                    manifest=loaded.manifest,
+                    alias=alias,
+                    latency_ms=latency_ms,
+                )
+            if self.metrics is not None:
+                self.metrics.add_metric(name=LATENCY_METRIC, unit="Milliseconds", value=latency_ms)
+                self.metrics.add_metric(name=ROWS_METRIC, unit="Count", value=len(parsed.ids))
+                if canary is not None or alias != CHAMPION:
+                    alias_dimensions(self.metrics, service.name, alias)
         return (
             200,
             [
                 (b"content-type", CSV_TYPE if csv_out else JSON_TYPE),
                 (VERSION_HEADER, loaded.version_header),
                 (NAME_HEADER, service.name_header),
+                (ALIAS_HEADER, alias_header),
             ],
             payload,
         )
+
+    def _for_canary(
+        self,
+        chosen: LoadedModel,
+        champion: LoadedModel,
+        parsed: ParsedInput,
+        *,
+        kind: Kind,
+        body: bytes,
+        content_type: str | None,
+        max_rows: int,
+    ) -> tuple[LoadedModel, ParsedInput]:
+        """The canary's model and the request's rows for it: parsed again (ids kept) only when
+        its features differ from the champion's. InvalidInput when they do not fit it."""
+        if kind == "explain":
+            chosen.predictor.check_explainable()
+        if same_features(chosen, champion):
+            return chosen, parsed
+        again = parse_body(
+            body, content_type, chosen.schema, max_rows=max_rows, max_bytes=self.max_bytes
+        )
+        return chosen, ParsedInput(again.X, parsed.ids, parsed.ids_generated)
 
     def _predict(
         self,
@@ -220,43 +298,37 @@ class Endpoints:
         X: np.ndarray,
         ids: list[Any],
         csv_out: bool,
-        capture: CaptureBuffer | None,
-    ) -> bytes:
+        alias: str | None,
+    ) -> tuple[bytes, Prediction]:
         predictor = loaded.predictor
         prediction = predictor.predict(X)
-        if capture is not None:
-            capture.record(
-                ids,
-                X,
-                prediction.values,
-                prediction.labels,
-                loaded.version,
-                manifest=loaded.manifest,
-            )
         if csv_out:
-            return _predict_csv(
+            payload = _predict_csv(
                 ids,
                 prediction.values,
                 prediction.labels,
                 predictor.class_names,
                 predictor.output_names,
             )
+            return payload, prediction
         document: dict[str, Any] = {
-            "model": {"name": predictor.manifest.name, "version": loaded.version},
+            "model": {"name": predictor.manifest.name, "version": loaded.version, "alias": alias},
             "predictions": prediction.values,
         }
         if prediction.labels is not None:
             document["labels"] = prediction.labels
         document["ids"] = ids
-        return orjson.dumps(document, option=_NUMPY)
+        return orjson.dumps(document, option=_NUMPY), prediction
 
-    def _explain(self, loaded: LoadedModel, X: np.ndarray, ids: list[Any], csv_out: bool) -> bytes:
+    def _explain(
+        self, loaded: LoadedModel, X: np.ndarray, ids: list[Any], csv_out: bool, alias: str | None
+    ) -> bytes:
         predictor = loaded.predictor
         explanation = predictor.explain(X)
         if csv_out:
             return _explain_csv(ids, explanation.contributions, explanation.bias, explanation)
         document: dict[str, Any] = {
-            "model": {"name": predictor.manifest.name, "version": loaded.version},
+            "model": {"name": predictor.manifest.name, "version": loaded.version, "alias": alias},
             "feature_names": explanation.feature_names,
         }
         if explanation.class_names is not None:
@@ -279,13 +351,23 @@ class Endpoints:
         *,
         service: ModelService | None = None,
         capture: CaptureBuffer | bool | None = True,
+        routing_key: bytes | None = None,
+        routed: bool = True,
     ) -> Answer:
         try:
             body = await _read_body(receive, self.max_bytes)
         except PayloadTooLarge as exc:
             return self.error(exc.status, exc.type, exc.message, service)
         return self.safe_handle(
-            kind, body, content_type, accept, request_id, service=service, capture=capture
+            kind,
+            body,
+            content_type,
+            accept,
+            request_id,
+            service=service,
+            capture=capture,
+            routing_key=routing_key,
+            routed=routed,
         )
 
     def safe_handle(
@@ -298,16 +380,39 @@ class Endpoints:
         *,
         service: ModelService | None = None,
         capture: CaptureBuffer | bool | None = True,
+        routing_key: bytes | None = None,
+        routed: bool = True,
     ) -> Answer:
         try:
             return self.handle(
-                kind, body, content_type, accept, request_id, service=service, capture=capture
+                kind,
+                body,
+                content_type,
+                accept,
+                request_id,
+                service=service,
+                capture=capture,
+                routing_key=routing_key,
+                routed=routed,
             )
         except Exception:  # a bug or a broken model, not the client's fault: 500, logged
             logger.exception("prediction failed", extra={"route": kind})
             return self.error(
                 500, "internal_error", "the model could not answer; see the logs", service
             )
+
+
+def same_features(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether rows parsed for ``b`` are rows for ``a`` (same features, same categories)."""
+    return a.schema is b.schema or (
+        a.schema.names == b.schema.names and a.schema.categories == b.schema.categories
+    )
+
+
+def alias_dimensions(metrics: MetricsSink, model: str, alias: str | None) -> None:
+    """Publish this invocation's metrics also by ``model`` and ``alias`` (an extra EMF
+    dimension set: the service-level series, which the alarms watch, stay as they are)."""
+    metrics.add_dimensions(model=model, alias=alias or "none")
 
 
 async def _read_body(receive: Receive, max_bytes: int) -> bytes:

@@ -6,6 +6,12 @@ with a conditional GET at most every ``MODEL_REFRESH_SECONDS``. A new pointer is
 after its manifest and bytes were read, the bytes matched both the manifest's and the pointer's
 sha256, XGBoost loaded them and a smoke prediction passed; any failure keeps the old model
 serving, is logged and counted (``ModelReloadFailures``), and is retried at the next interval.
+
+A champion's service also reads the model's ``routing.json`` (:mod:`treeserve.registry.routing`)
+in the same check, with the same conditional GET and cadence: :attr:`ModelService.canary` is the
+canary its unpinned requests may be answered by (:meth:`ModelCache.canary` finds the alias's
+entry). An unreadable routing, or a canary alias that is cleared or cannot be loaded, leaves
+the champion answering every request, logged once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from treeserve.registry.model_registry import (
     PointerUnreadable,
     valid_alias,
 )
+from treeserve.registry.routing import Canary, Routing
 from treeserve.serving.inputs import FeatureSchema
 from treeserve.settings import Settings, valid_model_name
 
@@ -45,6 +52,9 @@ class MetricsSink(Protocol):
     """What the library needs from a metrics emitter (Powertools ``Metrics`` fits)."""
 
     def add_metric(self, name: str, unit: Any, value: float) -> None: ...
+
+    def add_dimensions(self, **dimensions: str) -> None:
+        """Publish this flush's metrics under one more dimension set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +80,13 @@ class ModelRef:
             if number < 1:
                 return None
         return cls(name, None if not at or alias == CHAMPION else alias, number)
+
+    @property
+    def answering_alias(self) -> str | None:
+        """The alias answers of this ref carry: ``champion``, the alias, or None for a version."""
+        if self.version is not None:
+            return None
+        return CHAMPION if self.alias is None else self.alias
 
     def describe(self) -> str:
         if self.version is not None:
@@ -140,6 +157,9 @@ class ModelService:
         self.name = registry.name
         self.ref = ModelRef(registry.name) if ref is None else ref
         self.name_header = registry.name.encode()
+        # Who answers through this service: "champion", the alias, or None (a pinned version).
+        self.alias = self.ref.answering_alias
+        self.alias_header = b"none" if self.alias is None else self.alias.encode()
         self.missing = False
         self._checked = False
         self.refresh_seconds = settings.model_refresh_seconds
@@ -154,6 +174,16 @@ class ModelService:
         # Why current.json cannot be served (unreadable, or naming a version that does not
         # exist) and how to repair it; /health reports it. None once a pointer loads again.
         self.pointer_problem: str | None = None
+        # Live traffic (the champion's services only): the routing read with the pointer, and
+        # the canary this service's requests may go to (None: the champion answers them all).
+        self.follows_routing = self.ref.alias is None and self.ref.version is None
+        self.routing = Routing()
+        self.canary: Canary | None = None
+        self._routing_etag: str | None = None
+        # Until when the canary is skipped after its alias could not answer (retried once per
+        # refresh interval), and the last problem logged (each one is logged once).
+        self.canary_down_until = float("-inf")
+        self.routing_problem: str | None = None
         if load:
             self.refresh()
 
@@ -228,64 +258,10 @@ class ModelService:
             return False
         try:
             self._next_check = self.clock() + self.refresh_seconds
-            try:
-                pointer, changed = self._check_pointer()
-            except PointerUnreadable as exc:  # keep serving; look again next interval
-                self.pointer_problem = str(exc)
-                self._failed("current.json is not a valid pointer", exc, None)
-                return False
-            except Exception as exc:  # storage trouble: keep serving, retry next interval
-                self._failed("pointer check failed", exc, None)
-                return False
-            if not changed:
-                if self._loaded is None and self._etag is None:
-                    self.missing = True  # still no pointer
-                return False
-            if pointer is None:
-                self._etag = None
-                if self.ref.alias is not None or self.ref.version is not None:
-                    # A cleared alias (or a version that does not exist) answers 404.
-                    self.missing = True
-                    self._loaded = None
-                    return False
-                # Nobody should delete current.json; keep serving what we have.
-                self.missing = self._loaded is None
-                logger.warning("current.json disappeared; keeping the model in service")
-                return False
-            self.missing = False
-            loaded = self._loaded
-            if (
-                loaded is not None
-                and loaded.version == pointer.version
-                and loaded.manifest.sha256 == pointer.sha256
-            ):
-                self._etag = pointer.etag  # rewritten pointer, same model
-                self.pointer_problem = None
-                return False
-            try:
-                new = self._load(pointer)
-            except NotFound as exc:  # the pointer names a version that does not exist
-                self.pointer_problem = self._missing_version(pointer)
-                self._failed("current.json names a version that does not exist", exc, None)
-                return False
-            except Exception as exc:  # never let a bad version disturb the one in service
-                self._failed("new model not loaded", exc, pointer.version)
-                return False
-            self._loaded = new
-            self._etag = pointer.etag
-            self.last_error = None
-            self.pointer_problem = None
-            logger.info(
-                "model swapped in",
-                extra={
-                    "model": self.name,
-                    "version": pointer.version,
-                    "previous_version": None if loaded is None else loaded.version,
-                },
-            )
-            if self.metrics is not None:
-                self.metrics.add_metric(name=MODEL_SWAPS_METRIC, unit="Count", value=1)
-            return True
+            swapped = self._refresh_pointer()
+            if self.follows_routing and self._loaded is not None:
+                self._refresh_routing()
+            return swapped
         finally:
             self._checked = True
             if self._loaded is None:
@@ -293,6 +269,108 @@ class ModelService:
                 # soon rather than answering 503 for a whole refresh interval.
                 self._next_check = min(self._next_check, self.clock() + NO_MODEL_RETRY_SECONDS)
             self._lock.release()
+
+    def _refresh_pointer(self) -> bool:
+        try:
+            pointer, changed = self._check_pointer()
+        except PointerUnreadable as exc:  # keep serving; look again next interval
+            self.pointer_problem = str(exc)
+            self._failed("current.json is not a valid pointer", exc, None)
+            return False
+        except Exception as exc:  # storage trouble: keep serving, retry next interval
+            self._failed("pointer check failed", exc, None)
+            return False
+        if not changed:
+            if self._loaded is None and self._etag is None:
+                self.missing = True  # still no pointer
+            return False
+        if pointer is None:
+            self._etag = None
+            if self.ref.alias is not None or self.ref.version is not None:
+                # A cleared alias (or a version that does not exist) answers 404.
+                self.missing = True
+                self._loaded = None
+                return False
+            # Nobody should delete current.json; keep serving what we have.
+            self.missing = self._loaded is None
+            logger.warning("current.json disappeared; keeping the model in service")
+            return False
+        self.missing = False
+        loaded = self._loaded
+        if (
+            loaded is not None
+            and loaded.version == pointer.version
+            and loaded.manifest.sha256 == pointer.sha256
+        ):
+            self._etag = pointer.etag  # rewritten pointer, same model
+            self.pointer_problem = None
+            return False
+        try:
+            new = self._load(pointer)
+        except NotFound as exc:  # the pointer names a version that does not exist
+            self.pointer_problem = self._missing_version(pointer)
+            self._failed("current.json names a version that does not exist", exc, None)
+            return False
+        except Exception as exc:  # never let a bad version disturb the one in service
+            self._failed("new model not loaded", exc, pointer.version)
+            return False
+        self._loaded = new
+        self._etag = pointer.etag
+        self.last_error = None
+        self.pointer_problem = None
+        logger.info(
+            "model swapped in",
+            extra={
+                "model": self.name,
+                "version": pointer.version,
+                "previous_version": None if loaded is None else loaded.version,
+            },
+        )
+        if self.metrics is not None:
+            self.metrics.add_metric(name=MODEL_SWAPS_METRIC, unit="Count", value=1)
+        return True
+
+    def _refresh_routing(self) -> None:
+        """Re-read ``routing.json`` if it changed (conditional GET); never raises."""
+        try:
+            routing, changed = self.registry.routing_if_changed(self._routing_etag)
+        except PointerUnreadable as exc:  # the champion answers everything until it is fixed
+            self._routing_etag = exc.etag  # read (and logged) once per version of the object
+            self.routing, self.canary = Routing(etag=exc.etag), None
+            self._routing_problem(str(exc))
+            return
+        except Exception as exc:  # storage trouble: keep the routing as read, retry next time
+            logger.warning(
+                "routing check failed; keeping the routing in effect",
+                extra={"model": self.name, "error": f"{type(exc).__name__}: {exc}"[:500]},
+            )
+            return
+        if not changed:
+            return
+        self._routing_etag = routing.etag
+        self.routing, self.canary = routing, routing.canary
+        self.canary_down_until = float("-inf")
+        self.routing_problem = None
+        logger.info("routing in effect", extra={"model": self.name, "routing": routing.to_dict()})
+
+    def _routing_problem(self, problem: str) -> None:
+        if problem != self.routing_problem:
+            logger.warning(
+                "canary not in effect; the champion answers",
+                extra={"model": self.name, "problem": problem[:500]},
+            )
+        self.routing_problem = problem
+
+    def canary_failed(self, problem: str) -> None:
+        """The canary's alias could not answer: the champion answers until the next refresh
+        interval, when the alias is tried again (the problem is logged once)."""
+        self.canary_down_until = self.clock() + self.refresh_seconds
+        self._routing_problem(problem)
+
+    def canary_recovered(self) -> None:
+        if self.routing_problem is not None:
+            logger.info("canary in effect again", extra={"model": self.name})
+            self.routing_problem = None
 
     def _missing_version(self, pointer: Pointer) -> str:
         try:
@@ -430,6 +508,27 @@ class ModelCache:
                 self._evict(keep=ref)  # a new version may be larger than the one it replaced
         if service.loaded is None and service.missing:
             self._missing(ref, served)
+        return served
+
+    def canary(self, service: ModelService) -> Served | None:
+        """The entry of ``service``'s canary alias, loaded, to answer a request the routing
+        sent to it; None when the champion answers: no canary, or its alias is cleared or
+        cannot be loaded (logged once, tried again after ``MODEL_REFRESH_SECONDS``)."""
+        canary = service.canary
+        if canary is None or service.canary_down_until > self.clock():
+            return None
+        try:
+            served = self.get(ModelRef(service.name, canary.alias))
+            served.service.current()
+        except Exception as exc:  # cleared, unreadable or storage trouble: never a 5xx
+            service.canary_failed(
+                f"the canary alias {canary.alias!r} cannot answer ({exc}); the champion answers "
+                f"its {canary.percent:g}% until it can: `treeserve alias set {canary.alias} "
+                f"VERSION --name {service.name}` or `treeserve route --name {service.name} --off`"
+            )
+            return None
+        if service.routing_problem is not None:
+            service.canary_recovered()
         return served
 
     def _missing(self, ref: ModelRef, served: Served) -> None:
