@@ -101,6 +101,11 @@ def sqs_client() -> SQSClient:
     return _client("sqs")  # type: ignore[no-any-return]
 
 
+def sfn_client() -> Any:
+    """The shared Step Functions client."""
+    return _client("stepfunctions")
+
+
 def reset_clients() -> None:
     """Forget every client; the next call creates fresh ones (after a SnapStart restore)."""
     with _lock:
