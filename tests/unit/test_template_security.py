@@ -118,8 +118,11 @@ def test_s3_permissions_are_scoped_to_each_functions_prefixes(cfn: dict[str, Any
         "captures/*",
         "labels/*",
         "registry/*",
+        "monitoring/*",  # the fan-out's manifest, partial states and map results
     }
-    assert prefixes("MonitoringFunctionRole", "s3:PutObject") == {"reports/*"}
+    assert prefixes("MonitoringFunctionRole", "s3:PutObject") == {"reports/*", "monitoring/*"}
+    assert prefixes("MonitoringMapRole", "s3:GetObject") == {"monitoring/*"}
+    assert prefixes("MonitoringMapRole", "s3:PutObject") == {"monitoring/*"}
     for name, statement in identity_statements(cfn):
         if "s3:ListBucket" in as_list(statement["Action"]):
             condition = statement["Condition"]["StringLikeIfExists"]["s3:prefix"]
