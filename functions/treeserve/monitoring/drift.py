@@ -165,28 +165,29 @@ def finite(value: float | None) -> float | None:
 # -125..127; 254/255: +inf/-inf.
 N_BUCKETS = 256
 _POWERS = np.ldexp(np.float32(1.0), np.arange(-125, 128)).astype(np.float32)
-# Sorted-order positions where a bucket can change: the negatives' boundaries, then zero's,
-# then the positives'.
-_NEG_CUTS = -_POWERS[::-1]
 _NO_STARTS = np.zeros(0, dtype=np.int64)
 SEGMENT_COMPACT = 1 << 16  # (key, sum) runs gathered per column before they are folded
 
 
-def _runs(values: F32, starts: npt.NDArray[np.int64]) -> tuple[I64, I64, npt.NDArray[np.float64]]:
+def _runs(
+    values: F32, starts: npt.NDArray[np.int64]
+) -> tuple[I64, I64, npt.NDArray[np.float64]]:
     """Runs of sorted, present ``values`` that share one exponent bucket and lie between
     consecutive ``starts``: (run starts, their buckets, their exact float64 sums)."""
-    cuts = np.concatenate(
-        [
-            np.searchsorted(values, _NEG_CUTS, side="right"),
-            np.searchsorted(values, _POWERS, side="left"),
-            np.searchsorted(values, [-np.inf, np.inf], side="right")[:1],
-            np.searchsorted(values, [np.inf], side="left"),
-            starts,
-            [0],
-        ]
-    )
-    run = np.unique(cuts)
-    run = run[run < values.size]
+    n = values.size
+    zero_lo = int(np.searchsorted(values, np.float32(0.0), side="left"))
+    zero_hi = int(np.searchsorted(values, np.float32(0.0), side="right"))
+    cuts = [starts, np.zeros(1, np.int64)]
+    if zero_lo:  # negatives: a bucket ends at each -2**k between their largest and smallest
+        lo, hi = np.searchsorted(_POWERS, [-values[zero_lo - 1], -values[0]], side="left")
+        cuts.append(np.searchsorted(values, -_POWERS[lo : hi + 1], side="right"))
+        cuts.append(np.searchsorted(values[:1], [-np.inf], side="right"))
+    if zero_hi < n:  # positives: a bucket starts at each 2**k between their smallest and largest
+        lo, hi = np.searchsorted(_POWERS, [values[zero_hi], values[-1]], side="left")
+        cuts.append(np.searchsorted(values, _POWERS[lo : hi + 1], side="left"))
+        cuts.append(np.searchsorted(values, [np.inf], side="left"))
+    run = np.sort(np.concatenate(cuts).astype(np.int64, copy=False))
+    run = run[np.concatenate(([True], run[1:] != run[:-1])) & (run < n)]
     first = values[run]
     _, exponent = np.frexp(np.abs(first))
     buckets = np.clip(exponent.astype(np.int64) + 125, 0, 253)
