@@ -169,9 +169,7 @@ _NO_STARTS = np.zeros(0, dtype=np.int64)
 SEGMENT_COMPACT = 1 << 16  # (key, sum) runs gathered per column before they are folded
 
 
-def _runs(
-    values: F32, starts: npt.NDArray[np.int64]
-) -> tuple[I64, I64, npt.NDArray[np.float64]]:
+def _runs(values: F32, starts: npt.NDArray[np.int64]) -> tuple[I64, I64, npt.NDArray[np.float64]]:
     """Runs of sorted, present ``values`` that share one exponent bucket and lie between
     consecutive ``starts``: (run starts, their buckets, their exact float64 sums)."""
     n = values.size

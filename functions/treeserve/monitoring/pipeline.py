@@ -338,8 +338,15 @@ class VersionState:
             (self._pending_p, self.predictions),
         ):
             if pending:
-                block = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                columns = np.sort(np.ascontiguousarray(block.T), axis=1)  # NaN last
+                # One copy: each block transposed into its place, then sorted there (NaN last).
+                columns = np.empty(
+                    (pending[0].shape[1], sum(b.shape[0] for b in pending)), dtype=np.float32
+                )
+                at = 0
+                for block in pending:
+                    columns[:, at : at + block.shape[0]] = block.T
+                    at += block.shape[0]
+                columns.sort(axis=1)
                 for j, acc in enumerate(accumulators):
                     acc.add_sorted(columns[j])
                 pending.clear()
