@@ -12,9 +12,10 @@ number (:func:`treeserve.monitoring.pipeline.run_monitoring` is itself one parti
 :meth:`PartialState.to_bytes` writes a NumPy ``.npz`` archive (deflated; read back with
 ``allow_pickle=False``): a JSON header and one array per counter. References are not in it:
 :meth:`PartialState.from_bytes` rebuilds each version's accumulators from its manifest (the
-registry) and loads the counts into them. Sizes (``make bench monitoring`` measures them): about
-20 KB per numeric column with quantile points (``cum_le``/``cum_lt`` and the segment sums over
-2,000 points), plus 12 bytes per labelled row.
+registry) and loads the counts into them. Sizes before deflating: about 66 KB per numeric
+column with 2,000 quantile points (``cum_le``/``cum_lt`` and the segment sums), plus 12 bytes per
+labelled row; ``make bench monitoring`` measures a worker's: 1.0 MB for 1M rows of 30 features
+with 100,000 labelled.
 """
 
 from __future__ import annotations
