@@ -134,6 +134,35 @@ print(json.dumps({{"wall": wall, "cpu": cpu, "bytes": size,
     "peak_mb": status_mb("VmHWM"), "before_mb": rss_before}}))
 """
 
+# The fan-out's pieces (treeserve.monitoring.fanout): one worker's partial state over every file
+# of the window (its time and the partial's bytes), then the merge of MERGE_PARTIALS such
+# partials (read, merged, report built): what a 50M-row window costs spread over workers.
+MERGE_PARTIALS = 20
+FANOUT_RUN = f"""
+import json, time
+from datetime import datetime, timedelta, UTC
+from treeserve.aws import s3_client
+from treeserve.monitoring import fanout, pipeline
+from treeserve.monitoring.partial import PartialState
+s3 = s3_client()
+end = datetime.now(UTC) + timedelta(minutes=1)
+start = end - timedelta(hours=24)
+files = pipeline.window_files(s3, {BUCKET!r}, {MODEL!r}, start, end)
+t, c = time.perf_counter(), cpu_s()
+out = fanout.run_partial({BUCKET!r}, {MODEL!r}, start, end, files, run="bench")
+worker, worker_cpu = time.perf_counter() - t, cpu_s() - c
+worker_peak = status_mb("VmHWM")
+keys = [out["partial_key"]] * {MERGE_PARTIALS}
+t = time.perf_counter()
+merged = fanout.run_merge({BUCKET!r}, {MODEL!r}, start, end, keys)
+report = pipeline.finish({BUCKET!r}, merged.monitor, write=False)
+merge = time.perf_counter() - t
+print(json.dumps({{"worker": worker, "worker_cpu": worker_cpu, "rows": out["rows"],
+    "files": out["files"], "partial_bytes": out["bytes"], "merge": merge,
+    "merged_rows": report["rows"], "worker_peak_mb": worker_peak,
+    "peak_mb": status_mb("VmHWM"), "before_mb": rss_before}}))
+"""
+
 NUMPY_RUN = f"""
 import io, json, time, zlib
 import numpy as np
@@ -245,6 +274,33 @@ def _setup(s3: Any) -> tuple[int, int]:
     return capture_bytes, len(csv_gz)
 
 
+def _fanout_figures(fan: dict[str, Any], capture_bytes: int) -> None:
+    """One worker's measured cost, scaled to a 50M-row window over the MonitoringMap."""
+    from treeserve.monitoring.fanout import WORKER_BYTES  # noqa: PLC0415
+
+    rows = fan["rows"]
+    bytes_per_row = capture_bytes / max(rows, 1)
+    worker_rows = WORKER_BYTES / bytes_per_row
+    per_row_s = fan["worker"] / max(rows, 1)
+    window = 50_000_000
+    workers = -(-window // int(worker_rows))
+    worker_s = worker_rows * per_row_s
+    merge_per_partial = fan["merge"] / MERGE_PARTIALS
+    print(
+        f"fan-out worker (over HTTP): {rows:,} rows in {fan['files']} files, {fan['worker']:.2f} s "
+        f"wall ({fan['worker_cpu']:.2f} s CPU), peak {fan['worker_peak_mb']:.0f} MB; partial "
+        f"state {fan['partial_bytes'] / 1e3:.0f} KB; merge of {MERGE_PARTIALS} partials + report "
+        f"{fan['merge']:.2f} s ({fan['merged_rows']:,} rows)"
+    )
+    print(
+        f"fan-out, 50M rows: {bytes_per_row:.0f} B/row -> {worker_rows / 1e6:.1f}M rows per worker "
+        f"({WORKER_BYTES >> 20} MiB), {workers} workers (MaxConcurrency 40: one wave), "
+        f"{worker_s:.0f} s per worker (timeout 600 s), merge {workers * merge_per_partial:.1f} s; "
+        f"worker results ~0.2 KB (limit 256 KB), partials {fan['partial_bytes'] / 1e3:.0f} KB "
+        "each in S3"
+    )
+
+
 def main() -> dict[str, str]:
     """Run the benchmark and print its figures; returns the goal line for `make bench`."""
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -266,6 +322,7 @@ def main() -> dict[str, str]:
             f"{capture_bytes / 1e6:.0f} MB of Parquet captures ({time.perf_counter() - t:.0f} s)",
             flush=True,
         )
+        fan = _child(FANOUT_RUN, endpoint, in_process=False)
         runs = {
             where: (
                 _child(TREESERVE_RUN, endpoint, in_process=inproc),
@@ -300,6 +357,7 @@ def main() -> dict[str, str]:
     # CPU counts the fetch threads too. "server" pays moto's HTTP server (in the parent
     # process) on every byte; "own MB" is the peak minus the resident set before the run
     # (in-process, the bucket's objects live in the child).
+    _fanout_figures(fan, capture_bytes)
     print(f"load average after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     # S3 itself is remote; here it is moto, served from this machine's 2 cores either way: by
     # a server in the parent process (HTTP) or inside the run's own process. Both are shown.

@@ -79,10 +79,11 @@ FUNCTIONS: dict[str, FunctionSpec] = {
 FORBIDDEN = ("pandas", "scikit-learn", "sklearn", "matplotlib", "dask", "pyarrow")
 
 # botocore's data folder holds every AWS service's model (~28 MB); keep what treeserve calls
-# (s3, sns, sqs), xray (outside Lambda, i.e. without LAMBDA_TASK_ROOT, the X-Ray SDK behind
-# Powertools' Tracer creates an xray client at import for its sampling rules: without the
-# model the import fails) and what botocore needs to find credentials (sts, sso, sso-oidc).
-BOTOCORE_SERVICES = {"s3", "sns", "sqs", "xray", "sts", "sso", "sso-oidc"}
+# (s3, sns, sqs; stepfunctions: the monitoring fan-out starts its map), xray (outside Lambda,
+# i.e. without LAMBDA_TASK_ROOT, the X-Ray SDK behind Powertools' Tracer creates an xray client
+# at import for its sampling rules: without the model the import fails) and what botocore needs
+# to find credentials (sts, sso, sso-oidc).
+BOTOCORE_SERVICES = {"s3", "sns", "sqs", "stepfunctions", "xray", "sts", "sso", "sso-oidc"}
 
 # Folders named `tests` are test suites; `testing` folders are real modules (numpy.testing is
 # imported by scipy) and stay.

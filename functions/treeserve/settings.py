@@ -154,6 +154,10 @@ class Settings:
     notification_topic_arn: str | None = None
     log_level: str = "INFO"
     monitoring_window_hours: float = 24.0
+    # MONITORING_FANOUT_BYTES: a window with more capture bytes than this is fanned out over
+    # MONITORING_STATE_MACHINE_ARN's Distributed Map (treeserve.monitoring.fanout); 0: never.
+    monitoring_fanout_bytes: int = 2 * 1024**3
+    monitoring_state_machine_arn: str | None = None
     # DRIFT_METHOD / DRIFT_THRESHOLD: the drift rule of every feature without a manifest override.
     drift_rule: DriftRule = DriftRule()
     # The path prefix a custom domain's base path mapping adds before every route ("/prod"):
@@ -233,6 +237,11 @@ class Settings:
             monitoring_window_hours=_number(
                 env, "MONITORING_WINDOW_HOURS", 24.0, 1 / 60, MAX_WINDOW_HOURS
             ),
+            monitoring_fanout_bytes=int(
+                _number(env, "MONITORING_FANOUT_BYTES", 2 * 1024**3, 0, float(1 << 50))
+            ),
+            monitoring_state_machine_arn=env.get("MONITORING_STATE_MACHINE_ARN", "").strip()
+            or None,
             drift_rule=_drift_rule(env),
             api_base_path=_text(env, "API_BASE_PATH", "/"),
             inference_memory_mb=memory_mb,

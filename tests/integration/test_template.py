@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -467,3 +468,16 @@ def test_monitoring_alarms_have_one_contributor_per_model(
     )
     assert expression == expected
     assert props["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
+def test_the_glue_table_is_the_capture_formats_own(template: Template) -> None:
+    """template.yaml's Glue table is what treeserve.captures.glue_table_input gives for the
+    bucket (columns, types, comments, partition projection): they cannot drift apart."""
+    from treeserve.captures import glue_table_input
+
+    table = template.resources["CapturesTable"]["Properties"]
+    expected = glue_table_input(f"s3://{template.bucket_name()}/captures/")
+    assert template.resolve(table["TableInput"]) == expected
+    assert table["DatabaseName"] == {"Ref": "CapturesDatabase"}
+    database = template.resolve(template.resources["CapturesDatabase"]["Properties"])
+    assert re.fullmatch(r"[a-z0-9_]+", database["DatabaseInput"]["Name"])

@@ -118,14 +118,19 @@ def test_s3_permissions_are_scoped_to_each_functions_prefixes(cfn: dict[str, Any
         "captures/*",
         "labels/*",
         "registry/*",
+        "monitoring/*",  # the fan-out's manifest, partial states and map results
     }
-    # PromotionMode=live: monitoring moves the pointer, clears the routing, records decisions.
+    # PromotionMode=live: monitoring moves the pointer, clears the routing, records decisions;
+    # the fan-out's manifest and partial states live under monitoring/.
     assert prefixes("MonitoringFunctionRole", "s3:PutObject") == {
         "reports/*",
+        "monitoring/*",
         "registry/*/current.json",
         "registry/*/routing.json",
         "registry/*/decisions/*",
     }
+    assert prefixes("MonitoringMapRole", "s3:GetObject") == {"monitoring/*"}
+    assert prefixes("MonitoringMapRole", "s3:PutObject") == {"monitoring/*"}
     assert prefixes("BatchFunctionRole", "s3:GetObject") == {"registry/*", "batch/*"}
     assert prefixes("BatchFunctionRole", "s3:PutObject") == {"batch/*"}
     assert prefixes("BatchStateMachineRole", "s3:PutObject") == {"batch/*"}

@@ -159,6 +159,49 @@ def finite(value: float | None) -> float | None:
 
 # --- streaming accumulators --------------------------------------------------------------------
 
+# Exact sums of float32 values: values of one float32 exponent e are multiples of 2**(e-23)
+# below 2**(e+1) in magnitude, so float64 sums up to 2**29 of them exactly, in any order.
+# Bucket 0: zero, subnormals and exponent -126 (multiples of 2**-149); 1..253: exponents
+# -125..127; 254/255: +inf/-inf.
+N_BUCKETS = 256
+_POWERS = np.ldexp(np.float32(1.0), np.arange(-125, 128)).astype(np.float32)
+_NO_STARTS = np.zeros(0, dtype=np.int64)
+SEGMENT_COMPACT = 1 << 16  # (key, sum) runs gathered per column before they are folded
+
+
+def _runs(values: F32, starts: npt.NDArray[np.int64]) -> tuple[I64, I64, npt.NDArray[np.float64]]:
+    """Runs of sorted, present ``values`` that share one exponent bucket and lie between
+    consecutive ``starts``: (run starts, their buckets, their exact float64 sums)."""
+    n = values.size
+    zero_lo = int(np.searchsorted(values, np.float32(0.0), side="left"))
+    zero_hi = int(np.searchsorted(values, np.float32(0.0), side="right"))
+    cuts = [starts, np.zeros(1, np.int64)]
+    if zero_lo:  # negatives: a bucket ends at each -2**k between their largest and smallest
+        lo, hi = np.searchsorted(_POWERS, [-values[zero_lo - 1], -values[0]], side="left")
+        cuts.append(np.searchsorted(values, -_POWERS[lo : hi + 1], side="right"))
+        cuts.append(np.searchsorted(values[:1], [-np.inf], side="right"))
+    if zero_hi < n:  # positives: a bucket starts at each 2**k between their smallest and largest
+        lo, hi = np.searchsorted(_POWERS, [values[zero_hi], values[-1]], side="left")
+        cuts.append(np.searchsorted(values, _POWERS[lo : hi + 1], side="left"))
+        cuts.append(np.searchsorted(values, [np.inf], side="left"))
+    run = np.sort(np.concatenate(cuts).astype(np.int64, copy=False))
+    run = run[np.concatenate(([True], run[1:] != run[:-1])) & (run < n)]
+    first = values[run]
+    _, exponent = np.frexp(np.abs(first))
+    buckets = np.clip(exponent.astype(np.int64) + 125, 0, 253)
+    buckets[first == 0] = 0  # a run from zero holds the subnormals after it
+    buckets[np.isposinf(first)] = 254
+    buckets[np.isneginf(first)] = 255
+    return run, buckets, np.add.reduceat(values, run, dtype=np.float64)
+
+
+def _exact_total(parts: npt.NDArray[np.float64]) -> float:
+    """The correctly rounded sum of exact parts (math.fsum: independent of their order)."""
+    finite_parts = parts[np.isfinite(parts)]
+    total = math.fsum(finite_parts.tolist())
+    special = parts[~np.isfinite(parts)]
+    return float(total + special.sum()) if special.size else total
+
 
 class FeatureAccumulator:
     """Counts of one feature's current values against its reference FeatureStats."""
@@ -168,7 +211,9 @@ class FeatureAccumulator:
         self.categorical = reference.get("kind") == "categorical"
         self.n = 0
         self.n_missing = 0
-        self.sum = 0.0
+        # The values' sum, exactly: one float64 per float32 exponent (see _runs), so any
+        # partition of the values into batches gives the same sum (a fan-out merges them).
+        self.sums = np.zeros(N_BUCKETS, dtype=np.float64)
         self.min = math.inf
         self.max = -math.inf
         if self.categorical:
@@ -203,10 +248,13 @@ class FeatureAccumulator:
         self.ref_cdf = np.cumsum(ref_le) / max(self.sample_size, 1)
         # Per support value u_j: current values <= u_j and < u_j (cumulative, so batches add
         # up), and (Wasserstein) the sum of the current values in (u_{j-1}, u_j] for j = 0..K
-        # (u_{-1} = -inf, u_K = +inf).
+        # (u_{-1} = -inf, u_K = +inf), exactly: sparse (segment * N_BUCKETS + exponent bucket)
+        # keys and their exact sums, compacted now and then (:meth:`segment_sums`).
         self.cum_le = np.zeros(self.support.size, dtype=np.int64)
         self.cum_lt = np.zeros(self.support.size, dtype=np.int64)
-        self.segment_sums = np.zeros(self.support.size + 1, dtype=np.float64)
+        self.seg_keys: list[I64] = []
+        self.seg_vals: list[npt.NDArray[np.float64]] = []
+        self._seg_pending = 0
         # Current values kept for ks_2samp's exact p-value (only against the whole reference).
         self.kept: list[F32] | None = [] if self.exact_reference else None
         self.kept_n = 0
@@ -231,10 +279,11 @@ class FeatureAccumulator:
         self.n_missing += int(column.size - present)
         if present == 0:
             return
-        self.sum += float(values.sum(dtype=np.float64))
         self.min = min(self.min, float(values[0]))
         self.max = max(self.max, float(values[-1]))
         if self.categorical:
+            _, buckets, sums = _runs(values, _NO_STARTS)
+            self.sums += np.bincount(buckets, weights=sums, minlength=N_BUCKETS)
             self._add_categories(values)
             return
         # Bin i is (e[i-1], e[i]]: the values <= e[i] less those <= e[i-1].
@@ -246,6 +295,9 @@ class FeatureAccumulator:
             self.out_of_range += below + above
         if self.support.size:
             self._add_to_support(values)
+        else:
+            _, buckets, sums = _runs(values, _NO_STARTS)
+            self.sums += np.bincount(buckets, weights=sums, minlength=N_BUCKETS)
         if self.kept is not None:
             self.kept_n += present
             if self.kept_n > EXACT_KS_MAX_N:
@@ -262,11 +314,121 @@ class FeatureAccumulator:
             le[tied] = np.searchsorted(values, self.support[tied], side="right")
         self.cum_lt += lt
         self.cum_le += le
-        starts = np.concatenate([[0], le])
-        ends = np.concatenate([le, [values.size]])
-        full = np.flatnonzero(ends > starts)
-        # reduceat sums values[starts[i]:starts[i+1]]: consecutive non-empty segments abut.
-        self.segment_sums[full] += np.add.reduceat(values, starts[full], dtype=np.float64)
+        # One pass sums runs of values that share a segment and an exponent: each run's sum is
+        # exact, and so is the total (and each segment's) kept per exponent bucket.
+        starts, buckets, sums = _runs(values, le)
+        self.sums += np.bincount(buckets, weights=sums, minlength=N_BUCKETS)
+        segment = np.searchsorted(le, starts, side="right")
+        self.seg_keys.append(segment * N_BUCKETS + buckets)
+        self.seg_vals.append(sums)
+        self._seg_pending += starts.size
+        if self._seg_pending > SEGMENT_COMPACT:
+            self._compact()
+
+    def _compact(self, *, force: bool = False) -> None:
+        """Fold the per-batch (key, sum) runs into one sorted array of distinct keys (sums of
+        one segment and exponent are exact, so the order of folding changes nothing)."""
+        if len(self.seg_keys) <= (0 if force else 1):
+            return
+        keys, inverse = np.unique(np.concatenate(self.seg_keys), return_inverse=True)
+        vals = np.bincount(inverse, weights=np.concatenate(self.seg_vals)).astype(np.float64)
+        self.seg_keys, self.seg_vals = [keys], [vals]
+        self._seg_pending = int(keys.size)
+
+    @property
+    def sum(self) -> float:
+        """The sum of the present values (correctly rounded: the same for any batching)."""
+        return _exact_total(self.sums)
+
+    def segment_sums(self) -> npt.NDArray[np.float64]:
+        """Sum of the current values in each segment (u_{j-1}, u_j], j = 0..K, correctly
+        rounded."""
+        out = np.zeros(self.support.size + 1, dtype=np.float64)
+        self._compact(force=True)
+        if not self.seg_keys:
+            return out
+        keys, vals = self.seg_keys[0], self.seg_vals[0]
+        segment = keys // N_BUCKETS
+        first = np.flatnonzero(np.diff(segment, prepend=-1))
+        stops = np.append(first[1:], segment.size)
+        out[segment[first]] = vals[first]
+        for start, stop in zip(first.tolist(), stops.tolist(), strict=True):
+            if stop - start > 1:  # values of several exponents: their exact, rounded sum
+                out[segment[start]] = _exact_total(vals[start:stop])
+        return out
+
+    # -- merging (monitoring fans a long window out; drift statistics of the union) ---------
+
+    def merge(self, other: FeatureAccumulator) -> None:
+        """Add ``other``'s counts (of the same reference column) to these."""
+        self.n += other.n
+        self.n_missing += other.n_missing
+        self.sums += other.sums
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        if self.categorical:
+            self.cat_counts += other.cat_counts
+            for code, k in other.new.items():
+                self.new[code] = self.new.get(code, 0) + k
+            return
+        self.bins += other.bins
+        self.out_of_range += other.out_of_range
+        self.cum_le += other.cum_le
+        self.cum_lt += other.cum_lt
+        self.seg_keys.extend(other.seg_keys)
+        self.seg_vals.extend(other.seg_vals)
+        self._compact()
+        if self.kept is not None:
+            if other.kept is None or self.kept_n + other.kept_n > EXACT_KS_MAX_N:
+                self.kept = None
+            else:
+                self.kept.extend(other.kept)
+                self.kept_n += other.kept_n
+
+    def state(self) -> dict[str, npt.NDArray[Any]]:
+        """The counts as arrays (:meth:`load` reads them back), for a partial state."""
+        out: dict[str, npt.NDArray[Any]] = {
+            "n": np.array([self.n, self.n_missing], dtype=np.int64),
+            "sums": self.sums,
+            "range": np.array([self.min, self.max], dtype=np.float64),
+        }
+        if self.categorical:
+            out["cat_counts"] = self.cat_counts
+            out["new"] = np.array(list(self.new.items()), dtype=np.float64).reshape(-1, 2)
+            return out
+        self._compact(force=True)
+        out["bins"] = self.bins
+        out["out_of_range"] = np.array([self.out_of_range], dtype=np.int64)
+        out["cum_le"] = self.cum_le
+        out["cum_lt"] = self.cum_lt
+        out["seg_keys"] = self.seg_keys[0] if self.seg_keys else np.zeros(0, np.int64)
+        out["seg_vals"] = self.seg_vals[0] if self.seg_vals else np.zeros(0, np.float64)
+        if self.kept is not None:
+            out["kept"] = np.concatenate(self.kept) if self.kept else np.zeros(0, np.float32)
+        return out
+
+    def load(self, state: dict[str, npt.NDArray[Any]]) -> None:
+        """Set the counts from :meth:`state`'s arrays (on a fresh accumulator)."""
+        self.n, self.n_missing = (int(v) for v in state["n"])
+        self.sums = np.asarray(state["sums"], dtype=np.float64).copy()
+        self.min, self.max = (float(v) for v in state["range"])
+        if self.categorical:
+            self.cat_counts = np.asarray(state["cat_counts"], dtype=np.int64).copy()
+            self.new = {float(c): int(k) for c, k in np.asarray(state["new"]).tolist()}
+            return
+        self.bins = np.asarray(state["bins"], dtype=np.int64).copy()
+        self.out_of_range = int(state["out_of_range"][0])
+        self.cum_le = np.asarray(state["cum_le"], dtype=np.int64).copy()
+        self.cum_lt = np.asarray(state["cum_lt"], dtype=np.int64).copy()
+        keys = np.asarray(state["seg_keys"], dtype=np.int64)
+        self.seg_keys = [keys] if keys.size else []
+        self.seg_vals = [np.asarray(state["seg_vals"], dtype=np.float64)] if keys.size else []
+        self._seg_pending = int(keys.size)
+        if "kept" in state and self.kept is not None:
+            kept = np.asarray(state["kept"], dtype=np.float32)
+            self.kept, self.kept_n = [kept], int(kept.size)
+        else:
+            self.kept = None
 
     def _add_categories(self, values: F32) -> None:
         codes, counts = np.unique(values, return_counts=True)
@@ -332,7 +494,7 @@ class FeatureAccumulator:
         # Runs strictly between consecutive points: below u_0, (u_j, u_{j+1}), above u_last;
         # segment j is (u_{j-1}, u_j], so a run's sum is its segment's less the values at u_j.
         counts = np.concatenate([[lt[0]], lt[1:] - le[:-1], [n - le[-1]]])
-        sums = self.segment_sums - np.concatenate([at_u * u, [0.0]])
+        sums = self.segment_sums() - np.concatenate([at_u * u, [0.0]])
         lo = np.concatenate([[-np.inf], u])
         hi = np.concatenate([u, [np.inf]])
         empty_at = np.concatenate([[u[0]], u])  # a finite place for runs of no values
@@ -400,7 +562,7 @@ def compare_feature(acc: FeatureAccumulator) -> dict[str, Any]:
         cur = np.concatenate([acc.cat_counts, [n_missing]])
         values = ref.get("category_values")
         labels = [_label(c, values) for c in acc.categories.tolist()] + ["other/new", "missing"]
-        new = sorted(acc.new.items(), key=lambda kv: -kv[1])
+        new = sorted(acc.new.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: by code
         other = int(ref.get("other_count") or 0)
         out["new_categories"] = (
             [_label(c, values) for c, _ in new[:MAX_LISTED_CATEGORIES]] if not other else []

@@ -309,8 +309,11 @@ class VersionState:
             self.features = [drift.FeatureAccumulator(f) for f in ref.get("features", [])]
             preds = ref.get("predictions") or {}
             self.predictions = [drift.FeatureAccumulator(c) for c in preds.get("columns", [])]
+        # Labelled (y, prediction) chunks and the capture file each came from: reports
+        # concatenate them in key order, however the files were split between runs.
         self.labelled_y: list[npt.NDArray[np.float64]] = []
         self.labelled_p: list[npt.NDArray[np.float32]] = []
+        self.labelled_keys: list[str] = []
         self._pending_x: list[npt.NDArray[np.float32]] = []
         self._pending_p: list[npt.NDArray[np.float32]] = []
         self._pending_x_rows = 0
@@ -335,12 +338,44 @@ class VersionState:
             (self._pending_p, self.predictions),
         ):
             if pending:
-                block = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                columns = np.sort(np.ascontiguousarray(block.T), axis=1)  # NaN last
+                # One copy: each block transposed into its place, then sorted there (NaN last).
+                columns = np.empty(
+                    (pending[0].shape[1], sum(b.shape[0] for b in pending)), dtype=np.float32
+                )
+                at = 0
+                for block in pending:
+                    columns[:, at : at + block.shape[0]] = block.T
+                    at += block.shape[0]
+                columns.sort(axis=1)
                 for j, acc in enumerate(accumulators):
                     acc.add_sorted(columns[j])
                 pending.clear()
         self._pending_x_rows = 0
+
+    def merge(self, other: VersionState) -> None:
+        """Add ``other``'s counts (the same version's rows from other capture files)."""
+        self.drain()
+        other.drain()
+        self.rows += other.rows
+        self.malformed += other.malformed
+        for mine, theirs in (
+            *zip(self.features, other.features, strict=True),
+            *zip(self.predictions, other.predictions, strict=True),
+        ):
+            mine.merge(theirs)
+        self.labelled_y.extend(other.labelled_y)
+        self.labelled_p.extend(other.labelled_p)
+        self.labelled_keys.extend(other.labelled_keys)
+
+    def labelled(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]] | None:
+        """The labelled rows' (y, predictions), in capture-key order; None without any."""
+        if not self.labelled_y:
+            return None
+        order = sorted(range(len(self.labelled_keys)), key=self.labelled_keys.__getitem__)
+        return (
+            np.concatenate([self.labelled_y[i] for i in order]),
+            np.concatenate([self.labelled_p[i] for i in order]),
+        )
 
     def report(self) -> dict[str, Any]:
         self.drain()
@@ -377,10 +412,9 @@ class VersionState:
             "psi": max(psis) if psis else None,
             "drifted": any(p["drifted"] for p in predictions),
         }
-        if self.labelled_y and m is not None:
-            y = np.concatenate(self.labelled_y)
-            p = np.concatenate(self.labelled_p)
-            out["performance"] = performance(m.task, y, p, _threshold(m), m.objective)
+        labelled = self.labelled()
+        if labelled is not None and m is not None:
+            out["performance"] = performance(m.task, *labelled, _threshold(m), m.objective)
         return out
 
 
@@ -399,18 +433,33 @@ class Monitor:
     ) -> None:
         self.model = model
         self.rule = rule
+        self.start, self.end = start, end
         self.start_key = _ts_key(start)
         self.end_key = _ts_key(end)
         self.start_ms = _ms(start)
         self.end_ms = _ms(end)
         self.source = source
         self.labels = labels
+        self.labels_available = len(labels)
+        self._key = ""  # the capture file being read (labelled rows remember it)
         self._labels_b: dict[bytes, Any] | None = None
         self.versions: dict[int, VersionState] = {}
         self.files = 0
         self.skipped_files = 0
         self.malformed = 0
         self.out_of_window = 0
+
+    def merge(self, other: Monitor) -> None:
+        """Add ``other``'s counts: the same model and window, other capture files."""
+        if (other.model, other.start_ms, other.end_ms) != (self.model, self.start_ms, self.end_ms):
+            raise TreeserveError("partial states of different models or windows do not merge")
+        self.files += other.files
+        self.skipped_files += other.skipped_files
+        self.malformed += other.malformed
+        self.out_of_window += other.out_of_window
+        self.labels_available = max(self.labels_available, other.labels_available)
+        for version, theirs in other.versions.items():
+            self.state(version).merge(theirs)
 
     def state(self, version: int) -> VersionState:
         st = self.versions.get(version)
@@ -426,6 +475,7 @@ class Monitor:
         """Read a capture file and account for its rows: a Parquet capture by its columns, a
         previous release's JSON Lines file by the text paths. A file that is neither is
         skipped and counted."""
+        self._key = key
         if key.endswith(EXTENSION) or raw[:4] == b"PAR1":
             try:
                 split = capture_split(raw, self.start_ms, self.end_ms, with_ids=bool(self.labels))
@@ -534,6 +584,7 @@ class Monitor:
         if keep:
             st.labelled_y.append(np.asarray(ys, dtype=np.float64))
             st.labelled_p.append(P[keep])
+            st.labelled_keys.append(self._key)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -643,53 +694,78 @@ def _read_files(
             raise
 
 
-def run_monitoring(
-    bucket: str,
-    model_name: str,
-    start: datetime,
-    end: datetime,
-    *,
-    s3: S3Client | None = None,
-    registry: ManifestSource | None = None,
-    now: datetime | None = None,
-    write: bool = True,
-    metrics: Metrics | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    rule: DriftRule = DEFAULT_RULE,
-    settings: Settings | None = None,
-) -> dict[str, Any]:
-    """Monitor ``model_name`` over ``[start, end)``; write and return the report.
-
-    ``rule``: the drift rule of every column without an override in its version's manifest
-    (the function passes ``DRIFT_METHOD``/``DRIFT_THRESHOLD``; :func:`drift.resolve_rules`).
-    ``settings``: PROMOTION_MODE, PROMOTION_TOLERANCE, LIVE_MIN_LABELED_ROWS and
-    CHALLENGER_MAX_ROWS for the challenger comparison (defaults without).
-
-    ``progress(done, total)`` is called after each capture file (the CLI shows it).
-    """
-    s3 = s3 or s3_client()
+def window_files(
+    s3: S3Client, bucket: str, model: str, start: datetime, end: datetime
+) -> list[tuple[str, int]]:
+    """(key, size) of every capture file on the window's days, in key order."""
     start, end = _utc(start), _utc(end)
     if end <= start:
         raise TreeserveError(
             f"the window is empty: end {end.isoformat()} <= start {start.isoformat()}"
         )
-    now = _utc(now or datetime.now(UTC))
+    return _files(s3, bucket, model, start, end)
+
+
+def monitor_files(
+    bucket: str,
+    model_name: str,
+    start: datetime,
+    end: datetime,
+    files: list[tuple[str, int]],
+    *,
+    s3: S3Client | None = None,
+    registry: ManifestSource | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    rule: DriftRule = DEFAULT_RULE,
+) -> Monitor:
+    """The partial state of ``files`` (some or all of the window's): labels read, every file
+    counted. :func:`run_monitoring` runs it over the whole window; a fan-out
+    (:mod:`treeserve.monitoring.fanout`) over slices of it, then merges (:meth:`Monitor.merge`)."""
+    s3 = s3 or s3_client()
+    start, end = _utc(start), _utc(end)
     source = registry or _default_registry(bucket, model_name, s3)
     labels = read_labels(s3, bucket, model_name)
     mon = Monitor(model_name, start, end, source, labels, rule=rule)
-    files = _files(s3, bucket, model_name, start, end)
     _read_files(s3, bucket, files, mon, progress=progress)
-    report = build_report(mon, start, end, now, labels_available=len(labels))
+    for st in mon.versions.values():
+        st.drain()
+    mon.labels = {}  # counted: the partial keeps no labels
+    mon._labels_b = None
+    return mon
+
+
+def finish(
+    bucket: str,
+    mon: Monitor,
+    *,
+    s3: S3Client | None = None,
+    now: datetime | None = None,
+    write: bool = True,
+    metrics: Metrics | None = None,
+    settings: Settings | None = None,
+    files: list[tuple[str, int]] | None = None,
+) -> dict[str, Any]:
+    """The report of a (merged) partial state: built, with its challenger comparison, written
+    to ``reports/``, measured. ``files``: the window's capture files (listed again when not
+    given, as after a fan-out's merge, whose partials carry counts, not rows)."""
+    now = _utc(now or datetime.now(UTC))
+    s3 = s3 or s3_client()
+    report = build_report(mon, mon.start, mon.end, now, labels_available=mon.labels_available)
     # --- hook: challengers on live traffic (treeserve.monitoring.challenger) -------------------
+    # The comparison scores a bounded number of the window's rows (CHALLENGER_MAX_ROWS) with
+    # both models, so it runs here once, after a single run or a fan-out's merge alike.
     from treeserve.monitoring import challenger  # noqa: PLC0415 - it imports this module
 
+    if files is None:
+        files = window_files(s3, bucket, mon.model, mon.start, mon.end)
+    labels = mon.labels if mon.labels else read_labels(s3, bucket, mon.model)
     report["challenger"] = challenger.evaluate(
-        s3, bucket, model_name, start, end, files=files, labels=labels, settings=settings,
-        source=source, act=write, now=now,
+        s3, bucket, mon.model, mon.start, mon.end, files=files, labels=labels,
+        settings=settings, source=mon.source, act=write, now=now,
     )  # fmt: skip
     # --- end of hook ------------------------------------------------------------------------
     if write:
-        key = report_key(model_name, now)
+        key = report_key(mon.model, now)
         report["report_key"] = key
         with s3_errors(bucket, key):
             s3.put_object(
@@ -704,6 +780,52 @@ def run_monitoring(
     return report
 
 
+def run_monitoring(
+    bucket: str,
+    model_name: str,
+    start: datetime,
+    end: datetime,
+    *,
+    s3: S3Client | None = None,
+    registry: ManifestSource | None = None,
+    now: datetime | None = None,
+    write: bool = True,
+    metrics: Metrics | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    rule: DriftRule = DEFAULT_RULE,
+    settings: Settings | None = None,
+    files: list[tuple[str, int]] | None = None,
+) -> dict[str, Any]:
+    """Monitor ``model_name`` over ``[start, end)``; write and return the report: one partial
+    state over every file of the window (:func:`monitor_files`), then :func:`finish`.
+
+    ``rule``: the drift rule of every column without an override in its version's manifest
+    (the function passes ``DRIFT_METHOD``/``DRIFT_THRESHOLD``; :func:`drift.resolve_rules`).
+    ``settings``: PROMOTION_MODE, PROMOTION_TOLERANCE, LIVE_MIN_LABELED_ROWS and
+    CHALLENGER_MAX_ROWS for the challenger comparison (defaults without).
+
+    ``progress(done, total)`` is called after each capture file (the CLI shows it).
+    ``files``: the window's capture files when the caller listed them (:func:`window_files`).
+    """
+    s3 = s3 or s3_client()
+    if files is None:
+        files = window_files(s3, bucket, model_name, start, end)
+    mon = monitor_files(
+        bucket,
+        model_name,
+        start,
+        end,
+        files,
+        s3=s3,
+        registry=registry,
+        progress=progress,
+        rule=rule,
+    )
+    return finish(
+        bucket, mon, s3=s3, now=now, write=write, metrics=metrics, settings=settings, files=files
+    )
+
+
 def build_report(
     mon: Monitor, start: datetime, end: datetime, now: datetime, *, labels_available: int
 ) -> dict[str, Any]:
@@ -716,22 +838,23 @@ def build_report(
     flagged = sorted({name for v in versions for name in v.get("quality_flags", {})})
     pred = [v["prediction_drift"] for v in versions if v.get("prediction_drift")]
     psis = [p["psi"] for p in pred if p["psi"] is not None]
-    labelled_y = [y for st in mon.versions.values() for y in st.labelled_y]
     overall_perf: dict[str, Any] | None = None
-    tasks = {st.manifest.task for st in mon.versions.values() if st.manifest and st.labelled_y}
-    if labelled_y and len(tasks) == 1:
+    states = [mon.versions[v] for v in sorted(mon.versions)]
+    tasks = {st.manifest.task for st in states if st.manifest and st.labelled_y}
+    if len(tasks) == 1:
         task = tasks.pop()
-        sts = [st for st in mon.versions.values() if st.labelled_y and st.manifest]
+        sts = [st for st in states if st.labelled_y and st.manifest]
         widths = {st.labelled_p[0].shape[1] for st in sts}
         if len(widths) == 1:
             first = sts[0].manifest
             assert first is not None  # noqa: S101 - sts holds states with a manifest
             objectives = {st.manifest.objective for st in sts if st.manifest}
             if len(objectives) == 1:  # one decision rule for every row
+                pairs = [pair for st in sts if (pair := st.labelled()) is not None]
                 overall_perf = performance(
                     task,
-                    np.concatenate(labelled_y),
-                    np.concatenate([p for st in sts for p in st.labelled_p]),
+                    np.concatenate([y for y, _ in pairs]),
+                    np.concatenate([p for _, p in pairs]),
                     _threshold(first),
                     first.objective,
                 )
