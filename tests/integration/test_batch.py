@@ -351,7 +351,7 @@ def test_the_state_machine_is_a_bounded_distributed_map_with_least_privilege(
     assert input_prefix("m", "j") == "batch/m/j/input/"
     assert results_prefix("m", "j") == "batch/m/j/results"
 
-    (machine,) = template.resources_of_type("AWS::Serverless::StateMachine").values()
+    machine = template.resources_of_type("AWS::Serverless::StateMachine")["BatchStateMachine"]
     statements = [s for policy in machine["Policies"] for s in policy["Statement"]]
     by_sid = {s["Sid"]: s for s in statements}
     bucket_arn = f"arn:aws:s3:::{template.bucket_name()}"
