@@ -1104,7 +1104,7 @@ def state_machine_env(template: Template, machines: Mapping[str, Any]) -> dict[s
     arns = {m.arn for m in machines.values()}
     env: dict[str, str] = {}
     output = ((template.data.get("Outputs") or {}).get("BatchStateMachineArn") or {}).get("Value")
-    batch = machines.get(output.get("Ref")) if isinstance(output, dict) else None
+    batch = machines.get(str(output.get("Ref"))) if isinstance(output, dict) else None
     if batch is not None:
         env["BATCH_STATE_MACHINE_ARN"] = batch.arn
     for fn in template.functions().values():
