@@ -442,3 +442,21 @@ def test_a_long_window_fans_out_over_the_stacks_own_map(monkeypatch: pytest.Monk
     assert {k: v for k, v in report.items() if k not in volatile} == json.loads(
         json.dumps({k: v for k, v in single.items() if k not in volatile})
     )
+
+
+def test_a_monitoring_arn_that_names_no_served_machine_is_refused() -> None:
+    from tests.conftest import ROOT
+    from treeserve_cli.local import state_machine_env
+    from treeserve_cli.stepfunctions import state_machines
+    from treeserve_cli.template import load_template
+
+    template = load_template(ROOT / "template.yaml", region="us-east-1")
+    machines = state_machines(template)
+    wiring = state_machine_env(template, machines)
+    assert wiring == {
+        "BATCH_STATE_MACHINE_ARN": machines["BatchStateMachine"].arn,
+        "MONITORING_STATE_MACHINE_ARN": machines["MonitoringMap"].arn,
+    }
+    del machines["MonitoringMap"]
+    with pytest.raises(ConfigurationError, match="MONITORING_STATE_MACHINE_ARN"):
+        state_machine_env(template, machines)

@@ -466,3 +466,72 @@ def test_the_definition_is_a_bounded_distributed_map() -> None:
     assert env["MONITORING_STATE_MACHINE_ARN"].endswith(
         ":stateMachine:" + str(template.resolve(name))
     )
+
+
+def _run_locally(s3: Any, machine: dict[str, Any], execution_input: dict[str, Any]) -> Execution:
+    """One execution of ``machine`` on the local runner, every Lambda task answering {}."""
+    served = {"M": StateMachineDef("M", "m", "arn:aws:states:us-east-1:1:stateMachine:m", machine)}
+    service = LocalStepFunctions(served, LocalRunner(lambda arn, payload: {}, s3, retry_scale=0))
+    execution = service.start_execution(served["M"].arn, None, json.dumps(execution_input))
+    assert execution.done.wait(60)
+    return execution
+
+
+@pytest.mark.parametrize(
+    ("manifest", "per_batch", "error"),
+    [
+        (b'{"key": "captures/m/a"}', 1, "States.ItemReaderFailed"),  # not a JSON array
+        (b"[{not json", 1, "States.ItemReaderFailed"),
+        (None, 1, "States.ItemReaderFailed"),  # no such object
+        (b"[]", 0, "States.Runtime"),  # MaxItemsPerBatchPath must name a positive integer
+        (b"[]", "3", "States.Runtime"),
+    ],
+)
+def test_the_runner_fails_the_map_as_step_functions_does(
+    s3: Any, manifest: bytes | None, per_batch: Any, error: str
+) -> None:
+    key = "monitoring/m/r1/files.json"
+    if manifest is not None:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=manifest)
+    execution_input = {
+        "model": "m",
+        "start": START.isoformat(),
+        "end": NOW.isoformat(),
+        "run": "r1",
+        "manifest_key": key,
+        "results_prefix": "monitoring/m/r1/results",
+        "files_per_batch": per_batch,
+    }
+    execution = _run_locally(s3, definition(), execution_input)
+    assert execution.status == "FAILED"
+    assert execution.error == error, execution.cause
+
+
+def test_the_runner_refuses_fields_the_states_language_lacks(s3: Any) -> None:
+    """Step Functions refuses a definition with an unknown field at CreateStateMachine; the
+    local runner fails the execution naming it, so a misspelt field never passes locally."""
+    machine = definition()
+    task = machine["States"]["Partials"]["ItemProcessor"]["States"]["Partial"]
+    task["OutputSelector"] = task.pop("ResultSelector")
+    s3.put_object(Bucket=BUCKET, Key="monitoring/m/r1/files.json", Body=b'[{"key": "k"}]')
+    execution = _run_locally(
+        s3,
+        machine,
+        {
+            "model": "m",
+            "start": START.isoformat(),
+            "end": NOW.isoformat(),
+            "run": "r1",
+            "manifest_key": "monitoring/m/r1/files.json",
+            "results_prefix": "monitoring/m/r1/results",
+            "files_per_batch": 1,
+        },
+    )
+    assert execution.status == "FAILED"
+    assert execution.error == "States.ExceedToleratedFailureThreshold"  # the one child failed
+    prefix = "monitoring/m/r1/results/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    (failed_key,) = [k for k in keys if k.endswith("/FAILED_0.json")]
+    (record,) = json.loads(s3.get_object(Bucket=BUCKET, Key=failed_key)["Body"].read())
+    assert record["Error"] == "States.Runtime"
+    assert "OutputSelector" in record["Cause"]
