@@ -15,9 +15,12 @@ What runs, all in this process, all on loopback:
   the HTTP API (payload 2.0) event API Gateway would send, and the function's own Lambda
   handler answers it (Mangum, then its FastAPI app), as in production;
 - the monitoring handler on a timer (and on demand: ``treeserve monitor`` with the printed env);
-- the template's state machines (batch scoring) run by :mod:`treeserve_cli.stepfunctions`
-  behind a Step Functions endpoint on loopback (``AWS_ENDPOINT_URL_SFN``), their Lambda tasks
-  invoking the template's handlers in-process: ``treeserve batch submit`` works as against AWS.
+- the template's state machines (batch scoring, monitoring's fan-out) run by
+  :mod:`treeserve_cli.stepfunctions` behind a Step Functions endpoint on loopback
+  (``AWS_ENDPOINT_URL_SFN``), their Lambda tasks invoking the template's handlers in-process:
+  ``treeserve batch submit`` works as against AWS, and a monitoring run over more than
+  ``MONITORING_FANOUT_BYTES`` of captures fans out over ``MonitoringMap`` (the function's
+  ``MONITORING_STATE_MACHINE_ARN`` names it) and its workers and merge run here.
 
 Ctrl-C (SIGINT) or SIGTERM stops everything and exits 0.
 """
@@ -366,7 +369,8 @@ class LocalStack:
     penguins: PenguinsPackage | None = None
     penguins_version: int | None = None
     step_functions: StepFunctionsEndpoint | None = None
-    state_machine_arn: str | None = None
+    state_machine_arn: str | None = None  # batch scoring's (BATCH_STATE_MACHINE_ARN)
+    monitoring_map_arn: str | None = None  # the monitoring function's MONITORING_STATE_MACHINE_ARN
 
     def stop(self) -> None:
         """Stop in reverse start order; every step runs even when an earlier one failed."""
@@ -836,6 +840,12 @@ def banner(stack: LocalStack, resources: LocalResources) -> str:
             f"  batch scoring        {stack.state_machine_arn} (Distributed Map from template.yaml, "
             f"run locally) on {stack.step_functions.url}: {treeserve} batch submit"
         )
+    if stack.step_functions is not None and stack.monitoring_map_arn is not None:
+        threshold = function_env(spec, opts.env).get("MONITORING_FANOUT_BYTES", "0")
+        lines.append(
+            f"  monitoring fan-out   {stack.monitoring_map_arn} (Distributed Map, run locally) "
+            f"for windows over MONITORING_FANOUT_BYTES={threshold}"
+        )
     demo = stack.demo
     if demo is not None:
         lines.append(
@@ -1027,6 +1037,7 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
         stack.handlers[spec.inference.logical_id] = inference
         stack.app = LambdaGateway(inference, lambda: context_for(spec.inference))
 
+        start_step_functions(stack, template, options)  # before anything can start executions
         if spec.monitoring is not None:
             monitor = load_handler(spec.monitoring, own_env(spec.monitoring, options.env))
             stack.handlers[spec.monitoring.logical_id] = monitor
@@ -1038,7 +1049,6 @@ def start(options: LocalOptions, out: TextIO) -> tuple[LocalStack, LocalResource
                     name="monitoring",
                 )
                 stack.timer.start()
-        start_step_functions(stack, template, options)
     except BaseException:
         stack.stop()
         raise
@@ -1076,13 +1086,38 @@ def start_step_functions(stack: LocalStack, template: Template, options: LocalOp
                 stack.handlers[logical_id] = handler
         return handler(payload, context_for(fn))
 
+    wiring = state_machine_env(template, machines)
     service = LocalStepFunctions(machines, LocalRunner(invoke, s3_client()))
     reserve_port(options.sfn_port, "Step Functions", "--sfn-port").close()
     stack.step_functions = StepFunctionsEndpoint(service, HOST, options.sfn_port)
     stack.step_functions.start()
     os.environ["AWS_ENDPOINT_URL_SFN"] = stack.step_functions.url
-    stack.state_machine_arn = next(iter(machines.values())).arn
-    os.environ["BATCH_STATE_MACHINE_ARN"] = stack.state_machine_arn
+    os.environ.update(wiring)
+    stack.state_machine_arn = wiring.get("BATCH_STATE_MACHINE_ARN")
+    stack.monitoring_map_arn = wiring.get("MONITORING_STATE_MACHINE_ARN")
+
+
+def state_machine_env(template: Template, machines: Mapping[str, Any]) -> dict[str, str]:
+    """Which served machine is which: ``BATCH_STATE_MACHINE_ARN`` (the CLI's) is the machine
+    of the template's ``BatchStateMachineArn`` output; ``MONITORING_STATE_MACHINE_ARN`` is what
+    the monitoring function's environment names, and must be a machine served here."""
+    arns = {m.arn for m in machines.values()}
+    env: dict[str, str] = {}
+    output = ((template.data.get("Outputs") or {}).get("BatchStateMachineArn") or {}).get("Value")
+    batch = machines.get(str(output.get("Ref"))) if isinstance(output, dict) else None
+    if batch is not None:
+        env["BATCH_STATE_MACHINE_ARN"] = batch.arn
+    for fn in template.functions().values():
+        arn = fn.environment.get("MONITORING_STATE_MACHINE_ARN")
+        if not arn:
+            continue
+        if arn not in arns:
+            raise ConfigurationError(
+                f"template: {fn.logical_id}'s MONITORING_STATE_MACHINE_ARN {arn!r} names no "
+                f"state machine of the template (served: {sorted(arns)})"
+            )
+        env["MONITORING_STATE_MACHINE_ARN"] = arn
+    return env
 
 
 def scheduled_event() -> dict[str, Any]:

@@ -13,18 +13,24 @@ tasks. So the local stack reads each ``AWS::Serverless::StateMachine`` from temp
   exception's class name (what Lambda reports as ``errorType``) and its cause the error payload;
 - ``Map`` states in ``DISTRIBUTED`` mode: the ``ItemReader`` (``arn:aws:states:::s3:listObjectsV2``,
   items ``{"Etag", "Key", "LastModified", "Size", "StorageClass"}``, listed from the S3 this
-  process talks to), the ``ItemBatcher`` (``MaxItemsPerBatch``, ``MaxInputBytesPerBatch``,
-  ``BatchInput``: children get ``{"Items": [...], "BatchInput": {...}}``), ``MaxConcurrency``
+  process talks to; or ``arn:aws:states:::s3:getObject`` with ``ReaderConfig.InputType: JSON``,
+  the object a JSON array whose elements are the items, anything else ``States.ItemReaderFailed``),
+  the ``ItemBatcher`` (``MaxItemsPerBatch`` or ``MaxItemsPerBatchPath``, ``MaxInputBytesPerBatch``
+  or ``MaxInputBytesPerBatchPath``: a reference path into the state's input naming a positive
+  integer; ``BatchInput`` with ``key.$`` paths over the state's input: children get
+  ``{"Items": [...], "BatchInput": {...}}``), ``MaxConcurrency``
   (threads), ``ToleratedFailurePercentage`` / ``ToleratedFailureCount`` (past them, the map fails
   with ``States.ExceedToleratedFailureThreshold`` and the batches not started are PENDING), and
   the ``ResultWriter`` output as Step Functions writes it: ``<prefix>/<map run id>/manifest.json``
   naming ``SUCCEEDED_0.json``, ``FAILED_0.json``, ``PENDING_0.json``; the map's result is
   ``{"MapRunArn", "ResultWriterDetails": {"Bucket", "Key"}}``;
 - ``Pass``, ``Succeed``, ``Fail``; JSONPath ``InputPath``, ``Parameters`` (``key.$``),
-  ``ResultPath``, ``OutputPath`` over ``$`` and the context object ``$$`` (``$$.Execution.Id``,
-  ``.Name``, ``.StartTime``, ``.Input``).
+  ``ResultSelector``, ``ResultPath``, ``OutputPath`` over ``$`` and the context object ``$$``
+  (``$$.Execution.Id``, ``.Name``, ``.StartTime``, ``.Input``).
 
-Anything else fails the execution with ``States.Runtime`` naming what the runner lacks.
+Anything else fails the execution with ``States.Runtime`` naming what the runner lacks, and so
+does a state field the Amazon States Language does not have (Step Functions refuses such a
+definition when it is created: a misspelt field must not pass locally).
 
 :class:`LocalStepFunctions` keeps executions (each runs on a thread) and answers StartExecution,
 DescribeExecution, ListExecutions and StopExecution as the JSON 1.0 protocol does;
@@ -59,6 +65,7 @@ logger = logging.getLogger("treeserve_cli.stepfunctions")
 
 LAMBDA_INVOKE = "arn:aws:states:::lambda:invoke"
 LIST_OBJECTS = "arn:aws:states:::s3:listObjectsV2"
+GET_OBJECT = "arn:aws:states:::s3:getObject"
 PUT_OBJECT = "arn:aws:states:::s3:putObject"
 MAX_THREADS = 16  # local cap on MaxConcurrency: the machine is a laptop
 _SUB = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
@@ -169,6 +176,65 @@ def _set_path(document: Any, path: str | None, value: Any) -> Any:
     return out
 
 
+# The fields of each state type (JSONPath), as the Amazon States Language defines them.
+_COMMON = {"Type", "Comment", "InputPath", "OutputPath", "Assign", "QueryLanguage"}
+_FIELDS: dict[str, set[str]] = {
+    "Pass": _COMMON | {"Parameters", "Result", "ResultPath", "Next", "End"},
+    "Succeed": _COMMON,
+    "Fail": {"Type", "Comment", "Error", "Cause", "ErrorPath", "CausePath", "QueryLanguage"},
+    "Task": _COMMON
+    | {
+        "Resource",
+        "Parameters",
+        "ResultSelector",
+        "ResultPath",
+        "Retry",
+        "Catch",
+        "TimeoutSeconds",
+        "TimeoutSecondsPath",
+        "HeartbeatSeconds",
+        "HeartbeatSecondsPath",
+        "Credentials",
+        "Next",
+        "End",
+    },
+    "Map": _COMMON
+    | {
+        "ItemProcessor",
+        "Iterator",
+        "ItemReader",
+        "ItemSelector",
+        "Parameters",
+        "ItemsPath",
+        "ItemBatcher",
+        "ResultWriter",
+        "ResultSelector",
+        "ResultPath",
+        "MaxConcurrency",
+        "MaxConcurrencyPath",
+        "ToleratedFailurePercentage",
+        "ToleratedFailurePercentagePath",
+        "ToleratedFailureCount",
+        "ToleratedFailureCountPath",
+        "Label",
+        "Retry",
+        "Catch",
+        "Next",
+        "End",
+    },
+}
+
+
+def _check_fields(name: str, state: Mapping[str, Any]) -> None:
+    kind = str(state.get("Type"))
+    unknown = sorted(set(state) - _FIELDS.get(kind, set(state)))
+    if unknown:
+        raise StatesError(
+            "States.Runtime",
+            f"state {name!r} ({kind}) has fields the States Language does not: {unknown}",
+        )
+
+
 def _matches(names: list[str], error: str) -> bool:
     return (
         "States.ALL" in names
@@ -202,6 +268,7 @@ class LocalRunner:
         self, name: str, state: dict[str, Any], document: Any, context: dict[str, Any]
     ) -> tuple[Any, str | None]:
         kind = state.get("Type")
+        _check_fields(name, state)
         if kind == "Succeed":
             return document, None
         if kind == "Fail":
@@ -281,9 +348,12 @@ class LocalRunner:
             if not isinstance(items, list):
                 raise StatesError("States.Runtime", "the Map's items are not a list")
             return items
-        if reader.get("Resource") != LIST_OBJECTS:
-            raise StatesError("States.Runtime", f"ItemReader {reader.get('Resource')!r} locally")
         params = apply_template(reader.get("Parameters") or {}, document, context)
+        resource = reader.get("Resource")
+        if resource == GET_OBJECT:
+            return self._json_items(reader, params)
+        if resource != LIST_OBJECTS:
+            raise StatesError("States.Runtime", f"ItemReader {resource!r} is not run locally")
         pages = self.s3.get_paginator("list_objects_v2").paginate(
             Bucket=params["Bucket"], Prefix=params.get("Prefix", "")
         )
@@ -299,12 +369,56 @@ class LocalRunner:
             for o in page.get("Contents", [])
         ]
 
+    def _json_items(self, reader: dict[str, Any], params: dict[str, Any]) -> list[Any]:
+        """``s3:getObject`` with ``InputType: JSON``: the object is a JSON array of the items."""
+        kind = (reader.get("ReaderConfig") or {}).get("InputType")
+        if kind != "JSON":
+            raise StatesError("States.Runtime", f"ItemReader InputType {kind!r} is not run locally")
+        bucket, key = str(params.get("Bucket")), str(params.get("Key"))
+        try:
+            extra = {"VersionId": params["VersionId"]} if "VersionId" in params else {}
+            body = self.s3.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+        except Exception as exc:  # what S3 said, as the map reports it
+            raise StatesError(
+                "States.ItemReaderFailed", f"cannot read s3://{bucket}/{key}: {exc}"
+            ) from exc
+        try:
+            items = json.loads(body)
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise StatesError(
+                "States.ItemReaderFailed", f"s3://{bucket}/{key} does not hold a JSON array"
+            )
+        return items
+
     @staticmethod
-    def _batches(items: list[Any], batcher: dict[str, Any], batch_input: Any) -> list[Any]:
-        if not batcher:
+    def _batch_limit(
+        batcher: dict[str, Any], field: str, document: Any, context: dict[str, Any]
+    ) -> int | None:
+        """``field`` (a number) or ``field + "Path"`` (a reference path to a positive integer)."""
+        if f"{field}Path" in batcher:
+            value = json_path(document, str(batcher[f"{field}Path"]), context)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StatesError(
+                    "States.Runtime", f"{field}Path names {value!r}, not a positive integer"
+                )
+            return value
+        return int(batcher[field]) if batcher.get(field) else None
+
+    @staticmethod
+    def _batches(
+        items: list[Any],
+        batch_input: Any,
+        *,
+        most: int | None,
+        limit: int | None,
+        batched: bool,
+    ) -> list[Any]:
+        if not batched:
             return items
-        most = int(batcher.get("MaxItemsPerBatch") or len(items) or 1)
-        limit = int(batcher.get("MaxInputBytesPerBatch") or 256 * 1024)
+        most = most or len(items) or 1
+        limit = limit or 256 * 1024
 
         def size(batch: list[Any]) -> int:
             return len(json.dumps({"Items": batch, "BatchInput": batch_input}))
@@ -334,7 +448,13 @@ class LocalRunner:
             if "BatchInput" in batcher
             else None
         )
-        inputs = self._batches(items, batcher, batch_input)
+        inputs = self._batches(
+            items,
+            batch_input,
+            most=self._batch_limit(batcher, "MaxItemsPerBatch", document, context),
+            limit=self._batch_limit(batcher, "MaxInputBytesPerBatch", document, context),
+            batched=bool(batcher),
+        )
         execution = context["Execution"]
         run_id = str(uuid.uuid4())
         machine = context["StateMachine"]["Name"]

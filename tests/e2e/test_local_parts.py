@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tarfile
 import time
@@ -340,3 +341,122 @@ def test_moto_losing_its_port_after_the_check_is_an_error_not_a_hang(
         ):
             start_moto(port)
         assert time.monotonic() - started < 5
+
+
+# --- monitoring's fan-out over the stack's own Step Functions endpoint --------------------------
+
+
+def test_a_long_window_fans_out_over_the_stacks_own_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local stack's wiring (start_step_functions) with MONITORING_FANOUT_BYTES=1: the
+    monitoring function plans, starts MonitoringMap on the stack's endpoint (its
+    MONITORING_STATE_MACHINE_ARN), the runner runs the workers and the merge through the
+    template's handler, and the report written is the one a single run over the window gives."""
+    from datetime import datetime
+
+    from moto import mock_aws
+
+    from tests.conftest import ROOT, train
+    from tests.integration.test_events import http, load_event, promote_through_refresh
+    from treeserve.aws import reset_clients, s3_client
+    from treeserve.monitoring.pipeline import run_monitoring
+    from treeserve.serving.capture import wait_for_writes
+    from treeserve.settings import Settings
+    from treeserve_cli.invoke import invoke
+    from treeserve_cli.local import (
+        LocalOptions,
+        LocalStack,
+        context_for,
+        function_env,
+        load_handler,
+        own_env,
+        read_stack,
+        start_step_functions,
+    )
+    from treeserve_cli.stepfunctions import state_machines
+    from treeserve_cli.template import load_template
+
+    template = load_template(ROOT / "template.yaml", region="us-east-1")
+    spec = read_stack(template)
+    assert spec.monitoring is not None
+    options = LocalOptions(env={"MONITORING_FANOUT_BYTES": "1"}, sfn_port=free_port())
+    env = function_env(spec, options.env)
+    for name in ("AWS_ENDPOINT_URL_SFN", "BATCH_STATE_MACHINE_ARN", *env):
+        monkeypatch.setenv(name, env.get(name, ""))  # restored after: the stack sets them
+    reset_clients()
+    with mock_aws():
+        s3 = s3_client()
+        s3.create_bucket(Bucket=spec.bucket)
+        promote_through_refresh(template, s3, train("binary:logistic"))
+        overrides = {"Parameters": {"CAPTURE_SAMPLE_RATE": "1", "CAPTURE_MAX_ROWS": "1"}}
+        for _ in range(3):  # three requests, three capture files
+            predict = invoke(
+                template,
+                "InferenceFunction",
+                load_event("apigw-v2-predict-rows.json"),
+                env_overrides=overrides,
+                fresh=True,
+            )
+            assert http(predict).status == 200
+            wait_for_writes()
+
+        stack = LocalStack(options, spec=spec)
+        monitor = load_handler(spec.monitoring, own_env(spec.monitoring, options.env))
+        stack.handlers[spec.monitoring.logical_id] = monitor
+        start_step_functions(stack, template, options)
+        try:
+            assert stack.step_functions is not None
+            map_arn = state_machines(template)["MonitoringMap"].arn
+            assert stack.monitoring_map_arn == map_arn
+            assert stack.state_machine_arn == state_machines(template)["BatchStateMachine"].arn
+            assert os.environ["MONITORING_STATE_MACHINE_ARN"] == map_arn
+            assert os.environ["AWS_ENDPOINT_URL_SFN"] == stack.step_functions.url
+
+            planned = monitor({"hours": 24}, context_for(spec.monitoring))
+            assert planned["status"] == "fanned out", planned
+            assert planned["files"] == 3
+            assert planned["execution_arn"].startswith(
+                map_arn.replace(":stateMachine:", ":execution:")
+            )
+            execution = stack.step_functions.service.execution(planned["execution_arn"])
+            assert execution.done.wait(300)
+            assert execution.status == "SUCCEEDED", (execution.error, execution.cause)
+            summary = json.loads(execution.output or "null")
+        finally:
+            stack.stop()
+        key = summary["report_key"]
+        report = json.loads(s3.get_object(Bucket=spec.bucket, Key=key)["Body"].read())
+        settings = Settings.from_env()
+        start, end = (datetime.fromisoformat(planned[k]) for k in ("start", "end"))
+        single = run_monitoring(
+            spec.bucket,
+            "default",
+            start,
+            end,
+            rule=settings.drift_rule,
+            settings=settings,
+            write=False,
+        )
+    reset_clients()
+    assert summary["rows"] == single["rows"] == 6
+    volatile = ("generated_at", "report_key")
+    assert {k: v for k, v in report.items() if k not in volatile} == json.loads(
+        json.dumps({k: v for k, v in single.items() if k not in volatile})
+    )
+
+
+def test_a_monitoring_arn_that_names_no_served_machine_is_refused() -> None:
+    from tests.conftest import ROOT
+    from treeserve_cli.local import state_machine_env
+    from treeserve_cli.stepfunctions import state_machines
+    from treeserve_cli.template import load_template
+
+    template = load_template(ROOT / "template.yaml", region="us-east-1")
+    machines = state_machines(template)
+    wiring = state_machine_env(template, machines)
+    assert wiring == {
+        "BATCH_STATE_MACHINE_ARN": machines["BatchStateMachine"].arn,
+        "MONITORING_STATE_MACHINE_ARN": machines["MonitoringMap"].arn,
+    }
+    del machines["MonitoringMap"]
+    with pytest.raises(ConfigurationError, match="MONITORING_STATE_MACHINE_ARN"):
+        state_machine_env(template, machines)

@@ -157,6 +157,8 @@ MONITORING = (
     "monitoring-direct.json",
     "monitoring-direct-bad-window.json",
 )
+# MonitoringMap's steps (a long window's fan-out): the worker's batch, then the merge.
+FANOUT = ("monitoring-map-partial.json", "monitoring-map-merge.json")
 
 # Batch events: each object the event lists, uploaded before invoking (6 features f0..f5).
 BATCH = {
@@ -171,7 +173,7 @@ BATCH = {
 
 def test_every_event_file_has_an_expectation() -> None:
     files = {p.name for p in EVENTS.glob("*.json")}
-    expected = set(API) | set(REFRESH) | set(MONITORING) | set(BATCH)
+    expected = set(API) | set(REFRESH) | set(MONITORING) | set(FANOUT) | set(BATCH)
     assert files == expected, (
         f"without expectation: {sorted(files - expected)}; missing: {sorted(expected - files)}"
     )
@@ -183,7 +185,7 @@ def test_events_readme_documents_the_model() -> None:
     assert "f5" in readme
     for name in API | REFRESH:
         assert name in readme, name
-    for name in (*MONITORING, *BATCH):
+    for name in (*MONITORING, *FANOUT, *BATCH):
         assert name in readme, name
 
 
@@ -372,6 +374,65 @@ def test_monitoring_event(name: str, stack: Any, template: Template, model: Trai
     assert payload["rows"] == N_ROWS  # the rows the predict event captured
     assert payload["report_key"].startswith("reports/default/dt=")
     assert [o["Key"] for o in reports.get("Contents", [])] == [payload["report_key"]]
+
+
+def test_monitoring_fanout_events(stack: Any, template: Template, model: TrainedModel) -> None:
+    """The worker and merge events as MonitoringMap sends them. The worker's batch gets the
+    captured files' real keys and sizes and a window around now (as the S3 events get real
+    eTags); the merge's ``results`` names ResultWriter's manifest, written here in Step
+    Functions' layout for that one worker, its ``Output`` the worker's answer through the
+    template's ResultSelector."""
+    from datetime import UTC, datetime, timedelta
+
+    from treeserve_cli.stepfunctions import apply_template, state_machines
+
+    promote_through_refresh(template, stack, model)
+    predict = invoke(
+        template,
+        "InferenceFunction",
+        load_event("apigw-v2-predict-rows.json"),
+        env_overrides={"Parameters": {"CAPTURE_SAMPLE_RATE": "1", "CAPTURE_MAX_ROWS": "1"}},
+        fresh=True,
+    )
+    assert http(predict).status == 200
+    wait_for_writes()
+    bucket = template.bucket_name()
+    captured = stack.list_objects_v2(Bucket=bucket, Prefix="captures/default/")["Contents"]
+    now = datetime.now(UTC)
+    window = {"start": (now - timedelta(hours=24)).isoformat(), "end": now.isoformat()}
+
+    worker = load_event(FANOUT[0])
+    worker["Items"] = [{"key": o["Key"], "size": o["Size"]} for o in captured]
+    worker["BatchInput"].update(window)
+    result = invoke(template, "MonitoringFunction", worker, fresh=True)
+    assert result.ok, result.error
+    answer = result.payload
+    assert "error" not in answer, answer
+    run = worker["BatchInput"]["run"]
+    assert answer["partial_key"].startswith(f"monitoring/default/{run}/partials/")
+    assert (answer["files"], answer["rows"]) == (len(captured), N_ROWS)
+    assert stack.head_object(Bucket=bucket, Key=answer["partial_key"])["ContentLength"] > 0
+
+    merge = load_event(FANOUT[1])
+    merge.update(window)
+    machine = state_machines(template)["MonitoringMap"].definition
+    task = machine["States"]["Partials"]["ItemProcessor"]["States"]["Partial"]
+    output = apply_template(task["ResultSelector"], {"Payload": answer, "StatusCode": 200}, {})
+    manifest_key = merge["results"]["Key"]
+    base = manifest_key.rsplit("/", 1)[0]
+    record = {"Status": "SUCCEEDED", "Input": json.dumps(worker), "Output": json.dumps(output)}
+    stack.put_object(Bucket=bucket, Key=f"{base}/SUCCEEDED_0.json", Body=json.dumps([record]))
+    files = {"FAILED": [], "PENDING": [], "SUCCEEDED": [{"Key": f"{base}/SUCCEEDED_0.json"}]}
+    manifest = {"DestinationBucket": bucket, "ResultFiles": files}
+    stack.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest))
+    result = invoke(template, "MonitoringFunction", merge)
+    assert result.ok, result.error
+    summary = result.payload
+    assert "error" not in summary, summary
+    assert summary["rows"] == N_ROWS
+    assert summary["report_key"].startswith("reports/default/dt=")
+    reports = stack.list_objects_v2(Bucket=bucket, Prefix="reports/default/")["Contents"]
+    assert [o["Key"] for o in reports] == [summary["report_key"]]
 
 
 @pytest.mark.parametrize("name", sorted(BATCH))

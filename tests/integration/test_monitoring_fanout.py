@@ -1,20 +1,22 @@
 """Monitoring fanned out over the MonitoringMap state machine: the report of merged partial
 states is the report of one run over the window, number for number.
 
-The Distributed Map is driven from template.yaml's own definition (ItemReader, ItemBatcher,
-the worker Task's Payload and OutputSelector, ResultWriter, the merge Task), with the events
-and ResultWriter files in the shapes Step Functions documents; every step is the monitoring
-function's handler."""
+The planner (a direct invocation) starts the execution through boto3's Step Functions client
+against the local stack's endpoint (:mod:`treeserve_cli.stepfunctions`), which runs
+template.yaml's own MonitoringMap definition (ItemReader getObject JSON, ItemBatcher, the worker
+Task's Payload and ResultSelector, ResultWriter, the merge Task) with the events and ResultWriter
+files in the shapes Step Functions documents; every step is the monitoring function's handler."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import boto3
 import numpy as np
 import orjson
 import pandas as pd
@@ -33,6 +35,7 @@ from tests.integration.test_monitoring import (
     traffic,
 )
 from tests.integration.test_monitoring_handler import load_app
+from treeserve.errors import StorageUnavailable, TreeserveError
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.reference import compute_reference
 from treeserve.monitoring import fanout
@@ -40,6 +43,14 @@ from treeserve.monitoring import pipeline as monitoring
 from treeserve.monitoring.partial import PartialState, PartialStateError
 from treeserve.registry.model_registry import ModelRegistry
 from treeserve.registry.store import S3RegistryStore
+from treeserve_cli.stepfunctions import (
+    Execution,
+    LocalRunner,
+    LocalStepFunctions,
+    StateMachineDef,
+    StepFunctionsEndpoint,
+    state_machines,
+)
 from treeserve_cli.template import load_template
 
 pytestmark = pytest.mark.integration
@@ -132,133 +143,87 @@ def categorical_window(s3: Any) -> None:
 WINDOWS = {"m": numeric_window, "c": categorical_window}
 
 
-# --- the map, as template.yaml's definition describes it ----------------------------------------
+# --- the map: template.yaml's MonitoringMap, run by the local stack's runner --------------------
+
+
+def machines() -> dict[str, StateMachineDef]:
+    """The template's state machines as deployed (DefinitionSubstitutions applied), their
+    bucket this test's."""
+    template = load_template(ROOT / "template.yaml")
+    bucket = template.bucket_name()
+    return {
+        logical_id: dataclasses.replace(
+            machine, definition=json.loads(json.dumps(machine.definition).replace(bucket, BUCKET))
+        )
+        for logical_id, machine in state_machines(template).items()
+    }
 
 
 def definition() -> dict[str, Any]:
     """MonitoringMap's definition with its DefinitionSubstitutions applied (local names)."""
-    template = load_template(ROOT / "template.yaml")
-    props = template.resources["MonitoringMap"]["Properties"]
-    text = json.dumps(props["Definition"])
-    for name, value in props["DefinitionSubstitutions"].items():
-        resolved = BUCKET if name == "ModelBucket" else str(template.resolve(value))
-        text = text.replace("${" + name + "}", resolved)
-    return dict(json.loads(text))
+    return machines()["MonitoringMap"].definition
 
 
-def path(document: Any, reference: str) -> Any:
-    """A JSONPath of the simple kind the definition uses ($, $.a.b)."""
-    assert reference.startswith("$"), reference
-    for part in [p for p in reference[1:].split(".") if p]:
-        document = document[part]
-    return document
+@dataclass
+class Fanned:
+    """The local Step Functions endpoint serving the template's machines, its Lambda tasks the
+    monitoring function's handler; ``fail``: batches holding a key with this text raise."""
 
+    app: Any
+    service: LocalStepFunctions
+    arn: str
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    fail: str | None = None
 
-def parameters(template: dict[str, Any], document: Any) -> dict[str, Any]:
-    """Parameters with "key.$" paths resolved against ``document``."""
-    out: dict[str, Any] = {}
-    for key, value in template.items():
-        if key.endswith(".$"):
-            out[key[:-2]] = path(document, value)
-        elif isinstance(value, dict):
-            out[key] = parameters(value, document)
-        else:
-            out[key] = value
-    return out
-
-
-def invoke(app: Any, task: dict[str, Any]) -> dict[str, Any]:
-    """lambda:invoke as a Task state calls it (``task``: its resolved Parameters): the
-    function's answer under Payload."""
-    assert task["FunctionName"].endswith(":function:treeserve-monitoring") or task["FunctionName"]
-    answer = app.handler(json.loads(json.dumps(task["Payload"])), LambdaContext())
-    assert "error" not in answer, answer
-    return {"Payload": answer, "StatusCode": 200}
-
-
-def run_map(
-    s3: Any, app: Any, execution_input: dict[str, Any], *, fail_one: bool = False
-) -> dict[str, Any]:
-    """One MonitoringMap execution: the Distributed Map's workers, ResultWriter, the merge."""
-    machine = definition()
-    state = machine["States"][machine["StartAt"]]
-    assert state["Type"] == "Map"
-    assert state["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
-    reader = parameters(state["ItemReader"]["Parameters"], execution_input)
-    items = orjson.loads(s3.get_object(Bucket=reader["Bucket"], Key=reader["Key"])["Body"].read())
-    batcher = state["ItemBatcher"]
-    size = path(execution_input, batcher["MaxItemsPerBatchPath"])
-    batch_input = parameters(batcher["BatchInput"], execution_input)
-    processor = state["ItemProcessor"]
-    task = processor["States"][processor["StartAt"]]
-    run_id = str(uuid.uuid4())
-    map_run = f"arn:aws:states:us-east-1:123456789012:mapRun:monitoring-map/Partials:{run_id}"
-    results = []
-    for i in range(0, len(items), size):
-        child_input = {"Items": items[i : i + size], "BatchInput": batch_input}
-        answer = invoke(app, parameters(task["Parameters"], child_input))
-        output = parameters(task["OutputSelector"], answer)
-        results.append(
-            {
-                "ExecutionArn": f"{map_run}:{i}",
-                "Input": json.dumps(child_input),
-                "InputDetails": {"Included": True},
-                "Name": str(i),
-                "Output": json.dumps(output),
-                "OutputDetails": {"Included": True},
-                "RedriveCount": 0,
-                "RedriveStatus": "NOT_REDRIVABLE",
-                "StartDate": "2026-11-29T06:00:00.000Z",
-                "StateMachineArn": "arn:aws:states:us-east-1:123456789012:stateMachine:x",
-                "Status": "SUCCEEDED",
-                "StopDate": "2026-11-29T06:00:01.000Z",
-            }
-        )
-    writer = parameters(state["ResultWriter"]["Parameters"], execution_input)
-    prefix = f"{writer['Prefix']}/{run_id}/"
-    s3.put_object(
-        Bucket=writer["Bucket"], Key=prefix + "SUCCEEDED_0.json", Body=json.dumps(results)
-    )
-    failed = []
-    if fail_one:
-        s3.put_object(Bucket=writer["Bucket"], Key=prefix + "FAILED_0.json", Body=b"[]")
-        failed = [{"Key": prefix + "FAILED_0.json", "Size": 2}]
-    manifest = {
-        "DestinationBucket": writer["Bucket"],
-        "MapRunArn": map_run,
-        "ResultFiles": {
-            "FAILED": failed,
-            "PENDING": [],
-            "SUCCEEDED": [{"Key": prefix + "SUCCEEDED_0.json", "Size": len(json.dumps(results))}],
-        },
-    }
-    s3.put_object(Bucket=writer["Bucket"], Key=prefix + "manifest.json", Body=json.dumps(manifest))
-    map_output = {
-        "MapRunArn": map_run,
-        "ResultWriterDetails": {"Bucket": writer["Bucket"], "Key": prefix + "manifest.json"},
-    }
-    document = {**execution_input, state["ResultPath"][2:]: map_output}
-    merge = machine["States"][state["Next"]]
-    answer = invoke(app, parameters(merge["Parameters"], document))
-    return dict(path(answer, merge["OutputPath"]))
+    def finished(self, execution_arn: str) -> Execution:
+        execution = self.service.execution(execution_arn)
+        assert execution.done.wait(600), "the execution did not finish"
+        return execution
 
 
 @pytest.fixture
-def fanned(s3: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The function's environment with fan-out on from the first byte, and the state machine
-    created in moto from the template's definition."""
-    sfn = boto3.client("stepfunctions", region_name="us-east-1")
-    arn = sfn.create_state_machine(
-        name="monitoring-map",
-        definition=json.dumps(definition()),
-        roleArn="arn:aws:iam::123456789012:role/monitoring-map",
-    )["stateMachineArn"]
+def fanned(s3: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fanned]:
+    """The function's environment with fan-out on from the first byte; its
+    MONITORING_STATE_MACHINE_ARN the local endpoint's MonitoringMap, reached as the local stack
+    reaches it (AWS_ENDPOINT_URL_SFN)."""
+    template = load_template(ROOT / "template.yaml")
+    function_arn = str(template.get_att("MonitoringFunction", "Arn"))
+    served = machines()
     monkeypatch.setenv("MODEL_BUCKET", BUCKET)
     monkeypatch.setenv("MODEL_NAME", "m")
     monkeypatch.setenv("MONITORING_FANOUT_BYTES", "1")
-    monkeypatch.setenv("MONITORING_STATE_MACHINE_ARN", arn)
+    monkeypatch.setenv("MONITORING_STATE_MACHINE_ARN", served["MonitoringMap"].arn)
     monkeypatch.delenv("NOTIFICATION_TOPIC_ARN", raising=False)
-    return sfn
+    app = load_app()
+
+    def invoke(arn: str, payload: Any) -> Any:
+        assert arn == function_arn, arn
+        state.calls.append(payload)
+        keys = [str(item.get("key")) for item in payload.get("Items") or []]
+        if state.fail is not None and any(state.fail in key for key in keys):
+            raise StorageUnavailable("S3 is unavailable; retry")
+        return app.handler(payload, LambdaContext())
+
+    service = LocalStepFunctions(served, LocalRunner(invoke, s3, retry_scale=0))
+    state = Fanned(app, service, served["MonitoringMap"].arn)
+    endpoint = StepFunctionsEndpoint(service, "127.0.0.1", 0)
+    endpoint.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SFN", endpoint.url)
+    try:
+        yield state
+    finally:
+        for execution in service.list_executions(state.arn):
+            execution.done.wait(600)
+        endpoint.stop()
+
+
+def plan(fanned: Fanned, name: str, monkeypatch: pytest.MonkeyPatch, per_batch: int) -> Any:
+    """The planner's invocation (a direct run over the window), sizing batches at ``per_batch``
+    files so the map runs several workers (the planner sizes by bytes: one, for these files)."""
+    monkeypatch.setattr(fanout, "files_per_batch", lambda files, worker_bytes=0: per_batch)
+    return fanned.app.handler(
+        {"model": name, "start": START.isoformat(), "end": NOW.isoformat()}, LambdaContext()
+    )
 
 
 def statistics(report: dict[str, Any]) -> dict[str, Any]:
@@ -268,28 +233,39 @@ def statistics(report: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", ["m", "c"])
 @pytest.mark.parametrize("per_batch", [1, 3, 100])
 def test_fanned_out_report_equals_the_single_run(
-    s3: Any, fanned: Any, name: str, per_batch: int
+    s3: Any, fanned: Fanned, monkeypatch: pytest.MonkeyPatch, name: str, per_batch: int
 ) -> None:
     WINDOWS[name](s3)
     single = monitoring.run_monitoring(BUCKET, name, START, NOW, s3=s3, now=NOW, write=False)
     assert single["rows"] > 0
 
-    app = load_app()
-    planned = app.handler(
-        {"model": name, "start": START.isoformat(), "end": NOW.isoformat()}, LambdaContext()
-    )
+    planned = plan(fanned, name, monkeypatch, per_batch)
     assert planned["status"] == "fanned out"
-    execution = fanned.describe_execution(executionArn=planned["execution_arn"])
-    execution_input = json.loads(execution["input"])
+    execution = fanned.finished(planned["execution_arn"])
+    assert execution.status == "SUCCEEDED", (execution.error, execution.cause)
+    execution_input = json.loads(execution.input)
     assert execution_input["manifest_key"] == planned["manifest_key"]
+    assert execution_input["files_per_batch"] == per_batch
     listed = monitoring.window_files(s3, BUCKET, name, START, NOW)
     manifest = orjson.loads(
         s3.get_object(Bucket=BUCKET, Key=planned["manifest_key"])["Body"].read()
     )
     assert [(i["key"], i["size"]) for i in manifest] == listed
-    execution_input["files_per_batch"] = per_batch  # several workers (the planner sizes by bytes)
 
-    summary = run_map(s3, app, execution_input)
+    # The runner ran the map as the definition says: the workers' batches (ItemBatcher's shape,
+    # at most per_batch files), every file once, then one merge.
+    batches = [c for c in fanned.calls if "Items" in c]
+    merges = [c for c in fanned.calls if c.get("action") == "monitoring-merge"]
+    assert len(batches) == -(-len(listed) // per_batch)
+    assert sorted(i["key"] for b in batches for i in b["Items"]) == [k for k, _ in listed]
+    assert all(len(b["Items"]) <= per_batch for b in batches)
+    assert all(b["BatchInput"]["run"] == execution_input["run"] for b in batches)
+    (merge,) = merges
+    results = merge["results"]
+    assert results["Key"].startswith(execution_input["results_prefix"] + "/")
+    assert results["Key"].endswith("/manifest.json")
+
+    summary = json.loads(execution.output or "null")
     report = orjson.loads(s3.get_object(Bucket=BUCKET, Key=summary["report_key"])["Body"].read())
     assert statistics(report) == statistics(orjson.loads(orjson.dumps(single)))
     # The same bytes, not merely equal floats: the stored JSON of both reports.
@@ -344,26 +320,49 @@ def test_partials_merge_in_any_order_and_round_trip(s3: Any) -> None:
         PartialState.from_bytes(b"not a partial", model="m", start=START, end=NOW, source=registry)
 
 
-def test_a_map_with_failed_items_is_not_merged(s3: Any, fanned: Any) -> None:
+def test_a_map_with_a_failed_batch_writes_no_report(
+    s3: Any, fanned: Fanned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of version 2's files fail on every attempt: each is retried as the template
+    says, the map fails (ToleratedFailurePercentage 0) after ResultWriter recorded every batch,
+    the merge never runs, no report is written; a merge of those results is refused."""
     numeric_window(s3)
-    app = load_app()
-    planned = app.handler(
-        {"model": "m", "start": START.isoformat(), "end": NOW.isoformat()}, LambdaContext()
-    )
-    execution_input = json.loads(
-        fanned.describe_execution(executionArn=planned["execution_arn"])["input"]
-    )
-    with pytest.raises(Exception, match="failed items"):
-        run_map(s3, app, execution_input, fail_one=True)
+    fanned.fail = "-b"  # the traffic of version 2 (tag "b")
+    planned = plan(fanned, "m", monkeypatch, 3)
+    execution = fanned.finished(planned["execution_arn"])
+    assert execution.status == "FAILED"
+    assert execution.error == "States.ExceedToleratedFailureThreshold"
+    assert not [c for c in fanned.calls if c.get("action") == "monitoring-merge"]
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="reports/m/").get("KeyCount", 0) == 0
+
+    task = definition()["States"]["Partials"]["ItemProcessor"]["States"]["Partial"]
+    failing = [c for c in fanned.calls if any("-b" in i["key"] for i in c.get("Items", []))]
+    batches = {json.dumps(c["Items"]) for c in failing}
+    assert len(failing) == len(batches) * (1 + task["Retry"][0]["MaxAttempts"])
+
+    prefix = json.loads(execution.input)["results_prefix"] + "/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    (manifest_key,) = [k for k in keys if k.endswith("/manifest.json")]
+    written = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    (failed,) = written["ResultFiles"]["FAILED"]
+    records = json.loads(s3.get_object(Bucket=BUCKET, Key=failed["Key"])["Body"].read())
+    assert {r["Error"] for r in records} == {"StorageUnavailable"}
+    assert len(records) == len(batches)
+    merge = {
+        "action": "monitoring-merge",
+        **{k: planned[k] for k in ("model", "start", "end", "run")},
+        "results": {"Bucket": BUCKET, "Key": manifest_key},
+    }
+    with pytest.raises(TreeserveError, match="failed items"):
+        fanned.app.handler(merge, LambdaContext())
 
 
 def test_small_windows_run_in_one_invocation(
-    s3: Any, fanned: Any, monkeypatch: pytest.MonkeyPatch
+    s3: Any, fanned: Fanned, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     numeric_window(s3)
     monkeypatch.setenv("MONITORING_FANOUT_BYTES", str(10**9))
-    app = load_app()
-    summary = app.handler(
+    summary = fanned.app.handler(
         {"model": "m", "start": START.isoformat(), "end": NOW.isoformat()}, LambdaContext()
     )
     assert summary["status"] == "ok"
@@ -431,8 +430,8 @@ def test_small_windows_run_in_one_invocation(
         },
     ],
 )
-def test_fanout_events_are_checked(s3: Any, fanned: Any, event: dict[str, Any]) -> None:
-    answer = load_app().handler(event, LambdaContext())
+def test_fanout_events_are_checked(s3: Any, fanned: Fanned, event: dict[str, Any]) -> None:
+    answer = fanned.app.handler(event, LambdaContext())
     assert answer["error"]["type"] == "bad_event"
 
 
@@ -453,6 +452,7 @@ def test_the_definition_is_a_bounded_distributed_map() -> None:
     assert state["ToleratedFailurePercentage"] == 0
     assert state["ItemBatcher"]["BatchInput"]["action"] == "monitoring-partial"
     task = state["ItemProcessor"]["States"][state["ItemProcessor"]["StartAt"]]
+    assert task["ResultSelector"]["partial_key.$"] == "$.Payload.partial_key"
     merge = machine["States"][state["Next"]]
     for step in (task, merge):
         assert step["Resource"] == "arn:aws:states:::lambda:invoke"
@@ -466,3 +466,72 @@ def test_the_definition_is_a_bounded_distributed_map() -> None:
     assert env["MONITORING_STATE_MACHINE_ARN"].endswith(
         ":stateMachine:" + str(template.resolve(name))
     )
+
+
+def _run_locally(s3: Any, machine: dict[str, Any], execution_input: dict[str, Any]) -> Execution:
+    """One execution of ``machine`` on the local runner, every Lambda task answering {}."""
+    served = {"M": StateMachineDef("M", "m", "arn:aws:states:us-east-1:1:stateMachine:m", machine)}
+    service = LocalStepFunctions(served, LocalRunner(lambda arn, payload: {}, s3, retry_scale=0))
+    execution = service.start_execution(served["M"].arn, None, json.dumps(execution_input))
+    assert execution.done.wait(60)
+    return execution
+
+
+@pytest.mark.parametrize(
+    ("manifest", "per_batch", "error"),
+    [
+        (b'{"key": "captures/m/a"}', 1, "States.ItemReaderFailed"),  # not a JSON array
+        (b"[{not json", 1, "States.ItemReaderFailed"),
+        (None, 1, "States.ItemReaderFailed"),  # no such object
+        (b"[]", 0, "States.Runtime"),  # MaxItemsPerBatchPath must name a positive integer
+        (b"[]", "3", "States.Runtime"),
+    ],
+)
+def test_the_runner_fails_the_map_as_step_functions_does(
+    s3: Any, manifest: bytes | None, per_batch: Any, error: str
+) -> None:
+    key = "monitoring/m/r1/files.json"
+    if manifest is not None:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=manifest)
+    execution_input = {
+        "model": "m",
+        "start": START.isoformat(),
+        "end": NOW.isoformat(),
+        "run": "r1",
+        "manifest_key": key,
+        "results_prefix": "monitoring/m/r1/results",
+        "files_per_batch": per_batch,
+    }
+    execution = _run_locally(s3, definition(), execution_input)
+    assert execution.status == "FAILED"
+    assert execution.error == error, execution.cause
+
+
+def test_the_runner_refuses_fields_the_states_language_lacks(s3: Any) -> None:
+    """Step Functions refuses a definition with an unknown field at CreateStateMachine; the
+    local runner fails the execution naming it, so a misspelt field never passes locally."""
+    machine = definition()
+    task = machine["States"]["Partials"]["ItemProcessor"]["States"]["Partial"]
+    task["OutputSelector"] = task.pop("ResultSelector")
+    s3.put_object(Bucket=BUCKET, Key="monitoring/m/r1/files.json", Body=b'[{"key": "k"}]')
+    execution = _run_locally(
+        s3,
+        machine,
+        {
+            "model": "m",
+            "start": START.isoformat(),
+            "end": NOW.isoformat(),
+            "run": "r1",
+            "manifest_key": "monitoring/m/r1/files.json",
+            "results_prefix": "monitoring/m/r1/results",
+            "files_per_batch": 1,
+        },
+    )
+    assert execution.status == "FAILED"
+    assert execution.error == "States.ExceedToleratedFailureThreshold"  # the one child failed
+    prefix = "monitoring/m/r1/results/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    (failed_key,) = [k for k in keys if k.endswith("/FAILED_0.json")]
+    (record,) = json.loads(s3.get_object(Bucket=BUCKET, Key=failed_key)["Body"].read())
+    assert record["Error"] == "States.Runtime"
+    assert "OutputSelector" in record["Cause"]
