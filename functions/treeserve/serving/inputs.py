@@ -530,9 +530,12 @@ def _parse_csv(
 
 # A field of nothing or blanks (between commas, or a comma and the start or end): missing.
 _EMPTY_FIELD = re.compile(r"(?<![^,])[ \t]*(?![^,])")
-# With only these characters, np.fromstring reads a field exactly as float() does or refuses it
-# (ValueError); an empty or blank field it would read as -1, so those become "nan" first.
-_NOT_NUMERIC = re.compile(r"[^0-9.+\-eE \t,]")
+# With only these characters, np.fromstring reads a field exactly as float() does (the same
+# bits) or refuses it (ValueError), except "-nan" (read without its sign bit: the caller looks
+# for it) and an empty or blank field, which it would read as -1 (those become "nan" first).
+# The letters let NaN and infinities ("nan", "inf", "-inf", as Python, numpy and printf write
+# them) take this path; checked exhaustively over fields of up to 5 of these characters.
+_NOT_NUMERIC = re.compile(r"[^0-9.+\-eEnaif \t,]")
 _count_commas = operator.methodcaller("count", ",")
 
 
@@ -566,8 +569,8 @@ def _fast_block(
         if width == 0:
             return None
     joined = ",".join(lines)
-    if _NOT_NUMERIC.search(joined):  # nan, inf, "1_000", other scripts: field by field
-        return None
+    if _NOT_NUMERIC.search(joined) or "-nan" in joined:  # "NaN", "1_000", other scripts, and
+        return None  # "-nan" (numpy drops its sign): field by field
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # older numpy warns where numpy 2 raises
         try:
