@@ -1,0 +1,53 @@
+"""The batch worker's parsing thread (treeserve.batch.worker._prefetched): order, errors, bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from treeserve.batch.worker import _prefetched
+from treeserve.errors import MalformedBody
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name == "batch-parse"}
+
+
+def test_items_come_in_order_and_the_thread_ends() -> None:
+    assert list(_prefetched(iter(range(1000)), 2)) == list(range(1000))
+    assert not _threads()
+
+
+def test_an_error_is_raised_after_the_items_before_it() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise MalformedBody("line 2 is not valid")
+
+    got = []
+    with pytest.raises(MalformedBody, match="line 2"):
+        for item in _prefetched(items(), 2):
+            got.append(item)
+    assert got == [1, 2]
+    assert not _threads()
+
+
+def test_the_producer_stays_at_most_depth_plus_one_ahead_and_stops_with_the_consumer() -> None:
+    made: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(10_000):
+            made.append(i)
+            yield i
+
+    pipeline = _prefetched(items(), 3)
+    assert next(pipeline) == 0
+    time.sleep(0.3)  # time for the producer to run ahead as far as it may
+    # 1 taken, 3 queued, 1 made and waiting to be queued
+    assert len(made) == 5
+    pipeline.close()
+    assert not _threads()
+    assert len(made) == 5
