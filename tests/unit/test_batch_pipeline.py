@@ -27,11 +27,10 @@ def test_an_error_is_raised_after_the_items_before_it() -> None:
         yield 2
         raise MalformedBody("line 2 is not valid")
 
-    got = []
+    pipeline = _prefetched(items(), 2)
+    assert [next(pipeline), next(pipeline)] == [1, 2]
     with pytest.raises(MalformedBody, match="line 2"):
-        for item in _prefetched(items(), 2):
-            got.append(item)
-    assert got == [1, 2]
+        next(pipeline)
     assert not _threads()
 
 

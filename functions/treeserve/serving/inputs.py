@@ -535,7 +535,7 @@ _EMPTY_FIELD = re.compile(r"(?<![^,])[ \t]*(?![^,])")
 # for it) and an empty or blank field, which it would read as -1 (those become "nan" first).
 # The letters let NaN and infinities ("nan", "inf", "-inf", as Python, numpy and printf write
 # them) take this path; checked exhaustively over fields of up to 5 of these characters.
-_NOT_NUMERIC = re.compile(r"[^0-9.+\-eEnaif \t,]")
+_NUMERIC_BYTES = b"0123456789.+-eEnaif \t,"
 _count_commas = operator.methodcaller("count", ",")
 
 
@@ -569,8 +569,12 @@ def _fast_block(
         if width == 0:
             return None
     joined = ",".join(lines)
-    if _NOT_NUMERIC.search(joined) or "-nan" in joined:  # "NaN", "1_000", other scripts, and
-        return None  # "-nan" (numpy drops its sign): field by field
+    try:
+        raw = joined.encode("ascii")
+    except UnicodeEncodeError:  # other scripts' digits: field by field
+        return None
+    if raw.translate(None, _NUMERIC_BYTES) or b"-nan" in raw:  # "NaN", "1_000", and "-nan"
+        return None  # (numpy drops its sign): field by field
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # older numpy warns where numpy 2 raises
         try:
