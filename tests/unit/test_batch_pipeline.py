@@ -50,3 +50,25 @@ def test_the_producer_stays_at_most_depth_plus_one_ahead_and_stops_with_the_cons
     pipeline.close()
     assert not _threads()
     assert len(made) == 5
+
+
+def test_line_blocks_are_full_but_the_last_and_keep_every_line_in_order() -> None:
+    import random
+
+    from treeserve.batch.stream import line_blocks
+
+    rng = random.Random(5)
+    lines = [
+        rng.choice([b"", b" ", b"\t", b"\r", f"{i},{i}".encode()]) + rng.choice([b"", b"\r"])
+        for i in range(2_000)
+    ]
+    text = b"\n".join(lines)
+    expected = [line.removesuffix(b"\r") for line in lines if line.strip()]
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, 40)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        size = rng.randint(1, 300)
+        blocks = list(line_blocks(pieces, size))
+        assert [line for block in blocks for line in block] == expected
+        assert all(len(block) == size for block in blocks[:-1])
+        assert 1 <= len(blocks[-1]) <= size
