@@ -568,14 +568,14 @@ def _fast_block(
         width -= 1
         if width == 0:
             return None
-    parts = []
+    arrays: list[np.ndarray] = []
     for start in range(0, len(lines), _FAST_LINES):
         group = lines[start : start + _FAST_LINES]
         values = _fast_values(",".join(group))
         if values is None or values.size != len(group) * width:
             return None
-        parts.append(values)
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), ids
+        arrays.append(values)
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), ids
 
 
 # Lines per np.fromstring call: it holds the GIL throughout, and the batch worker's predicting
