@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,66 @@ def test_line_blocks_are_full_but_the_last_and_keep_every_line_in_order() -> Non
         assert [line for block in blocks for line in block] == expected
         assert all(len(block) == size for block in blocks[:-1])
         assert 1 <= len(blocks[-1]) <= size
+
+
+def test_write_behind_writes_in_order_and_raises_what_writing_raised() -> None:
+    from treeserve.batch.worker import _WriteBehind
+    from treeserve.errors import StorageUnavailable
+
+    written: list[int] = []
+    writer = _WriteBehind(written.append, 2)
+    for i in range(500):
+        writer.put(i)
+    writer.finish()
+    assert written == list(range(500))
+    assert not {t.name for t in threading.enumerate()} & {"batch-write"}
+
+    def write(item: int) -> None:
+        if item == 3:
+            raise StorageUnavailable("S3 is unavailable; retry")
+        written.append(item)
+
+    written.clear()
+    writer = _WriteBehind(write, 2)
+    for i in range(5):
+        writer.put(i)
+    with pytest.raises(StorageUnavailable):
+        writer.finish()  # (or the next put, had there been one after the error)
+    assert written == [0, 1, 2]  # nothing after the error
+    assert not {t.name for t in threading.enumerate()} & {"batch-write"}
+
+
+def test_a_failing_sink_is_aborted_and_its_error_raised() -> None:
+    from treeserve.batch.stream import FileReader
+    from treeserve.batch.worker import score_object
+    from treeserve.errors import StorageUnavailable
+
+    class FailingSink:
+        def __init__(self) -> None:
+            self.writes, self.aborted, self.closed = 0, False, False
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+            if self.writes == 2:
+                raise StorageUnavailable("S3 is unavailable; retry")
+
+        def close(self) -> None:
+            self.closed = True
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    from tests.conftest import train
+    from tests.unit.test_batch_worker import batch_model
+
+    model = batch_model(train("binary:logistic"))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "in.csv"
+        names = model.predictor.feature_names
+        source.write_text(",".join(names) + "\n" + (",".join(["1"] * len(names)) + "\n") * 50)
+        sink = FailingSink()
+        with pytest.raises(StorageUnavailable):
+            score_object(model, "in.csv", FileReader(source), sink, chunk_rows=10)
+        assert sink.aborted
+        assert not sink.closed
+        assert not {t.name for t in threading.enumerate()} & {"batch-write", "batch-parse"}

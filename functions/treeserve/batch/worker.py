@@ -31,7 +31,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from queue import Full, Queue
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,7 +57,7 @@ from treeserve.errors import (
     NotFound,
     PreconditionFailed,
 )
-from treeserve.model.predictor import Predictor
+from treeserve.model.predictor import Prediction, Predictor
 from treeserve.registry.model_registry import ModelRegistry
 from treeserve.registry.store import S3RegistryStore
 from treeserve.serving.endpoints import prediction_table
@@ -148,8 +148,10 @@ class _Table:
         self.header_written = False
 
     def encode(self, ids: list[Any], X: np.ndarray) -> bytes:
+        return self.format(ids, self.model.predictor.predict(X))
+
+    def format(self, ids: list[Any], prediction: Prediction) -> bytes:
         predictor = self.model.predictor
-        prediction = predictor.predict(X)
         if self.fmt == "csv" and prediction.values.ndim == 1:
             fast = self._plain_csv(ids, prediction.values, prediction.labels)
             if fast is not None:
@@ -320,13 +322,20 @@ def score_object(
     table = _Table(fmt, model)
     rows = 0
     parsed = _prefetched(chunks, prefetch) if prefetch > 0 else chunks
+    writer = _WriteBehind(lambda item: sink.write(table.format(*item)), prefetch)
     try:
         try:
             for ids, X in parsed:
-                sink.write(table.encode(ids, X))
+                prediction = model.predictor.predict(X)
+                if prefetch > 0:
+                    writer.put((ids, prediction))
+                else:
+                    sink.write(table.format(ids, prediction))
                 rows += X.shape[0]
+            writer.finish()
         finally:
             parsed.close()  # stops the parsing thread whatever happened
+            writer.stop()  # and the writing thread, before the sink is closed or aborted
         if rows == 0:
             raise MalformedBody("the object holds no rows")
     except InvalidInput as exc:
@@ -395,6 +404,53 @@ def _prefetched(items: Iterator[_T], depth: int) -> Generator[_T, None, None]:
     finally:
         stop.set()
         producer.join()
+
+
+class _WriteBehind:
+    """``write(item)`` for each item put, in order, in a thread at most ``depth`` items behind
+    (formatting chunk i-1 and uploading its part while chunk i is predicted). What ``write``
+    raises is raised by the next ``put`` or by ``finish``; after an error the rest is dropped.
+    With ``depth`` 0 no thread starts (``put`` is not used then)."""
+
+    def __init__(self, write: Callable[[Any], None], depth: int) -> None:
+        self._write = write
+        self._queue: Queue[Any] = Queue(maxsize=max(depth, 1))
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, name="batch-write", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self._write(item)
+                except BaseException as exc:  # handed to the caller, raised there
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, item: Any) -> None:
+        self._raise()
+        self._queue.put(item)
+
+    def finish(self) -> None:
+        """Wait until everything put is written; raise what writing raised."""
+        self.stop()
+        self._raise()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_DONE)
+            self._thread.join()
+            self._thread = None
 
 
 def _since(started: float) -> float:
