@@ -4,9 +4,11 @@ Each object is read in pieces (:mod:`treeserve.batch.stream`) and scored in chun
 ``chunk_rows`` rows, each chunk parsed by the inference API's own parser
 (:func:`treeserve.serving.inputs.parse_body` for CSV, :func:`~treeserve.serving.inputs.parse_records`
 for JSON Lines records) and predicted by :class:`treeserve.model.predictor.Predictor`: the answers
-are the inference API's, which are the model's own ``predict``. A second thread reads and parses
-the next chunks while one is predicted and written (``PREFETCH_CHUNKS`` ahead at most), so memory
-is bounded by a few pieces and chunks and one output part, whatever the object's size.
+are the inference API's, which are the model's own ``predict``. Three threads share the work: one
+reads and parses the next chunks, the caller's predicts (XGBoost, one thread, without the GIL),
+one formats and writes the previous chunk's output, each at most ``PREFETCH_CHUNKS`` chunks apart;
+so memory is bounded by a few pieces, chunks and one output part, whatever the object's size.
+The output is the same bytes as with one thread (``prefetch=0``).
 
 Formats, by the key's suffix:
 
@@ -79,8 +81,10 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # A chunk's body is checked by the API's parser against a byte limit: one chunk of lines is
 # already bounded by the rows it holds, so the limit only has to be out of the way.
 _NO_BYTE_LIMIT = 1 << 62
-# Parsed chunks that may wait for the predictor (see _prefetched): memory is bounded by this
-# many chunks plus two (the one being parsed, the one being predicted).
+# Chunks that may wait between the threads (see _prefetched, _WriteBehind): at most this many
+# parsed chunks wait for the predictor and this many predictions for the writer, besides the
+# one being parsed, predicted and written (a 10,000-row chunk of 30 features: about 1.2 MB of
+# float32, its text about 2 MB while parsed).
 PREFETCH_CHUNKS = 2
 _T = TypeVar("_T")
 
@@ -301,9 +305,10 @@ def score_object(
     """Score ``key`` from ``source`` into ``sink``; a malformed object is a failed result, not
     an exception (storage errors do raise).
 
-    With ``prefetch`` > 0 a second thread reads and parses up to ``prefetch`` chunks ahead of
-    the prediction (:func:`_prefetched`); 0 does everything in the calling thread. The output
-    is the same bytes either way."""
+    With ``prefetch`` > 0 a thread reads and parses up to ``prefetch`` chunks ahead of the
+    prediction (:func:`_prefetched`) and another formats and writes up to ``prefetch`` behind it
+    (:class:`_WriteBehind`); 0 does everything in the calling thread. The output is the same
+    bytes either way."""
     started = time.perf_counter()
     fmt = object_format(key)
     if fmt is None:
