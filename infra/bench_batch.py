@@ -9,8 +9,15 @@ output through :class:`~treeserve.batch.stream.FileWriter`.
 
 - throughput: ``score_object`` over 200,000 rows (read, split into 10,000-row chunks, parsed by
   the inference API's CSV parser, predicted, written as CSV) against ``Booster.inplace_predict``
-  alone (one thread, as the worker) on the same float32 rows in the same chunks; median of 3,
-  ratio = inplace_predict's time / the worker's (goal >= 0.5);
+  alone (one thread) on the same float32 rows in the same chunks; median of 3,
+  ratio = inplace_predict's time / the worker's (goal >= 0.5). The worker uses three threads: one
+  reads and parses the next chunks (it holds the GIL), one predicts (XGBoost at nthread 1,
+  without the GIL), one formats and writes the previous chunk; the ratio is printed for them and
+  for one thread (``prefetch=0``, same output bytes, checked), with the machine's core count. The
+  three threads overlap parsing with prediction only where there is a second core: Lambda gives
+  a function memory/1769 MB of a vCPU (0.58 at the template's 1024 MB), so there the one-thread
+  figure is what to expect, and the threads buy only the overlap of S3's ranged GETs and part
+  uploads with the computing (more than one vCPU takes more than 1769 MB);
 - memory: a child process scores a 1 GB CSV object (VmHWM from /proc, wall time) (goal <= 1 GB).
 
 ``TREESERVE_BENCH_BATCH_MB`` sets a smaller object for a quick look.
@@ -101,9 +108,9 @@ def write_csv(path: Path, X: np.ndarray, target_bytes: int | None = None) -> int
                 return rows
 
 
-def score_file(model: Any, source: Path, target: Path) -> Any:
+def score_file(model: Any, source: Path, target: Path, prefetch: int | None = None) -> Any:
     from treeserve.batch.stream import FileReader, FileWriter  # noqa: PLC0415
-    from treeserve.batch.worker import score_object  # noqa: PLC0415
+    from treeserve.batch.worker import PREFETCH_CHUNKS, score_object  # noqa: PLC0415
 
     return score_object(
         model,
@@ -111,6 +118,7 @@ def score_file(model: Any, source: Path, target: Path) -> Any:
         FileReader(source),
         FileWriter(target),
         chunk_rows=CHUNK,
+        prefetch=PREFETCH_CHUNKS if prefetch is None else prefetch,
     )
 
 
@@ -150,26 +158,44 @@ def main() -> dict[str, str]:
         X32 = np.array([[float(f"{v:.6g}") for v in row] for row in X], dtype=np.float32)
         model = batch_model(model_path, manifest_path)
 
-        worker_times, baseline_times = [], []
+        worker_times: list[float] = []
+        single_times: list[float] = []
+        baseline_times: list[float] = []
+        outputs = set()
         for _ in range(3):
-            started = time.perf_counter()
-            result = score_file(model, small, folder / "out.csv")
-            worker_times.append(time.perf_counter() - started)
-            assert result.status == "scored" and result.rows == ROWS, result  # noqa: PT018,S101
+            for times, prefetch in ((worker_times, None), (single_times, 0)):
+                started = time.perf_counter()
+                result = score_file(model, small, folder / "out.csv", prefetch)
+                times.append(time.perf_counter() - started)
+                assert result.status == "scored" and result.rows == ROWS, result  # noqa: PT018,S101
+                outputs.add(hashlib.sha256((folder / "out.csv").read_bytes()).hexdigest())
             started = time.perf_counter()
             for i in range(0, ROWS, CHUNK):
                 booster.inplace_predict(X32[i : i + CHUNK])
             baseline_times.append(time.perf_counter() - started)
-        worker, baseline = statistics.median(worker_times), statistics.median(baseline_times)
-        ratio = baseline / worker
+        assert len(outputs) == 1, "one thread and three wrote different bytes"  # noqa: S101
+        worker, single = statistics.median(worker_times), statistics.median(single_times)
+        baseline = statistics.median(baseline_times)
+        ratio, ratio_single = baseline / worker, baseline / single
+        cores = os.cpu_count() or 1
         print(
             f"CSV, {ROWS:,} rows x {FEATURES} features, {TREES} trees depth {DEPTH}, chunks of {CHUNK:,}"
+            f" ({cores} cores here)"
         )
-        print(f"  score_object (file reader/writer)  {worker:.2f} s   {ROWS / worker:,.0f} rows/s")
         print(
-            f"  inplace_predict alone              {baseline:.2f} s   {ROWS / baseline:,.0f} rows/s"
+            f"  score_object, 3 threads (parse|predict|write) {worker:.2f} s   "
+            f"{ROWS / worker:,.0f} rows/s"
         )
-        print(f"  ratio (inplace_predict / worker)   {ratio:.2f}  (goal >= 0.5)")
+        print(
+            f"  score_object, 1 thread (prefetch=0)           {single:.2f} s   "
+            f"{ROWS / single:,.0f} rows/s"
+        )
+        print(
+            f"  inplace_predict alone, 1 thread               {baseline:.2f} s   "
+            f"{ROWS / baseline:,.0f} rows/s"
+        )
+        print(f"  ratio (inplace_predict / worker, 3 threads)  {ratio:.2f}  (goal >= 0.5)")
+        print(f"  ratio (inplace_predict / worker, 1 thread)   {ratio_single:.2f}  (a single core)")
 
         big = folder / "big.csv"
         big_rows = write_csv(big, X[:20_000], BIG_MB * 1024 * 1024)
@@ -200,7 +226,10 @@ def main() -> dict[str, str]:
             f"{figures['peak_mb']:,.0f} MB (goal <= 1024 MB)"
         )
     return {
-        "batch throughput vs inplace_predict": f"{ratio:.2f}x (goal >= 0.5x)",
+        f"batch throughput vs inplace_predict (worker 3 threads, {cores} cores)": (
+            f"{ratio:.2f}x (goal >= 0.5x)"
+        ),
+        "batch throughput vs inplace_predict (worker 1 thread)": f"{ratio_single:.2f}x",
         f"batch peak RSS, {size_mb:,.0f} MB object": f"{figures['peak_mb']:,.0f} MB (goal <= 1024 MB)",
     }
 

@@ -93,14 +93,19 @@ def line_blocks(pieces: Iterable[bytes], max_lines: int) -> Iterator[list[bytes]
     for piece in pieces:
         if not piece:
             continue
-        lines = (tail + piece).split(b"\n")
+        data = tail + piece
+        lines = data.split(b"\n")
         tail = lines.pop()
-        for line in lines:
-            if line.strip():
-                block.append(line[:-1] if line.endswith(b"\r") else line)
-                if len(block) >= max_lines:
-                    yield block
-                    block = []
+        kept = list(filter(bytes.strip, lines))  # the non-blank lines, without a Python loop
+        if b"\r" in data:
+            kept = [line[:-1] if line.endswith(b"\r") else line for line in kept]
+        while kept:
+            room = max_lines - len(block)
+            block.extend(kept[:room])
+            kept = kept[room:]
+            if len(block) >= max_lines:
+                yield block
+                block = []
     if tail.strip():
         block.append(tail[:-1] if tail.endswith(b"\r") else tail)
     if block:

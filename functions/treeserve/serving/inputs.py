@@ -530,17 +530,23 @@ def _parse_csv(
 
 # A field of nothing or blanks (between commas, or a comma and the start or end): missing.
 _EMPTY_FIELD = re.compile(r"(?<![^,])[ \t]*(?![^,])")
-# With only these characters, np.fromstring reads a field exactly as float() does or refuses it
-# (ValueError); an empty or blank field it would read as -1, so those become "nan" first.
-_NOT_NUMERIC = re.compile(r"[^0-9.+\-eE \t,]")
+# With only these characters, np.fromstring reads a field exactly as float() does (the same
+# bits) or refuses it (ValueError), except "-nan" (read without its sign bit: the caller looks
+# for it) and an empty or blank field, which it would read as -1 (those become "nan" first).
+# The letters let NaN and infinities ("nan", "inf", "-inf", as Python, numpy and printf write
+# them) take this path; checked exhaustively over fields of up to 5 of these characters.
+_NUMERIC_BYTES = b"0123456789.+-eEnaif \t,"
 _count_commas = operator.methodcaller("count", ",")
+_COMMA = ord(",")
 
 
-def _missing_as_nan(joined: str) -> str:
-    """Empty and blank fields as ``nan`` (string replaces when no field has blanks)."""
+def _missing_as_nan(joined: str, raw: bytes) -> str:
+    """Empty and blank fields as ``nan`` (string replaces when no field has blanks); ``raw`` is
+    ``joined`` in ASCII."""
     if " " in joined or "\t" in joined:
         return _EMPTY_FIELD.sub("nan", joined)
-    if ",," in joined:  # twice: ",,," holds two empty fields that overlap
+    commas = np.frombuffer(raw, dtype=np.uint8) == _COMMA  # ",," in joined, 15x faster
+    if (commas[1:] & commas[:-1]).any():  # twice: ",,," holds two empty fields that overlap
         joined = joined.replace(",,", ",nan,").replace(",,", ",nan,")
     if joined.startswith(","):
         joined = "nan" + joined
@@ -552,7 +558,7 @@ def _missing_as_nan(joined: str) -> str:
 def _fast_block(
     lines: list[str], width: int, *, id_first: bool
 ) -> tuple[np.ndarray, list[Any] | None] | None:
-    """The numbers of unquoted CSV lines in one C pass (``np.fromstring``), or None to take the
+    """The numbers of unquoted CSV lines in C passes (``np.fromstring``), or None to take the
     field-by-field path, which gives the same values or names the problem: every line must have
     ``width`` fields and every field must read as float() reads it (an empty field is missing)."""
     if set(map(_count_commas, lines)) != {width - 1}:
@@ -565,18 +571,34 @@ def _fast_block(
         width -= 1
         if width == 0:
             return None
-    joined = ",".join(lines)
-    if _NOT_NUMERIC.search(joined):  # nan, inf, "1_000", other scripts: field by field
+    arrays: list[np.ndarray] = []
+    for start in range(0, len(lines), _FAST_LINES):
+        group = lines[start : start + _FAST_LINES]
+        values = _fast_values(",".join(group))
+        if values is None or values.size != len(group) * width:
+            return None
+        arrays.append(values)
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), ids
+
+
+# Lines per np.fromstring call: it holds the GIL throughout, and the batch worker's predicting
+# thread waits for it (a few ms at most, not the whole chunk's 20 ms).
+_FAST_LINES = 1024
+
+
+def _fast_values(joined: str) -> np.ndarray | None:
+    try:
+        raw = joined.encode("ascii")
+    except UnicodeEncodeError:  # other scripts' digits: field by field
         return None
+    if raw.translate(None, _NUMERIC_BYTES) or b"-nan" in raw:  # "NaN", "1_000", and "-nan"
+        return None  # (numpy drops its sign): field by field
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # older numpy warns where numpy 2 raises
         try:
-            values = np.fromstring(_missing_as_nan(joined), dtype=np.float64, sep=",")
+            return np.fromstring(_missing_as_nan(joined, raw), dtype=np.float64, sep=",")
         except (DeprecationWarning, ValueError):
             return None
-    if values.size != len(lines) * width:
-        return None
-    return values, ids
 
 
 def _csv_block_slow(
