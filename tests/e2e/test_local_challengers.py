@@ -100,6 +100,8 @@ def test_the_readme_challenger_walkthrough_on_the_local_stack(stack: Stack, tmp_
     assert "version 3" in done.stdout, done.stdout
     status = json.loads(stack.cli("status", "--json").stdout)
     assert status["current"]["version"] == 1, status  # the champion still serves
+    assert "canary: challenger -> version 2, 30% of unpinned requests" in done.stdout, done.stdout
+    assert "shadow: staging -> version 3, scores 0.5 of the champion's" in done.stdout
     route = routing(stack)
     assert route["canary"] == {"alias": "challenger", "percent": 30.0}, route
     assert route["shadow"] == {"alias": "staging", "sample": 0.5}, route
