@@ -41,6 +41,13 @@ def _num(value: Any, digits: int = 4) -> str:
     return escape(str(value))
 
 
+def _signed(value: Any) -> str:
+    """An improvement: its sign always shown (> 0: the challenger is better), as the CLI does."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:+.4g}"
+    return _num(value)
+
+
 def chart_svg(feature: dict[str, Any], css_class: str = "chart feature") -> str:
     """Grouped bars: reference vs current share per bin of one feature."""
     chart = feature.get("chart") or {}
@@ -127,7 +134,7 @@ def _challenger_rows(entry: dict[str, Any]) -> str:
     ci = q.get("ci") or [None, None]
     metric = (
         f"{escape(str(q['metric']))} {_num(q.get('champion'))} → {_num(q.get('challenger'))}; "
-        f"improvement {_num(q.get('improvement'))} [{_num(ci[0])}, {_num(ci[1])}]"
+        f"improvement {_signed(q.get('improvement'))} [{_signed(ci[0])}, {_signed(ci[1])}]"
         if q.get("metric")
         else escape(str(q.get("error") or "no metric yet"))
     )
@@ -159,7 +166,7 @@ def _challengers(section: dict[str, Any]) -> list[str]:
         f"<p>Champion v{_num(champion)} · PROMOTION_MODE {escape(str(section.get('mode')))} · "
         f"tolerance {_num(section.get('tolerance'))} · at least "
         f"{_num(section.get('min_labeled_rows'))} labeled rows · {_num(boot.get('resamples'))} "
-        f"bootstrap resamples (seed {_num(boot.get('seed'))}) · {_num(section.get('scored_rows'))}"
+        f"bootstrap resamples (seed {escape(str(boot.get('seed')))}) · {_num(section.get('scored_rows'))}"
         f" rows scored{' (stopped at the row budget)' if section.get('truncated') else ''}</p>"
     )
     if section.get("error"):

@@ -121,6 +121,22 @@ def exported_env(banner: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from running_stack(
+        tmp_path_factory,
+        "--monitor-every",
+        str(MONITOR_EVERY),
+        "--env",
+        f"MODEL_REFRESH_SECONDS={REFRESH_SECONDS}",
+        "--env",
+        "CAPTURE_SAMPLE_RATE=1",
+        "--env",
+        f"CAPTURE_MAX_AGE_SECONDS={CAPTURE_AGE_SECONDS}",
+    )
+
+
+def running_stack(tmp_path_factory: pytest.TempPathFactory, *options: str) -> Iterator[Stack]:
+    """``treeserve local OPTIONS`` on free ports, healthy and its banner printed; stopped with
+    Ctrl-C afterwards if a test did not stop it."""
     port, moto_port, sfn_port = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("stack") / "local.log"
     with log.open("wb") as out:
@@ -136,14 +152,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 str(moto_port),
                 "--sfn-port",
                 str(sfn_port),
-                "--monitor-every",
-                str(MONITOR_EVERY),
-                "--env",
-                f"MODEL_REFRESH_SECONDS={REFRESH_SECONDS}",
-                "--env",
-                "CAPTURE_SAMPLE_RATE=1",
-                "--env",
-                f"CAPTURE_MAX_AGE_SECONDS={CAPTURE_AGE_SECONDS}",
+                *options,
             ],
             cwd=ROOT,
             env=clean_env(),
