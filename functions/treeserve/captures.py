@@ -330,7 +330,15 @@ def capture_split(data: bytes, start_ms: int, end_ms: int, *, with_ids: bool) ->
     P = _fixed_list(pf, "outputs")
     if ts.shape[0] != n or versions.shape[0] != n:
         raise parquet.ParquetError("columns of different lengths")
-    ids = read_ids(pf) if with_ids else None
+    ids: list[bytes] | npt.NDArray[np.uint8] | None = None
+    if with_ids:  # ids of one width as a byte matrix (monitoring joins those with numpy)
+        path, rep, max_def = _leaf("id")
+        page = pf.page(path, rep, max_def)
+        ids = page.fixed_strings(max_def)
+        if ids is None:
+            ids = page.strings(max_def)
+        if len(ids) != n:
+            raise parquet.ParquetError("columns of different lengths")
     inside = (ts >= start_ms) & (ts < end_ms)
     out_of_window = int(n - inside.sum())
     malformed = int((inside & (versions < 0)).sum())
@@ -341,7 +349,13 @@ def capture_split(data: bytes, start_ms: int, end_ms: int, *, with_ids: bool) ->
         kept = np.where(inside, versions, -1)
         for v in np.unique(kept[kept >= 0]).tolist():
             idx = np.flatnonzero(kept == v)
-            chosen = None if ids is None else [ids[i] for i in idx.tolist()]
+            chosen = (
+                None
+                if ids is None
+                else ids[idx]
+                if isinstance(ids, np.ndarray)
+                else [ids[i] for i in idx.tolist()]
+            )
             groups.append(
                 Group(int(v), X[idx], P[idx] if P.shape[1] else None, chosen, chosen is not None)
             )
@@ -576,12 +590,13 @@ def rows_matrix(values: list[Any], width: int | None = None) -> npt.NDArray[np.f
 @dataclass(frozen=True, slots=True)
 class Group:
     """One model version's rows of a capture file: features, predictions and (when labels
-    are to be joined) ids, as bytes when they are plain strings (see ``FastBatch.id_bytes``)."""
+    are to be joined) ids: a ``(rows, width)`` byte matrix when they all have one width, else
+    a list, of bytes when they are plain strings (see ``FastBatch.id_bytes``)."""
 
     version: int
     X: npt.NDArray[np.float32]
     P: npt.NDArray[np.float32] | None
-    ids: list[Any] | None
+    ids: list[Any] | npt.NDArray[np.uint8] | None
     ids_are_bytes: bool = False
 
 

@@ -269,22 +269,38 @@ def encode_strings(values: Sequence[bytes]) -> bytes:
     return out.tobytes()
 
 
+def fixed_strings(data: bytes | memoryview, pos: int, count: int) -> npt.NDArray[np.uint8] | None:
+    """``count`` PLAIN BYTE_ARRAY values at ``pos`` as a ``(count, width)`` byte matrix (a view
+    of ``data``) when every value is ``width`` bytes long; None when their lengths differ."""
+    if count == 0:
+        return np.zeros((0, 0), np.uint8)
+    buf = memoryview(data)
+    if pos + 4 > len(buf):
+        raise ParquetError("strings beyond the page")
+    (first,) = struct.unpack_from("<I", buf, pos)
+    if pos + (4 + first) * count > len(buf):
+        return None
+    rec = np.frombuffer(buf, np.uint8, (4 + first) * count, pos).reshape(count, 4 + first)
+    if not (rec[:, :4].view("<u4")[:, 0] == first).all():
+        return None
+    return rec[:, 4:]
+
+
 def decode_strings(data: bytes | memoryview, pos: int, count: int) -> list[bytes]:
     """``count`` PLAIN BYTE_ARRAY values at ``pos``; values of one length are cut by numpy."""
     if count == 0:
         return []
+    fixed = fixed_strings(data, pos, count)
+    if fixed is not None:
+        first = fixed.shape[1]
+        if first == 0:
+            return [b""] * count
+        cut: list[bytes] = np.ascontiguousarray(fixed).view(f"S{first}")[:, 0].tolist()
+        if set(map(len, cut)) == {first}:  # "S" drops trailing NULs: keep those by hand
+            return cut
+        flat = fixed.tobytes()
+        return [flat[i : i + first] for i in range(0, len(flat), first)]
     buf = memoryview(data)
-    (first,) = struct.unpack_from("<I", buf, pos)
-    size = (4 + first) * count
-    if pos + size <= len(buf):
-        rec = np.frombuffer(buf, np.dtype([("n", "<u4"), ("v", f"V{first}")]), count, pos)
-        if (rec["n"] == first).all():
-            if first == 0:
-                return [b""] * count
-            cut: list[bytes] = rec["v"].view(f"S{first}").tolist()
-            if set(map(len, cut)) == {first}:  # "S" drops trailing NULs: keep those by hand
-                return cut
-            return [bytes(v) for v in rec["v"]]
     out = []
     unpack = struct.Struct("<I").unpack_from
     for _ in range(count):
@@ -582,6 +598,10 @@ class Page:
     def strings(self, max_def: int) -> list[bytes]:
         count = self.present(max_def)
         return decode_strings(self.data, self.pos, count)
+
+    def fixed_strings(self, max_def: int) -> npt.NDArray[np.uint8] | None:
+        """:func:`fixed_strings` of the page's values (None unless all have one length)."""
+        return fixed_strings(self.data, self.pos, self.present(max_def))
 
 
 @dataclass(slots=True)

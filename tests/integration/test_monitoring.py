@@ -503,6 +503,64 @@ def test_labels_join_any_id_shape(s3: Any) -> None:
     assert abs(perf["mae"] - float(np.mean(np.abs(err)))) < 1e-9
 
 
+def test_ids_of_one_width_join_as_one_lookup_per_id_would(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files whose ids share a width are joined with numpy (treeserve.monitoring.labels); the
+    labelled rows, their order and the metrics equal those of one dict lookup per id."""
+    model = train("binary:logistic", n=1500)
+    version = register(s3, model, "w")
+    rng = np.random.default_rng(21)
+    X = rng.normal(size=(900, 6))
+    ids, preds = traffic(s3, model, version, X, name="w", prefix="id", files=3)
+    y = (X[:, 0] > 0).astype(int)
+    chosen = sorted(rng.choice(900, 400, replace=False).tolist())
+    lines = [f"{ids[i]},{y[i]}" for i in chosen] + [f"{ids[5]},n/a", "id-99999,1", "ghost,0"]
+    s3.put_object(
+        Bucket=BUCKET, Key="labels/w/l.csv", Body=("id,label\n" + "\n".join(lines)).encode()
+    )
+
+    widths: list[int] = []
+    lookup = monitoring.LabelIndex.lookup
+
+    def counted(self: Any, matrix: np.ndarray) -> Any:
+        widths.append(matrix.shape[1])
+        return lookup(self, matrix)
+
+    monkeypatch.setattr(monitoring.LabelIndex, "lookup", counted)
+    fast = run(s3, "w")["summary"]["performance"]
+    assert widths == [6, 6]  # "id-0".."id-299" mix widths; "id-300".."id-899" do not
+    monkeypatch.setattr(monitoring.LabelIndex, "lookup", lambda self, matrix: None)
+    slow = run(s3, "w")["summary"]["performance"]
+    assert fast == slow
+    keep = [i for i in chosen if i != 5]  # "n/a" is no label: its row is left out
+    assert fast["rows"] == len(keep)
+    s = preds[keep].astype(np.float32).astype(np.float64)
+    assert abs(fast["auc"] - independent_auc(y[keep].astype(float), s)) < 1e-9
+
+
+def test_a_run_reads_the_labels_once(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drift part joins them; with no routing the challenger part needs none."""
+    model = train("binary:logistic", n=600)
+    version = register(s3, model, "once")
+    X = np.random.default_rng(3).normal(size=(200, 6))
+    ids, _ = traffic(s3, model, version, X, name="once")
+    body = "id,label\n" + "".join(f"{i},1\n" for i in ids[::2])
+    s3.put_object(Bucket=BUCKET, Key="labels/once/l.csv", Body=body.encode())
+    calls: list[str] = []
+    real = monitoring.read_labels
+
+    def counted(s3_: Any, bucket: str, model_name: str) -> dict[str, Any]:
+        calls.append(model_name)
+        return real(s3_, bucket, model_name)
+
+    monkeypatch.setattr(monitoring, "read_labels", counted)
+    report = run(s3, "once")
+    assert report["summary"]["performance"]["rows"] == 100
+    assert report["challenger"] is None
+    assert calls == ["once"]
+
+
 def test_csv_labels_plain_quoted_and_reordered() -> None:
     plain: dict[str, Any] = {}
     monitoring._read_csv_labels("id,label\nx,1\ny,0\r\n\nz,\n", plain)

@@ -7,12 +7,14 @@ Parquet pages with ``np.frombuffer``, about 1 ms per 10,000 rows of 30 features)
 whose ``ts`` falls in ``[start, end)``, groups them by model version and streams each version's
 columns into :class:`treeserve.monitoring.drift` accumulators. Captures of the previous release
 (gzipped JSON Lines) are still read, by the slower text path, for one release. Only counts
-stay in memory (plus, when labels exist, the predictions of labelled rows), so memory is bounded by a few capture files and
-``ACCUMULATE_ROWS`` gathered rows per version, not by the window.
+stay in memory (plus, when labels exist, the predictions of labelled rows), so memory is bounded
+by a few capture files and ``ACCUMULATE_BYTES`` of gathered rows per version, not by the window.
 
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
 first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give performance over
-the window: AUC, accuracy and log loss (classification), RMSE and MAE (regression).
+the window: AUC, accuracy and log loss (classification), RMSE and MAE (regression). A file's ids
+are looked up with numpy when they share one width (:mod:`treeserve.monitoring.labels`), else
+one by one.
 
 The report is written to ``reports/<model>/dt=YYYY-MM-DD/<time>.json``; :func:`emit_metrics`
 turns it into EMF metrics through Powertools: the totals by ``service`` (what the template's
@@ -61,6 +63,7 @@ from treeserve.model import decision
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import log_loss, roc_auc
 from treeserve.monitoring import drift
+from treeserve.monitoring.labels import LabelIndex, decide_each
 from treeserve.parquet import ParquetError
 from treeserve.settings import DriftRule, Settings, valid_model_name
 
@@ -86,8 +89,10 @@ FETCH_THREADS = 8  # S3 GETs wait on the network (and release the GIL)
 MAX_IN_FLIGHT_FILES = 16
 MAX_IN_FLIGHT_BYTES = 48 * 1024 * 1024  # compressed; bounds memory to a few inflated files
 DEFAULT_RULE = DriftRule()  # DRIFT_METHOD=psi, DRIFT_THRESHOLD=0.1
-# Rows per version gathered before they are counted (at 30 features, 8 MB of float32).
-ACCUMULATE_ROWS = 65_536
+# Feature values per version gathered before they are counted (float32: 32 MiB, 270,000 rows of
+# 30 features): the accumulators' searches of the reference points are paid per gathered batch.
+ACCUMULATE_VALUES = 8 << 20
+ACCUMULATE_BYTES = ACCUMULATE_VALUES * 4
 METRIC_DRIFTED_FEATURES = "DriftedFeatures"
 METRIC_PREDICTION_DRIFT = "PredictionDrift"
 METRIC_ROWS_SEEN = "RowsSeen"
@@ -319,7 +324,7 @@ class VersionState:
         self._pending_x_rows = 0
 
     def add(self, X: npt.NDArray[np.float32], P: npt.NDArray[np.float32] | None) -> None:
-        """Count a batch of rows; batches are gathered up to ``ACCUMULATE_ROWS`` rows first,
+        """Count a batch of rows; batches are gathered up to ``ACCUMULATE_VALUES`` values first,
         so the accumulators' per-call work (searches of the reference points) is paid once per
         gathered batch, not once per capture file."""
         self.rows += X.shape[0]
@@ -328,7 +333,7 @@ class VersionState:
             self._pending_x_rows += X.shape[0]
         if P is not None and self.predictions and P.shape[1] == len(self.predictions):
             self._pending_p.append(P)
-        if self._pending_x_rows >= ACCUMULATE_ROWS or len(self._pending_p) >= 64:
+        if self._pending_x_rows * X.shape[1] >= ACCUMULATE_VALUES or len(self._pending_p) >= 64:
             self.drain()
 
     def drain(self) -> None:
@@ -443,6 +448,7 @@ class Monitor:
         self.labels_available = len(labels)
         self._key = ""  # the capture file being read (labelled rows remember it)
         self._labels_b: dict[bytes, Any] | None = None
+        self._label_index: LabelIndex | None = None
         self.versions: dict[int, VersionState] = {}
         self.files = 0
         self.skipped_files = 0
@@ -524,8 +530,7 @@ class Monitor:
                 continue
             st.add(X, group.P)
             if group.ids is not None and group.P is not None and st.manifest is not None:
-                table = self.labels_by_bytes() if group.ids_are_bytes else None
-                self._join_ids(st, group.ids, group.P, table)
+                self._join_ids(st, group.ids, group.P, as_bytes=group.ids_are_bytes)
 
     def _add_rows(self, st: VersionState, rows: list[dict[str, Any]]) -> None:
         X = rows_matrix([r.get("features") for r in rows], st.width or None)
@@ -555,35 +560,58 @@ class Monitor:
             self._labels_b = {k.encode(): v for k, v in self.labels.items()}
         return self._labels_b
 
+    def label_index(self) -> LabelIndex:
+        if self._label_index is None:
+            self._label_index = LabelIndex(self.labels)
+        return self._label_index
+
+    def _find_labels(
+        self, ids: list[Any] | npt.NDArray[np.uint8], *, as_bytes: bool
+    ) -> tuple[list[int], list[Any]]:
+        """The positions of ``ids`` that have a label, and their labels, one lookup each.
+        ``ids``: a byte matrix of ids of one width, UTF-8 bytes (``as_bytes``), or JSON values
+        (labels are keyed by their text)."""
+        if isinstance(ids, np.ndarray):  # not indexed (see treeserve.monitoring.labels)
+            flat, width = ids.tobytes(), ids.shape[1]
+            ids = [flat[i : i + width] for i in range(0, len(flat), width)] if width else []
+            as_bytes = True
+        if as_bytes:
+            found = list(map(self.labels_by_bytes().get, ids))
+        else:
+            found = list(map(self.labels.get, [i if isinstance(i, str) else str(i) for i in ids]))
+        # One C-level pass each; most rows have no label yet.
+        rows = list(compress(count(), map(is_not, found, repeat(None))))
+        return rows, [found[i] for i in rows]
+
     def _join_ids(
         self,
         st: VersionState,
-        ids: list[Any],
+        ids: list[Any] | npt.NDArray[np.uint8],
         P: npt.NDArray[np.float32],
-        table: dict[Any, Any] | None = None,
+        *,
+        as_bytes: bool = False,
     ) -> None:
         assert st.manifest is not None  # noqa: S101
-        ys: list[float] = []
-        keep: list[int] = []
-        lookup: dict[Any, Any] = self.labels if table is None else table
-        if table is None:  # ids of any JSON type: labels are keyed by their text
-            ids = [i if isinstance(i, str) else str(i) for i in ids]
-        found = list(map(lookup.get, ids))  # one C-level pass; most rows have no label yet
-        values: dict[Any, float | None] = {}  # labels repeat: decide each distinct one once
-        for i in compress(count(), map(is_not, found, repeat(None))):
-            label = found[i]
-            try:
-                y = values[label]
-            except KeyError:
-                y = values[label] = _label_value(label, st.manifest)
-            except TypeError:  # an unhashable label (a JSON list): decided on its own
-                y = _label_value(label, st.manifest)
-            if y is not None:
-                ys.append(y)
-                keep.append(i)
-        if keep:
-            st.labelled_y.append(np.asarray(ys, dtype=np.float64))
-            st.labelled_p.append(P[keep])
+        manifest = st.manifest
+        if isinstance(ids, np.ndarray):  # ids of one width: searched with numpy, if indexed
+            index = self.label_index()
+            hit = index.lookup(ids)
+            if hit is not None:
+                at, positions = hit
+                y, usable = index.decided(st.version, lambda label: _label_value(label, manifest))
+                keep = usable[positions]
+                if keep.any():
+                    st.labelled_y.append(y[positions[keep]])
+                    st.labelled_p.append(P[at[keep]])
+                    st.labelled_keys.append(self._key)
+                return
+        rows, found = self._find_labels(ids, as_bytes=as_bytes)
+        decided = decide_each(found, lambda label: _label_value(label, manifest))
+        # Unusable labels (not a number, not a class): their rows are left out.
+        kept = [(i, y) for i, y in zip(rows, decided, strict=True) if y is not None]
+        if kept:
+            st.labelled_y.append(np.array([y for _, y in kept], dtype=np.float64))
+            st.labelled_p.append(P[[i for i, _ in kept]])
             st.labelled_keys.append(self._key)
 
 
@@ -729,8 +757,8 @@ def monitor_files(
     _read_files(s3, bucket, files, mon, progress=progress)
     for st in mon.versions.values():
         st.drain()
-    mon.labels = {}  # counted: the partial keeps no labels
-    mon._labels_b = None
+    mon._labels_b = mon._label_index = None  # joined; the labels stay for finish (a partial
+    # state omits them)
     return mon
 
 
@@ -758,7 +786,10 @@ def finish(
 
     if files is None:
         files = window_files(s3, bucket, mon.model, mon.start, mon.end)
-    labels = mon.labels if mon.labels else read_labels(s3, bucket, mon.model)
+
+    def labels() -> dict[str, Any]:  # a merged partial carries no labels: read them again
+        return mon.labels or read_labels(s3, bucket, mon.model)
+
     report["challenger"] = challenger.evaluate(
         s3, bucket, mon.model, mon.start, mon.end, files=files, labels=labels,
         settings=settings, source=mon.source, act=write, now=now,
