@@ -15,7 +15,9 @@ by the moto server over HTTP, and by moto inside the child (no HTTP; the bucket'
 live in the child, so its peak includes them):
 
 - ``treeserve``: :func:`treeserve.monitoring.pipeline.run_monitoring` over the window, from listing the
-  captures to writing the report (the function's code path, one process, no workers);
+  captures to writing the report (the function's code path, one process, no workers), after
+  what the function's init does once per execution environment (the imports and the S3 client,
+  shown apart);
 - the same listing and downloads alone (what S3 costs by itself);
 - ``numpy``: numpy alone reading the same numbers: the same features and predictions as
   gzipped CSV text of the same digits, fetched from the same S3, gunzipped and parsed with
@@ -102,12 +104,19 @@ rss_before = status_mb("VmRSS")
 TREESERVE_RUN = f"""
 import json, time
 from datetime import datetime, timedelta, UTC
+t = time.perf_counter()
+# What the function's init does once per execution environment (functions/monitoring/app.py),
+# shown apart: the imports and the S3 client.
+from treeserve.aws import s3_client
+from treeserve.monitoring import challenger
 from treeserve.monitoring.pipeline import run_monitoring
+s3_client()
+init = time.perf_counter() - t
 end = datetime.now(UTC) + timedelta(minutes=1)
 t, c = time.perf_counter(), cpu_s()
 report = run_monitoring({BUCKET!r}, {MODEL!r}, end - timedelta(hours=24), end)
 wall, cpu = time.perf_counter() - t, cpu_s() - c
-print(json.dumps({{"wall": wall, "cpu": cpu, "rows": report["rows"],
+print(json.dumps({{"wall": wall, "cpu": cpu, "init": init, "rows": report["rows"],
     "files": report["files"], "drifted": report["summary"]["drifted_features"],
     "performance": report["summary"]["performance"], "key": report.get("report_key"),
     "peak_mb": status_mb("VmHWM"), "before_mb": rss_before}}))
@@ -345,6 +354,10 @@ def main() -> dict[str, str]:
                 f"{label + ' (' + where + ')':<46}{r['wall']:>8.2f}{r['cpu']:>8.2f}"
                 f"{r['peak_mb']:>9.0f}{own:>8.0f}"
             )
+    print(
+        "treeserve's init (imports, S3 client; Lambda's init phase, once per environment, "
+        f"not in the run's time): {runs['server'][0]['init']:.2f} s"
+    )
     ts, fetch, base = runs["in-process"]
     print(f"{'numpy np.frombuffer raw float32 (in-process)':<46}{base['frombuffer']:>8.2f}")
     served = runs["server"][0]

@@ -28,7 +28,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from treeserve.aws import s3_client
 from treeserve.errors import ConfigurationError
-from treeserve.monitoring import fanout
+from treeserve.monitoring import (
+    challenger,  # noqa: F401 - imported at init (below)
+    fanout,
+)
 from treeserve.monitoring.events import BadEvent, MergeEvent, PartialEvent, fanout_event, window
 from treeserve.monitoring.pipeline import (
     finish,
@@ -43,6 +46,11 @@ logger = Logger()
 metrics = Metrics()
 tracer = Tracer()
 copy_config_to_registered_loggers(source_logger=logger, include={"treeserve"})
+
+# Once per execution environment, in Lambda's init phase, not in the first invocation's time:
+# the S3 client (botocore reads its service model: about 0.2 s), and the challenger comparison
+# imported above (a run's finish imports it, scipy.stats with it).
+s3_client()
 
 
 @logger.inject_lambda_context

@@ -60,7 +60,7 @@ champion without its decision record; the report is the evidence then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -584,7 +584,7 @@ def evaluate(
     end: datetime,
     *,
     files: list[tuple[str, int]],
-    labels: dict[str, Any],
+    labels: Callable[[], dict[str, Any]],
     settings: Settings | None = None,
     source: object = None,
     act: bool = True,
@@ -592,7 +592,9 @@ def evaluate(
 ) -> dict[str, Any] | None:
     """The ``challenger`` section of a report, or None when no routing sends live traffic to a
     challenger. ``files``: the window's capture files (key, size), as the run listed them;
-    ``labels`` as :func:`treeserve.monitoring.pipeline.read_labels` read them. ``act``: whether
+    ``labels()``: the labels as :func:`treeserve.monitoring.pipeline.read_labels` reads them,
+    called only when there is a challenger to compare (a window without routing reads none).
+    ``act``: whether
     PROMOTION_MODE=live may promote (a run that writes no report changes nothing)."""
     config = _settings(bucket, settings)
     registry = _registry(bucket, model, s3, source)
@@ -662,10 +664,11 @@ def _compare(  # noqa: PLR0917 - one run's inputs, passed through once
     *,
     window: tuple[datetime, datetime],
     files: list[tuple[str, int]],
-    labels: dict[str, Any],
+    labels: Callable[[], dict[str, Any]],
     config: Settings,
 ) -> None:
     start, end = window
+    table = labels()
     aliases: dict[str, Pointer | None] = {a: registry.alias(a) for a in sorted(routing.aliases())}
     routes = sum(
         1
@@ -792,7 +795,7 @@ def _compare(  # noqa: PLR0917 - one run's inputs, passed through once
         entry["agreement"] = agreement(champ_m, chal_m, old, new)
         entry["shift"] = shift(_comparable_scale(champ_m, old), _comparable_scale(chal_m, new))
         q = quality(
-            champ_m, chal_m, ids=ids, champion_values=old, challenger_values=new, labels=labels
+            champ_m, chal_m, ids=ids, champion_values=old, challenger_values=new, labels=table
         )
         entry["quality"] = q
         entry["rows"]["labeled"] = q["labeled_rows"]
