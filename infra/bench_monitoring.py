@@ -5,9 +5,9 @@ HTTP), a real XGBoost model with 30 features registered with its reference stati
 1,000,000 capture rows written by the inference function's encoder
 (:func:`treeserve.captures.encode_capture`) as Parquet files of ``ROWS_PER_FILE`` rows under
 ``captures/<model>/dt=<today>/``, plus labels for a tenth of the rows. To keep setup short,
-100,000 distinct rows are each captured 10 times under their own ids; the run reads, counts and
-joins all 1,000,000 rows all the same. Feature
-values carry 6 significant digits, as tabular data sent by clients usually does (captures keep
+100,000 distinct rows are each captured 10 times under their own ids (generated as the inference
+function generates them when a request sends none: :func:`row_id`); the run reads, counts and
+joins all 1,000,000 rows all the same. Feature values carry 6 significant digits, as tabular data sent by clients usually does (captures keep
 the client's digits). ``TREESERVE_BENCH_ROWS`` sets a smaller size for a quick look.
 
 Timed, each in a fresh child process (wall, CPU, peak RSS from ``VmHWM``), twice: with S3 served
@@ -56,6 +56,7 @@ from treeserve.registry.store import S3RegistryStore
 ROWS = int(os.environ.get("TREESERVE_BENCH_ROWS", "1000000"))
 FEATURES = 30
 ROWS_PER_FILE = 10_000
+REQUEST_ROWS = 1000  # rows per request: ten requests a capture file
 DISTINCT = min(100_000, ROWS)
 COPIES = ROWS // DISTINCT
 MODEL = "bench"
@@ -230,6 +231,14 @@ def register_model(s3: Any, bucket: str, model: str, rng: np.random.Generator) -
     return booster, ModelRegistry(S3RegistryStore(bucket, s3=s3), model).register(ubj, manifest)
 
 
+def row_id(copy: int, i: int) -> str:
+    """Row ``i``'s id in copy ``copy``, as the inference function generates ids when a request
+    sends none: ``<request id>-<row>``, here for requests of ``REQUEST_ROWS`` rows (so a file's
+    ids are 34 to 36 characters long)."""
+    request, row = divmod(i, REQUEST_ROWS)
+    return f"{copy:016x}{request:016x}-{row}"
+
+
 def _setup(s3: Any) -> tuple[int, int]:
     """Register a model and write the captures; returns (capture bytes, csv bytes)."""
     rng = np.random.default_rng(SEED)
@@ -256,7 +265,7 @@ def _setup(s3: Any) -> tuple[int, int]:
             body = captures.encode_capture(
                 captures.CaptureRows(
                     model=MODEL,
-                    ids=[f"req-{copy}-{i:07d}" for i in range(part.start, part.stop)],
+                    ids=[row_id(copy, i) for i in range(part.start, part.stop)],
                     ts_ms=np.full(count, ts, np.int64),
                     versions=np.full(count, version, np.int64),
                     inputs=X32[part],
@@ -269,7 +278,7 @@ def _setup(s3: Any) -> tuple[int, int]:
             s3.put_object(Bucket=BUCKET, Key=key, Body=body)
             n += 1
     labels = "id,label\n" + "".join(
-        f"req-{c}-{i:07d},{y[i]}\n" for c in range(COPIES) for i in range(0, DISTINCT, 10)
+        f"{row_id(c, i)},{y[i]}\n" for c in range(COPIES) for i in range(0, DISTINCT, 10)
     )
     s3.put_object(Bucket=BUCKET, Key=f"labels/{MODEL}/labels.csv", Body=labels.encode())
     # The baseline's data: the same numbers (same digits) as CSV text, and as raw float32.

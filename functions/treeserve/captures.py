@@ -330,14 +330,14 @@ def capture_split(data: bytes, start_ms: int, end_ms: int, *, with_ids: bool) ->
     P = _fixed_list(pf, "outputs")
     if ts.shape[0] != n or versions.shape[0] != n:
         raise parquet.ParquetError("columns of different lengths")
-    ids: list[bytes] | npt.NDArray[np.uint8] | None = None
-    if with_ids:  # ids of one width as a byte matrix (monitoring joins those with numpy)
+    ids: list[bytes] | parquet.StringRuns | None = None
+    if with_ids:  # by width, as byte matrices (monitoring joins those with numpy)
         path, rep, max_def = _leaf("id")
         page = pf.page(path, rep, max_def)
-        ids = page.fixed_strings(max_def)
+        ids = page.string_runs(max_def)
         if ids is None:
             ids = page.strings(max_def)
-        if len(ids) != n:
+        if (ids.count if isinstance(ids, parquet.StringRuns) else len(ids)) != n:
             raise parquet.ParquetError("columns of different lengths")
     inside = (ts >= start_ms) & (ts < end_ms)
     out_of_window = int(n - inside.sum())
@@ -352,8 +352,8 @@ def capture_split(data: bytes, start_ms: int, end_ms: int, *, with_ids: bool) ->
             chosen = (
                 None
                 if ids is None
-                else ids[idx]
-                if isinstance(ids, np.ndarray)
+                else ids.take(idx)
+                if isinstance(ids, parquet.StringRuns)
                 else [ids[i] for i in idx.tolist()]
             )
             groups.append(
@@ -590,13 +590,13 @@ def rows_matrix(values: list[Any], width: int | None = None) -> npt.NDArray[np.f
 @dataclass(frozen=True, slots=True)
 class Group:
     """One model version's rows of a capture file: features, predictions and (when labels
-    are to be joined) ids: a ``(rows, width)`` byte matrix when they all have one width, else
-    a list, of bytes when they are plain strings (see ``FastBatch.id_bytes``)."""
+    are to be joined) ids: by width (:class:`treeserve.parquet.StringRuns`) from a capture
+    file, else a list, of bytes when they are plain strings (see ``FastBatch.id_bytes``)."""
 
     version: int
     X: npt.NDArray[np.float32]
     P: npt.NDArray[np.float32] | None
-    ids: list[Any] | npt.NDArray[np.uint8] | None
+    ids: list[Any] | parquet.StringRuns | None
     ids_are_bytes: bool = False
 
 

@@ -269,37 +269,107 @@ def encode_strings(values: Sequence[bytes]) -> bytes:
     return out.tobytes()
 
 
-def fixed_strings(data: bytes | memoryview, pos: int, count: int) -> npt.NDArray[np.uint8] | None:
-    """``count`` PLAIN BYTE_ARRAY values at ``pos`` as a ``(count, width)`` byte matrix (a view
-    of ``data``) when every value is ``width`` bytes long; None when their lengths differ."""
-    if count == 0:
-        return np.zeros((0, 0), np.uint8)
+@dataclass(frozen=True, slots=True)
+class StringRuns:
+    """``count`` BYTE_ARRAY values grouped by their length: for each width, the positions of
+    its values (ascending) and their bytes, a ``(values, width)`` matrix."""
+
+    count: int
+    widths: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]]
+
+    def take(self, positions: npt.NDArray[np.int64]) -> StringRuns:
+        """The values at ``positions`` (ascending), numbered from 0 again."""
+        chosen = np.zeros(self.count, bool)
+        chosen[positions] = True
+        renumbered = np.cumsum(chosen) - 1
+        widths = {}
+        for width, (rows, values) in self.widths.items():
+            keep = chosen[rows]
+            if keep.any():
+                widths[width] = (renumbered[rows[keep]], values[keep])
+        return StringRuns(int(positions.size), widths)
+
+    def tolist(self) -> list[bytes]:
+        if len(self.widths) == 1:
+            ((_, values),) = self.widths.values()
+            return _cut(values)
+        out = [b""] * self.count
+        for rows, values in self.widths.values():
+            for row, value in zip(rows.tolist(), _cut(values), strict=True):
+                out[row] = value
+        return out
+
+
+def _cut(values: npt.NDArray[np.uint8]) -> list[bytes]:
+    """The rows of a ``(n, width)`` byte matrix as bytes objects."""
+    n, width = values.shape
+    if width == 0:
+        return [b""] * n
+    cut: list[bytes] = np.ascontiguousarray(values).view(f"S{width}")[:, 0].tolist()
+    if set(map(len, cut)) == {width}:  # "S" drops trailing NULs: keep those by hand
+        return cut
+    flat = values.tobytes()
+    return [flat[i : i + width] for i in range(0, len(flat), width)]
+
+
+# Values per run of one length, on average, below which string_runs gives up (the caller cuts
+# the values one by one: a numpy call per run would cost more).
+MIN_RUN = 16
+
+
+def string_runs(data: bytes | memoryview, pos: int, count: int) -> StringRuns | None:
+    """``count`` PLAIN BYTE_ARRAY values at ``pos``, cut by numpy run by run: a run of values
+    of one length is found by checking, in growing windows, that the length prefixes lie where
+    that length puts them (exact: a prefix that differs starts the next run). None when the
+    runs are short (fewer than ``MIN_RUN`` values each, on average)."""
     buf = memoryview(data)
-    if pos + 4 > len(buf):
-        raise ParquetError("strings beyond the page")
-    (first,) = struct.unpack_from("<I", buf, pos)
-    if pos + (4 + first) * count > len(buf):
-        return None
-    rec = np.frombuffer(buf, np.uint8, (4 + first) * count, pos).reshape(count, 4 + first)
-    if not (rec[:, :4].view("<u4")[:, 0] == first).all():
-        return None
-    return rec[:, 4:]
+    size = len(buf)
+    runs: dict[int, list[tuple[int, int, int]]] = {}  # width -> (first value, values, pos)
+    row = nruns = 0
+    while row < count:
+        if pos + 4 > size:
+            raise ParquetError("strings beyond the page")
+        (width,) = struct.unpack_from("<I", buf, pos)
+        stride = 4 + width
+        most = min(count - row, (size - pos) // stride)  # values of this width that fit
+        if most == 0:
+            raise ParquetError("strings beyond the page")
+        n, window = 0, 64
+        while n < most:
+            m = min(window, most - n)
+            heads = np.frombuffer(buf, np.uint8, m * stride, pos + n * stride)
+            lengths = heads.reshape(m, stride)[:, :4].view("<u4")[:, 0]
+            differ = np.flatnonzero(lengths != width)
+            if differ.size:
+                n += int(differ[0])
+                break
+            n += m
+            window *= 4
+        runs.setdefault(width, []).append((row, n, pos))
+        row += n
+        pos += n * stride
+        nruns += 1
+        if nruns > 4 and row < nruns * MIN_RUN:
+            return None
+    widths = {}
+    for width, parts in runs.items():
+        rows = np.concatenate([np.arange(r, r + n, dtype=np.int64) for r, n, _ in parts])
+        blocks = [
+            np.frombuffer(buf, np.uint8, n * (4 + width), p).reshape(n, 4 + width)[:, 4:]
+            for _, n, p in parts
+        ]
+        widths[width] = (rows, blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
+    return StringRuns(count, widths)
 
 
 def decode_strings(data: bytes | memoryview, pos: int, count: int) -> list[bytes]:
-    """``count`` PLAIN BYTE_ARRAY values at ``pos``; values of one length are cut by numpy."""
+    """``count`` PLAIN BYTE_ARRAY values at ``pos``: cut by numpy in runs of one length
+    (:func:`string_runs`), else one by one."""
     if count == 0:
         return []
-    fixed = fixed_strings(data, pos, count)
-    if fixed is not None:
-        first = fixed.shape[1]
-        if first == 0:
-            return [b""] * count
-        cut: list[bytes] = np.ascontiguousarray(fixed).view(f"S{first}")[:, 0].tolist()
-        if set(map(len, cut)) == {first}:  # "S" drops trailing NULs: keep those by hand
-            return cut
-        flat = fixed.tobytes()
-        return [flat[i : i + first] for i in range(0, len(flat), first)]
+    runs = string_runs(data, pos, count)
+    if runs is not None:
+        return runs.tolist()
     buf = memoryview(data)
     out = []
     unpack = struct.Struct("<I").unpack_from
@@ -599,9 +669,9 @@ class Page:
         count = self.present(max_def)
         return decode_strings(self.data, self.pos, count)
 
-    def fixed_strings(self, max_def: int) -> npt.NDArray[np.uint8] | None:
-        """:func:`fixed_strings` of the page's values (None unless all have one length)."""
-        return fixed_strings(self.data, self.pos, self.present(max_def))
+    def string_runs(self, max_def: int) -> StringRuns | None:
+        """:func:`string_runs` of the page's values (None when their runs are short)."""
+        return string_runs(self.data, self.pos, self.present(max_def))
 
 
 @dataclass(slots=True)

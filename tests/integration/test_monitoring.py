@@ -503,10 +503,10 @@ def test_labels_join_any_id_shape(s3: Any) -> None:
     assert abs(perf["mae"] - float(np.mean(np.abs(err)))) < 1e-9
 
 
-def test_ids_of_one_width_join_as_one_lookup_per_id_would(
+def test_ids_by_width_join_as_one_lookup_per_id_would(
     s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Files whose ids share a width are joined with numpy (treeserve.monitoring.labels); the
+    """Capture files' ids are joined by width with numpy (treeserve.monitoring.labels); the
     labelled rows, their order and the metrics equal those of one dict lookup per id."""
     model = train("binary:logistic", n=1500)
     version = register(s3, model, "w")
@@ -516,27 +516,43 @@ def test_ids_of_one_width_join_as_one_lookup_per_id_would(
     y = (X[:, 0] > 0).astype(int)
     chosen = sorted(rng.choice(900, 400, replace=False).tolist())
     lines = [f"{ids[i]},{y[i]}" for i in chosen] + [f"{ids[5]},n/a", "id-99999,1", "ghost,0"]
-    s3.put_object(
-        Bucket=BUCKET, Key="labels/w/l.csv", Body=("id,label\n" + "\n".join(lines)).encode()
-    )
+    body = "id,label\n" + "\n".join(lines)
+    s3.put_object(Bucket=BUCKET, Key="labels/w/l.csv", Body=body.encode())
 
     widths: list[int] = []
-    lookup = monitoring.LabelIndex.lookup
+    indexed = monitoring.LabelIndex._width
 
-    def counted(self: Any, matrix: np.ndarray) -> Any:
-        widths.append(matrix.shape[1])
-        return lookup(self, matrix)
+    def counted(self: Any, width: int) -> Any:
+        widths.append(width)
+        return indexed(self, width)
 
-    monkeypatch.setattr(monitoring.LabelIndex, "lookup", counted)
+    monkeypatch.setattr(monitoring.LabelIndex, "_width", counted)
     fast = run(s3, "w")["summary"]["performance"]
-    assert widths == [6, 6]  # "id-0".."id-299" mix widths; "id-300".."id-899" do not
-    monkeypatch.setattr(monitoring.LabelIndex, "lookup", lambda self, matrix: None)
+    assert widths == [4, 5, 6, 6, 6]  # "id-0".."id-299" in three runs, then one width a file
+    monkeypatch.setattr(monitoring.LabelIndex, "_width", lambda self, width: None)
     slow = run(s3, "w")["summary"]["performance"]
     assert fast == slow
     keep = [i for i in chosen if i != 5]  # "n/a" is no label: its row is left out
     assert fast["rows"] == len(keep)
     s = preds[keep].astype(np.float32).astype(np.float64)
     assert abs(fast["auc"] - independent_auc(y[keep].astype(float), s)) < 1e-9
+
+
+def test_the_report_is_the_same_however_rows_are_gathered(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 1,024 rows (across capture files, the last one partial) or one batch for
+    the whole window: the same report, to the last bit (counts and exact sums)."""
+    model = train("binary:logistic", n=1500)
+    version = register(s3, model, "g")
+    X = np.random.default_rng(8).normal(size=(2500, 6)) * np.float32(3.0)
+    X[::7, 1] = np.nan
+    traffic(s3, model, version, X, name="g", files=3)
+    whole = run(s3, "g", write=False)
+    monkeypatch.setattr(monitoring, "ACCUMULATE_VALUES", 6 * 100)  # 1,024 rows, the minimum
+    batched = run(s3, "g", write=False)
+    assert batched == whole
+    assert whole["rows"] == 2500
 
 
 def test_a_run_reads_the_labels_once(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,10 +13,15 @@ from treeserve.monitoring import labels as label_index
 from treeserve.monitoring.labels import LabelIndex
 
 
-def matrix(ids: list[bytes]) -> np.ndarray:
-    width = len(ids[0])
-    assert all(len(i) == width for i in ids)
-    return np.frombuffer(b"".join(ids), np.uint8).reshape(len(ids), width)
+def page(values: list[bytes]) -> bytes:
+    """PLAIN BYTE_ARRAY values as a page holds them."""
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+
+
+def runs(ids: list[bytes]) -> parquet.StringRuns:
+    out = parquet.string_runs(page(ids), 0, len(ids))
+    assert out is not None
+    return out
 
 
 def by_dict(ids: list[bytes], labels: dict[str, Any]) -> tuple[list[int], list[Any]]:
@@ -40,49 +45,65 @@ def random_ids(rng: np.random.Generator, n: int, width: int) -> list[bytes]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("width", [1, 7, 8, 9, 16, 36])
-def test_lookup_equals_one_dict_lookup_per_id(width: int) -> None:
-    rng = np.random.default_rng(width)
-    n = 60 if width == 1 else 3000
-    pool = random_ids(rng, min(n, 5**width), width)
-    ids = [pool[i] for i in rng.integers(len(pool), size=2 * len(pool))]  # repeated ids too
+@pytest.mark.parametrize("widths", [[1], [7], [8], [9], [16], [36], [3, 4, 5, 9, 40]])
+def test_find_equals_one_dict_lookup_per_id(widths: list[int]) -> None:
+    rng = np.random.default_rng(sum(widths))
+    pool = [i for w in widths for i in random_ids(rng, min(3000 // len(widths), 5**w - 1), w)]
+    picks = rng.integers(len(pool), size=2 * len(pool))
+    ids = sorted((pool[i] for i in picks), key=len)  # runs of one width, as requests write
+    ids += [pool[i] for i in np.sort(picks)[:500]]  # and the widths again; ids repeat
     labelled = rng.random(len(pool)) < 0.3
     labelled[0] = True
     labels = {k.decode(): f"y{i}" for i, k in enumerate(pool) if labelled[i]}
-    labels.update({"other width": "z", "x" * (width + 1): "z"})  # other widths: not searched
+    labels["other width" * 9] = "z"  # a width no id has
     index = LabelIndex(labels)
-    hit = index.lookup(matrix(ids))
-    assert hit is not None
-    rows, positions = hit
+    rows, positions = index.find(runs(ids))
     expected_rows, expected = by_dict(ids, labels)
     assert rows.tolist() == expected_rows
     assert [index.values[p] for p in positions.tolist()] == expected
     assert expected_rows  # the test looks something up
+    # The same ids one by one (lists: bytes, or text) find the same rows.
+    for found, where in (index.find(ids, as_bytes=True), index.find([i.decode() for i in ids])):
+        assert found.tolist() == expected_rows
+        assert where.tolist() == positions.tolist()
 
 
 def test_a_weak_hash_never_attaches_a_wrong_label(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a hash of the first byte alone, every id is a candidate: the byte check decides;
-    labels whose hashes collide leave the width unindexed (the caller looks ids up itself)."""
+    labels whose hashes collide leave their width to one dict lookup per id."""
 
     def first_byte(rows: np.ndarray) -> np.ndarray:
         return rows[:, 0].astype(np.uint64) << np.uint64(56)
 
     monkeypatch.setattr(label_index, "hash_rows", first_byte)
-    ids = [b"a1", b"b1", b"a2", b"c1"]
-    assert LabelIndex({"a1": 1, "a2": 2}).lookup(matrix(ids)) is None  # "a1", "a2" collide
-    index = LabelIndex({"a1": 1, "b2": 2, "c1": 3})
-    hit = index.lookup(matrix(ids))
-    assert hit is not None
-    rows, positions = hit
-    assert rows.tolist() == [0, 3]  # "b1" shares "b2"'s hash but is not it; "a2" has none
-    assert [index.values[p] for p in positions.tolist()] == [1, 3]
+    ids = [b"a1", b"b1", b"a2", b"c1", b"zzz", b"a22"]
+    index = LabelIndex({"a1": 1, "b2": 2, "c1": 3, "a22": 4, "a23": 5})
+    cut = parquet.string_runs(page(ids), 0, len(ids))
+    assert cut is None or cut.tolist() == ids
+    cut = parquet.StringRuns(
+        6,
+        {
+            2: (np.array([0, 1, 2, 3]), np.frombuffer(b"a1b1a2c1", np.uint8).reshape(4, 2)),
+            3: (np.array([4, 5]), np.frombuffer(b"zzza22", np.uint8).reshape(2, 3)),
+        },
+    )
+    rows, positions = index.find(cut)
+    assert rows.tolist() == [0, 3, 5]  # "b1" shares "b2"'s hash but is not it; "a2" has none
+    assert [index.values[p] for p in positions.tolist()] == [1, 3, 4]
+    assert index._widths[3] is None  # "a22" and "a23" collide: looked up one by one
+    assert index._widths[2] is not None
 
 
 def test_empty_files_empty_labels_and_empty_ids() -> None:
-    assert LabelIndex({}).lookup(matrix([b"abc"])) == (pytest.approx([]), pytest.approx([]))
-    rows, positions = LabelIndex({"abc": 1}).lookup(np.zeros((0, 3), np.uint8)) or ((), ())
-    assert len(rows) == len(positions) == 0
-    assert LabelIndex({"": 1}).lookup(np.zeros((2, 0), np.uint8)) is None  # width 0: unindexed
+    for index, ids in (
+        (LabelIndex({}), runs([b"abc"])),
+        (LabelIndex({"abc": 1}), parquet.StringRuns(0, {})),
+        (LabelIndex({"abc": 1}), []),
+    ):
+        rows, positions = index.find(ids)
+        assert rows.size == positions.size == 0
+    rows, _ = LabelIndex({"": 1, "a": 2}).find(runs([b"", b"", b"a"]))  # width 0: one by one
+    assert rows.tolist() == [0, 1, 2]
 
 
 def test_decided_labels_masks_the_unusable_and_takes_any_json() -> None:
@@ -107,19 +128,42 @@ def test_decided_labels_masks_the_unusable_and_takes_any_json() -> None:
     assert seen == ["1", "2"]  # each distinct label once
 
 
-def test_fixed_strings_cut_pages_of_one_width_only() -> None:
-    def page(values: list[bytes]) -> bytes:
-        return b"".join(len(v).to_bytes(4, "little") + v for v in values)
-
+def test_string_runs_cut_pages_exactly() -> None:
     same = [b"ab\x00", b"\x00cd", b"efg"]
-    fixed = parquet.fixed_strings(page(same), 0, 3)
-    assert fixed is not None
-    assert [bytes(r) for r in fixed] == same
-    assert parquet.decode_strings(page(same), 0, 3) == same  # trailing NULs kept
-    assert parquet.fixed_strings(page([b"ab", b"abc"]), 0, 2) is None
-    assert parquet.decode_strings(page([b"ab", b"abc"]), 0, 2) == [b"ab", b"abc"]
-    assert parquet.fixed_strings(page(same)[:-1], 0, 3) is None  # cut short: not one width
-    with pytest.raises(parquet.ParquetError):
-        parquet.decode_strings(page(same)[:-1], 0, 3)
-    with pytest.raises(parquet.ParquetError):
-        parquet.fixed_strings(b"\x01", 0, 1)
+    cut = parquet.string_runs(page(same), 0, 3)
+    assert cut is not None
+    assert list(cut.widths) == [3]
+    assert cut.tolist() == same  # trailing NULs kept
+    mixed = [b"ab", b"abc", b"abc", b"", b"abcd", b"ab"]
+    assert parquet.decode_strings(page(mixed), 0, 6) == mixed
+    # A value that looks like a length prefix: only where a length lies is one read.
+    tricky = [b"\x03\x00\x00\x00", b"\x03\x00\x00\x00abc"] * 40
+    assert parquet.decode_strings(page(tricky), 0, 80) == tricky
+    assert parquet.string_runs(page(tricky), 0, 80) is None  # 80 runs of one: one by one
+    chosen = parquet.StringRuns(
+        6,
+        {
+            w: (
+                np.array(r),
+                np.frombuffer(b"".join(mixed[i] for i in r), np.uint8).reshape(len(r), w),
+            )
+            for w, r in ((2, [0, 5]), (3, [1, 2]), (0, [3]), (4, [4]))
+        },
+    ).take(np.array([1, 3, 5]))
+    assert chosen.tolist() == [b"abc", b"", b"ab"]
+    for broken, n in ((page(same)[:-1], 3), (b"\x01", 1), (page([b"x" * 10])[:8], 1)):
+        with pytest.raises(parquet.ParquetError):
+            parquet.decode_strings(broken, 0, n)
+    rng = np.random.default_rng(5)
+    for _ in range(300):  # seeded: random pages, cut by runs and one by one, agree
+        values = [bytes(rng.integers(0, 256, int(rng.integers(0, 6)), dtype=np.uint8))]
+        for _ in range(int(rng.integers(0, 400))):
+            fresh = bytes(rng.integers(0, 256, int(rng.integers(0, 6)), dtype=np.uint8))
+            values.append(values[-1] if rng.random() < 0.95 else fresh)
+        data = page(values)
+        assert parquet.decode_strings(data, 0, len(values)) == values
+        got = parquet.string_runs(data, 0, len(values))
+        if got is not None:
+            assert got.tolist() == values
+            keep = np.flatnonzero(rng.random(len(values)) < 0.5)
+            assert got.take(keep).tolist() == [values[i] for i in keep.tolist()]

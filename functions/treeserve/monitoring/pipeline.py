@@ -8,7 +8,8 @@ whose ``ts`` falls in ``[start, end)``, groups them by model version and streams
 columns into :class:`treeserve.monitoring.drift` accumulators. Captures of the previous release
 (gzipped JSON Lines) are still read, by the slower text path, for one release. Only counts
 stay in memory (plus, when labels exist, the predictions of labelled rows), so memory is bounded
-by a few capture files and ``ACCUMULATE_BYTES`` of gathered rows per version, not by the window.
+by a few capture files and ``ACCUMULATE_VALUES`` gathered values per version, not by the
+window.
 
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
 first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give performance over
@@ -36,8 +37,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from itertools import compress, count, repeat
-from operator import is_not
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -63,8 +62,8 @@ from treeserve.model import decision
 from treeserve.model.manifest import ModelManifest
 from treeserve.model.metrics import log_loss, roc_auc
 from treeserve.monitoring import drift
-from treeserve.monitoring.labels import LabelIndex, decide_each
-from treeserve.parquet import ParquetError
+from treeserve.monitoring.labels import LabelIndex
+from treeserve.parquet import ParquetError, StringRuns
 from treeserve.settings import DriftRule, Settings, valid_model_name
 
 if TYPE_CHECKING:
@@ -92,7 +91,6 @@ DEFAULT_RULE = DriftRule()  # DRIFT_METHOD=psi, DRIFT_THRESHOLD=0.1
 # Feature values per version gathered before they are counted (float32: 32 MiB, 270,000 rows of
 # 30 features): the accumulators' searches of the reference points are paid per gathered batch.
 ACCUMULATE_VALUES = 8 << 20
-ACCUMULATE_BYTES = ACCUMULATE_VALUES * 4
 METRIC_DRIFTED_FEATURES = "DriftedFeatures"
 METRIC_PREDICTION_DRIFT = "PredictionDrift"
 METRIC_ROWS_SEEN = "RowsSeen"
@@ -289,6 +287,43 @@ def _threshold(manifest: ModelManifest | None) -> float:
 # --- per-version state -------------------------------------------------------------------------
 
 
+F32 = npt.NDArray[np.float32]
+
+
+class _Gather:
+    """Rows of one kind (the features, or the predictions) gathered as columns: each capture
+    file's block transposed into place as it is read (no file is kept for it), then counted
+    a gathered batch at a time."""
+
+    __slots__ = ("accumulators", "capacity", "columns", "n")
+
+    def __init__(self, accumulators: list[drift.FeatureAccumulator], capacity: int) -> None:
+        self.accumulators = accumulators
+        self.capacity = capacity
+        self.columns: F32 | None = None
+        self.n = 0
+
+    def put(self, block: F32, at: int) -> int:
+        """Gather rows of ``block`` from ``at`` on, as many as fit; returns how many."""
+        if self.columns is None:
+            self.columns = np.empty((len(self.accumulators), self.capacity), np.float32)
+        take = min(int(block.shape[0]) - at, self.capacity - self.n)
+        self.columns[:, self.n : self.n + take] = block[at : at + take].T
+        self.n += take
+        return take
+
+    def count(self) -> None:
+        """Hand the gathered rows to the accumulators: each column sorted in place (NaN
+        last), then searched; the buffer gathers again."""
+        if self.columns is None or self.n == 0:
+            return
+        columns = self.columns[:, : self.n]
+        columns.sort(axis=1)
+        for j, acc in enumerate(self.accumulators):
+            acc.add_sorted(columns[j])
+        self.n = 0
+
+
 class VersionState:
     """Accumulators of one model version's rows in the window."""
 
@@ -319,43 +354,33 @@ class VersionState:
         self.labelled_y: list[npt.NDArray[np.float64]] = []
         self.labelled_p: list[npt.NDArray[np.float32]] = []
         self.labelled_keys: list[str] = []
-        self._pending_x: list[npt.NDArray[np.float32]] = []
-        self._pending_p: list[npt.NDArray[np.float32]] = []
-        self._pending_x_rows = 0
+        rows = max(1024, ACCUMULATE_VALUES // max(len(self.features), 1))
+        self._gathered = (_Gather(self.features, rows), _Gather(self.predictions, rows))
 
-    def add(self, X: npt.NDArray[np.float32], P: npt.NDArray[np.float32] | None) -> None:
-        """Count a batch of rows; batches are gathered up to ``ACCUMULATE_VALUES`` values first,
-        so the accumulators' per-call work (searches of the reference points) is paid once per
-        gathered batch, not once per capture file."""
+    def add(self, X: F32, P: F32 | None) -> None:
+        """Count a batch of rows. Rows are gathered, column by column, up to
+        ``ACCUMULATE_VALUES`` feature values before they are counted: the accumulators'
+        per-call work (searches of the reference points) is paid once per gathered batch,
+        not once per capture file."""
         self.rows += X.shape[0]
+        features, predictions = self._gathered
+        blocks: list[tuple[_Gather, F32]] = []
         if self.features and X.shape[1] == len(self.features):
-            self._pending_x.append(X)
-            self._pending_x_rows += X.shape[0]
+            blocks.append((features, X))
         if P is not None and self.predictions and P.shape[1] == len(self.predictions):
-            self._pending_p.append(P)
-        if self._pending_x_rows * X.shape[1] >= ACCUMULATE_VALUES or len(self._pending_p) >= 64:
-            self.drain()
+            blocks.append((predictions, P))
+        for gather, block in blocks:
+            at = 0
+            while at < block.shape[0]:
+                at += gather.put(block, at)
+                if gather.n == gather.capacity:
+                    gather.count()
 
     def drain(self) -> None:
-        """Hand the gathered rows to the accumulators."""
-        for pending, accumulators in (
-            (self._pending_x, self.features),
-            (self._pending_p, self.predictions),
-        ):
-            if pending:
-                # One copy: each block transposed into its place, then sorted there (NaN last).
-                columns = np.empty(
-                    (pending[0].shape[1], sum(b.shape[0] for b in pending)), dtype=np.float32
-                )
-                at = 0
-                for block in pending:
-                    columns[:, at : at + block.shape[0]] = block.T
-                    at += block.shape[0]
-                columns.sort(axis=1)
-                for j, acc in enumerate(accumulators):
-                    acc.add_sorted(columns[j])
-                pending.clear()
-        self._pending_x_rows = 0
+        """Count every gathered row now, and let the buffers go."""
+        for gather in self._gathered:
+            gather.count()
+            gather.columns = None
 
     def merge(self, other: VersionState) -> None:
         """Add ``other``'s counts (the same version's rows from other capture files)."""
@@ -447,7 +472,6 @@ class Monitor:
         self.labels = labels
         self.labels_available = len(labels)
         self._key = ""  # the capture file being read (labelled rows remember it)
-        self._labels_b: dict[bytes, Any] | None = None
         self._label_index: LabelIndex | None = None
         self.versions: dict[int, VersionState] = {}
         self.files = 0
@@ -555,63 +579,32 @@ class Monitor:
     ) -> None:
         self._join_ids(st, [r.get("id") for r in rows], P)
 
-    def labels_by_bytes(self) -> dict[bytes, Any]:
-        if self._labels_b is None:
-            self._labels_b = {k.encode(): v for k, v in self.labels.items()}
-        return self._labels_b
-
     def label_index(self) -> LabelIndex:
         if self._label_index is None:
             self._label_index = LabelIndex(self.labels)
         return self._label_index
 
-    def _find_labels(
-        self, ids: list[Any] | npt.NDArray[np.uint8], *, as_bytes: bool
-    ) -> tuple[list[int], list[Any]]:
-        """The positions of ``ids`` that have a label, and their labels, one lookup each.
-        ``ids``: a byte matrix of ids of one width, UTF-8 bytes (``as_bytes``), or JSON values
-        (labels are keyed by their text)."""
-        if isinstance(ids, np.ndarray):  # not indexed (see treeserve.monitoring.labels)
-            flat, width = ids.tobytes(), ids.shape[1]
-            ids = [flat[i : i + width] for i in range(0, len(flat), width)] if width else []
-            as_bytes = True
-        if as_bytes:
-            found = list(map(self.labels_by_bytes().get, ids))
-        else:
-            found = list(map(self.labels.get, [i if isinstance(i, str) else str(i) for i in ids]))
-        # One C-level pass each; most rows have no label yet.
-        rows = list(compress(count(), map(is_not, found, repeat(None))))
-        return rows, [found[i] for i in rows]
-
     def _join_ids(
         self,
         st: VersionState,
-        ids: list[Any] | npt.NDArray[np.uint8],
+        ids: list[Any] | StringRuns,
         P: npt.NDArray[np.float32],
         *,
         as_bytes: bool = False,
     ) -> None:
-        assert st.manifest is not None  # noqa: S101
+        """Keep the (label, prediction) of each row of ``ids`` that has a usable label (a
+        number, or one of the version's classes)."""
         manifest = st.manifest
-        if isinstance(ids, np.ndarray):  # ids of one width: searched with numpy, if indexed
-            index = self.label_index()
-            hit = index.lookup(ids)
-            if hit is not None:
-                at, positions = hit
-                y, usable = index.decided(st.version, lambda label: _label_value(label, manifest))
-                keep = usable[positions]
-                if keep.any():
-                    st.labelled_y.append(y[positions[keep]])
-                    st.labelled_p.append(P[at[keep]])
-                    st.labelled_keys.append(self._key)
-                return
-        rows, found = self._find_labels(ids, as_bytes=as_bytes)
-        decided = decide_each(found, lambda label: _label_value(label, manifest))
-        # Unusable labels (not a number, not a class): their rows are left out.
-        kept = [(i, y) for i, y in zip(rows, decided, strict=True) if y is not None]
-        if kept:
-            st.labelled_y.append(np.array([y for _, y in kept], dtype=np.float64))
-            st.labelled_p.append(P[[i for i, _ in kept]])
+        assert manifest is not None  # noqa: S101
+        index = self.label_index()
+        rows, positions = index.find(ids, as_bytes=as_bytes)
+        if rows.size == 0:
+            return
+        y, usable = index.decided(st.version, lambda label: _label_value(label, manifest))
+        keep = usable[positions]
+        if keep.any():
+            st.labelled_y.append(y[positions[keep]])
+            st.labelled_p.append(P[rows[keep]])
             st.labelled_keys.append(self._key)
 
 
@@ -757,7 +750,7 @@ def monitor_files(
     _read_files(s3, bucket, files, mon, progress=progress)
     for st in mon.versions.values():
         st.drain()
-    mon._labels_b = mon._label_index = None  # joined; the labels stay for finish (a partial
+    mon._label_index = None  # joined; the labels stay for finish (a partial
     # state omits them)
     return mon
 
