@@ -334,7 +334,7 @@ def string_runs(data: bytes | memoryview, pos: int, count: int) -> StringRuns | 
         most = min(count - row, (size - pos) // stride)  # values of this width that fit
         if most == 0:
             raise ParquetError("strings beyond the page")
-        n, window = 0, 64
+        n, window = 0, 1024
         while n < most:
             m = min(window, most - n)
             heads = np.frombuffer(buf, np.uint8, m * stride, pos + n * stride)

@@ -18,6 +18,10 @@ def page(values: list[bytes]) -> bytes:
     return b"".join(len(v).to_bytes(4, "little") + v for v in values)
 
 
+def matrix(ids: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(ids), np.uint8).reshape(len(ids), -1)
+
+
 def runs(ids: list[bytes]) -> parquet.StringRuns:
     out = parquet.string_runs(page(ids), 0, len(ids))
     assert out is not None
@@ -62,10 +66,24 @@ def test_find_equals_one_dict_lookup_per_id(widths: list[int]) -> None:
     assert rows.tolist() == expected_rows
     assert [index.values[p] for p in positions.tolist()] == expected
     assert expected_rows  # the test looks something up
+    assert all(index._widths[w] is not None for w in widths)  # searched, not one by one
     # The same ids one by one (lists: bytes, or text) find the same rows.
     for found, where in (index.find(ids, as_bytes=True), index.find([i.decode() for i in ids])):
         assert found.tolist() == expected_rows
         assert where.tolist() == positions.tolist()
+
+
+def test_generated_ids_hash_apart() -> None:
+    """A million ids as the inference function generates them (``<request id>-<row>``, hex
+    request ids that differ in a few characters) and 100,000 labels among them: no two label
+    ids of one width share a hash, so every width is searched (none left to one by one)."""
+    ids = [f"{c:016x}{r:016x}-{i}" for c in range(10) for r in range(100) for i in range(1000)]
+    index = LabelIndex(dict.fromkeys(ids[::10], 1))
+    found = [index._width(w) for w in sorted({len(i) for i in ids})]  # 34, 35 and 36 bytes
+    assert len(found) == 3
+    assert all(entry is not None for entry in found)
+    distinct = label_index.hash_rows(matrix([i.encode() for i in ids if len(i) == 36]))
+    assert np.unique(distinct).size == distinct.size
 
 
 def test_a_weak_hash_never_attaches_a_wrong_label(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,9 @@ UUIDs and fixed-format ids make one group; generated ``<request id>-<row>`` ids 
 behind a filter of the hashes' top bits: a file's ids are hashed, most are turned away by the
 filter (most rows have no label yet), the rest are searched, and every candidate is confirmed
 byte for byte, so a hash collision can cost a search but never attach a wrong label. At a
-million rows against 100,000 labels this is about 3x faster than one dict lookup per id, whose
-lookups miss the CPU's caches. A length whose labels' ids share a hash (fewer than one chance
+million generated ids against 100,000 labels this takes about 0.1 s, index included, against
+0.25 s for one dict lookup per id (the bytes objects it needs, then lookups that miss the
+CPU's caches). A length whose labels' ids share a hash (fewer than one chance
 in 10**9 at 100,000 labels), ids of files whose lengths vary row by row, and ids of the previous
 release's JSON Lines captures take one dict lookup per id.
 
@@ -35,23 +36,32 @@ Bytes = npt.NDArray[np.uint8]
 
 _SEED = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
-_SHIFT = np.uint64(31)
+MAX_WIDTH = 512  # bytes: longer ids are looked up one by one
+# One odd 64-bit multiplier per eight bytes of an id, fixed (the same in every run).
+_LANES = np.random.default_rng(20261202).integers(0, 2**63, MAX_WIDTH // 8, dtype=np.int64)
+_MULTIPLIERS = _LANES.astype(np.uint64) * np.uint64(2) + np.uint64(1)
 _NONE = np.zeros(0, np.int64)
 
 
 def hash_rows(rows: Bytes) -> U64:
-    """A 64-bit hash of each row of a ``(n, width)`` byte matrix (the same bytes, the same
-    hash: eight bytes at a time, multiplied and folded)."""
+    """A 64-bit hash of each row of a ``(n, width <= MAX_WIDTH)`` byte matrix: each eight-byte
+    lane mixed on its own (a shift folds its high bits down, its own odd multiplier spreads
+    them up, another shift), the lanes summed, the sum mixed again. The same bytes give the
+    same hash; ids that differ in one lane always hash apart."""
     n, width = rows.shape
     words = -(-width // 8)
     padded = np.zeros((n, words * 8), np.uint8)
     padded[:, :width] = rows
     lanes = padded.view(np.uint64)
+    lanes ^= lanes >> np.uint64(29)
+    lanes *= _MULTIPLIERS[:words]
+    lanes ^= lanes >> np.uint64(32)
     h = np.full(n, _SEED ^ np.uint64(width), np.uint64)
     for j in range(words):
-        h ^= lanes[:, j]
-        h *= _MIX
-        h ^= h >> _SHIFT
+        h += lanes[:, j]
+    h ^= h >> np.uint64(31)
+    h *= _MIX
+    h ^= h >> np.uint64(29)
     return h
 
 
@@ -125,7 +135,7 @@ class LabelIndex:
         encoded = self._encode()
         assert self._lengths is not None  # noqa: S101 - set with _encoded
         entry: _Width | None = None
-        if width > 0:
+        if 0 < width <= MAX_WIDTH:
             at = np.flatnonzero(self._lengths == width)
             joined = b"".join([encoded[i] for i in at.tolist()])
             keys = np.frombuffer(joined, np.uint8).reshape(-1, width)
