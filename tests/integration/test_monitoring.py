@@ -555,6 +555,50 @@ def test_the_report_is_the_same_however_rows_are_gathered(
     assert whole["rows"] == 2500
 
 
+def test_a_storage_failure_mid_run_leaves_no_download_behind(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download threads outlive a run (one pool per process); its downloads do not: when
+    a file fails, the queued ones are cancelled and those under way waited for."""
+    import threading
+    import time
+
+    from treeserve.errors import StorageUnavailable
+
+    model = train("binary:logistic", n=600)
+    version = register(s3, model, "fail")
+    traffic(s3, model, version, np.zeros((400, 6)), name="fail", files=20)
+    active: list[int] = [0]
+    started: list[str] = []
+    lock = threading.Lock()
+    fetch = monitoring._fetch
+
+    def slow_or_failing(s3_: Any, bucket: str, key: str, limit: int) -> bytes:
+        with lock:
+            active[0] += 1
+            started.append(key)
+            nth = len(started)
+        try:
+            if nth == 3:
+                raise StorageUnavailable("SlowDown: try again later")
+            if nth > 3:
+                time.sleep(0.2)
+            return fetch(s3_, bucket, key, limit)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(monitoring, "_fetch", slow_or_failing)
+    with pytest.raises(StorageUnavailable):
+        run(s3, "fail")
+    assert active[0] == 0  # nothing of the run still downloading
+    # 16 were queued (MAX_IN_FLIGHT_FILES); those no thread had taken were cancelled.
+    assert monitoring.MAX_IN_FLIGHT_FILES == 16
+    assert len(started) < 16
+    monkeypatch.setattr(monitoring, "_fetch", fetch)
+    assert run(s3, "fail")["rows"] == 400  # the pool serves the next run
+
+
 def test_a_run_reads_the_labels_once(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The drift part joins them; with no routing the challenger part needs none."""
     model = train("binary:logistic", n=600)

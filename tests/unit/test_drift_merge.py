@@ -84,3 +84,36 @@ def test_the_sum_is_exact() -> None:
         acc.add(part)
     assert acc.sum == math.fsum(X.astype(np.float64).tolist())
     assert float(X.astype(np.float64).sum()) != acc.sum  # plain float64 sums round here
+
+
+def test_segment_sums_are_each_segments_correctly_rounded_sum() -> None:
+    """Per support segment (u_{j-1}, u_j], the sum of the current values in it, rounded once
+    (math.fsum of the values themselves), over values spanning 60 binades: segments of one,
+    two and more exponents alike."""
+    import math
+
+    rng = np.random.default_rng(17)
+    for trial in range(40):
+        scale = 10.0 ** float(rng.integers(-20, 20))
+        ref_values = (rng.standard_cauchy(3000) * scale).astype(np.float32)
+        ref = compute_reference(
+            ref_values.reshape(-1, 1).astype(np.float64), ["f"], ["float"], None
+        )
+        acc = drift.FeatureAccumulator(ref["features"][0])
+        current = (rng.standard_cauchy(4000) * scale).astype(np.float32)
+        current[rng.random(4000) < 0.05] = 0.0
+        for part in np.array_split(current, 3):
+            acc.add(part)
+        segment = np.searchsorted(acc.support, current, side="left")  # (u_{j-1}, u_j]
+        expected = np.array(
+            [
+                math.fsum(current[segment == j].astype(np.float64).tolist())
+                for j in range(acc.support.size + 1)
+            ]
+        )
+        got = acc.segment_sums()
+        assert np.array_equal(got, expected), trial
+        parts = np.diff(np.flatnonzero(np.diff(acc.seg_keys[0] // drift.N_BUCKETS, prepend=-1)))
+        if trial == 0:
+            assert (parts == 2).any()  # every branch is taken
+            assert (parts > 2).any()

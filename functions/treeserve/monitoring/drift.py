@@ -351,10 +351,16 @@ class FeatureAccumulator:
         segment = keys // N_BUCKETS
         first = np.flatnonzero(np.diff(segment, prepend=-1))
         stops = np.append(first[1:], segment.size)
+        parts = stops - first
         out[segment[first]] = vals[first]
-        for start, stop in zip(first.tolist(), stops.tolist(), strict=True):
-            if stop - start > 1:  # values of several exponents: their exact, rounded sum
-                out[segment[start]] = _exact_total(vals[start:stop])
+        # Two exact parts (values of two exponents): one IEEE addition is their correctly
+        # rounded sum, as math.fsum's (a zero sum is +0.0 in both: the parts are of two
+        # exponents, so it can only come from x + -x).
+        two = first[parts == 2]
+        out[segment[two]] = vals[two] + vals[two + 1]
+        for start in first[parts > 2].tolist():  # more: their exact, rounded sum
+            stop = int(stops[np.searchsorted(first, start)])
+            out[segment[start]] = _exact_total(vals[start:stop])
         return out
 
     # -- merging (monitoring fans a long window out; drift statistics of the union) ---------

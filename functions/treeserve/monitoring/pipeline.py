@@ -32,10 +32,11 @@ import importlib
 import io
 import logging
 import re
+import threading
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -659,6 +660,21 @@ def _files(
     return sorted(keys)
 
 
+_FETCH_POOL: ThreadPoolExecutor | None = None
+_FETCH_POOL_LOCK = threading.Lock()
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """The download threads: one pool per process, started once and kept by every later run
+    (in a warm Lambda environment, every later invocation), as starting a thread costs a few
+    milliseconds while others hold the GIL."""
+    global _FETCH_POOL  # noqa: PLW0603 - created on first use, then shared
+    with _FETCH_POOL_LOCK:
+        if _FETCH_POOL is None:
+            _FETCH_POOL = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="treeserve-fetch")
+        return _FETCH_POOL
+
+
 def _read_files(
     s3: S3Client,
     bucket: str,
@@ -668,51 +684,53 @@ def _read_files(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     """Download (and inflate legacy files) on threads; read each here, in key order."""
-    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-        pending: list[tuple[str, int, Future[bytes]]] = []
-        in_flight = 0  # compressed bytes fetched or being fetched, not yet parsed
-        queue = iter(files)
+    pool = _fetch_pool()
+    pending: list[tuple[str, int, Future[bytes]]] = []
+    in_flight = 0  # compressed bytes fetched or being fetched, not yet parsed
+    queue = iter(files)
 
-        def fill() -> None:
-            nonlocal in_flight
-            while len(pending) < MAX_IN_FLIGHT_FILES and (
-                not pending or in_flight < MAX_IN_FLIGHT_BYTES
-            ):
-                item = next(queue, None)
-                if item is None:
-                    return
-                key, size = item
-                if size > MAX_CAPTURE_FILE_BYTES:
-                    mon.skipped_files += 1
-                    continue
-                in_flight += size
-                fut = pool.submit(_fetch, s3, bucket, key, MAX_CAPTURE_FILE_BYTES)
-                pending.append((key, size, fut))
+    def fill() -> None:
+        nonlocal in_flight
+        while len(pending) < MAX_IN_FLIGHT_FILES and (
+            not pending or in_flight < MAX_IN_FLIGHT_BYTES
+        ):
+            item = next(queue, None)
+            if item is None:
+                return
+            key, size = item
+            if size > MAX_CAPTURE_FILE_BYTES:
+                mon.skipped_files += 1
+                continue
+            in_flight += size
+            fut = pool.submit(_fetch, s3, bucket, key, MAX_CAPTURE_FILE_BYTES)
+            pending.append((key, size, fut))
 
-        fill()
-        try:
-            while pending:
-                key, size, fut = pending.pop(0)
-                raw: bytes | None
-                try:
-                    raw = fut.result()
-                except SKIPPABLE as exc:
-                    mon.skipped_files += 1
-                    logger.warning(
-                        "capture file skipped", extra={"key": key, "error": type(exc).__name__}
-                    )
-                    raw = None
-                in_flight -= size
-                fill()
-                if raw is not None:
-                    mon.add_file(raw, key)
-                del raw
-                if progress is not None:  # files read or skipped, of all
-                    progress(mon.files + mon.skipped_files, len(files))
-        except BaseException:
-            for _, _, fut in pending:  # fail fast: do not wait for downloads nobody will read
-                fut.cancel()
-            raise
+    fill()
+    try:
+        while pending:
+            key, size, fut = pending.pop(0)
+            raw: bytes | None
+            try:
+                raw = fut.result()
+            except SKIPPABLE as exc:
+                mon.skipped_files += 1
+                logger.warning(
+                    "capture file skipped", extra={"key": key, "error": type(exc).__name__}
+                )
+                raw = None
+            in_flight -= size
+            fill()
+            if raw is not None:
+                mon.add_file(raw, key)
+            del raw
+            if progress is not None:  # files read or skipped, of all
+                progress(mon.files + mon.skipped_files, len(files))
+    except BaseException:
+        # Fail fast: downloads nobody will read are cancelled; those already under way are
+        # waited for, so that nothing of this run outlives it.
+        running = [fut for _, _, fut in pending if not fut.cancel()]
+        wait(running)
+        raise
 
 
 def window_files(
