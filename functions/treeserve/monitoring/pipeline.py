@@ -14,8 +14,7 @@ window.
 Labels under ``labels/<model>/`` (CSV ``id,label`` or JSON Lines ``{"id", "label"}``) are read
 first (at most ``MAX_LABEL_BYTES``); captured rows whose id has a label give performance over
 the window: AUC, accuracy and log loss (classification), RMSE and MAE (regression). A file's ids
-are looked up with numpy when they share one width (:mod:`treeserve.monitoring.labels`), else
-one by one.
+are looked up with numpy, width by width (:mod:`treeserve.monitoring.labels`).
 
 The report is written to ``reports/<model>/dt=YYYY-MM-DD/<time>.json``; :func:`emit_metrics`
 turns it into EMF metrics through Powertools: the totals by ``service`` (what the template's
