@@ -358,8 +358,8 @@ class FeatureAccumulator:
         # exponents, so it can only come from x + -x).
         two = first[parts == 2]
         out[segment[two]] = vals[two] + vals[two + 1]
-        for start in first[parts > 2].tolist():  # more: their exact, rounded sum
-            stop = int(stops[np.searchsorted(first, start)])
+        many = parts > 2  # more: their exact, rounded sum
+        for start, stop in zip(first[many].tolist(), stops[many].tolist(), strict=True):
             out[segment[start]] = _exact_total(vals[start:stop])
         return out
 
