@@ -8,7 +8,8 @@ HTTP), a real XGBoost model with 30 features registered with its reference stati
 100,000 distinct rows are each captured 10 times under their own ids (generated as the inference
 function generates them when a request sends none: :func:`row_id`); the run reads, counts and
 joins all 1,000,000 rows all the same. Feature values carry 6 significant digits, as tabular
-data sent by clients usually does (captures keep the client's digits). ``TREESERVE_BENCH_ROWS`` sets a smaller size for a quick look.
+data sent by clients usually does (captures keep the client's digits). ``TREESERVE_BENCH_ROWS``
+sets a smaller size for a quick look.
 
 Timed, each in a fresh child process (wall, CPU, peak RSS from ``VmHWM``), twice: with S3 served
 by the moto server over HTTP, and by moto inside the child (no HTTP; the bucket's objects then
